@@ -1,0 +1,10 @@
+"""shardserve: vLLM's interfaces and engine as a distributed, actor-based serving cluster on Ray."""
+from shardserve.entrypoints.llm import LLM
+from shardserve.inputs import TextPrompt, TokensPrompt
+from shardserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt",
+           "TokensPrompt", "__version__"]

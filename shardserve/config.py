@@ -1,0 +1,66 @@
+"""Engine configuration: what the user asked for, resolved against the model's own config once."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(set(_DTYPES)))}.")
+        return _DTYPES[dtype]
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype)
+    if device.type == "cpu" or config_dtype in (None, torch.float32):
+        # Half precision matmuls are slow on most CPUs and the random test models are fp32.
+        return torch.float32
+    return config_dtype
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # KV-cache budget: on CPU a byte budget, on GPU a fraction of free memory.
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    device: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    hf_overrides: dict = field(default_factory=dict)
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.kv_cache_memory_bytes is None:
+            gib = float(os.environ.get("SHARDSERVE_CPU_KVCACHE_SPACE", "4"))
+            self.kv_cache_memory_bytes = int(gib * (1 << 30))
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

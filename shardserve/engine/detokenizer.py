@@ -1,0 +1,56 @@
+"""Incremental detokenization and stop-string matching, one request at a time.
+
+Text is produced by decoding a short window that starts a few tokens back (so SentencePiece's leading
+spaces and byte-level merges see their context) and emitting only what grew since the last read. A window
+that ends inside a UTF-8 character decodes to U+FFFD and is held back until the character completes.
+"""
+from __future__ import annotations
+
+from shardserve.sampling_params import SamplingParams
+
+# Tokens of prompt context the first decode looks back over.
+_INITIAL_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.token_ids = list(prompt_token_ids[-_INITIAL_CONTEXT:])
+        self.read_offset = len(self.token_ids)
+        self.prefix_offset = 0
+        self.output_text = ""
+        self.max_stop_len = max((len(s) for s in params.stop), default=0)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def append(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Add a token; returns the stop string it completed, if any (the text is then truncated)."""
+        self.token_ids.append(token_id)
+        if self.tokenizer is None or not self.params.detokenize:
+            return None
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        new_text = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.output_text += new_text
+        return self._check_stop(len(new_text)) if check_stop else None
+
+    def _check_stop(self, num_new_chars: int) -> str | None:
+        if not self.params.stop:
+            return None
+        # A stop string may have begun in earlier text: search back far enough to catch it.
+        search_from = max(0, len(self.output_text) - num_new_chars - self.max_stop_len + 1)
+        best = None
+        for stop in self.params.stop:
+            idx = self.output_text.find(stop, search_from)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return None
+        idx, stop = best
+        self.output_text = self.output_text[:idx + len(stop) if self.params.include_stop_str_in_output else idx]
+        return stop

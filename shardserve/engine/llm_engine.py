@@ -1,0 +1,210 @@
+"""The engine loop: schedule a step, run it on the workers, fold the sampled tokens back into requests.
+
+`add_request` / `abort_request` / `step` / `has_unfinished_requests` is the whole surface: the offline
+`LLM` drives it in a loop, the async server from a background task.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from shardserve.config import EngineConfig
+from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.detokenizer import IncrementalDetokenizer
+from shardserve.engine.processor import Processor
+from shardserve.engine.request import Request, RequestStatus
+from shardserve.engine.scheduler import Scheduler
+from shardserve.executor.uniproc import UniprocExecutor
+from shardserve.inputs import PromptType
+from shardserve.models.source import load_model_source, load_tokenizer
+from shardserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from shardserve.sampling_params import SamplingParams
+from shardserve.workers.model_runner import LogprobsLists
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Parent:
+    """The caller's view of a request: its n completions (child requests) gathered into one output."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: dict[str, IncrementalDetokenizer]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = load_model_source(config.model, config.hf_overrides, config.revision,
+                                        config.trust_remote_code)
+        hf_config = self.source.hf_config
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
+            self.source, config.tokenizer, config.revision, config.trust_remote_code)
+        self.max_model_len = self._resolve_max_model_len(hf_config)
+
+        self.executor = UniprocExecutor(config, self.source)
+        num_blocks = self.executor.determine_num_blocks()
+        if config.num_gpu_blocks_override is None:
+            # More blocks than every sequence at full length can use would only cost memory to zero.
+            num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size))
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"The KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
+                f"{config.block_size}), fewer than max_model_len={self.max_model_len}; give it more memory "
+                f"or lower max_model_len.")
+        self.executor.init_kv_cache(num_blocks)
+        max_batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+                                   config.max_num_seqs, max_batched)
+        self.processor = Processor(self.tokenizer, hf_config.vocab_size, self.max_model_len,
+                                   self._eos_token_ids(hf_config))
+        self.parents: dict[str, _Parent] = {}
+        self.child_to_parent: dict[str, _Parent] = {}
+
+    def _resolve_max_model_len(self, hf_config) -> int:
+        limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+        if self.config.max_model_len is None:
+            return limit or 2048
+        if limit and self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit}.")
+        return self.config.max_model_len
+
+    def _eos_token_ids(self, hf_config) -> set[int]:
+        ids = set()
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen_path = os.path.join(self.source.path, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+        else:
+            eos = getattr(hf_config, "eos_token_id", None) if not ids else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return ids
+
+    # requests ---------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        children = self.processor.make_requests(request_id, prompt, params or SamplingParams())
+        parent = _Parent(request_id, children[0].prompt, children[0].prompt_token_ids, children,
+                         {c.request_id: IncrementalDetokenizer(self.tokenizer, c.prompt_token_ids,
+                                                               c.sampling_params) for c in children})
+        self.parents[request_id] = parent
+        for child in children:
+            self.child_to_parent[child.request_id] = parent
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.parents.pop(request_id, None)
+            if parent is None:
+                continue
+            for child in parent.children:
+                self.child_to_parent.pop(child.request_id, None)
+                if not child.is_finished:
+                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    # the step ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns the current output of every request that progressed."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished_requests() and sched.finished_request_ids == []:
+                raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
+                                   "for the waiting requests.")
+            if sched.finished_request_ids:
+                self.executor.execute_model(sched)  # let the workers drop their state
+            return []
+        result = self.executor.execute_model(sched)
+        touched: dict[str, _Parent] = {}
+        for s in sched.scheduled:
+            req = self.scheduler.requests.get(s.request_id)
+            parent = self.child_to_parent.get(s.request_id)
+            if req is None or parent is None:
+                continue
+            if s.request_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(self._to_logprobs(result.prompt_logprobs[s.request_id]))
+            if s.request_id in result.sampled_token_ids:
+                self._append_token(req, parent, result.sampled_token_ids[s.request_id],
+                                   result.logprobs.get(s.request_id))
+                touched[parent.request_id] = parent
+        outputs = []
+        for parent in touched.values():
+            outputs.append(self._make_output(parent))
+            if parent.finished:
+                self.parents.pop(parent.request_id, None)
+                for child in parent.children:
+                    self.child_to_parent.pop(child.request_id, None)
+        return outputs
+
+    def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
+        req.append_token(token_id)
+        if logprobs is not None:
+            entry = self._to_logprobs(logprobs)[0]
+            req.logprobs.append(entry)
+            req.cumulative_logprob += entry[token_id].logprob
+        params = req.sampling_params
+        # As vLLM: stop strings only count once more than min_tokens tokens exist.
+        stop_str = parent.detokenizers[req.request_id].append(
+            token_id, check_stop=req.num_output_tokens > params.min_tokens)
+        status = None
+        if stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif req.num_output_tokens >= params.min_tokens and (
+                token_id in params.all_stop_token_ids or token_id in params.stop_token_ids):
+            status = RequestStatus.FINISHED_STOPPED
+            # EOS is the natural end (no stop_reason); a user's stop token is reported.
+            req.stop_reason = token_id if token_id in params.stop_token_ids else None
+        elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(req, status)
+
+    def _to_logprobs(self, lists: LogprobsLists) -> list[PositionLogprobs]:
+        entries = []
+        for ids, values, ranks in zip(lists.token_ids, lists.logprobs, lists.ranks):
+            entry = {}
+            for token_id, value, rank in zip(ids, values, ranks):
+                if token_id not in entry:
+                    decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+                    entry[token_id] = Logprob(value, rank, decoded)
+            entries.append(entry)
+        return entries
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        for child in parent.children:
+            detok = parent.detokenizers[child.request_id]
+            params = child.sampling_params
+            token_ids = list(child.output_token_ids)
+            completions.append(CompletionOutput(
+                index=child.index, text=detok.output_text, token_ids=token_ids,
+                cumulative_logprob=child.cumulative_logprob if params.logprobs is not None else None,
+                logprobs=child.logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason))
+        first = parent.children[0]
+        return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
+                             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
+                             outputs=completions, finished=parent.finished,
+                             num_cached_tokens=first.num_cached_tokens)
+
+    def get_tokenizer(self):
+        return self.tokenizer

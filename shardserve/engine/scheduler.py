@@ -1,0 +1,144 @@
+"""Continuous batching under one token budget.
+
+Each step hands out token counts: running requests first (a decode wants one token, an unfinished
+prefill the rest of its prompt), then waiting requests, all within `max_num_batched_tokens` and
+`max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the most
+recently admitted running request is preempted: its blocks are freed and it recomputes later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.request import Request, RequestStatus
+from shardserve.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """What a worker needs to know about a request the first time it sees it (or after preemption)."""
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]           # the tokens whose KV this step computes
+    num_computed_tokens: int       # position of token_ids[0] in the sequence
+    block_ids: list[int]           # the request's whole block table
+    sample: bool                   # the step reaches the sequence's end, so a token is sampled
+    new_request: NewRequestData | None = None
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state for these
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(self._schedule(req, num_new, new=False))
+                budget -= num_new
+                i += 1
+
+        # Admit waiting requests only if nothing had to make room this step.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            cached = self.block_manager.find_cached_blocks(req) if req.num_computed_tokens == 0 else []
+            num_cached_tokens = len(cached) * self.block_manager.block_size
+            num_new = min(req.num_tokens - req.num_computed_tokens - num_cached_tokens, budget)
+            if not self.block_manager.allocate_slots(req, num_new, cached):
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached_tokens
+            req.num_computed_tokens += num_cached_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(self._schedule(req, num_new, new=True))
+            budget -= num_new
+        # Single-token steps first: the model runner batches them into one decode attention.
+        out.scheduled.sort(key=lambda s: len(s.token_ids) != 1)
+        return out
+
+    def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        req.num_computed_tokens += num_new
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start:start + num_new],
+            num_computed_tokens=start,
+            block_ids=self.block_manager.block_ids(req.request_id),
+            sample=req.num_computed_tokens == req.num_tokens,
+            new_request=NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
+                                       req.sampling_params) if new else None,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Retire a request (stopped, out of length, or aborted) and free its blocks."""
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        self.block_manager.forget(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)

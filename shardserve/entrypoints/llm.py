@@ -1,0 +1,93 @@
+"""The offline API, shaped like vLLM's `LLM`: a vLLM script runs with only its import changed."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from shardserve.config import EngineConfig
+from shardserve.engine.llm_engine import LLMEngine
+from shardserve.inputs import PromptType
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
+                 device: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
+                 hf_overrides: dict | None = None, skip_tokenizer_init: bool = False, **kwargs):
+        unknown = set(kwargs) - {"tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
+                                 "disable_log_stats", "swap_space"}
+        if unknown:
+            raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if kwargs.get(name, 1) != 1:
+                raise ValueError(f"{name}={kwargs[name]} needs the Ray executor, which is not available yet.")
+        config = EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks_override=num_gpu_blocks_override,
+            device=device, trust_remote_code=trust_remote_code, revision=revision,
+            hf_overrides=dict(hf_overrides or {}), skip_tokenizer_init=skip_tokenizer_init)
+        self.llm_engine = LLMEngine(config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"Got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, "
+                                 f"or one per prompt.")
+        # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
+        requests = [self.llm_engine.processor.tokenize(p) for p in prompts]
+        for p in params:
+            self.llm_engine.processor.validate_params(p)
+        ids = []
+        try:
+            for (text, token_ids), p in zip(requests, params):
+                request_id = str(next(self._request_counter))
+                prompt = {"prompt_token_ids": token_ids, "prompt": text} if text is not None else \
+                    {"prompt_token_ids": token_ids}
+                self.llm_engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+            return self._run_engine(ids, use_tqdm)
+        except BaseException:
+            self.llm_engine.abort_request(ids)
+            raise
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        in_tokens = out_tokens = 0
+        with bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        in_tokens += len(output.prompt_token_ids)
+                        out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                                            f"output: {out_tokens / elapsed:.2f} toks/s", refresh=False)
+                        bar.update(1)
+        return [finished[i] for i in request_ids]

@@ -1,0 +1,19 @@
+"""The executor seam: how the engine reaches its workers. One call per step, whatever the layout."""
+from __future__ import annotations
+
+from shardserve.engine.scheduler import SchedulerOutput
+from shardserve.workers.model_runner import ModelRunnerOutput
+
+
+class Executor:
+    def determine_num_blocks(self) -> int:
+        raise NotImplementedError
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        raise NotImplementedError
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass

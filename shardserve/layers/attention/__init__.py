@@ -1,0 +1,4 @@
+from shardserve.layers.attention.backend import AttentionBackend, AttentionMetadata, get_attention_backend
+from shardserve.layers.attention.layer import Attention
+
+__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "get_attention_backend"]

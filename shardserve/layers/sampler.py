@@ -1,0 +1,112 @@
+"""One vectorised sampler for the whole batch.
+
+Order, as vLLM: logprobs from the raw logits; then logit bias, min-tokens masking and penalties; greedy
+rows take the argmax; the others are scaled by temperature, filtered by min-p, top-k and top-p, and
+sampled with the exponential race (argmax of p / q, q ~ Exp(1)), drawing q from the request's own
+generator when it has a seed so its tokens do not depend on the rest of the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling state, as tensors on the logits' device. Optional fields are None when no row
+    of the batch uses them, so the common case costs nothing."""
+    temperature: torch.Tensor               # [B]; 0 marks a greedy row
+    all_greedy: bool
+    top_p: torch.Tensor | None = None       # [B]
+    top_k: torch.Tensor | None = None       # [B] long, vocab size where off
+    min_p: torch.Tensor | None = None       # [B]
+    generators: dict[int, torch.Generator] | None = None  # row -> seeded generator
+    # penalties
+    presence: torch.Tensor | None = None    # [B]
+    frequency: torch.Tensor | None = None   # [B]
+    repetition: torch.Tensor | None = None  # [B]
+    output_counts: torch.Tensor | None = None  # [B, V] occurrences of each token in the output
+    prompt_mask: torch.Tensor | None = None    # [B, V] token occurs in the prompt
+    bias: torch.Tensor | None = None        # [B, V] additive logit bias, -inf for tokens min_tokens forbids
+    max_num_logprobs: int = -1              # -1: no row wants logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                 # [B]
+    # When logprobs are wanted: [B, 1 + k] ids / logprobs / ranks; column 0 is the sampled token.
+    logprob_token_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    logprob_ranks: torch.Tensor | None = None
+
+
+def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int):
+    """Top-k of each row plus the given token (first), with 1-based ranks."""
+    chosen = logprobs.gather(-1, token_ids.unsqueeze(-1))
+    chosen_rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    if k > 0:
+        top_vals, top_ids = logprobs.topk(k, dim=-1)
+        ranks = torch.arange(1, k + 1, device=logprobs.device).expand(logprobs.size(0), k)
+        return (torch.cat([token_ids.unsqueeze(-1), top_ids], -1), torch.cat([chosen, top_vals], -1),
+                torch.cat([chosen_rank, ranks], -1))
+    return token_ids.unsqueeze(-1), chosen, chosen_rank
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.repetition is not None:
+        seen = b.prompt_mask | (b.output_counts > 0)
+        penalty = torch.where(seen, b.repetition.unsqueeze(1), torch.ones_like(logits))
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    if b.frequency is not None:
+        logits = logits - b.frequency.unsqueeze(1) * b.output_counts
+    if b.presence is not None:
+        logits = logits - b.presence.unsqueeze(1) * (b.output_counts > 0).to(logits.dtype)
+    return logits
+
+
+def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.min_p is not None:
+        probs = logits.softmax(-1)
+        threshold = probs.amax(-1, keepdim=True) * b.min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if b.top_k is None and b.top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if b.top_k is not None:
+        position = torch.arange(logits.size(-1), device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(position >= b.top_k.unsqueeze(1), float("-inf"))
+    if b.top_p is not None:
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before > b.top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu"):
+        # Unseeded requests draw from one engine-wide generator, so a run is reproducible from `seed`.
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(-1) if b.max_num_logprobs >= 0 else None
+        if b.bias is not None:
+            logits = logits + b.bias
+        if b.output_counts is not None:
+            logits = apply_penalties(logits, b)
+        greedy_ids = logits.argmax(-1)
+        if b.all_greedy:
+            token_ids = greedy_ids
+        else:
+            temperature = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+            probs = _filter(logits / temperature.unsqueeze(1), b).softmax(-1)
+            q = torch.empty_like(probs).exponential_(generator=self.generator)
+            for row, gen in (b.generators or {}).items():
+                q[row].exponential_(generator=gen)
+            token_ids = torch.where(b.temperature > 0, (probs / q).argmax(-1), greedy_ids)
+        out = SamplerOutput(token_ids=token_ids)
+        if raw_logprobs is not None:
+            out.logprob_token_ids, out.logprobs, out.logprob_ranks = compute_logprobs(
+                raw_logprobs, token_ids, b.max_num_logprobs)
+        return out

@@ -1,0 +1,3 @@
+from shardserve.models.registry import resolve_model_class, supported_architectures
+
+__all__ = ["resolve_model_class", "supported_architectures"]

@@ -1,0 +1,68 @@
+"""Streaming weights out of a checkpoint directory into a model's (sharded) parameters.
+
+Tensors are read one at a time (safetensors memory-maps its files; .bin files are loaded with
+`weights_only=True`), handed to the parameter's `weight_loader`, and dropped: the full model is never
+built twice and a tensor-parallel rank copies only its slice.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def iterate_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if files:
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(p for p in glob.glob(os.path.join(model_dir, "*.bin")) if "training_args" not in p)
+    if not bins:
+        raise ValueError(f"No weights (*.safetensors or *.bin) found in model directory {model_dir!r}.")
+    for path in bins:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+        del state
+
+
+def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                stacked_params: list[tuple[str, str, object]] = (), skip: tuple[str, ...] = ()) -> set[str]:
+    """Copy checkpoint tensors into `model`; returns the names of parameters that were loaded.
+
+    `stacked_params` maps a checkpoint name part to the merged parameter that holds it and its shard id.
+    Raises if a parameter of the model received no weight.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if any(s in name for s in skip):
+            continue
+        for part, merged, shard_id in stacked_params:
+            if f".{part}." in name:
+                target = name.replace(f".{part}.", f".{merged}.")
+                if target in params:
+                    params[target].weight_loader(params[target], tensor, shard_id)
+                    loaded.add(target)
+                    break
+        else:
+            if name not in params:
+                continue  # buffers and heads this model does not use
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor)
+            loaded.add(name)
+    missing = set(params) - loaded - {n for n in params if any(s in n for s in skip)}
+    if missing:
+        raise ValueError(f"Checkpoint has no weights for: {', '.join(sorted(missing)[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    return loaded

@@ -1,0 +1,75 @@
+"""Where a model comes from: a Hugging Face directory (or hub id) or a single GGUF file.
+
+Everything downstream sees the same three things: an HF config, a tokenizer, and a stream of
+(HF parameter name, tensor) pairs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from shardserve.models import gguf
+from shardserve.models.loader import iterate_checkpoint
+from shardserve.models.registry import resolve_model_class
+
+
+@dataclass
+class ModelSource:
+    name: str                    # what the user passed
+    path: str                    # local directory, hub id, or .gguf file
+    hf_config: PretrainedConfig
+    is_gguf: bool
+
+
+def load_model_source(model: str, hf_overrides: dict | None = None, revision: str | None = None,
+                      trust_remote_code: bool = False) -> ModelSource:
+    if gguf.is_gguf_file(model):
+        hf_config = gguf.load_gguf_config(model)
+        is_gguf = True
+    else:
+        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"Model directory {model!r} has no config.json.")
+        if not os.path.exists(model) and (model.startswith((".", "/")) or os.sep in model.strip("/").split("/", 1)[-1]):
+            raise ValueError(f"Model path {model!r} does not exist.")
+        hf_config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        is_gguf = False
+    for key, value in (hf_overrides or {}).items():
+        setattr(hf_config, key, value)
+    return ModelSource(name=model, path=model, hf_config=hf_config, is_gguf=is_gguf)
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False):
+    if tokenizer is not None and gguf.is_gguf_file(tokenizer):
+        return gguf.load_gguf_tokenizer(tokenizer)
+    if tokenizer is None and source.is_gguf:
+        return gguf.load_gguf_tokenizer(source.path)
+    return AutoTokenizer.from_pretrained(tokenizer or source.path, revision=revision,
+                                         trust_remote_code=trust_remote_code)
+
+
+def iterate_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.is_gguf:
+        return gguf.iterate_gguf_weights(source.path, source.hf_config)
+    if not os.path.isdir(source.path):
+        from huggingface_hub import snapshot_download  # hub ids resolve to a local snapshot first
+        return iterate_checkpoint(snapshot_download(source.path, allow_patterns=["*.safetensors", "*.json"]))
+    return iterate_checkpoint(source.path)
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    model_cls = resolve_model_class(source.hf_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(source.hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iterate_weights(source))
+    return model.eval()

@@ -1,0 +1,207 @@
+"""Turns a `SchedulerOutput` into tensors, runs the model shard over the paged KV cache, and samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shardserve.engine.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
+from shardserve.layers.attention import AttentionMetadata
+from shardserve.layers.attention.backend import PrefillSeq
+from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
+from shardserve.sampling_params import SamplingParams
+
+
+@dataclass
+class LogprobsLists:
+    """Per position: candidate token ids, their logprobs and ranks; entry 0 is the chosen/actual token."""
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[list[int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)          # one position each
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)   # this step's prompt positions
+
+
+@dataclass
+class CachedRequestState:
+    """What the worker remembers of a request between steps."""
+    prompt_token_ids: list[int]
+    token_ids: list[int]               # prompt + outputs known to this worker
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int, vocab_size: int, device: torch.device, seed: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.sampler = Sampler(seed, device)
+        self.requests: dict[str, CachedRequestState] = {}
+
+    # request state ----------------------------------------------------------------------------------
+
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for request_id in out.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for s in out.scheduled:
+            if s.new_request is not None:
+                self._add_request(s.new_request)
+            state = self.requests[s.request_id]
+            # A decode's input token is the one sampled last step: that is how outputs reach the worker.
+            end = s.num_computed_tokens + len(s.token_ids)
+            if end > len(state.token_ids):
+                state.token_ids.extend(s.token_ids[len(state.token_ids) - end:])
+
+    def _add_request(self, new: NewRequestData) -> None:
+        params = new.sampling_params
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            # After preemption the generator must resume where it was: replay the draws it made.
+            for _ in new.output_token_ids:
+                torch.empty(self.vocab_size, device=self.device).exponential_(generator=generator)
+        self.requests[new.request_id] = CachedRequestState(
+            list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids), params,
+            generator)
+
+    # inputs -----------------------------------------------------------------------------------------
+
+    def _prepare(self, scheduled: list[ScheduledRequest]):
+        bs = self.block_size
+        input_ids, positions, slots = [], [], []
+        num_decodes = 0
+        decode_lens, decode_tables, prefills = [], [], []
+        for s in scheduled:
+            start, n = s.num_computed_tokens, len(s.token_ids)
+            table = s.block_ids
+            query_start = len(input_ids)
+            input_ids.extend(s.token_ids)
+            positions.extend(range(start, start + n))
+            seq_slots = [table[p // bs] * bs + p % bs for p in range(start + n)] if n > 1 else None
+            if n == 1:
+                num_decodes += 1
+                decode_lens.append(start + 1)
+                decode_tables.append(table)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots.extend(seq_slots[start:])
+                prefills.append((query_start, n, start, seq_slots))
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 num_decode_tokens=num_decodes)
+        if num_decodes:
+            max_blocks = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], device=dev)
+            max_len = max(decode_lens)
+            pos = torch.arange(max_len, device=dev)
+            meta.decode_kv_slots = tables[:, pos // bs] * bs + pos % bs
+            meta.decode_mask = (pos[None, :] < torch.tensor(decode_lens, device=dev)[:, None])[:, None, None, :]
+        meta.prefills = [PrefillSeq(q0, n, ctx, torch.tensor(seq_slots, dtype=torch.long, device=dev))
+                         for q0, n, ctx, seq_slots in prefills]
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta)
+
+    def _sampling_batch(self, states: list[CachedRequestState]) -> SamplingBatch:
+        dev, V = self.device, self.vocab_size
+        params = [st.sampling_params for st in states]
+        temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], device=dev)
+        b = SamplingBatch(temperature=temperature, all_greedy=all(p.greedy for p in params))
+        if not b.all_greedy:
+            if any(p.top_p < 1.0 for p in params):
+                b.top_p = torch.tensor([p.top_p for p in params], device=dev)
+            if any(p.top_k > 0 for p in params):
+                b.top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
+            if any(p.min_p > 0 for p in params):
+                b.min_p = torch.tensor([p.min_p for p in params], device=dev)
+            b.generators = {i: st.generator for i, st in enumerate(states) if st.generator is not None}
+        if any(p.has_penalties for p in params):
+            b.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
+            b.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            b.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
+            b.output_counts = torch.zeros(len(states), V, device=dev)
+            b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
+            for i, st in enumerate(states):
+                outs = st.output_token_ids
+                if outs:
+                    b.output_counts[i].index_add_(0, torch.tensor(outs, device=dev),
+                                                  torch.ones(len(outs), device=dev))
+                b.prompt_mask[i, torch.tensor(st.prompt_token_ids, device=dev)] = True
+        needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
+                      or len(st.output_token_ids) < st.sampling_params.min_tokens]
+        if needs_bias:
+            b.bias = torch.zeros(len(states), V, device=dev)
+            for i, st in needs_bias:
+                p = st.sampling_params
+                for token_id, value in (p.logit_bias or {}).items():  # ids checked by the processor
+                    b.bias[i, token_id] += value
+                if len(st.output_token_ids) < p.min_tokens:
+                    banned = [t for t in p.all_stop_token_ids | set(p.stop_token_ids) if 0 <= t < V]
+                    b.bias[i, banned] = float("-inf")
+        b.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+        return b
+
+    # step -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(out)
+        result = ModelRunnerOutput()
+        if out.is_empty:
+            return result
+        input_ids, positions, meta = self._prepare(out.scheduled)
+        hidden = self.model(input_ids, positions, meta)
+
+        offsets, total = [], 0
+        for s in out.scheduled:
+            offsets.append(total)
+            total += len(s.token_ids)
+        sample_rows = [i for i, s in enumerate(out.scheduled) if s.sample]
+        if sample_rows:
+            last = torch.tensor([offsets[i] + len(out.scheduled[i].token_ids) - 1 for i in sample_rows],
+                                device=self.device)
+            logits = self.model.compute_logits(hidden[last])
+            states = [self.requests[out.scheduled[i].request_id] for i in sample_rows]
+            sampled = self.sampler(logits, self._sampling_batch(states))
+            token_ids = sampled.token_ids.tolist()
+            lp = None
+            if sampled.logprobs is not None:
+                lp = (sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(),
+                      sampled.logprob_ranks.tolist())
+            for row, i in enumerate(sample_rows):
+                s = out.scheduled[i]
+                result.sampled_token_ids[s.request_id] = token_ids[row]
+                k = states[row].sampling_params.logprobs
+                if k is not None:
+                    result.logprobs[s.request_id] = LogprobsLists(
+                        [lp[0][row][:k + 1]], [lp[1][row][:k + 1]], [lp[2][row][:k + 1]])
+        for i, s in enumerate(out.scheduled):
+            state = self.requests[s.request_id]
+            if state.sampling_params.prompt_logprobs is not None:
+                entry = self._prompt_logprobs(hidden, offsets[i], s, state)
+                if entry is not None:
+                    result.prompt_logprobs[s.request_id] = entry
+        return result
+
+    def _prompt_logprobs(self, hidden, offset: int, s: ScheduledRequest,
+                         state: CachedRequestState) -> LogprobsLists | None:
+        """Logprobs of the prompt tokens this chunk predicts: position p predicts prompt token p + 1."""
+        prompt_len = len(state.prompt_token_ids)
+        start = s.num_computed_tokens
+        end = min(start + len(s.token_ids), prompt_len - 1)
+        if end <= start:
+            return None
+        logprobs = self.model.compute_logits(hidden[offset:offset + end - start]).float().log_softmax(-1)
+        targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
+        ids, values, ranks = compute_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs)
+        return LogprobsLists(ids.tolist(), values.tolist(), ranks.tolist())

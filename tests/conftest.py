@@ -1,0 +1,103 @@
+"""Small random-weight models and tokenizers made on the spot (no hub), shared by the test modules."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "Hello, world! Streaming text one token at a time is how servers answer.",
+    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e \u2014 na\u00efve r\u00e9sum\u00e9s \u00fcber stra\u00dfe.",
+    "\u4f60\u597d\uff0c\u4e16\u754c\u3002\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3002 \U0001F600 \U0001F680",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and symbols !@#$%^&*()",
+] * 20
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def build_tokenizer(kind: str = "bytelevel", vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A trained BPE tokenizer: byte-level (GPT-2 style) or Metaspace with byte fallback (SentencePiece
+    style, as Llama's), with <s>/</s> as BOS/EOS."""
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        alphabet = []
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)] if kind != "bytelevel" else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + byte_tokens,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    from tokenizers.processors import TemplateProcessing
+    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _config(arch: str, vocab: int):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, **common)
+    if arch == "llama":
+        return LlamaConfig(**llama_like, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 64})
+    if arch == "mistral":
+        return MistralConfig(**llama_like, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**{**llama_like, "tie_word_embeddings": True})
+    if arch == "qwen3":
+        return Qwen3Config(**llama_like, head_dim=32)
+    if arch == "opt":
+        return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=0, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
+
+
+def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0) -> str:
+    from transformers import AutoModelForCausalLM
+    tokenizer = build_tokenizer(tokenizer_kind)
+    config = _config(arch, len(tokenizer))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init gives near-uniform logits; widen them so greedy choices are far from ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """arch -> directory of a random model, created once per test session."""
+    cache: dict[str, str] = {}
+
+    def get(arch: str, tokenizer_kind: str = "bytelevel") -> str:
+        key = f"{arch}-{tokenizer_kind}"
+        if key not in cache:
+            cache[key] = make_model_dir(tmp_path_factory.mktemp(key), arch, tokenizer_kind)
+        return cache[key]
+    return get

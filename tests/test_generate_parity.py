@@ -1,0 +1,116 @@
+"""Every supported architecture against Hugging Face transformers on the same weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ARCHS
+from shardserve import LLM, SamplingParams, TokensPrompt
+
+PROMPT_LENS = [5, 23, 40]
+NUM_TOKENS = 32
+
+
+def _prompts(vocab: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                      pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs):
+    """arch -> (model dir, hf model, prompts, hf greedy tokens)."""
+    refs = {}
+
+    def get(arch):
+        if arch not in refs:
+            path = model_dirs(arch)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            hf.generation_config.eos_token_id = None
+            prompts = _prompts(hf.config.vocab_size)
+            with torch.no_grad():
+                greedy = [_hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
+            refs[arch] = (path, hf, prompts, greedy)
+        return refs[arch]
+    return get
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+
+
+def _generate(llm: LLM, prompts, params=GREEDY):
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_logprobs_match_transformers_log_softmax(arch, references):
+    """Prefill logits, seen through prompt_logprobs: every prompt position against transformers."""
+    path, hf, prompts, _ = references(arch)
+    llm = LLM(path, dtype="float32")
+    outs = _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5,
+                                                  ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        assert out.prompt_logprobs[0] is None
+        assert len(out.prompt_logprobs) == len(prompt)
+        for pos in range(1, len(prompt)):
+            entry = out.prompt_logprobs[pos]
+            actual = prompt[pos]
+            assert entry[actual].logprob == pytest.approx(ref[pos - 1, actual].item(), abs=1e-4)
+            top = ref[pos - 1].topk(5)
+            for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+                assert entry[token].logprob == pytest.approx(value, abs=1e-4)
+                if token != actual:
+                    assert entry[token].rank == rank
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers_generate(arch, references):
+    path, _, prompts, greedy = references(arch)
+    llm = LLM(path, dtype="float32")
+    outs = _generate(llm, prompts)
+    for out, expected in zip(outs, greedy):
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_greedy_same_under_prefix_cache_chunking_and_preemption(arch, references):
+    path, _, prompts, greedy = references(arch)
+    shared = prompts[2][:32]
+    # Two prompts sharing a 32-token prefix (two full blocks), so the second run hits the cache.
+    variants = {
+        "no-prefix-cache": dict(enable_prefix_caching=False),
+        "prefix-cache": dict(enable_prefix_caching=True),
+        "chunked-prefill": dict(max_num_batched_tokens=8),
+        # 9 blocks of 16 tokens cannot hold the three sequences (3 + 4 + 5 blocks at the end): someone is preempted.
+        "preemption": dict(num_gpu_blocks_override=9, max_model_len=128),
+    }
+    for name, kwargs in variants.items():
+        llm = LLM(path, dtype="float32", block_size=16, **kwargs)
+        outs = _generate(llm, prompts)
+        assert [o.outputs[0].token_ids for o in outs] == greedy, name
+        if name == "prefix-cache":
+            first = _generate(llm, [shared + [5, 6, 7]])[0]
+            again = _generate(llm, [shared + [9, 8]])[0]
+            assert again.num_cached_tokens == 32
+            assert llm.llm_engine.scheduler.block_manager.stats.hits >= 32
+            assert first.outputs[0].token_ids  # the first one computed everything itself
+        if name == "preemption":
+            assert llm.llm_engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
+
+
+def test_output_does_not_depend_on_the_batch(references):
+    path, _, prompts, greedy = references("llama")
+    llm = LLM(path, dtype="float32")
+    alone = _generate(llm, [prompts[1]])[0].outputs[0].token_ids
+    filler = [[7] * 31, [11] * 3, [13] * 57]
+    batched = _generate(llm, filler[:1] + [prompts[1]] + filler[1:])[1].outputs[0].token_ids
+    assert alone == batched == greedy[1]

@@ -1,0 +1,145 @@
+"""Sampling parameters behave as vLLM documents them, checked against transformers where it has them."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shardserve import LLM, SamplingParams, TokensPrompt
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 100, 200, 150, 7, 9, 33, 21, 17, 5, 6]]
+
+
+@pytest.fixture(scope="module")
+def path(model_dirs):
+    return model_dirs("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    return LLM(path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def gen(llm, prompts, params):
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def greedy_ids(llm, prompt, n=24):
+    return gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    a = gen(llm, PROMPTS[:1], params)[0].outputs[0].token_ids
+    b = gen(llm, [PROMPTS[1], PROMPTS[0]], [SamplingParams(temperature=0.8, max_tokens=5), params])[1]
+    c = gen(llm, PROMPTS[:1], params.clone(seed=99))[0].outputs[0].token_ids
+    assert a == b.outputs[0].token_ids
+    assert a != c
+
+
+def test_n_completions_share_a_prompt(llm):
+    out = gen(llm, PROMPTS[:1], SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    again = gen(llm, PROMPTS[:1], SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True))[0]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in again.outputs]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(llm):
+    expected = greedy_ids(llm, PROMPTS[1], 16)
+    for params in (SamplingParams(temperature=1.0, top_k=1, max_tokens=16, ignore_eos=True),
+                   SamplingParams(temperature=1.5, top_p=1e-6, max_tokens=16, ignore_eos=True),
+                   SamplingParams(temperature=1.0, min_p=1.0, max_tokens=16, ignore_eos=True)):
+        assert gen(llm, [PROMPTS[1]], params)[0].outputs[0].token_ids == expected
+
+
+def test_stop_token_ids(llm):
+    expected = greedy_ids(llm, PROMPTS[0])
+    stop = expected[5]
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop]))[0].outputs[0]
+    first = expected.index(stop)
+    assert out.token_ids == expected[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_min_tokens_holds_back_stop_tokens(llm):
+    expected = greedy_ids(llm, PROMPTS[0])
+    stop = expected[0]
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, min_tokens=6,
+                                              stop_token_ids=[stop]))[0].outputs[0]
+    assert len(out.token_ids) >= 6
+    assert stop not in out.token_ids[:6]
+    assert out.finish_reason == "length" or out.token_ids[-1] == stop
+
+
+def test_stop_strings_truncate_text(llm):
+    full = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    stop = full[10:13]
+    cut = full.index(stop)
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0].outputs[0]
+    assert out.text == full[:cut]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, stop=stop,
+                                               include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == full[:cut + len(stop)]
+
+
+def test_logprobs_match_transformers(llm, hf):
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True))[0]
+    completion = out.outputs[0]
+    seq = PROMPTS[0] + completion.token_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].log_softmax(-1)
+    total = 0.0
+    for i, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = ref[len(PROMPTS[0]) - 1 + i]
+        assert entry[token].logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert entry[token].rank == 1  # greedy picks the top token
+        assert set(entry) == set(row.topk(3).indices.tolist())
+        total += entry[token].logprob
+    assert completion.cumulative_logprob == pytest.approx(total, abs=1e-4)
+
+
+def test_repetition_penalty_matches_transformers(llm, hf):
+    prompt = PROMPTS[1]
+    ours = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.8,
+                                            ignore_eos=True))[0].outputs[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, repetition_penalty=1.8,
+                          pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert ours == ref
+
+
+def test_presence_and_frequency_penalties_follow_their_definition(llm, hf):
+    prompt, presence, frequency = PROMPTS[0], 1.5, 0.7
+    ours = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=12, presence_penalty=presence,
+                                            frequency_penalty=frequency, ignore_eos=True))[0].outputs[0].token_ids
+    seq, outputs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = hf(torch.tensor([seq])).logits[0, -1]
+            counts = torch.bincount(torch.tensor(outputs, dtype=torch.long), minlength=logits.numel()).float()
+            logits = logits - frequency * counts - presence * (counts > 0).float()
+            token = int(logits.argmax())
+            outputs.append(token)
+            seq.append(token)
+    assert ours == outputs
+    assert ours != greedy_ids(llm, prompt, 12)  # the penalties changed something
+
+
+def test_logit_bias_forces_a_token(llm):
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=5, logit_bias={77: 100.0},
+                                              ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == [77] * 5
+
+
+def test_max_tokens_none_runs_to_max_model_len(path):
+    llm = LLM(path, dtype="float32", max_model_len=32)
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 32 - len(PROMPTS[0])
+    assert out.finish_reason == "length"
