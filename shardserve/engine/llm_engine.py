@@ -18,6 +18,7 @@ from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler
 from shardserve.executor.uniproc import UniprocExecutor
 from shardserve.inputs import PromptType
+from shardserve.models.registry import resolve_model_class
 from shardserve.models.source import load_model_source, load_tokenizer
 from shardserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -46,6 +47,7 @@ class LLMEngine:
         self.source = load_model_source(config.model, config.hf_overrides, config.revision,
                                         config.trust_remote_code)
         hf_config = self.source.hf_config
+        resolve_model_class(hf_config)  # an unsupported architecture fails before anything is loaded
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
             self.source, config.tokenizer, config.revision, config.trust_remote_code)
         self.max_model_len = self._resolve_max_model_len(hf_config)
@@ -128,11 +130,11 @@ class LLMEngine:
         """One scheduling step; returns the current output of every request that progressed."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.has_unfinished_requests() and sched.finished_request_ids == []:
-                raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
-                                   "for the waiting requests.")
             if sched.finished_request_ids:
                 self.executor.execute_model(sched)  # let the workers drop their state
+            elif self.scheduler.has_unfinished_requests():
+                raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
+                                   "for the waiting requests.")
             return []
         result = self.executor.execute_model(sched)
         touched: dict[str, _Parent] = {}
@@ -147,6 +149,9 @@ class LLMEngine:
                 self._append_token(req, parent, result.sampled_token_ids[s.request_id],
                                    result.logprobs.get(s.request_id))
                 touched[parent.request_id] = parent
+        if not self.scheduler.has_unfinished_requests():
+            # Going idle: tell the workers now which requests ended, rather than with a step that may never come.
+            self.executor.execute_model(self.scheduler.schedule())
         outputs = []
         for parent in touched.values():
             outputs.append(self._make_output(parent))

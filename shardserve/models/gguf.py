@@ -68,15 +68,24 @@ def load_gguf_tokenizer(path: str):
 
 def _metadata(path: str) -> dict:
     """The file's scalar metadata (string arrays -- the vocabulary, merges -- are skipped, so it is cheap)."""
-    from transformers.integrations.gguf.reader import read_gguf_metadata
-
-    return read_gguf_metadata(path)[0]
+    return _read_header(path)[0]
 
 
 def _tensor_names(path: str) -> tuple[str, ...]:
-    from transformers.integrations.gguf.reader import read_gguf_metadata
+    return _read_header(path)[1]
 
-    return read_gguf_metadata(path)[1]
+
+def _read_header(path: str) -> tuple[dict, tuple[str, ...]]:
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:  # transformers before its own GGUF reader: gguf-py's, which parses everything
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        metadata = {key: field.contents() for key, field in reader.fields.items()
+                    if not key.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))}
+        return metadata, tuple(t.name for t in reader.tensors)
+    return read_gguf_metadata(path)
 
 
 class _TopLevelOnly:

@@ -99,14 +99,12 @@ class ModelRunner:
                 prefills.append((query_start, n, start, seq_slots))
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 num_decode_tokens=num_decodes)
+                                 block_size=bs, num_decode_tokens=num_decodes)
         if num_decodes:
             max_blocks = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], device=dev)
-            max_len = max(decode_lens)
-            pos = torch.arange(max_len, device=dev)
-            meta.decode_kv_slots = tables[:, pos // bs] * bs + pos % bs
-            meta.decode_mask = (pos[None, :] < torch.tensor(decode_lens, device=dev)[:, None])[:, None, None, :]
+            meta.decode_block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                                                    dtype=torch.long, device=dev)
+            meta.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
         meta.prefills = [PrefillSeq(q0, n, ctx, torch.tensor(seq_slots, dtype=torch.long, device=dev))
                          for q0, n, ctx, seq_slots in prefills]
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),

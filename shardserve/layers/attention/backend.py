@@ -23,11 +23,22 @@ class PrefillSeq:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor              # [num_tokens] where each new token's K/V is written
+    block_size: int = 16
     num_decode_tokens: int = 0              # decodes (one query token each) come first in the batch
-    decode_kv_slots: torch.Tensor | None = None   # [num_decodes, max_len] cache slots, padded
-    decode_mask: torch.Tensor | None = None       # [num_decodes, 1, 1, max_len] True where a key exists
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] long, padded with 0
+    decode_seq_lens: torch.Tensor | None = None      # [num_decodes] long, tokens incl. the new one
     prefills: list[PrefillSeq] = field(default_factory=list)
     causal: bool = True
+    _decode_slots: tuple | None = field(default=None, repr=False)
+
+    def decode_slots_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[num_decodes, max_len] cache slot of every key, and where a key exists (shared by all layers)."""
+        if self._decode_slots is None:
+            bs = self.block_size
+            pos = torch.arange(int(self.decode_seq_lens.max()), device=self.slot_mapping.device)
+            slots = self.decode_block_tables[:, pos // bs] * bs + pos % bs
+            self._decode_slots = (slots, pos[None, :] < self.decode_seq_lens[:, None])
+        return self._decode_slots
 
 
 class AttentionBackend:
@@ -39,8 +50,16 @@ class AttentionBackend:
 
 
 def get_attention_backend(name: str | None = None) -> AttentionBackend:
-    name = name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND", "auto")
-    if name in ("auto", "torch", "TORCH_SDPA"):
-        from shardserve.layers.attention.torch_backend import TorchAttentionBackend
+    """`torch` (reference, any device), `cpu` (compiled paged decode), or `auto`: cpu where it builds."""
+    name = (name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND", "auto")).lower()
+    from shardserve.layers.attention.torch_backend import TorchAttentionBackend
+    if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"Unknown attention backend {name!r}; available: torch.")
+    if name in ("auto", "cpu"):
+        from shardserve.layers.attention import cpu_backend
+        if cpu_backend.available():
+            return cpu_backend.CpuPagedAttentionBackend()
+        if name == "cpu":
+            raise RuntimeError(f"The cpu attention backend could not be built: {cpu_backend.build_error()}")
+        return TorchAttentionBackend()
+    raise ValueError(f"Unknown attention backend {name!r}; available: auto, torch, cpu.")

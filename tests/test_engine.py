@@ -1,0 +1,90 @@
+"""The engine's own surface (add / abort / step), detokenization, and memory."""
+from __future__ import annotations
+
+import gc
+import resource
+
+import pytest
+import torch
+
+from conftest import build_tokenizer
+from shardserve import LLM, SamplingParams, TokensPrompt
+from shardserve.engine.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def llm(model_dirs):
+    return LLM(model_dirs("llama"), dtype="float32")
+
+
+def test_step_loop_streams_partial_outputs_and_abort_frees_blocks(llm):
+    engine = llm.llm_engine
+    free_before = engine.scheduler.block_manager.num_free_blocks
+    engine.add_request("a", TokensPrompt(prompt_token_ids=[1, 5, 6, 7]),
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.add_request("b", "hello world", SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", "again")
+    seen = {"a": [], "b": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(len(out.outputs[0].token_ids))
+            if out.request_id == "b" and len(out.outputs[0].token_ids) == 3:
+                engine.abort_request("b")
+    assert seen["a"] == [1, 2, 3, 4, 5, 6]
+    assert seen["b"] == [1, 2, 3]
+    assert engine.scheduler.block_manager.num_free_blocks == free_before
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_incremental_detokenization_equals_full_decode(kind):
+    tokenizer = build_tokenizer(kind)
+    texts = ["Caf\u00e9 cr\u00e8me \u4f60\u597d\uff0c\u4e16\u754c \U0001F600 done", "  leading spaces and\nnew lines"]
+    g = torch.Generator().manual_seed(0)
+    sequences = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    sequences.append(torch.randint(3, len(tokenizer), (60,), generator=g).tolist())
+    for ids in sequences:
+        prompt = tokenizer.encode("The prompt", add_special_tokens=True)
+        detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+        for token in ids:
+            detok.append(token)
+        expected = tokenizer.decode(prompt + ids, skip_special_tokens=True)[
+            len(tokenizer.decode(prompt, skip_special_tokens=True)):]
+        assert detok.output_text == expected.rstrip("\ufffd") or detok.output_text == expected
+
+
+def test_stop_string_spanning_tokens():
+    tokenizer = build_tokenizer("bytelevel")
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
+    assert len(ids) > 5
+    detok = IncrementalDetokenizer(tokenizer, [1], SamplingParams(stop=["n fox ju"]))
+    hit = None
+    for i, token in enumerate(ids):
+        hit = detok.append(token)
+        if hit:
+            break
+    assert hit == "n fox ju"
+    assert detok.output_text == "The quick brow"
+
+
+def test_kv_cache_is_allocated_once_and_rss_stays_flat(llm):
+    worker = llm.llm_engine.executor.worker
+    pointers = [c.data_ptr() for c in worker.kv_caches]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=[1, 3 + i % 50, 4 + i % 7]) for i in range(1000)]
+
+    def rss_mib():
+        gc.collect()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    llm.generate(prompts[:200], params, use_tqdm=False)  # warm allocator and caches
+    before = rss_mib()
+    for _ in range(2):
+        llm.generate(prompts, params, use_tqdm=False)
+    after = rss_mib()
+    assert [c.data_ptr() for c in worker.kv_caches] == pointers
+    assert after - before < 64, f"peak RSS grew by {after - before:.0f} MiB over 2,000 requests"
+    assert not llm.llm_engine.parents and not llm.llm_engine.scheduler.requests
+    assert not llm.llm_engine.scheduler.block_manager.req_blocks
+    assert not worker.runner.requests

