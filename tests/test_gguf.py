@@ -149,10 +149,15 @@ def test_prefill_logits_match_transformers(our_model, hf_model, tokenizer):
 
 
 @needs_smollm2
-def test_greedy_continuation_says_paris(our_model, tokenizer):
+def test_engine_greedy_says_paris_and_matches_transformers(hf_model, tokenizer):
+    """Through the whole engine (`LLM` on the .gguf path): greedy tokens equal transformers' generate."""
+    from shardserve import LLM, SamplingParams
+
+    llm = LLM(GGUF_PATH, max_model_len=256)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].text.startswith(" Paris"), out.outputs[0].text
     ids = tokenizer(PROMPT).input_ids
-    new: list[int] = []
-    for _ in range(5):
-        new.append(int(_prefill_logits(our_model, ids + new)[-1].argmax()))
-    text = tokenizer.decode(new)
-    assert text.startswith(" Paris"), text
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                                pad_token_id=2)[0, len(ids):].tolist()
+    assert out.outputs[0].token_ids == ref
