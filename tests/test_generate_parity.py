@@ -114,3 +114,20 @@ def test_output_does_not_depend_on_the_batch(references):
     filler = [[7] * 31, [11] * 3, [13] * 57]
     batched = _generate(llm, filler[:1] + [prompts[1]] + filler[1:])[1].outputs[0].token_ids
     assert alone == batched == greedy[1]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(dtype, references):
+    path, hf, prompts, _ = references("qwen2")
+    llm = LLM(path, dtype=dtype)
+    worker = llm.llm_engine.executor.worker
+    assert worker.kv_caches[0].dtype == getattr(torch, dtype)
+    assert next(worker.model.parameters()).dtype == getattr(torch, dtype)
+    out = _generate(llm, prompts[1:2], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0,
+                                                      ignore_eos=True))[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompts[1]])).logits[0].log_softmax(-1)
+    for pos in range(1, len(prompts[1])):
+        token = prompts[1][pos]
+        assert out.prompt_logprobs[pos][token].logprob == pytest.approx(ref[pos - 1, token].item(), abs=0.25)
+    assert len(out.outputs[0].token_ids) == 4
