@@ -12,7 +12,7 @@ from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 def _decode_case(num_heads, num_kv_heads, head_dim, lens, block_size=16, num_blocks=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    cache = torch.randn(2, num_blocks, num_kv_heads, block_size, head_dim, generator=g)
     perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered through the cache
     tables, start = [], 0
     for n in lens:
@@ -50,7 +50,7 @@ def test_prefill_over_cached_prefix_equals_full_causal_attention():
     g = torch.Generator().manual_seed(1)
     H, Hkv, D, bs, n, ctx = 4, 2, 16, 4, 11, 6
     q, k, v = (torch.randn(n, h, D, generator=g) for h in (H, Hkv, Hkv))
-    cache = torch.zeros(2, 8, bs, Hkv, D)
+    cache = torch.zeros(2, 8, Hkv, bs, D)
     slots = torch.tensor([5 * bs + i for i in range(bs)] + [2 * bs + i for i in range(bs)]
                          + [7 * bs + i for i in range(bs)])[:n]
     backend = TorchAttentionBackend()

@@ -5,9 +5,23 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+// A head's rows within a block are contiguous, but blocks are scattered: prefetch a few tokens ahead so the
+// jump to the next block does not stall.
+#define PREFETCH_DISTANCE 16
+
+// Cache layout: [num_blocks, num_kv_heads, block_size, head_dim].
+static inline const float *token_row(const float *cache, const int64_t *table, int64_t t, int64_t block_size,
+                                     int64_t num_kv_heads, int64_t kvh, int64_t head_dim) {
+  return cache + ((table[t / block_size] * num_kv_heads + kvh) * block_size + t % block_size) * head_dim;
+}
+
+static inline void prefetch_row(const float *row, int64_t head_dim) {
+  for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d, 0, 3);
+}
+
 void paged_decode_attention_f32(
     const float *q,            // [num_seqs, num_heads, head_dim]
-    const float *k_cache,      // [num_blocks, block_size, num_kv_heads, head_dim]
+    const float *k_cache,      // [num_blocks, num_kv_heads, block_size, head_dim]
     const float *v_cache,      // same layout as k_cache
     const int64_t *block_tables,  // [num_seqs, max_blocks]
     const int64_t *seq_lens,   // [num_seqs]
@@ -15,7 +29,6 @@ void paged_decode_attention_f32(
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t row_stride = num_kv_heads * head_dim;  // between consecutive tokens in a block
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t s = 0; s < num_seqs; s++) {
     for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
@@ -27,8 +40,10 @@ void paged_decode_attention_f32(
       float maxv[64];
       for (int64_t g = 0; g < group; g++) maxv[g] = -INFINITY;
       for (int64_t t = 0; t < len; t++) {
-        const float *k = k_cache + (table[t / block_size] * block_size + t % block_size) * row_stride
-                         + kvh * head_dim;
+        if (t + PREFETCH_DISTANCE < len)
+          prefetch_row(token_row(k_cache, table, t + PREFETCH_DISTANCE, block_size, num_kv_heads, kvh, head_dim),
+                       head_dim);
+        const float *k = token_row(k_cache, table, t, block_size, num_kv_heads, kvh, head_dim);
         for (int64_t g = 0; g < group; g++) {
           const float *qg = qh + g * head_dim;
           float dot = 0.f;
@@ -50,8 +65,10 @@ void paged_decode_attention_f32(
         sum[g] = total;
       }
       for (int64_t t = 0; t < len; t++) {
-        const float *v = v_cache + (table[t / block_size] * block_size + t % block_size) * row_stride
-                         + kvh * head_dim;
+        if (t + PREFETCH_DISTANCE < len)
+          prefetch_row(token_row(v_cache, table, t + PREFETCH_DISTANCE, block_size, num_kv_heads, kvh, head_dim),
+                       head_dim);
+        const float *v = token_row(v_cache, table, t, block_size, num_kv_heads, kvh, head_dim);
         for (int64_t g = 0; g < group; g++) {
           const float p = scores[g * len + t];
           float *a = acc + g * head_dim;

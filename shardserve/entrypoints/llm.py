@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
-from shardserve.inputs import PromptType
+from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
+from shardserve.inputs import PromptType, TokensPrompt
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 
@@ -20,7 +22,8 @@ class LLM:
                  enable_prefix_caching: bool = True, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
                  device: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
-                 hf_overrides: dict | None = None, skip_tokenizer_init: bool = False, **kwargs):
+                 hf_overrides: dict | None = None, skip_tokenizer_init: bool = False,
+                 chat_template: str | None = None, **kwargs):
         unknown = set(kwargs) - {"tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
                                  "disable_log_stats", "swap_space"}
         if unknown:
@@ -28,6 +31,7 @@ class LLM:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if kwargs.get(name, 1) != 1:
                 raise ValueError(f"{name}={kwargs[name]} needs the Ray executor, which is not available yet.")
+        self.chat_template = load_chat_template(chat_template)  # the default for chat(); a bad path fails here
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
@@ -72,6 +76,31 @@ class LLM:
         except BaseException:
             self.llm_engine.abort_request(ids)
             raise
+
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
+        each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
+        tokenizer's) and then generated as by `generate`."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("LLM.chat needs a tokenizer to render and tokenize the conversation; it is not "
+                             "available with skip_tokenizer_init=True.")
+        batched = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = list(messages) if batched else [messages]
+        template = chat_template if chat_template is not None else self.chat_template
+        prompts = []
+        for conversation in conversations:
+            text = render_chat(tokenizer, conversation, template, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, tools=tools,
+                               chat_template_kwargs=chat_template_kwargs)
+            # The template writes its own special tokens (BOS included): the tokenizer must add none.
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append(TokensPrompt(prompt_token_ids=ids, prompt=text))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

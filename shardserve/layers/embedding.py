@@ -7,6 +7,7 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import (get_tp_rank, get_tp_size, tp_all_gather_last_dim,
                                                     tp_all_reduce)
+from shardserve.layers.cpu_gemm import PackedWeight, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -39,12 +40,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.bias = nn.Parameter(torch.zeros(self.shard_size), requires_grad=False) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
+        self.packed: PackedWeight | None = None  # set by cpu_gemm.prepack_model once weights are loaded
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias, self.packed)
         logits = tp_all_gather_last_dim(logits)
         return logits[..., :self.num_embeddings]
 

@@ -6,10 +6,10 @@ features and all-reduce the partial sums. With TP=1 they are plain linears.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from shardserve.layers.cpu_gemm import PackedWeight, linear
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -29,6 +29,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed: PackedWeight | None = None  # set by cpu_gemm.prepack_model once weights are loaded
 
     def _shard(self, loaded: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         return loaded.narrow(dim, self.tp_rank * size, size)
@@ -39,7 +40,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class ReplicatedLinear(LinearBase):
@@ -98,5 +99,5 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the partial products are summed.
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed)
         return tp_all_reduce(y)

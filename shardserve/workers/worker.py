@@ -11,6 +11,7 @@ import torch
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.layers.attention import Attention
+from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.models.source import ModelSource, build_model
 from shardserve.workers.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -25,6 +26,8 @@ class Worker:
         self.dtype = resolve_dtype(config.dtype, source.hf_config, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(source, self.dtype, self.device)
+        # Decode batches on a CPU are tens of rows: pack GEMM weights for that size.
+        prepack_model(self.model, batch_hint=min(config.max_num_seqs, 32))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_caches: list[torch.Tensor] = []
         self.runner: ModelRunner | None = None
@@ -48,7 +51,7 @@ class Worker:
         bs = self.config.block_size
         self.kv_caches = []
         for attn in self.attention_layers:
-            cache = torch.zeros(2, num_blocks, bs, attn.num_kv_heads, attn.head_dim, dtype=self.dtype,
+            cache = torch.zeros(2, num_blocks, attn.num_kv_heads, bs, attn.head_dim, dtype=self.dtype,
                                 device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)

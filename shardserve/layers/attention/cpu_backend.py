@@ -74,7 +74,7 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
-        num_kv_heads = kv_cache.shape[-2]
+        num_kv_heads = kv_cache.shape[2]
         if (q.device.type != "cpu" or q.dtype != torch.float32 or kv_cache.dtype != torch.float32
                 or num_heads // num_kv_heads > _MAX_GROUP):
             return super().decode(q, kv_cache, meta, scale)

