@@ -5,18 +5,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-// A head's rows within a block are contiguous, but blocks are scattered: prefetch a few tokens ahead so the
-// jump to the next block does not stall.
-#define PREFETCH_DISTANCE 16
-
-// Cache layout: [num_blocks, num_kv_heads, block_size, head_dim].
-static inline const float *token_row(const float *cache, const int64_t *table, int64_t t, int64_t block_size,
-                                     int64_t num_kv_heads, int64_t kvh, int64_t head_dim) {
-  return cache + ((table[t / block_size] * num_kv_heads + kvh) * block_size + t % block_size) * head_dim;
+// Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head's rows in a block are one
+// contiguous run. Blocks are scattered, so each loop prefetches the start of the next block itself.
+static inline const float *head_block(const float *cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
+                                      int64_t block_size, int64_t head_dim) {
+  return cache + (block * num_kv_heads + kvh) * block_size * head_dim;
 }
 
-static inline void prefetch_row(const float *row, int64_t head_dim) {
-  for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d, 0, 3);
+static inline void prefetch_block(const float *p, int64_t n_floats) {
+  for (int64_t i = 0; i < n_floats; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
 
 void paged_decode_attention_f32(
@@ -29,51 +26,59 @@ void paged_decode_attention_f32(
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
+  const int64_t block_floats = block_size * head_dim;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t s = 0; s < num_seqs; s++) {
     for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
       const int64_t len = seq_lens[s];
+      const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t *table = block_tables + s * max_blocks;
-      float *scores = (float *)malloc(sizeof(float) * len * group);
+      float *scores = (float *)malloc(sizeof(float) * len * group);  // [group, len]
       float *acc = (float *)calloc(group * head_dim, sizeof(float));
       const float *qh = q + (s * num_heads + kvh * group) * head_dim;
-      float maxv[64];
+      float maxv[64], sum[64];
       for (int64_t g = 0; g < group; g++) maxv[g] = -INFINITY;
-      for (int64_t t = 0; t < len; t++) {
-        if (t + PREFETCH_DISTANCE < len)
-          prefetch_row(token_row(k_cache, table, t + PREFETCH_DISTANCE, block_size, num_kv_heads, kvh, head_dim),
-                       head_dim);
-        const float *k = token_row(k_cache, table, t, block_size, num_kv_heads, kvh, head_dim);
-        for (int64_t g = 0; g < group; g++) {
-          const float *qg = qh + g * head_dim;
-          float dot = 0.f;
+
+      for (int64_t b = 0; b < num_blocks; b++) {  // scores = q . k
+        if (b + 1 < num_blocks)
+          prefetch_block(head_block(k_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
+        const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
+        for (int64_t i = 0; i < n; i++) {
+          const float *k = kb + i * head_dim;
+          for (int64_t g = 0; g < group; g++) {
+            const float *qg = qh + g * head_dim;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
-          dot *= scale;
-          scores[g * len + t] = dot;
-          if (dot > maxv[g]) maxv[g] = dot;
+            for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
+            dot *= scale;
+            scores[g * len + b * block_size + i] = dot;
+            if (dot > maxv[g]) maxv[g] = dot;
+          }
         }
       }
-      float sum[64];
-      for (int64_t g = 0; g < group; g++) {
+      for (int64_t g = 0; g < group; g++) {  // softmax numerators and their sum
         float total = 0.f;
+        float *sg = scores + g * len;
         for (int64_t t = 0; t < len; t++) {
-          float e = expf(scores[g * len + t] - maxv[g]);
-          scores[g * len + t] = e;
-          total += e;
+          sg[t] = expf(sg[t] - maxv[g]);
+          total += sg[t];
         }
         sum[g] = total;
       }
-      for (int64_t t = 0; t < len; t++) {
-        if (t + PREFETCH_DISTANCE < len)
-          prefetch_row(token_row(v_cache, table, t + PREFETCH_DISTANCE, block_size, num_kv_heads, kvh, head_dim),
-                       head_dim);
-        const float *v = token_row(v_cache, table, t, block_size, num_kv_heads, kvh, head_dim);
-        for (int64_t g = 0; g < group; g++) {
-          const float p = scores[g * len + t];
-          float *a = acc + g * head_dim;
+      for (int64_t b = 0; b < num_blocks; b++) {  // acc = sum_t p_t v_t
+        if (b + 1 < num_blocks)
+          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
+        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
+        for (int64_t i = 0; i < n; i++) {
+          const float *v = vb + i * head_dim;
+          for (int64_t g = 0; g < group; g++) {
+            const float p = scores[g * len + b * block_size + i];
+            float *a = acc + g * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
+            for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
+          }
         }
       }
       for (int64_t g = 0; g < group; g++) {

@@ -15,8 +15,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
+        # As transformers: normalise in fp32, scale in the model dtype. (torch's fused F.rms_norm is a few
+        # microseconds faster on decode rows but 4x slower on prefill-sized inputs on CPU.)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
+        out = self.weight * h.to(x.dtype)
         return out if residual is None else (out, residual)

@@ -29,16 +29,22 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None      # [num_decodes] long, tokens incl. the new one
     prefills: list[PrefillSeq] = field(default_factory=list)
     causal: bool = True
-    _decode_slots: tuple | None = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key, compute):
+        """What a backend derives from this step's metadata, computed by the first layer, reused by the rest."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def decode_slots_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[num_decodes, max_len] cache slot of every key, and where a key exists (shared by all layers)."""
-        if self._decode_slots is None:
+        """[num_decodes, max_len] cache slot of every key, and where a key exists."""
+        def compute():
             bs = self.block_size
             pos = torch.arange(int(self.decode_seq_lens.max()), device=self.slot_mapping.device)
             slots = self.decode_block_tables[:, pos // bs] * bs + pos % bs
-            self._decode_slots = (slots, pos[None, :] < self.decode_seq_lens[:, None])
-        return self._decode_slots
+            return slots, pos[None, :] < self.decode_seq_lens[:, None]
+        return self.memo("decode_slots", compute)
 
 
 class AttentionBackend:

@@ -20,9 +20,10 @@ def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return ((slots // bs * num_kv_heads).unsqueeze(-1) + heads) * bs + (slots % bs).unsqueeze(-1)
 
 
-def write_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
-    """cache: [num_blocks, Hkv, block_size, D] (one head's tokens of a block are contiguous); x: [T, Hkv, D]."""
-    cache.view(-1, cache.shape[-1]).index_copy_(0, _rows(cache, slots).view(-1), x.reshape(-1, x.shape[-1]))
+def write_kv(cache: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """cache: [num_blocks, Hkv, block_size, D] (one head's tokens of a block are contiguous); x: [T, Hkv, D];
+    rows: `_rows(cache, slot_mapping)` flattened."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, rows, x.reshape(-1, x.shape[-1]))
 
 
 def read_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -37,8 +38,10 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
         if kv_cache is not None:
-            write_kv(kv_cache[0], meta.slot_mapping, k)
-            write_kv(kv_cache[1], meta.slot_mapping, v)
+            rows = meta.memo(("write_rows", kv_cache.shape),
+                             lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
+            write_kv(kv_cache[0], rows, k)
+            write_kv(kv_cache[1], rows, v)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
