@@ -20,7 +20,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> 
         if dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(set(_DTYPES)))}.")
         return _DTYPES[dtype]
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    config_dtype = getattr(hf_config, "dtype", None)  # transformers >= 4.56 names it dtype
     if isinstance(config_dtype, str):
         config_dtype = _DTYPES.get(config_dtype)
     if device.type == "cpu" or config_dtype in (None, torch.float32):
@@ -49,6 +49,7 @@ class EngineConfig:
     revision: str | None = None
     hf_overrides: dict = field(default_factory=dict)
     skip_tokenizer_init: bool = False
+    enable_prompt_embeds: bool = False
 
     def __post_init__(self) -> None:
         if self.device == "auto":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TypedDict, Union
 
+import torch
 from typing_extensions import NotRequired
 
 
@@ -15,4 +16,10 @@ class TokensPrompt(TypedDict):
     prompt: NotRequired[str]
 
 
-PromptType = Union[str, TextPrompt, TokensPrompt]
+class EmbedsPrompt(TypedDict):
+    """Prompt embeddings instead of tokens: a [seq_len, hidden_size] (or [1, seq_len, hidden_size]) tensor.
+    Needs `LLM(..., enable_prompt_embeds=True)`."""
+    prompt_embeds: torch.Tensor
+
+
+PromptType = Union[str, TextPrompt, TokensPrompt, EmbedsPrompt]

@@ -66,7 +66,7 @@ class BlockManager:
     def find_cached_blocks(self, request: Request) -> list[int]:
         """The longest run of the request's leading full blocks already in the cache. At least one token
         is always left to compute, so the step that finishes the prompt has logits to sample from."""
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self._cacheable(request) or request.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
@@ -80,6 +80,10 @@ class BlockManager:
         self.stats.queries += request.num_prompt_tokens
         self.stats.hits += len(hits) * bs
         return hits
+
+    def _cacheable(self, request: Request) -> bool:
+        # Prompt embeddings have placeholder ids: a hash of them would match different embeddings.
+        return self.enable_prefix_caching and request.prompt_embeds is None
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         blocks = self.req_blocks[request.request_id]
@@ -127,7 +131,7 @@ class BlockManager:
             block.ref_count += 1
         blocks = blocks + list(cached_blocks) + [self._take_free_block() for _ in range(max(num_needed, 0))]
         self.req_blocks[request.request_id] = blocks
-        if self.enable_prefix_caching:
+        if self._cacheable(request):
             # Tokens scheduled now are known, and every layer writes a step's KV before any attention of
             # that layer reads it, so a block may be shared from the step that fills it.
             self._cache_full_blocks(request, num_computed + num_new_tokens)

@@ -10,10 +10,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from shardserve.config import EngineConfig
+from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.detokenizer import IncrementalDetokenizer
-from shardserve.engine.processor import Processor
+from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler
 from shardserve.executor.uniproc import UniprocExecutor
@@ -66,8 +66,12 @@ class LLMEngine:
         max_batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched)
-        self.processor = Processor(self.tokenizer, hf_config.vocab_size, self.max_model_len,
-                                   self._eos_token_ids(hf_config))
+        self.processor = Processor(
+            self.tokenizer, hf_config.vocab_size, self.max_model_len, self._eos_token_ids(hf_config),
+            # what get_input_embeddings yields: OPT's can be narrower than its hidden size
+            embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
+            dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
+            enable_prompt_embeds=config.enable_prompt_embeds)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 
@@ -96,13 +100,17 @@ class LLMEngine:
 
     # requests ---------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
+                    params: SamplingParams | None = None) -> None:
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         children = self.processor.make_requests(request_id, prompt, params or SamplingParams())
-        parent = _Parent(request_id, children[0].prompt, children[0].prompt_token_ids, children,
-                         {c.request_id: IncrementalDetokenizer(self.tokenizer, c.prompt_token_ids,
-                                                               c.sampling_params) for c in children})
+        first = children[0]
+        # An embeddings prompt has no real token ids to report or to detokenize against.
+        prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids
+        parent = _Parent(request_id, first.prompt, prompt_ids, children,
+                         {c.request_id: IncrementalDetokenizer(self.tokenizer, prompt_ids, c.sampling_params)
+                          for c in children})
         self.parents[request_id] = parent
         for child in children:
             self.child_to_parent[child.request_id] = parent

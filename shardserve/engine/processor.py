@@ -4,17 +4,46 @@ Bad input raises `ValueError` / `TypeError` here, before anything is queued, so 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from shardserve.engine.request import Request
+from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
 from shardserve.inputs import PromptType
 from shardserve.sampling_params import SamplingParams
 
 
+@dataclass
+class ProcessedPrompt:
+    """A validated prompt: token ids, or (for prompt embeddings) one placeholder id per embedding row."""
+    text: str | None
+    token_ids: list[int]
+    embeds: torch.Tensor | None = None
+
+
 class Processor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int]):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int],
+                 embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.embed_dim = embed_dim
+        self.dtype = dtype
+        self.enable_prompt_embeds = enable_prompt_embeds
+
+    def process_prompt(self, prompt: PromptType | ProcessedPrompt) -> ProcessedPrompt:
+        if isinstance(prompt, ProcessedPrompt):
+            return prompt
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            if not self.enable_prompt_embeds:
+                raise ValueError("Prompt embeddings are disabled: create the LLM with enable_prompt_embeds=True "
+                                 "(--enable-prompt-embeds for the server).")
+            embeds = validate_prompt_embeds(prompt["prompt_embeds"], self.embed_dim, self.max_model_len,
+                                            self.dtype, torch.device("cpu"))
+            return ProcessedPrompt(None, [0] * embeds.shape[0], embeds)
+        return ProcessedPrompt(*self.tokenize(prompt))
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -66,18 +95,22 @@ class Processor:
             params.all_stop_token_ids = set()
         return params
 
-    def make_requests(self, request_id: str, prompt: PromptType, params: SamplingParams) -> list[Request]:
+    def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt,
+                      params: SamplingParams) -> list[Request]:
         """One request per completion: n > 1 fans out into n requests sharing the prompt (and so, through
         the prefix cache, its KV blocks)."""
-        text, ids = self.tokenize(prompt)
+        prompt = self.process_prompt(prompt)
         params = self.validate_params(params)
+        if prompt.embeds is not None and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not available for prompt embeddings (there are no prompt tokens).")
+        ids = prompt.token_ids
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
         if params.n == 1:
-            return [Request(request_id, ids, params, prompt=text)]
+            return [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds)]
         children = []
         for i in range(params.n):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-            children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=text, index=i,
-                                    parent_id=request_id))
+            children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
+                                    parent_id=request_id, prompt_embeds=prompt.embeds))
         return children

@@ -5,6 +5,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from shardserve.outputs import PositionLogprobs
 from shardserve.sampling_params import SamplingParams
 
@@ -34,6 +36,8 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     prompt: str | None = None
+    # Prompt embeddings in place of the prompt's tokens (whose ids are then placeholders).
+    prompt_embeds: torch.Tensor | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     # Which completion of its parent this is (n > 1 fans a prompt out into n requests).
     index: int = 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.sampling_params import SamplingParams
@@ -22,6 +24,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     sampling_params: SamplingParams
+    prompt_embeds: torch.Tensor | None = None  # replaces the prompt tokens' embeddings
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Scheduler:
             block_ids=self.block_manager.block_ids(req.request_id),
             sample=req.num_computed_tokens == req.num_tokens,
             new_request=NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
-                                       req.sampling_params) if new else None,
+                                       req.sampling_params, req.prompt_embeds) if new else None,
         )
 
     def _preempt(self, req: Request) -> None:

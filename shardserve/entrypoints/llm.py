@@ -23,7 +23,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
                  device: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
                  hf_overrides: dict | None = None, skip_tokenizer_init: bool = False,
-                 chat_template: str | None = None, **kwargs):
+                 chat_template: str | None = None, enable_prompt_embeds: bool = False, **kwargs):
         unknown = set(kwargs) - {"tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
                                  "disable_log_stats", "swap_space"}
         if unknown:
@@ -38,7 +38,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks_override=num_gpu_blocks_override,
             device=device, trust_remote_code=trust_remote_code, revision=revision,
-            hf_overrides=dict(hf_overrides or {}), skip_tokenizer_init=skip_tokenizer_init)
+            hf_overrides=dict(hf_overrides or {}), skip_tokenizer_init=skip_tokenizer_init,
+            enable_prompt_embeds=enable_prompt_embeds)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
@@ -61,15 +62,13 @@ class LLM:
                 raise ValueError(f"Got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, "
                                  f"or one per prompt.")
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
-        requests = [self.llm_engine.processor.tokenize(p) for p in prompts]
+        processed = [self.llm_engine.processor.process_prompt(p) for p in prompts]
         for p in params:
             self.llm_engine.processor.validate_params(p)
         ids = []
         try:
-            for (text, token_ids), p in zip(requests, params):
+            for prompt, p in zip(processed, params):
                 request_id = str(next(self._request_counter))
-                prompt = {"prompt_token_ids": token_ids, "prompt": text} if text is not None else \
-                    {"prompt_token_ids": token_ids}
                 self.llm_engine.add_request(request_id, prompt, p)
                 ids.append(request_id)
             return self._run_engine(ids, use_tqdm)

@@ -34,6 +34,7 @@ class CachedRequestState:
     token_ids: list[int]               # prompt + outputs known to this worker
     sampling_params: SamplingParams
     generator: torch.Generator | None
+    prompt_embeds: torch.Tensor | None = None  # on the device, in the model dtype
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -71,9 +72,10 @@ class ModelRunner:
             # After preemption the generator must resume where it was: replay the draws it made.
             for _ in new.output_token_ids:
                 torch.empty(self.vocab_size, device=self.device).exponential_(generator=generator)
+        embeds = None if new.prompt_embeds is None else new.prompt_embeds.to(self.device)
         self.requests[new.request_id] = CachedRequestState(
             list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids), params,
-            generator)
+            generator, embeds)
 
     # inputs -----------------------------------------------------------------------------------------
 
@@ -110,6 +112,23 @@ class ModelRunner:
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), meta)
 
+    def _inputs_embeds(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Token embeddings with the rows of prompt-embeds requests replaced by their given embeddings, or
+        None when no request in the step has any (the model then embeds the ids itself)."""
+        rows, start = [], 0
+        for s in scheduled:
+            embeds = self.requests[s.request_id].prompt_embeds
+            end_in_prompt = min(s.num_computed_tokens + len(s.token_ids), 0 if embeds is None else len(embeds))
+            if end_in_prompt > s.num_computed_tokens:
+                rows.append((start, embeds[s.num_computed_tokens:end_in_prompt]))
+            start += len(s.token_ids)
+        if not rows:
+            return None
+        inputs_embeds = self.model.get_input_embeddings(input_ids)
+        for offset, values in rows:
+            inputs_embeds[offset:offset + len(values)] = values
+        return inputs_embeds
+
     def _sampling_batch(self, states: list[CachedRequestState]) -> SamplingBatch:
         dev, V = self.device, self.vocab_size
         params = [st.sampling_params for st in states]
@@ -134,7 +153,8 @@ class ModelRunner:
                 if outs:
                     b.output_counts[i].index_add_(0, torch.tensor(outs, device=dev),
                                                   torch.ones(len(outs), device=dev))
-                b.prompt_mask[i, torch.tensor(st.prompt_token_ids, device=dev)] = True
+                if st.prompt_embeds is None:  # an embeddings prompt has no tokens to penalise
+                    b.prompt_mask[i, torch.tensor(st.prompt_token_ids, device=dev)] = True
         needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
                       or len(st.output_token_ids) < st.sampling_params.min_tokens]
         if needs_bias:
@@ -158,7 +178,7 @@ class ModelRunner:
         if out.is_empty:
             return result
         input_ids, positions, meta = self._prepare(out.scheduled)
-        hidden = self.model(input_ids, positions, meta)
+        hidden = self.model(input_ids, positions, meta, self._inputs_embeds(out.scheduled, input_ids))
 
         offsets, total = [], 0
         for s in out.scheduled:
