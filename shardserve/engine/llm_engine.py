@@ -172,7 +172,7 @@ class LLMEngine:
     def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
         req.append_token(token_id)
         if logprobs is not None:
-            entry = self._to_logprobs(logprobs)[0]
+            entry = self._to_logprobs(logprobs, req.sampling_params.detokenize)[0]
             req.logprobs.append(entry)
             req.cumulative_logprob += entry[token_id].logprob
         params = req.sampling_params
@@ -192,13 +192,14 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(req, status)
 
-    def _to_logprobs(self, lists: LogprobsLists) -> list[PositionLogprobs]:
+    def _to_logprobs(self, lists: LogprobsLists, detokenize: bool = True) -> list[PositionLogprobs]:
         entries = []
         for ids, values, ranks in zip(lists.token_ids, lists.logprobs, lists.ranks):
             entry = {}
             for token_id, value, rank in zip(ids, values, ranks):
                 if token_id not in entry:
-                    decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+                    decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None and detokenize \
+                        else None
                     entry[token_id] = Logprob(value, rank, decoded)
             entries.append(entry)
         return entries

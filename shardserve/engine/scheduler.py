@@ -109,8 +109,6 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(self._schedule(req, num_new, new=True))
             budget -= num_new
-        # Single-token steps first: the model runner batches them into one decode attention.
-        out.scheduled.sort(key=lambda s: len(s.token_ids) != 1)
         return out
 
     def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:

@@ -12,6 +12,10 @@ from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from shardserve.sampling_params import SamplingParams
 
 
+# Queries up to this many tokens go through the paged decode path, one row per token.
+PAGED_QUERY_MAX = 16
+
+
 @dataclass
 class LogprobsLists:
     """Per position: candidate token ids, their logprobs and ranks; entry 0 is the chosen/actual token."""
@@ -80,9 +84,11 @@ class ModelRunner:
     # inputs -----------------------------------------------------------------------------------------
 
     def _prepare(self, scheduled: list[ScheduledRequest]):
+        """Flattened inputs. Short queries (decodes, small chunks, beams that differ in a few tokens) come
+        first and become one row per query token for the backend's paged decode path, each row attending
+        to its own prefix; longer queries get a prefill entry each."""
         bs = self.block_size
         input_ids, positions, slots = [], [], []
-        num_decodes = 0
         decode_lens, decode_tables, prefills = [], [], []
         for s in scheduled:
             start, n = s.num_computed_tokens, len(s.token_ids)
@@ -90,15 +96,15 @@ class ModelRunner:
             query_start = len(input_ids)
             input_ids.extend(s.token_ids)
             positions.extend(range(start, start + n))
-            seq_slots = [table[p // bs] * bs + p % bs for p in range(start + n)] if n > 1 else None
-            if n == 1:
-                num_decodes += 1
-                decode_lens.append(start + 1)
-                decode_tables.append(table)
-                slots.append(table[start // bs] * bs + start % bs)
+            if n <= PAGED_QUERY_MAX:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+                decode_lens.extend(range(start + 1, start + n + 1))
+                decode_tables.extend([table] * n)
             else:
+                seq_slots = [table[p // bs] * bs + p % bs for p in range(start + n)]
                 slots.extend(seq_slots[start:])
                 prefills.append((query_start, n, start, seq_slots))
+        num_decodes = len(decode_lens)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  block_size=bs, num_decode_tokens=num_decodes)
@@ -177,19 +183,20 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if out.is_empty:
             return result
-        input_ids, positions, meta = self._prepare(out.scheduled)
-        hidden = self.model(input_ids, positions, meta, self._inputs_embeds(out.scheduled, input_ids))
+        scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
+        input_ids, positions, meta = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, meta, self._inputs_embeds(scheduled, input_ids))
 
         offsets, total = [], 0
-        for s in out.scheduled:
+        for s in scheduled:
             offsets.append(total)
             total += len(s.token_ids)
-        sample_rows = [i for i, s in enumerate(out.scheduled) if s.sample]
+        sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
         if sample_rows:
-            last = torch.tensor([offsets[i] + len(out.scheduled[i].token_ids) - 1 for i in sample_rows],
+            last = torch.tensor([offsets[i] + len(scheduled[i].token_ids) - 1 for i in sample_rows],
                                 device=self.device)
             logits = self.model.compute_logits(hidden[last])
-            states = [self.requests[out.scheduled[i].request_id] for i in sample_rows]
+            states = [self.requests[scheduled[i].request_id] for i in sample_rows]
             sampled = self.sampler(logits, self._sampling_batch(states))
             token_ids = sampled.token_ids.tolist()
             lp = None
@@ -197,13 +204,13 @@ class ModelRunner:
                 lp = (sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(),
                       sampled.logprob_ranks.tolist())
             for row, i in enumerate(sample_rows):
-                s = out.scheduled[i]
+                s = scheduled[i]
                 result.sampled_token_ids[s.request_id] = token_ids[row]
                 k = states[row].sampling_params.logprobs
                 if k is not None:
                     result.logprobs[s.request_id] = LogprobsLists(
                         [lp[0][row][:k + 1]], [lp[1][row][:k + 1]], [lp[2][row][:k + 1]])
-        for i, s in enumerate(out.scheduled):
+        for i, s in enumerate(scheduled):
             state = self.requests[s.request_id]
             if state.sampling_params.prompt_logprobs is not None:
                 entry = self._prompt_logprobs(hidden, offsets[i], s, state)

@@ -24,7 +24,7 @@ class PrefillSeq:
 class AttentionMetadata:
     slot_mapping: torch.Tensor              # [num_tokens] where each new token's K/V is written
     block_size: int = 16
-    num_decode_tokens: int = 0              # decodes (one query token each) come first in the batch
+    num_decode_tokens: int = 0              # rows of one query token each (decodes, short chunks) come first
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] long, padded with 0
     decode_seq_lens: torch.Tensor | None = None      # [num_decodes] long, tokens incl. the new one
     prefills: list[PrefillSeq] = field(default_factory=list)
