@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -32,13 +33,24 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _cpu_signature() -> str:
+    """What -march=native depends on: a build is only reused on a CPU with the same features (a shared home
+    directory across a cluster's nodes must not hand an AVX-512 build to a CPU without it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
 def _build() -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"paged_decode_attention_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
