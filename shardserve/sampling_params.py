@@ -1,9 +1,17 @@
 """`SamplingParams`: how one request chooses its tokens and when it stops (vLLM's fields and defaults)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """When the engine reports a request: every step with everything so far, or once at the end (what the
+    offline API uses: no per-step output to build). vLLM's DELTA comes with the streaming server."""
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -29,6 +37,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

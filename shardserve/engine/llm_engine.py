@@ -21,7 +21,7 @@ from shardserve.inputs import PromptType
 from shardserve.models.registry import resolve_model_class
 from shardserve.models.source import load_model_source, load_tokenizer
 from shardserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 from shardserve.workers.model_runner import LogprobsLists
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ class LLMEngine:
             if s.request_id in result.sampled_token_ids:
                 self._append_token(req, parent, result.sampled_token_ids[s.request_id],
                                    result.logprobs.get(s.request_id))
-                touched[parent.request_id] = parent
+                if parent.finished or req.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                    touched[parent.request_id] = parent
         if not self.scheduler.has_unfinished_requests():
             # Going idle: tell the workers now which requests ended, rather than with a step that may never come.
             self.executor.execute_model(self.scheduler.schedule())

@@ -14,7 +14,7 @@ from shardserve.engine.llm_engine import LLMEngine
 from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
 from shardserve.inputs import PromptType, TokensPrompt
 from shardserve.outputs import RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -67,6 +67,8 @@ class LLM:
         processed = [self.llm_engine.processor.process_prompt(p) for p in prompts]
         for p in params:
             self.llm_engine.processor.validate_params(p)
+        # Offline callers see only finished outputs: the engine need not build one per step.
+        params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = []
         try:
             for prompt, p in zip(processed, params):
