@@ -1,5 +1,5 @@
 // Decode attention over the paged KV cache on CPU: one query token per sequence, keys and values read
-// in place through the block table (no gathered copy), softmax in two passes over the scores.
+// in place through the block table (no gathered copy).
 // Parallel over (sequence, kv head); the query heads of a GQA group share each loaded key/value row.
 #include <math.h>
 #include <stdint.h>
@@ -27,55 +27,54 @@ void paged_decode_attention_f32(
     int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t block_floats = block_size * head_dim;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+  // One pass, block by block, with the softmax kept online: a block's keys and then its values are read
+  // while both are in cache, and the running sums are rescaled once per block, not per token.
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
   for (int64_t s = 0; s < num_seqs; s++) {
     for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
       const int64_t len = seq_lens[s];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t *table = block_tables + s * max_blocks;
-      float *scores = (float *)malloc(sizeof(float) * len * group);  // [group, len]
-      float *acc = (float *)calloc(group * head_dim, sizeof(float));
       const float *qh = q + (s * num_heads + kvh * group) * head_dim;
+      float *scores = (float *)malloc(sizeof(float) * block_size * group);  // [group, block_size]
+      float *acc = (float *)calloc(group * head_dim, sizeof(float));
       float maxv[64], sum[64];
-      for (int64_t g = 0; g < group; g++) maxv[g] = -INFINITY;
-
-      for (int64_t b = 0; b < num_blocks; b++) {  // scores = q . k
-        if (b + 1 < num_blocks)
+      for (int64_t g = 0; g < group; g++) {
+        maxv[g] = -INFINITY;
+        sum[g] = 0.f;
+      }
+      for (int64_t b = 0; b < num_blocks; b++) {
+        if (b + 1 < num_blocks) {
           prefetch_block(head_block(k_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
+          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
+        }
         const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
         const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
-        for (int64_t i = 0; i < n; i++) {
-          const float *k = kb + i * head_dim;
-          for (int64_t g = 0; g < group; g++) {
-            const float *qg = qh + g * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+          const float *qg = qh + g * head_dim;
+          float *sg = scores + g * block_size;
+          float block_max = -INFINITY;
+          for (int64_t i = 0; i < n; i++) {
+            const float *k = kb + i * head_dim;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
-            dot *= scale;
-            scores[g * len + b * block_size + i] = dot;
-            if (dot > maxv[g]) maxv[g] = dot;
+            sg[i] = dot * scale;
+            if (sg[i] > block_max) block_max = sg[i];
           }
-        }
-      }
-      for (int64_t g = 0; g < group; g++) {  // softmax numerators and their sum
-        float total = 0.f;
-        float *sg = scores + g * len;
-        for (int64_t t = 0; t < len; t++) {
-          sg[t] = expf(sg[t] - maxv[g]);
-          total += sg[t];
-        }
-        sum[g] = total;
-      }
-      for (int64_t b = 0; b < num_blocks; b++) {  // acc = sum_t p_t v_t
-        if (b + 1 < num_blocks)
-          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
-        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
-        for (int64_t i = 0; i < n; i++) {
-          const float *v = vb + i * head_dim;
-          for (int64_t g = 0; g < group; g++) {
-            const float p = scores[g * len + b * block_size + i];
-            float *a = acc + g * head_dim;
+          float *a = acc + g * head_dim;
+          if (block_max > maxv[g]) {  // rescale what was summed under the old maximum
+            const float r = expf(maxv[g] - block_max);
+            sum[g] *= r;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) a[d] *= r;
+            maxv[g] = block_max;
+          }
+          for (int64_t i = 0; i < n; i++) {
+            const float p = expf(sg[i] - maxv[g]);
+            const float *v = vb + i * head_dim;
+            sum[g] += p;
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
           }
