@@ -7,10 +7,13 @@ dtypes and devices, layers keep using `F.linear`.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 def packed_gemm_supported(weight: torch.Tensor) -> bool:
@@ -31,14 +34,28 @@ class PackedWeight:
         return torch.ops.mkl._mkl_linear(x.contiguous(), self.packed, self.weight, bias, self.batch_hint)
 
 
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def prepack_model(model: torch.nn.Module, batch_hint: int) -> int:
-    """Pack the weight of every layer that takes a packed weight (a `packed` attribute); returns how many."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "packed") and packed_gemm_supported(module.weight):
-            module.packed = PackedWeight(module.weight, batch_hint)
-            count += 1
-    return count
+    """Pack the weight of every layer that takes a packed weight (a `packed` attribute); returns how many.
+
+    Packed copies sit beside the originals, so packing is skipped when they would take more than a
+    quarter of the free memory (a large model on CPU then keeps plain GEMMs rather than running short)."""
+    layers = [m for m in model.modules() if hasattr(m, "packed") and packed_gemm_supported(m.weight)]
+    needed = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    free = _available_memory()
+    if free is not None and needed > free // 4:
+        logger.info("Not packing %d GEMM weights (%.0f MiB): free memory is %.0f MiB", len(layers),
+                    needed / 2**20, free / 2**20)
+        return 0
+    for module in layers:
+        module.packed = PackedWeight(module.weight, batch_hint)
+    return len(layers)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
