@@ -7,9 +7,13 @@ full blocks), so memory grows with the tokens in which beams differ, not with be
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shardserve.outputs import PositionLogprobs
+from tqdm.auto import tqdm
+
+from shardserve.outputs import PositionLogprobs, RequestOutput
+from shardserve.sampling_params import SamplingParams
 
 
 @dataclass
@@ -68,3 +72,39 @@ def extend_beams(beams: list[BeamSearchSequence], step_logprobs: list[PositionLo
                 live.append(child)
     live.sort(key=lambda b: b.cum_logprob, reverse=True)
     return live[:beam_width], finished
+
+
+def run_beam_search(step: Callable[[list[list[int]], SamplingParams], list[RequestOutput]],
+                    prompts: list[list[int]], params: BeamSearchParams, tokenizer, max_model_len: int,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """`step` generates one token for each given sequence (a batched `LLM.generate`)."""
+    eos = None if params.ignore_eos or tokenizer is None else tokenizer.eos_token_id
+    step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
+                                 ignore_eos=True, detokenize=False)
+    running = [[BeamSearchSequence(tokens=list(p))] for p in prompts]
+    finished: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
+        for i, beams in enumerate(running):  # beams that reached max_model_len end here
+            finished[i].extend(b for b in beams if len(b.tokens) >= max_model_len)
+            running[i] = [b for b in beams if len(b.tokens) < max_model_len]
+        live = [(i, beam) for i, beams in enumerate(running) for beam in beams]
+        if not live:
+            break
+        outs = step([beam.tokens for _, beam in live], step_params)
+        by_prompt: list[list] = [[] for _ in running]
+        for (i, beam), out in zip(live, outs):
+            by_prompt[i].append((beam, out.outputs[0].logprobs[0]))
+        for i, mine in enumerate(by_prompt):
+            if mine:
+                running[i], ended = extend_beams([b for b, _ in mine], [lp for _, lp in mine], params.beam_width, eos)
+                finished[i].extend(ended)
+    results = []
+    for prompt_beams, done in zip(running, finished):
+        for beam in done + prompt_beams:
+            beam.finish_reason = beam.finish_reason or "length"
+        best = sorted(done + prompt_beams, reverse=True,
+                      key=lambda b: beam_search_score(b, eos, params.length_penalty))[:params.beam_width]
+        for beam in best:
+            beam.text = tokenizer.decode(beam.tokens, skip_special_tokens=True) if tokenizer else None
+        results.append(BeamSearchOutput(sequences=best))
+    return results

@@ -139,7 +139,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if sched.finished_request_ids:
-                self.executor.execute_model(sched)  # let the workers drop their state
+                self.executor.execute_model(sched)  # only tells the workers which requests ended
             elif self.scheduler.has_unfinished_requests():
                 raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
                                    "for the waiting requests.")
@@ -160,7 +160,7 @@ class LLMEngine:
                     touched[parent.request_id] = parent
         if not self.scheduler.has_unfinished_requests():
             # Going idle: tell the workers now which requests ended, rather than with a step that may never come.
-            self.executor.execute_model(self.scheduler.schedule())
+            self.step()
         outputs = []
         for parent in touched.values():
             outputs.append(self._make_output(parent))

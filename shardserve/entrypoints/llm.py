@@ -7,8 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from shardserve.beam_search import (BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_score,
-                                    extend_beams)
+from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
@@ -115,39 +114,11 @@ class LLM:
         if any(p.embeds is not None for p in processed):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
         tokenizer = self.get_tokenizer()
-        eos = None if params.ignore_eos or tokenizer is None else tokenizer.eos_token_id
-        step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width,
-                                     temperature=params.temperature, ignore_eos=True, detokenize=False)
-        running = [[BeamSearchSequence(tokens=list(p.token_ids))] for p in processed]
-        finished: list[list[BeamSearchSequence]] = [[] for _ in processed]
-        max_len = self.llm_engine.max_model_len
-        for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
-            for i, beams in enumerate(running):  # beams that reached max_model_len end here
-                finished[i].extend(b for b in beams if len(b.tokens) >= max_len)
-                running[i] = [b for b in beams if len(b.tokens) < max_len]
-            live = [(i, beam) for i, beams in enumerate(running) for beam in beams]
-            if not live:
-                break
-            outs = self.generate([TokensPrompt(prompt_token_ids=beam.tokens) for _, beam in live], step_params,
-                                 use_tqdm=False)
-            by_prompt: list[list] = [[] for _ in running]
-            for (i, beam), out in zip(live, outs):
-                by_prompt[i].append((beam, out.outputs[0].logprobs[0]))
-            for i, mine in enumerate(by_prompt):
-                if mine:
-                    running[i], ended = extend_beams([b for b, _ in mine], [lp for _, lp in mine],
-                                                     params.beam_width, eos)
-                    finished[i].extend(ended)
-        results = []
-        for prompt_beams, done in zip(running, finished):
-            for beam in done + prompt_beams:
-                beam.finish_reason = beam.finish_reason or "length"
-            best = sorted(done + prompt_beams, reverse=True,
-                          key=lambda b: beam_search_score(b, eos, params.length_penalty))[:params.beam_width]
-            for beam in best:
-                beam.text = tokenizer.decode(beam.tokens, skip_special_tokens=True) if tokenizer else None
-            results.append(BeamSearchOutput(sequences=best))
-        return results
+
+        def step(sequences: list[list[int]], step_params: SamplingParams):
+            return self.generate([TokensPrompt(prompt_token_ids=t) for t in sequences], step_params, use_tqdm=False)
+        return run_beam_search(step, [p.token_ids for p in processed], params, tokenizer,
+                               self.llm_engine.max_model_len, use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
