@@ -2,8 +2,9 @@
 
 At decode batch sizes (tens of rows) MKL's packed GEMM runs the same products 1.3-3.5x faster than
 `F.linear` on the 2-core machines we measure on (benchmarks/RESULTS.md); at prefill sizes (thousands of
-rows) it is slower, so those keep `F.linear`. The packing is tuned for a batch size but correct for any. Where torch was built without MKL (e.g. aarch64 wheels), or for other
-dtypes and devices, layers keep using `F.linear`.
+rows) it is slower, so those keep `F.linear`. The packing is tuned for a batch size but correct for any.
+Where torch was built without MKL (e.g. aarch64 wheels), or for other dtypes and devices, layers keep
+using `F.linear`.
 """
 from __future__ import annotations
 
