@@ -50,10 +50,34 @@ class EngineConfig:
     hf_overrides: dict = field(default_factory=dict)
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
+    # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None   # None: "ray" when T x P > 1, else "uni"
+    pp_layer_partition: list[int] | None = None       # layers per stage; None splits evenly
+    ray_address: str | None = None                    # None: RAY_ADDRESS, else a local cluster
+    num_cpus_per_worker: float = 1.0                  # a CPU worker's bundle; also its torch threads
+    placement_group_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.distributed_executor_backend is None:
+            self.distributed_executor_backend = "ray" if self.world_size > 1 else "uni"
+        if self.distributed_executor_backend not in ("ray", "uni"):
+            raise ValueError(f"distributed_executor_backend must be 'ray' or 'uni', got "
+                             f"{self.distributed_executor_backend!r}.")
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} needs "
+                             f"distributed_executor_backend='ray'; the in-process executor runs one shard.")
+        if self.placement_group_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_group_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got "
+                             f"{self.placement_group_strategy!r}.")
+        if self.num_cpus_per_worker <= 0:
+            raise ValueError(f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}.")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
         if self.max_num_seqs < 1:
@@ -61,6 +85,10 @@ class EngineConfig:
         if self.kv_cache_memory_bytes is None:
             gib = float(os.environ.get("SHARDSERVE_CPU_KVCACHE_SPACE", "4"))
             self.kv_cache_memory_bytes = int(gib * (1 << 30))
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_device(self) -> torch.device:

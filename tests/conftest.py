@@ -9,6 +9,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray clients rewrite a 127.0.0.1 cluster address to the machine's outside address, where nothing listens
+# (see MACHINE-NOTES); this keeps the test cluster's clients on loopback. Read when ray is first imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -74,10 +77,12 @@ def _config(arch: str, vocab: int):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
 
 
-def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0) -> str:
+def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0, **config_overrides) -> str:
     from transformers import AutoModelForCausalLM
     tokenizer = build_tokenizer(tokenizer_kind)
     config = _config(arch, len(tokenizer))
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; widen them so greedy choices are far from ties.
@@ -95,9 +100,27 @@ def model_dirs(tmp_path_factory):
     """arch -> directory of a random model, created once per test session."""
     cache: dict[str, str] = {}
 
-    def get(arch: str, tokenizer_kind: str = "bytelevel") -> str:
-        key = f"{arch}-{tokenizer_kind}"
+    def get(arch: str, tokenizer_kind: str = "bytelevel", **config_overrides) -> str:
+        key = "-".join([arch, tokenizer_kind] + [f"{k}={v}" for k, v in sorted(config_overrides.items())])
         if key not in cache:
-            cache[key] = make_model_dir(tmp_path_factory.mktemp(key), arch, tokenizer_kind)
+            cache[key] = make_model_dir(tmp_path_factory.mktemp(key), arch, tokenizer_kind, **config_overrides)
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole session (start-up costs seconds and ~1 GiB): a head and two more
+    nodes, all on loopback, so multi-node placement is real. Yields the `ray.cluster_utils.Cluster`."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node = dict(node_ip_address="127.0.0.1", object_store_memory=100 * 2**20, include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, **node))
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, **{k: v for k, v in node.items() if k != "include_dashboard"})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -16,8 +16,10 @@ from shardserve.engine.detokenizer import IncrementalDetokenizer
 from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler
-from shardserve.executor.uniproc import UniprocExecutor
+from shardserve.executor import create_executor
 from shardserve.inputs import PromptType
+from shardserve.layers.linear import check_tensor_parallel_sizes
+from shardserve.models.pipeline import split_layers
 from shardserve.models.registry import resolve_model_class
 from shardserve.models.source import load_model_source, load_tokenizer
 from shardserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -52,17 +54,15 @@ class LLMEngine:
             self.source, config.tokenizer, config.revision, config.trust_remote_code)
         self.max_model_len = self._resolve_max_model_len(hf_config)
 
-        self.executor = UniprocExecutor(config, self.source)
-        num_blocks = self.executor.determine_num_blocks()
-        if config.num_gpu_blocks_override is None:
-            # More blocks than every sequence at full length can use would only cost memory to zero.
-            num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size))
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(
-                f"The KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
-                f"{config.block_size}), fewer than max_model_len={self.max_model_len}; give it more memory "
-                f"or lower max_model_len.")
-        self.executor.init_kv_cache(num_blocks)
+        # A model that cannot be split as asked fails here, not inside a worker actor.
+        check_tensor_parallel_sizes(hf_config, config.tensor_parallel_size)
+        split_layers(hf_config.num_hidden_layers, config.pipeline_parallel_size, config.pp_layer_partition)
+        self.executor = create_executor(config, self.source)
+        try:
+            num_blocks = self._init_kv_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         max_batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched)
@@ -115,6 +115,24 @@ class LLMEngine:
         for child in children:
             self.child_to_parent[child.request_id] = parent
             self.scheduler.add_request(child)
+
+    def _init_kv_cache(self) -> int:
+        config = self.config
+        num_blocks = self.executor.determine_num_blocks()
+        if config.num_gpu_blocks_override is None:
+            # More blocks than every sequence at full length can use would only cost memory to zero.
+            num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size))
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"The KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
+                f"{config.block_size}), fewer than max_model_len={self.max_model_len}; give it more memory "
+                f"or lower max_model_len.")
+        self.executor.init_kv_cache(num_blocks)
+        return num_blocks
+
+    def shutdown(self) -> None:
+        """Release the workers (and on Ray their actors, placement group and process groups)."""
+        self.executor.shutdown()
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:

@@ -24,14 +24,14 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, num_gpu_blocks_override: int | None = None,
                  device: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
                  hf_overrides: dict | None = None, skip_tokenizer_init: bool = False,
-                 chat_template: str | None = None, enable_prompt_embeds: bool = False, **kwargs):
-        unknown = set(kwargs) - {"tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
-                                 "disable_log_stats", "swap_space"}
+                 chat_template: str | None = None, enable_prompt_embeds: bool = False,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 distributed_executor_backend: str | None = None, address: str | None = None,
+                 num_cpus_per_worker: float = 1.0, pp_layer_partition: list[int] | None = None,
+                 placement_group_strategy: str = "PACK", **kwargs):
+        unknown = set(kwargs) - {"enforce_eager", "disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-            if kwargs.get(name, 1) != 1:
-                raise ValueError(f"{name}={kwargs[name]} needs the Ray executor, which is not available yet.")
         self.chat_template = load_chat_template(chat_template)  # the default for chat(); a bad path fails here
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -40,12 +40,19 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks_override=num_gpu_blocks_override,
             device=device, trust_remote_code=trust_remote_code, revision=revision,
             hf_overrides=dict(hf_overrides or {}), skip_tokenizer_init=skip_tokenizer_init,
-            enable_prompt_embeds=enable_prompt_embeds)
+            enable_prompt_embeds=enable_prompt_embeds, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, distributed_executor_backend=distributed_executor_backend,
+            ray_address=address, num_cpus_per_worker=num_cpus_per_worker, pp_layer_partition=pp_layer_partition,
+            placement_group_strategy=placement_group_strategy)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
+
+    def shutdown(self) -> None:
+        """Release the workers now rather than when this object is collected."""
+        self.llm_engine.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -6,6 +6,10 @@ from shardserve.workers.model_runner import ModelRunnerOutput
 
 
 class Executor:
+    def collective_rpc(self, method: str, *args) -> list:
+        """Call a `Worker` method on every worker; their results in rank order."""
+        raise NotImplementedError
+
     def determine_num_blocks(self) -> int:
         raise NotImplementedError
 

@@ -13,6 +13,9 @@ class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.worker = Worker(config, source)
 
+    def collective_rpc(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
+
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
 

@@ -18,6 +18,20 @@ def _divide(numerator: int, denominator: int) -> int:
     return numerator // denominator
 
 
+def check_tensor_parallel_sizes(hf_config, tp_size: int) -> None:
+    """Refuse, before any worker starts, a model whose heads or MLP cannot be split `tp_size` ways."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    mlp = (getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "ffn_dim", None)
+           or getattr(hf_config, "n_inner", None) or 4 * hf_config.hidden_size)
+    _divide(heads, tp_size)
+    _divide(mlp, tp_size)
+    if kv_heads >= tp_size:
+        _divide(kv_heads, tp_size)
+    elif tp_size % kv_heads:
+        raise ValueError(f"The tensor-parallel size {tp_size} is not a multiple of the model's {kv_heads} KV heads.")
+
+
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
         super().__init__()

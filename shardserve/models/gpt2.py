@@ -11,11 +11,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.layers.activation import get_act_fn
 from shardserve.layers.attention import Attention, AttentionMetadata
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.models.loader import load_params
+from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_first_stage, on_last_stage, tie_head,
+                                         tied_head_weights)
 
 
 class GPT2Attention(nn.Module):
@@ -65,16 +68,23 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.wte = on_first_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size))
+        self.wpe = on_first_stage(lambda: nn.Embedding(config.max_position_embeddings, config.hidden_size))
+        self.start_layer, self.end_layer, self.h = make_layers(config.num_hidden_layers,
+                                                               lambda i: GPT2Block(config, i))
+        self.ln_f = on_last_stage(lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon))
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None):
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        x = x + self.wpe(positions)
-        for block in self.h:
+    def forward(self, input_ids, positions, meta, inputs_embeds=None,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate is None:
+            x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+            x = x + self.wpe(positions)
+        else:
+            x = intermediate["hidden"]
+        for block in self.h[self.start_layer:self.end_layer]:
             x = block(x, meta)
+        if not get_pp_group().is_last:
+            return {"hidden": x}
         return self.ln_f(x)
 
 
@@ -98,17 +108,17 @@ def _from_conv1d(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[
 class GPT2LMHeadModel(nn.Module):
     # q/k/v pieces of the checkpoint's fused c_attn (see _from_conv1d) -> (our parameter, shard id)
     stacked_params = [("q_proj", "c_attn", "q"), ("k_proj", "c_attn", "k"), ("v_proj", "c_attn", "v")]
+    intermediate_keys = ("hidden",)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", True):
-            self.lm_head.tie_to(self.transformer.wte)
+        self.lm_head = on_last_stage(lambda: ParallelLMHead(config.vocab_size, config.hidden_size))
+        tie_head(self.lm_head, self.transformer.wte, getattr(config, "tie_word_embeddings", True))
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
-        return self.transformer(input_ids, positions, meta, inputs_embeds)
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
+        return self.transformer(input_ids, positions, meta, inputs_embeds, intermediate)
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
@@ -117,5 +127,6 @@ class GPT2LMHeadModel(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", True) else ()
-        return load_params(self, _from_conv1d(weights), self.stacked_params, skip)
+        weights, skip = tied_head_weights(_from_conv1d(weights), getattr(self.config, "tie_word_embeddings", True),
+                                          "transformer.wte.weight", "lm_head.weight")
+        return load_params(self, weights, self.stacked_params, skip)

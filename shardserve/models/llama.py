@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.attention import Attention, AttentionMetadata
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -17,6 +18,8 @@ from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.layers.rotary import RotaryEmbedding, apply_rotary
 from shardserve.models.loader import load_params
+from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_first_stage, on_last_stage, tie_head,
+                                         tied_head_weights)
 
 
 class LlamaAttention(nn.Module):
@@ -83,19 +86,25 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool = False, qk_norm: bool = False):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, qk_norm)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_tokens = on_first_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size))
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, qkv_bias, qk_norm))
+        self.norm = on_last_stage(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None):
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    def forward(self, input_ids, positions, meta, inputs_embeds=None,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate is None:
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
+        else:
+            x, residual = intermediate["hidden"], intermediate["residual"]
         rope = self.rotary_emb.cos_sin(positions, x.dtype)
-        residual = None
-        for layer in self.layers:
+        for layer in self.layers[self.start_layer:self.end_layer]:
             x, residual = layer(rope, x, residual, meta)
+        if not get_pp_group().is_last:
+            return {"hidden": x, "residual": residual}
         x, _ = self.norm(x, residual)
         return x
 
@@ -106,18 +115,18 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint name -> (our parameter, shard id) for weights we store merged
     stacked_params = [("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v"),
                       ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", 1)]
+    intermediate_keys = ("hidden", "residual")
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.model = LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.tie_to(self.model.embed_tokens)
+        self.lm_head = on_last_stage(lambda: ParallelLMHead(config.vocab_size, config.hidden_size))
+        tie_head(self.lm_head, self.model.embed_tokens, getattr(config, "tie_word_embeddings", False))
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, inputs_embeds)
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
+        return self.model(input_ids, positions, meta, inputs_embeds, intermediate)
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -126,10 +135,9 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("rotary_emb.inv_freq",)
-        if getattr(self.config, "tie_word_embeddings", False):
-            skip += ("lm_head.weight",)
-        return load_params(self, weights, self.stacked_params, skip)
+        weights, skip = tied_head_weights(weights, getattr(self.config, "tie_word_embeddings", False),
+                                          "model.embed_tokens.weight", "lm_head.weight")
+        return load_params(self, weights, self.stacked_params, skip + ("rotary_emb.inv_freq",))
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -12,11 +12,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.layers.activation import get_act_fn
 from shardserve.layers.attention import Attention, AttentionMetadata
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from shardserve.models.loader import load_params
+from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_first_stage, on_last_stage, tie_head,
+                                         tied_head_weights)
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -80,24 +83,34 @@ class OPTDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden, word_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, word_dim)
-        self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, hidden)
-        self.project_in = ReplicatedLinear(word_dim, hidden) if word_dim != hidden else None
-        self.project_out = ReplicatedLinear(hidden, word_dim) if word_dim != hidden else None
+        self.embed_tokens = on_first_stage(lambda: VocabParallelEmbedding(config.vocab_size, word_dim))
+        self.embed_positions = on_first_stage(
+            lambda: OPTLearnedPositionalEmbedding(config.max_position_embeddings, hidden))
+        projects = word_dim != hidden
+        self.project_in = on_first_stage(lambda: ReplicatedLinear(word_dim, hidden)) if projects else None
+        self.project_out = on_last_stage(lambda: ReplicatedLinear(hidden, word_dim)) if projects else None
         # `_remove_final_layer_norm` only exists for checkpoints fine-tuned before transformers 4.20.1.
         if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
-            self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+            self.final_layer_norm = on_last_stage(
+                lambda: nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine))
         else:
             self.final_layer_norm = None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda i: OPTDecoderLayer(config))
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None):
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.project_in is not None:
-            x = self.project_in(x)
-        x = x + self.embed_positions(positions)
-        for layer in self.layers:
+    def forward(self, input_ids, positions, meta, inputs_embeds=None,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate is None:
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            if self.project_in is not None:
+                x = self.project_in(x)
+            x = x + self.embed_positions(positions)
+        else:
+            x = intermediate["hidden"]
+        for layer in self.layers[self.start_layer:self.end_layer]:
             x = layer(x, meta)
+        if not get_pp_group().is_last:
+            return {"hidden": x}
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
@@ -110,25 +123,26 @@ class OPTModel(nn.Module):
         super().__init__()
         self.decoder = OPTDecoder(config)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None):
-        return self.decoder(input_ids, positions, meta, inputs_embeds)
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
+        return self.decoder(input_ids, positions, meta, inputs_embeds, intermediate)
 
 
 class OPTForCausalLM(nn.Module):
     # checkpoint name -> (our parameter, shard id) for weights we store merged
     stacked_params = [("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v")]
+    intermediate_keys = ("hidden",)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
-        if getattr(config, "tie_word_embeddings", True):
-            self.lm_head.tie_to(self.model.decoder.embed_tokens)
+        self.lm_head = on_last_stage(lambda: ParallelLMHead(config.vocab_size, config.word_embed_proj_dim))
+        tie_head(self.lm_head, self.model.decoder.embed_tokens, getattr(config, "tie_word_embeddings", True))
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None) -> torch.Tensor:
-        """Returns [num_tokens, word_embed_proj_dim] (= hidden_size except where OPT projects out)."""
-        return self.model(input_ids, positions, meta, inputs_embeds)
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
+        """Returns [num_tokens, word_embed_proj_dim] (= hidden_size except where OPT projects out), or on a
+        stage before the last the hidden states for the next stage."""
+        return self.model(input_ids, positions, meta, inputs_embeds, intermediate)
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.decoder.embed_tokens(input_ids)
@@ -137,7 +151,8 @@ class OPTForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", True) else ()
         # The original facebook/opt-* checkpoints name their tensors "decoder.…", without "model.".
         weights = ((f"model.{name}" if name.startswith("decoder.") else name, tensor) for name, tensor in weights)
+        weights, skip = tied_head_weights(weights, getattr(self.config, "tie_word_embeddings", True),
+                                          "model.decoder.embed_tokens.weight", "lm_head.weight")
         return load_params(self, weights, self.stacked_params, skip)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardserve.distributed.parallel_state import get_pp_group, pp_recv, pp_send
 from shardserve.engine.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
 from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.attention.backend import PrefillSeq
@@ -46,11 +47,14 @@ class CachedRequestState:
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int, vocab_size: int, device: torch.device, seed: int = 0):
+    def __init__(self, model, block_size: int, hf_config, dtype: torch.dtype, device: torch.device, seed: int = 0):
         self.model = model
         self.block_size = block_size
-        self.vocab_size = vocab_size
+        self.vocab_size = hf_config.vocab_size
+        self.hidden_size = hf_config.hidden_size
+        self.dtype = dtype
         self.device = device
+        self.pp = get_pp_group()
         self.sampler = Sampler(seed, device)
         self.requests: dict[str, CachedRequestState] = {}
 
@@ -185,7 +189,16 @@ class ModelRunner:
             return result
         scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
         input_ids, positions, meta = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, meta, self._inputs_embeds(scheduled, input_ids))
+        if self.pp.is_first:
+            hidden = self.model(input_ids, positions, meta, self._inputs_embeds(scheduled, input_ids))
+        else:
+            # A later pipeline stage starts from what the stage before it computed for the same tokens.
+            received = pp_recv({key: torch.empty(len(input_ids), self.hidden_size, dtype=self.dtype,
+                                                 device=self.device) for key in self.model.intermediate_keys})
+            hidden = self.model(input_ids, positions, meta, intermediate=received)
+        if not self.pp.is_last:
+            pp_send(hidden)
+            return result
 
         offsets, total = [], 0
         for s in scheduled:
