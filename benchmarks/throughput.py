@@ -44,6 +44,9 @@ PRESETS = {
                   num_key_value_heads=4, intermediate_size=688, vocab_size=32000),
     "medium": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                    num_key_value_heads=12, intermediate_size=2048, vocab_size=32000),
+    # big enough that a tensor-parallel split has work to split (benchmarks/parallel.py)
+    "large": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=8, intermediate_size=2816, vocab_size=32000),
 }
 
 

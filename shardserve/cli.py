@@ -1,7 +1,9 @@
-"""The `shardserve` command. `generate` runs offline generation; `serve` arrives with the online server."""
+"""The `shardserve` command: `serve` runs the online server on Ray Serve, `generate` offline generation."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -30,9 +32,72 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback clusters stay on loopback
+    from ray import serve
+
+    from shardserve.cluster.ray_cluster import connect
+    from shardserve.models.gguf import default_generation_model
+    from shardserve.router.app import build_app
+    from shardserve.router.spec import ModelSpec
+
+    models = args.model or [default_generation_model()]
+    names = args.served_model_name or []
+    if len(names) > len(models):
+        raise SystemExit("--served-model-name was given more times than there are models.")
+    common = dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+                  tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                  enable_prompt_embeds=args.enable_prompt_embeds, chat_template=args.chat_template,
+                  hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else {},
+                  num_replicas=args.num_replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus)
+    specs = [ModelSpec(model=m, served_model_name=names[i] if i < len(names) else None, **common)
+             for i, m in enumerate(models)]
+    connect(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(specs, args.api_key), name="shardserve", route_prefix="/", blocking=False)
+    base = f"http://{args.host}:{args.port}"
+    print(f"shardserve is listening on {base} (models: {', '.join(s.name for s in specs)})", flush=True)
+    print(f"  curl {base}/v1/models", flush=True)
+    print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' -d "
+          f"'{{\"model\": \"{specs[0].name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
+          flush=True)
+    print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
+          f"'{{\"model\": \"{specs[0].name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Shutting down.", file=sys.stderr)
+        serve.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
+    srv.add_argument("model", nargs="*", help="HF model directories, hub ids or .gguf files (default: SmolLM2)")
+    srv.add_argument("--served-model-name", action="append", help="the API name of each model, in order")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tokenizer")
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--max-model-len", type=int)
+    srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    srv.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    srv.add_argument("--enable-prompt-embeds", action="store_true")
+    srv.add_argument("--chat-template", help="a Jinja template, or a path to one")
+    srv.add_argument("--hf-overrides", help="JSON object of config overrides")
+    srv.add_argument("--api-key", default=os.environ.get("SHARDSERVE_API_KEY"))
+    srv.add_argument("--num-replicas", type=int, default=1)
+    srv.add_argument("--min-replicas", type=int)
+    srv.add_argument("--max-replicas", type=int)
+    srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves for each model replica")
+    srv.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
+    srv.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="offline generation (default model: SmolLM2-135M-Instruct GGUF)")
     gen.add_argument("--model", help="HF model directory, hub id or .gguf file")
     gen.add_argument("--tokenizer")

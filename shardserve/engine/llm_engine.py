@@ -104,7 +104,13 @@ class LLMEngine:
                     params: SamplingParams | None = None) -> None:
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        children = self.processor.make_requests(request_id, prompt, params or SamplingParams())
+        self.add_processed_request(request_id, self.processor.make_requests(request_id, prompt,
+                                                                            params or SamplingParams()))
+
+    def add_processed_request(self, request_id: str, children: list[Request]) -> None:
+        """Queue requests the processor already made (the async engine validates on its caller's thread)."""
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
         first = children[0]
         # An embeddings prompt has no real token ids to report or to detokenize against.
         prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids

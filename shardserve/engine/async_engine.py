@@ -1,0 +1,142 @@
+"""The engine for servers: steps in a background thread while requests are in flight, and streams each
+request's outputs to an async iterator.
+
+Callers on the event loop validate and tokenize at once (bad input raises before anything is queued),
+then hand the made requests to the stepping thread, which alone touches the engine's state. A step runs
+off the event loop, so the server keeps answering while the model computes. A request whose consumer
+goes away (client disconnect, cancelled task) is aborted. If a step fails (a dead worker), every request
+in flight gets the error and the engine reports itself unhealthy for good.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from shardserve.config import EngineConfig
+from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.processor import ProcessedPrompt
+from shardserve.inputs import PromptType
+from shardserve.outputs import RequestOutput
+from shardserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed and serves no more requests; the replica must be rebuilt."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self.error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="shardserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"The engine failed: {self.error}")
+        if not self._thread.is_alive():
+            raise EngineDeadError("The engine's stepping thread is not running.")
+
+    async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine produces them, the last one with `finished=True`."""
+        self.check_health()
+        request_id = request_id or f"req-{next(self._ids)}"
+        children = self.engine.processor.make_requests(request_id, prompt, params)  # raises on bad input
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request_id, children))
+        finished = False
+        try:
+            while not finished:
+                try:
+                    item = await asyncio.wait_for(stream.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    self.check_health()  # a request never waits on an engine that has died
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # the stepping thread ----------------------------------------------------------------------------
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, children = command
+            if request_id in self._streams:  # not already abandoned by its caller
+                self.engine.add_processed_request(request_id, children)
+        elif kind == "abort":
+            self.engine.abort_request(command[1])
+
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, stream = entry
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            # Idle: block until a command arrives. Busy: take whatever arrived during the last step.
+            try:
+                command = self._commands.get(block=not self.engine.has_unfinished_requests())
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    return
+                try:
+                    self._apply(command)
+                except Exception as e:  # e.g. a duplicate request id: that request fails, not the engine
+                    if command[0] == "add":
+                        self._deliver(command[1], e)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:
+                logger.exception("Engine step failed; the engine stops serving.")
+                self.error = e
+                dead = EngineDeadError(f"The engine failed while serving this request: {e}")
+                for request_id in list(self._streams):
+                    self._deliver(request_id, dead)
+                return
+            for output in outputs:
+                self._deliver(output.request_id, output)

@@ -1,0 +1,30 @@
+"""The Serve application: one deployment per served model behind one ingress.
+
+`build_app` takes `ModelSpec`s (the CLI); `app_builder` takes a Serve config's `args`
+(`import_path: shardserve.router.app:app_builder`, `args: {models: [{model: ..., ...}], api_key: ...}`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from shardserve.router.ingress import Router
+from shardserve.router.model_deployment import ModelDeployment
+from shardserve.router.spec import ModelSpec
+
+
+def build_app(specs: list[ModelSpec], api_key: str | None = None) -> Application:
+    if not specs:
+        raise ValueError("An app serves at least one model.")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Served model names must be unique, got {names}.")
+    models = {spec.name: ModelDeployment.options(**spec.deployment_options(i)).bind(spec)
+              for i, spec in enumerate(specs)}
+    return Router.bind(models, api_key)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    specs = [ModelSpec(**m) if isinstance(m, dict) else ModelSpec(model=m) for m in args.get("models", [])]
+    return build_app(specs, args.get("api_key"))

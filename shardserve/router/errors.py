@@ -1,0 +1,27 @@
+"""Errors in the OpenAI shape: {"object": "error", "message", "type", "param", "code"}."""
+from __future__ import annotations
+
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+          500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
+
+    def body(self) -> dict:
+        return {"object": "error", "message": self.message, "type": _TYPES.get(self.status, "Error"),
+                "param": self.param, "code": self.status}
+
+
+def to_api_error(e: BaseException) -> APIError:
+    """Bad input (the processor's ValueError / TypeError) is the client's fault; anything else is ours."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, (ValueError, TypeError)):
+        return APIError(str(e), 400)
+    from shardserve.engine.async_engine import EngineDeadError
+    if isinstance(e, EngineDeadError):
+        return APIError(str(e), 503)
+    return APIError(f"Internal error: {type(e).__name__}: {e}", 500)

@@ -1,0 +1,155 @@
+"""The HTTP front: a FastAPI app behind Serve's proxy that checks requests and routes them by `model`.
+
+It parses and schema-checks bodies (so malformed input is answered here, in OpenAI's error shape, with
+400 rather than FastAPI's 422), checks the API key, picks the model's deployment and relays its answer,
+or its chunks as server-sent events. It knows nothing of tensors or tokens.
+"""
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+import shardserve
+from shardserve.router.errors import APIError
+from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                        TokenizeRequest)
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="shardserve")
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "Invalid request: " + "; ".join(parts)
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> tuple[BaseModel, dict]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise APIError("The request body must be a JSON object.")
+    try:
+        return schema.model_validate(body), body
+    except ValidationError as e:
+        raise APIError(_validation_message(e)) from None
+
+
+def _sse(item: dict | str) -> str:
+    return f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(app)
+class Router:
+    def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None):
+        self.models = models
+        self.api_key = api_key
+        self._info: dict[str, dict] = {}
+        self.created = int(time.time())
+
+    # helpers ----------------------------------------------------------------------------------------
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None or not request.url.path.startswith("/v1"):
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).", 401)
+
+    def _handle(self, name: str | None) -> tuple[str, DeploymentHandle]:
+        if name is None:
+            name = next(iter(self.models))
+        if name not in self.models:
+            raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.models)}.", 404,
+                           param="model")
+        return name, self.models[name]
+
+    async def _relay(self, request: Request, route: str, schema: type[BaseModel]):
+        try:
+            self._check_key(request)
+            parsed, body = await _parse(request, schema)
+            _, handle = self._handle(getattr(parsed, "model", None))
+        except APIError as e:
+            return _error(e)
+        if getattr(parsed, "stream", False):
+            return await self._relay_stream(handle, route, body)
+        answer = await handle.call.remote(route, body)
+        return JSONResponse(answer["body"], status_code=answer["status"])
+
+    async def _relay_stream(self, handle: DeploymentHandle, route: str, body: dict):
+        chunks = handle.options(stream=True).stream.remote(route, body)
+        head = await chunks.__anext__()
+        if head["status"] != 200:
+            chunks.cancel()
+            return JSONResponse(head["body"], status_code=head["status"])
+
+        async def events():
+            try:
+                async for chunk in chunks:
+                    yield _sse(chunk)
+                yield _sse("[DONE]")
+            except asyncio.CancelledError:  # the client went away: stop the model's stream too
+                chunks.cancel()
+                raise
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # routes -----------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._relay(request, "completion", CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._relay(request, "chat", ChatCompletionRequest)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._relay(request, "tokenize", TokenizeRequest)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._relay(request, "detokenize", DetokenizeRequest)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request):
+        try:
+            self._check_key(request)
+        except APIError as e:
+            return _error(e)
+        data = []
+        for name, handle in self.models.items():
+            if name not in self._info:
+                self._info[name] = await handle.info.remote()
+            info = self._info[name]
+            data.append({"id": name, "object": "model", "created": self.created, "owned_by": "shardserve",
+                         "root": info["root"], "parent": None, "max_model_len": info["max_model_len"]})
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health(self):
+        try:
+            await asyncio.gather(*(h.check_health.remote() for h in self.models.values()))
+        except Exception as e:  # a replica whose engine died
+            return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version(self):
+        return {"version": shardserve.__version__}

@@ -1,0 +1,330 @@
+"""The OpenAI-compatible completion and chat logic of one model: requests in, response bodies or stream
+chunks out. It runs inside the model's replica, next to its async engine; the ingress only routes.
+
+Streams carry CUMULATIVE outputs from the engine; each chunk sends what is new since the last one.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from shardserve.beam_search import BeamSearchParams, run_beam_search
+from shardserve.engine.async_engine import AsyncLLMEngine
+from shardserve.entrypoints.chat_utils import render_chat
+from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
+from shardserve.inputs import TokensPrompt
+from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from shardserve.router.errors import APIError
+from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                        TokenizeRequest)
+from shardserve.sampling_params import SamplingParams
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_str(entry: PositionLogprobs, token_id: int, tokenizer) -> str:
+    lp = entry.get(token_id)
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' output streams as outputs arrive, tagged with the stream's index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None):
+        self.engine = engine
+        self.model_name = model_name
+        self.chat_template = chat_template
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # prompts ----------------------------------------------------------------------------------------
+
+    def _completion_prompts(self, req: CompletionRequest) -> list:
+        if req.suffix is not None:
+            raise APIError("suffix is not supported.", param="suffix")
+        prompts: list = []
+        if req.prompt_embeds is not None:
+            for data in [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else req.prompt_embeds:
+                prompts.append({"prompt_embeds": decode_prompt_embeds(data)})
+        p = req.prompt
+        if p is None or p == "" or p == []:
+            if not prompts:
+                raise APIError("Either prompt or prompt_embeds must be given.", param="prompt")
+        elif isinstance(p, str):
+            prompts.append(p)
+        elif all(isinstance(x, int) for x in p):
+            prompts.append(TokensPrompt(prompt_token_ids=list(p)))
+        else:
+            prompts.extend(x if isinstance(x, str) else TokensPrompt(prompt_token_ids=list(x)) for x in p)
+        return prompts
+
+    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest) -> TokensPrompt:
+        if self.tokenizer is None:
+            raise APIError("This model has no tokenizer to render chat messages with.")
+        text = render_chat(self.tokenizer, req.messages, req.chat_template or self.chat_template,
+                           add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message,
+                           tools=getattr(req, "tools", None), chat_template_kwargs=req.chat_template_kwargs)
+        # The template writes its own special tokens: the tokenizer adds none.
+        return TokensPrompt(prompt_token_ids=self.tokenizer.encode(text, add_special_tokens=False), prompt=text)
+
+    # completions ------------------------------------------------------------------------------------
+
+    async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[dict]:
+        """The response body, or (stream=True) an async iterator of chunks. Bad input raises before any
+        chunk, so the caller can still answer 400."""
+        if req.use_beam_search:
+            return await self._beam_search(req)
+        prompts = self._completion_prompts(req)
+        if req.echo and req.logprobs is not None and req.prompt_embeds is None:
+            req.prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
+        params = req.to_sampling_params(req.max_tokens, req.logprobs, req.stream)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        # Validate every prompt before any is queued; each generator validates again at its first step.
+        processed = [self.engine.processor.process_prompt(p) for p in prompts]
+        self.engine.processor.validate_params(params)
+        streams = [self.engine.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(processed)]
+        first = await self._start(streams)
+        meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
+        if req.stream:
+            return self._completion_stream(req, first, streams, meta)
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in first:
+            finals[i] = out
+        return self._completion_body(req, [finals[i] for i in range(len(streams))], meta)
+
+    async def _start(self, streams: list[AsyncIterator]) -> AsyncIterator:
+        """Start the merged stream and surface a validation error from any request now, not mid-stream."""
+        merged = _merge(streams)
+        buffered: list = []
+        try:
+            buffered.append(await merged.__anext__())
+        except StopAsyncIteration:
+            pass
+
+        async def resume():
+            for item in buffered:
+                yield item
+            async for item in merged:
+                yield item
+        return resume()
+
+    def _completion_logprobs(self, tokens: list[int], entries: list[PositionLogprobs | None], k: int,
+                             offset: int) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(tokens, entries):
+            token = _token_str(entry or {}, token_id, self.tokenizer)
+            out["tokens"].append(token)
+            out["text_offset"].append(offset)
+            offset += len(token)
+            if entry is None:  # the first prompt token has no logprob
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(entry[token_id].logprob)
+            top: dict[str, float] = {}
+            for t, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]:
+                top.setdefault(_token_str(entry, t, self.tokenizer), lp.logprob)  # ids that decode alike: the best
+            out["top_logprobs"].append(top)
+        return out
+
+    def _completion_choice(self, req: CompletionRequest, out: RequestOutput, c: CompletionOutput) -> dict:
+        text, logprobs = c.text, None
+        if req.echo and out.prompt is not None:
+            text = out.prompt + text
+        if req.logprobs is not None:
+            tokens, entries = list(c.token_ids), list(c.logprobs or [])
+            if req.echo and out.prompt_logprobs is not None:
+                tokens, entries = list(out.prompt_token_ids) + tokens, list(out.prompt_logprobs) + entries
+            logprobs = self._completion_logprobs(tokens, entries, req.logprobs, 0)
+        return {"text": text, "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def _completion_body(self, req: CompletionRequest, outputs: list[RequestOutput], meta: dict) -> dict:
+        choices = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                choices.append({"index": i * req.n + c.index, **self._completion_choice(req, out, c)})
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+        completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return {**meta, "object": "text_completion", "choices": choices,
+                "usage": _usage(prompt_tokens, completion_tokens)}
+
+    async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator, streams: list,
+                                 meta: dict) -> AsyncIterator[dict]:
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        async for i, out in merged:
+            prompt_tokens[i] = len(out.prompt_token_ids)
+            for c in out.outputs:
+                index = i * req.n + c.index
+                start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                delta = c.text[start_text:]
+                if index not in sent_text and req.echo and out.prompt is not None:
+                    delta = out.prompt + delta
+                new_tokens = c.token_ids[start_tok:]
+                if not delta and not new_tokens and c.finish_reason is None:
+                    continue
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._completion_logprobs(new_tokens, (c.logprobs or [])[start_tok:], req.logprobs,
+                                                         start_text)
+                sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                completion_tokens += len(new_tokens)
+                yield {**meta, "object": "text_completion", "choices": [
+                    {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                     "stop_reason": c.stop_reason}]}
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield {**meta, "object": "text_completion", "choices": [],
+                   "usage": _usage(sum(prompt_tokens.values()), completion_tokens)}
+
+    async def _beam_search(self, req: CompletionRequest) -> dict:
+        if req.stream:
+            raise APIError("use_beam_search does not stream.", param="stream")
+        prompts = [self.engine.processor.process_prompt(p) for p in self._completion_prompts(req)]
+        if any(p.embeds is not None for p in prompts):
+            raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
+        params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
+                                  temperature=req.temperature or 0.0, length_penalty=req.length_penalty)
+        loop = asyncio.get_running_loop()
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+
+        def step(sequences: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
+            async def one_token(i: int, tokens: list[int]) -> RequestOutput:
+                final = None
+                async for final in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), step_params,
+                                                        f"{request_id}-{uuid.uuid4().hex[:8]}-{i}"):
+                    pass
+                return final
+
+            async def all_tokens():
+                return await asyncio.gather(*(one_token(i, t) for i, t in enumerate(sequences)))
+            return asyncio.run_coroutine_threadsafe(all_tokens(), loop).result()
+
+        results = await asyncio.to_thread(run_beam_search, step, [p.token_ids for p in prompts], params,
+                                          self.tokenizer, self.engine.max_model_len)
+        choices, completion_tokens = [], 0
+        for i, (prompt, result) in enumerate(zip(prompts, results)):
+            for j, seq in enumerate(result.sequences):
+                new = seq.tokens[len(prompt.token_ids):]
+                completion_tokens += len(new)
+                text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
+                choices.append({"index": i * req.n + j, "text": text, "logprobs": None,
+                                "finish_reason": seq.finish_reason, "stop_reason": None})
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices,
+                "usage": _usage(sum(len(p.token_ids) for p in prompts), completion_tokens)}
+
+    # chat -------------------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[dict]:
+        prompt = self.engine.processor.process_prompt(self._chat_prompt(req))
+        top = req.top_logprobs or 0
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        merged = await self._start([self.engine.generate(prompt, params, request_id)])
+        meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
+        if req.stream:
+            return self._chat_stream(req, merged, meta)
+        final = None
+        async for _, final in merged:
+            pass
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top) if req.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
+        return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs))}
+
+    def _chat_logprobs(self, tokens: list[int], entries: list[PositionLogprobs] | None, k: int) -> dict:
+        content = []
+        for token_id, entry in zip(tokens, entries or []):
+            def item(t: int) -> dict:
+                s = _token_str(entry, t, self.tokenizer)
+                return {"token": s, "logprob": entry[t].logprob, "bytes": list(s.encode("utf-8"))}
+            top = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+            content.append({**item(token_id), "top_logprobs": [item(t) for t, _ in top]})
+        return {"content": content}
+
+    async def _chat_stream(self, req: ChatCompletionRequest, merged: AsyncIterator, meta: dict) -> AsyncIterator[dict]:
+        chunk = {**meta, "object": "chat.completion.chunk"}
+        for i in range(req.n):
+            yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]}
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        prompt_tokens = completion_tokens = 0
+        top = req.top_logprobs or 0
+        async for _, out in merged:
+            prompt_tokens = len(out.prompt_token_ids)
+            for c in out.outputs:
+                start_text, start_tok = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+                delta, new_tokens = c.text[start_text:], c.token_ids[start_tok:]
+                if not delta and not new_tokens and c.finish_reason is None:
+                    continue
+                sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                completion_tokens += len(new_tokens)
+                logprobs = (self._chat_logprobs(new_tokens, (c.logprobs or [])[start_tok:], top)
+                            if req.logprobs else None)
+                yield {**chunk, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
+                                             "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                             "stop_reason": c.stop_reason}]}
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+
+    # tokens -----------------------------------------------------------------------------------------
+
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        if self.tokenizer is None:
+            raise APIError("This model has no tokenizer.")
+        if req.messages is not None:
+            tokens = self._chat_prompt(req)["prompt_token_ids"]
+        elif req.prompt is not None:
+            tokens = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError("Either prompt or messages must be given.", param="prompt")
+        return {"count": len(tokens), "max_model_len": self.engine.max_model_len, "tokens": tokens}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        if self.tokenizer is None:
+            raise APIError("This model has no tokenizer.")
+        self.engine.processor.validate_token_ids(req.tokens)
+        return {"prompt": self.tokenizer.decode(req.tokens)}

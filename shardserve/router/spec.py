@@ -1,0 +1,67 @@
+"""What to serve: one `ModelSpec` per model of the app (the CLI's flags, or a Serve config's args)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shardserve.config import EngineConfig
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_prompt_embeds: bool = False
+    chat_template: str | None = None
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    max_num_seqs: int = 256
+    kv_cache_memory_bytes: int | None = None
+    # Serve
+    num_replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    max_ongoing_requests: int = 256
+    num_cpus: float = 1.0              # the replica's CPU bundle
+    num_cpus_per_worker: float = 1.0   # each TP/PP worker's bundle
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed,
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
+            enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker)
+
+    def deployment_options(self, index: int) -> dict[str, Any]:
+        options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}
+        if self.min_replicas is not None or self.max_replicas is not None:
+            low = self.min_replicas if self.min_replicas is not None else 1
+            options["autoscaling_config"] = {"min_replicas": low,
+                                             "max_replicas": max(low, self.max_replicas or low),
+                                             "target_ongoing_requests": max(1, self.max_num_seqs // 2)}
+        else:
+            options["num_replicas"] = self.num_replicas
+        if self.world_size > 1:
+            # Bundle 0 is the replica, one bundle per worker after it: Serve reserves and restarts them together.
+            options["placement_group_bundles"] = ([{"CPU": self.num_cpus}]
+                                                  + [{"CPU": self.num_cpus_per_worker}] * self.world_size)
+            options["placement_group_strategy"] = "PACK"
+        options["ray_actor_options"] = {"num_cpus": self.num_cpus}
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

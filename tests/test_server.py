@@ -1,0 +1,237 @@
+"""The online server on Ray Serve, through the official `openai` client and plain HTTP on 127.0.0.1.
+
+One app for the module: a random Llama served as "tiny" (with a chat template, prompt embeddings on, an API
+key) and the same weights as "tiny-tp2" on two tensor-parallel worker actors. Every greedy answer must equal
+the offline `LLM` on the same input.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import threading
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+from shardserve import LLM, BeamSearchParams, SamplingParams
+from shardserve.entrypoints.prompt_embeds import encode_prompt_embeds
+
+pytestmark = pytest.mark.timeout(300)
+
+API_KEY = "test-key"
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CUSTOM = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}"
+          "{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}")
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "The capital of France is"}]
+PROMPTS = ["The quick brown fox", "Hello, world! Streaming text"]
+ENGINE = dict(max_num_seqs=16, kv_cache_memory_bytes=1 << 26, max_model_len=256)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs):
+    return model_dirs("llama")
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    return LLM(model_dir, chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32", **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, model_dir):
+    from ray import serve
+
+    from shardserve.router.app import build_app
+    from shardserve.router.spec import ModelSpec
+
+    port = _free_port()
+    common = dict(model=model_dir, chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32", num_cpus=0.5,
+                  num_cpus_per_worker=0.5, **ENGINE)
+    specs = [ModelSpec(served_model_name="tiny", **common),
+             ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common)]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(specs, api_key=API_KEY), name="shardserve", route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("shardserve")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _headers() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, **kw)
+
+
+# completions ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-tp2"])
+def test_completions_equal_offline(client, offline, model):
+    expected = offline.generate(PROMPTS, greedy(max_tokens=10), use_tqdm=False)
+    got = client.completions.create(model=model, prompt=PROMPTS, max_tokens=10, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected]
+    assert got.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in expected)
+    assert got.usage.completion_tokens == 20
+
+
+def test_completion_token_prompt_n_logprobs_echo(client, offline):
+    ids = offline.get_tokenizer().encode(PROMPTS[0])
+    expected = offline.generate({"prompt_token_ids": ids}, greedy(max_tokens=6, logprobs=3), use_tqdm=False)[0]
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=3, n=2)
+    assert len(got.choices) == 2
+    for choice in got.choices:  # greedy: both completions are the same
+        assert choice.text == expected.outputs[0].text
+        ref = expected.outputs[0].logprobs
+        assert choice.logprobs.token_logprobs == pytest.approx(
+            [ref[i][t].logprob for i, t in enumerate(expected.outputs[0].token_ids)], abs=1e-4)
+        # Top-3 keyed by token text (ids that decode alike share a key); greedy picks the best of them.
+        for top, chosen in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs):
+            assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(chosen)
+    echoed = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith(PROMPTS[0])
+
+
+def test_completion_stream_equals_plain(client):
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_completion_prompt_embeds(client, offline):
+    ids = offline.get_tokenizer().encode(PROMPTS[0])
+    embeds = offline.llm_engine.executor.worker.model.get_input_embeddings(torch.tensor(ids)).detach()
+    expected = offline.generate({"prompt_embeds": embeds}, greedy(max_tokens=8), use_tqdm=False)[0]
+    got = client.completions.create(model="tiny", prompt="", max_tokens=8, temperature=0,
+                                    extra_body={"prompt_embeds": encode_prompt_embeds(embeds)})
+    assert got.choices[0].text == expected.outputs[0].text
+
+
+def test_completion_beam_search(client, offline):
+    expected = offline.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=2, max_tokens=5))[0]
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5, n=2,
+                                    extra_body={"use_beam_search": True})
+    tokenizer = offline.get_tokenizer()
+    prompt_len = len(tokenizer.encode(PROMPTS[0]))
+    assert [c.text for c in got.choices] == [tokenizer.decode(s.tokens[prompt_len:], skip_special_tokens=True)
+                                             for s in expected.sequences]
+
+
+# chat -------------------------------------------------------------------------------------------------
+
+def test_chat_equals_offline(client, offline):
+    expected = offline.chat(MESSAGES, greedy(max_tokens=8), use_tqdm=False)[0]
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == expected.outputs[0].text
+    assert len(got.choices[0].logprobs.content) == 8
+    assert got.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+    custom = offline.chat(MESSAGES, greedy(max_tokens=8), use_tqdm=False, chat_template=CUSTOM)[0]
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                         extra_body={"chat_template": CUSTOM})
+    assert got.choices[0].message.content == custom.outputs[0].text
+
+
+def test_chat_stream(client):
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+# plain HTTP: tokens, health, errors --------------------------------------------------------------------
+
+def test_tokenize_detokenize_models_health_version(server, offline):
+    tokenizer = offline.get_tokenizer()
+    r = httpx.post(f"{server}/tokenize", json={"model": "tiny", "prompt": PROMPTS[0]})
+    assert r.status_code == 200 and r.json()["tokens"] == tokenizer.encode(PROMPTS[0])
+    assert r.json()["max_model_len"] == 256
+    r = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": tokenizer.encode(PROMPTS[0])})
+    assert r.json()["prompt"] == tokenizer.decode(tokenizer.encode(PROMPTS[0]))
+    models = httpx.get(f"{server}/v1/models", headers=_headers()).json()
+    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2"}
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert "version" in httpx.get(f"{server}/version").json()
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "word " * 400}, 400, "maximum model length of 256"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
+])
+def test_errors_in_openai_shape(server, body, status, message):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(), **kwargs)
+    assert r.status_code == status
+    error = r.json()
+    assert error["object"] == "error" and error["code"] == status and message in error["message"]
+
+
+def test_api_key_required(server):
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 401 and r.json()["type"] == "AuthenticationError"
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"},
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_bad_requests_do_not_disturb_a_stream_in_flight(server, client):
+    expected = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    errors = []
+
+    def spam():
+        for _ in range(5):
+            errors.append(httpx.post(f"{server}/v1/completions", headers=_headers(),
+                                     json={"model": "tiny", "prompt": "x", "top_p": 7}).status_code)
+    thread = threading.Thread(target=spam)
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    thread.start()
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    thread.join()
+    assert text == expected and errors == [400] * 5
+
+
+def test_concurrent_clients_get_their_own_answers(server, offline):
+    prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS]
+    expected = [o.outputs[0].text for o in offline.generate(prompts, greedy(max_tokens=8), use_tqdm=False)]
+
+    async def ask(http: httpx.AsyncClient, prompt: str) -> str:
+        r = await http.post(f"{server}/v1/completions", headers=_headers(),
+                            json={"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        return r.json()["choices"][0]["text"]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(ask(http, p) for p in prompts))
+    assert asyncio.run(main()) == expected
