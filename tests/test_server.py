@@ -235,3 +235,35 @@ def test_concurrent_clients_get_their_own_answers(server, offline):
         async with httpx.AsyncClient(timeout=60) as http:
             return await asyncio.gather(*(ask(http, p) for p in prompts))
     assert asyncio.run(main()) == expected
+
+
+def test_dead_worker_turns_health_red_until_serve_replaces_the_replica(server, client):
+    """Runs last: kills a tensor-parallel worker process of "tiny-tp2" as a crash would."""
+    import os
+    import signal
+    import time
+
+    from ray import serve
+
+    info = serve.get_deployment_handle("model-1", app_name="shardserve").info.remote().result()
+    assert info["id"] == "tiny-tp2" and len(info["worker_pids"]) == 2
+    os.kill(info["worker_pids"][1], signal.SIGKILL)
+
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{server}/health").status_code == 200:
+        assert time.monotonic() < deadline, "/health stayed green with a dead worker"
+        time.sleep(0.5)
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(),
+                   json={"model": "tiny-tp2", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert r.status_code in (200, 503)  # 200 only if Serve already replaced the replica
+    # "tiny" never stopped serving.
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+    # Serve's health check replaces the broken replica (with new workers); the model serves again.
+    deadline = time.monotonic() + 120
+    while True:
+        r = httpx.post(f"{server}/v1/completions", headers=_headers(),
+                       json={"model": "tiny-tp2", "prompt": "x", "max_tokens": 2}, timeout=30)
+        if r.status_code == 200 and httpx.get(f"{server}/health").status_code == 200:
+            break
+        assert time.monotonic() < deadline, f"tiny-tp2 did not come back: {r.status_code} {r.text}"
+        time.sleep(1)

@@ -53,11 +53,17 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def check_health(self) -> None:
+    def check_health(self, ping_workers: bool = False) -> None:
         if self.error is not None:
             raise EngineDeadError(f"The engine failed: {self.error}")
         if not self._thread.is_alive():
             raise EngineDeadError("The engine's stepping thread is not running.")
+        if ping_workers:
+            try:
+                self.engine.executor.check_health()
+            except Exception as e:
+                self.error = e  # a replica with a dead worker takes no more requests
+                raise EngineDeadError(f"The engine lost a worker: {e}") from e
 
     async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

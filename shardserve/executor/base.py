@@ -19,5 +19,8 @@ class Executor:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         raise NotImplementedError
 
+    def check_health(self) -> None:
+        """Raise if a worker is gone. In process there is nothing to lose."""
+
     def shutdown(self) -> None:
         pass

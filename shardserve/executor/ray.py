@@ -104,6 +104,26 @@ class RayExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", scheduler_output)[self.driver_rank]
 
+    def check_health(self, timeout_s: float = 20.0) -> None:
+        """Ping every worker (an idle replica learns of a dead worker here, not at its next request). A busy
+        worker answers after its current step."""
+        if self._dead is not None:
+            raise self._dead
+        refs = [w.node_info.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayError as e:
+                rank = refs.index(ref)
+                self._dead = WorkerDiedError(f"Worker {self.rank_name(rank)} of the replica is gone: "
+                                             f"{type(e).__name__}: {e}")
+                self.shutdown()
+                raise self._dead from e
+        if len(ready) < len(refs):
+            raise WorkerDiedError(f"{len(refs) - len(ready)} worker(s) did not answer a health check within "
+                                  f"{timeout_s:.0f} s.")
+
     def shutdown(self) -> None:
         if self._finalizer.alive and self._dead is None:
             try:  # leave the process groups cleanly when the workers are healthy

@@ -36,12 +36,15 @@ class ModelDeployment:
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template))
 
     def info(self) -> dict:
+        executor = self.engine.engine.executor
         return {"id": self.spec.name, "root": self.spec.model, "max_model_len": self.engine.max_model_len,
-                "runner": "generate"}
+                "runner": "generate", "replica_pid": os.getpid(),
+                "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])]}
 
     def check_health(self) -> None:
-        """Serve calls this periodically: a dead engine marks the replica unhealthy and Serve replaces it."""
-        self.engine.check_health()
+        """Serve calls this periodically (and /health on demand): a dead engine or worker marks the replica
+        unhealthy, and Serve replaces it with a fresh one."""
+        self.engine.check_health(ping_workers=True)
 
     async def call(self, route: str, body: dict) -> dict:
         try:
