@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_prompt_embeds=args.enable_prompt_embeds, chat_template=args.chat_template,
                   hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else {},
                   num_replicas=args.num_replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus)
+                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval_s=args.stream_interval_s)
     specs = [ModelSpec(model=m, served_model_name=names[i] if i < len(names) else None, **common)
              for i, m in enumerate(models)]
     connect(args.address)
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--min-replicas", type=int)
     srv.add_argument("--max-replicas", type=int)
     srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves for each model replica")
+    srv.add_argument("--stream-interval-s", type=float, default=0.0,
+                     help="send streamed tokens at most this often per request (fewer, larger chunks under load)")
     srv.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
     srv.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="offline generation (default model: SmolLM2-135M-Instruct GGUF)")

@@ -26,6 +26,9 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
         logger.info("No Ray address given: starting a local Ray cluster.")
+        # Ray starts workers at nice 15 by default; here the workers are the model, and at low priority
+        # they lose their cores to every proxy and client on the node (their OpenMP teams then stall).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=False)
 

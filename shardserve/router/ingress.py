@@ -51,10 +51,6 @@ async def _parse(request: Request, schema: type[BaseModel]) -> tuple[BaseModel, 
         raise APIError(_validation_message(e)) from None
 
 
-def _sse(item: dict | str) -> str:
-    return f"data: {item if isinstance(item, str) else json.dumps(item)}\n\n"
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Router:
@@ -101,9 +97,8 @@ class Router:
 
         async def events():
             try:
-                async for chunk in chunks:
-                    yield _sse(chunk)
-                yield _sse("[DONE]")
+                async for text in chunks:  # server-sent-event text, made by the model's replica
+                    yield text
             except asyncio.CancelledError:  # the client went away: stop the model's stream too
                 chunks.cancel()
                 raise

@@ -6,8 +6,12 @@ exception has to survive Ray's transport), streams as a first {"status"} item an
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import time
+from collections.abc import AsyncIterator
 
 from ray import serve
 
@@ -28,18 +32,18 @@ _REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest, "to
 @serve.deployment
 class ModelDeployment:
     def __init__(self, spec: ModelSpec):
-        import torch
-        # Ray gives a replica OMP_NUM_THREADS=<its CPU share>; the engine's matmuls want the node's cores.
-        torch.set_num_threads(int(os.environ.get("SHARDSERVE_NUM_THREADS", os.cpu_count() or 1)))
         self.spec = spec
-        self.engine = AsyncLLMEngine(spec.engine_config())
+        # No torch work on this thread: the engine's own thread loads and runs the model (see async_engine).
+        self.engine = AsyncLLMEngine(spec.engine_config(),
+                                     num_threads=int(os.environ.get("SHARDSERVE_NUM_THREADS", spec.num_threads)))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template))
 
     def info(self) -> dict:
         executor = self.engine.engine.executor
         return {"id": self.spec.name, "root": self.spec.model, "max_model_len": self.engine.max_model_len,
                 "runner": "generate", "replica_pid": os.getpid(),
-                "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])]}
+                "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])],
+                "num_steps": self.engine.num_steps, "step_seconds": self.engine.step_seconds}
 
     def check_health(self) -> None:
         """Serve calls this periodically (and /health on demand): a dead engine or worker marks the replica
@@ -61,6 +65,8 @@ class ModelDeployment:
             return {"status": error.status, "body": error.body()}
 
     async def stream(self, route: str, body: dict):
+        """A {"status"} item, then the response as server-sent-event text. Events that pile up while the
+        consumer is busy go out together: under load each hop through Serve carries many tokens, not one."""
         try:
             request = _REQUESTS[route].model_validate(body)
             chunks = await getattr(self.serving, route)(request)
@@ -69,8 +75,47 @@ class ModelDeployment:
             yield {"status": error.status, "body": error.body()}
             return
         yield {"status": 200}
+        async for text in _coalesce(_sse_events(chunks), self.spec.stream_interval_s):
+            yield text
+
+
+async def _sse_events(chunks) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except Exception as e:  # mid-stream failure: an error event, then the stream ends
+        yield f"data: {json.dumps({'error': to_api_error(e).body()})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _coalesce(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
+    """Join the events that are ready by the time the previous batch has been taken, and send at most one
+    batch per `interval_s` (vLLM's stream interval, in time): each batch costs two hops through Serve."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump():
         try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as e:  # mid-stream failure: an error event, then the stream ends
-            yield {"error": to_api_error(e).body()}
+            async for event in events:
+                queue.put_nowait(event)
+        finally:
+            queue.put_nowait(end)
+    task = asyncio.create_task(pump())
+    try:
+        last = 0.0
+        while True:
+            wait = last + interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            done = batch[-1] is end
+            text = "".join(e for e in batch if e is not end)
+            if text:
+                yield text
+                last = time.monotonic()
+            if done:
+                return
+    finally:
+        task.cancel()

@@ -27,8 +27,9 @@ class ModelSpec:
     min_replicas: int | None = None
     max_replicas: int | None = None
     max_ongoing_requests: int = 256
-    num_cpus: float = 1.0              # the replica's CPU bundle
+    num_cpus: float = 1.0              # the replica's CPU bundle; its engine runs that many threads
     num_cpus_per_worker: float = 1.0   # each TP/PP worker's bundle
+    stream_interval_s: float = 0.0     # at most one streamed batch of tokens per interval (0: every step)
 
     @property
     def name(self) -> str:
@@ -60,8 +61,16 @@ class ModelSpec:
             options["placement_group_bundles"] = ([{"CPU": self.num_cpus}]
                                                   + [{"CPU": self.num_cpus_per_worker}] * self.world_size)
             options["placement_group_strategy"] = "PACK"
-        options["ray_actor_options"] = {"num_cpus": self.num_cpus}
+        # OpenMP and MKL size their pools from the environment at start-up (Ray would otherwise pin them
+        # to one thread): give the replica's kernels the cores it reserved.
+        threads = str(self.num_threads)
+        options["ray_actor_options"] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": {
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "SHARDSERVE_NUM_THREADS": threads}}}
         return options
+
+    @property
+    def num_threads(self) -> int:
+        return max(1, round(self.num_cpus))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
