@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     from shardserve.router.spec import ModelSpec
 
     models = args.model or [default_generation_model()]
-    names = args.served_model_name or []
+    names = args.served_model_name or ([] if args.model else ["SmolLM2-135M-Instruct"])
     if len(names) > len(models):
         raise SystemExit("--served-model-name was given more times than there are models.")
     common = dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
