@@ -29,8 +29,9 @@ def connect(address: str | None = None) -> None:
         # Ray starts workers at nice 15 by default; here the workers are the model, and at low priority
         # they lose their cores to every proxy and client on the node (their OpenMP teams then stall).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False)
+        # address="local": a new cluster, never one a crashed run left behind.
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False)
 
 
 @dataclass
