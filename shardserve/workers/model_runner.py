@@ -11,6 +11,7 @@ from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from shardserve.sampling_params import SamplingParams
+from shardserve.workers.pooling_runner import execute_pooling
 
 
 # Queries up to this many tokens go through the paged decode path, one row per token.
@@ -30,6 +31,7 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)          # one position each
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)   # this step's prompt positions
+    pooler_output: dict[str, torch.Tensor] = field(default_factory=dict)      # pooling models: CPU tensors
 
 
 @dataclass
@@ -57,6 +59,7 @@ class ModelRunner:
         self.pp = get_pp_group()
         self.sampler = Sampler(seed, device)
         self.requests: dict[str, CachedRequestState] = {}
+        self.is_pooling = getattr(model, "pooling_kind", None) is not None
 
     # request state ----------------------------------------------------------------------------------
 
@@ -183,6 +186,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if self.is_pooling:  # prefill-only requests: the worker keeps nothing between steps
+            return ModelRunnerOutput(pooler_output=execute_pooling(self.model, out.scheduled, self.device))
         self._update_states(out)
         result = ModelRunnerOutput()
         if out.is_empty:

@@ -37,7 +37,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
-        if kv_cache is not None:
+        if kv_cache is not None and meta.slot_mapping is not None:
             rows = meta.memo(("write_rows", kv_cache.shape),
                              lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
             write_kv(kv_cache[0], rows, k)
