@@ -89,13 +89,16 @@ class Processor:
                              f"{self.max_model_len}.")
         return list(ids)
 
-    def validate_params(self, params: SamplingParams) -> SamplingParams:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"Expected SamplingParams, got {type(params).__name__}.")
+    def require_generation(self) -> None:
         if self.pooling is not None:
             raise ValueError("This model runs with runner='pooling': it embeds, classifies or scores "
                              "(LLM.embed / encode / classify / score / reward) and cannot generate text. "
                              "Create the LLM with runner='generate' to generate.")
+
+    def validate_params(self, params: SamplingParams) -> SamplingParams:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"Expected SamplingParams, got {type(params).__name__}.")
+        self.require_generation()
         for token_id in list(params.logit_bias or {}) + list(params.stop_token_ids):
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"Token id {token_id} is out of vocabulary (the model's vocab_size is "

@@ -110,6 +110,7 @@ class LLM(PoolingMixin):
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
         each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
         tokenizer's) and then generated as by `generate`."""
+        self.llm_engine.processor.require_generation()
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer to render and tokenize the conversation; it is not "
@@ -133,6 +134,7 @@ class LLM(PoolingMixin):
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         processor = self.llm_engine.processor
+        processor.require_generation()
         processed = [processor.process_prompt(p) for p in prompts]
         if any(p.embeds is not None for p in processed):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
@@ -155,10 +157,10 @@ class LLM(PoolingMixin):
                     if output.finished:
                         finished[output.request_id] = output
                         in_tokens += len(output.prompt_token_ids)
-                        if isinstance(output, RequestOutput):
+                        speed = f"est. speed input: {in_tokens / (bar.format_dict['elapsed'] or 1e-9):.2f} toks/s"
+                        if isinstance(output, RequestOutput):  # pooling outputs have no output tokens
                             out_tokens += sum(len(c.token_ids) for c in output.outputs)
-                        elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix_str(f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
-                                            f"output: {out_tokens / elapsed:.2f} toks/s", refresh=False)
+                            speed += f", output: {out_tokens / (bar.format_dict['elapsed'] or 1e-9):.2f} toks/s"
+                        bar.set_postfix_str(speed, refresh=False)
                         bar.update(1)
         return [finished[i] for i in request_ids]
