@@ -86,10 +86,15 @@ def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; widen them so greedy choices are far from ties.
+    return save_widened(model, tokenizer, path, 3.0)
+
+
+def save_widened(model, tokenizer, path, factor: float) -> str:
+    """Save a random model with its matrices scaled by `factor`, and its tokenizer, into `path`."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(3.0)
+                p.mul_(factor)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -182,13 +187,7 @@ def make_encoder_dir(path, arch: str, head: str = "embed", num_labels: int = 1, 
     auto = AutoModel if head == "embed" else AutoModelForSequenceClassification
     model = auto.from_config(config, dtype=torch.float32)
     # Initialised at std 0.02 every token looks alike; widen the weights so outputs depend on the input.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_widened(model, tokenizer, path, 5.0)
 
 
 @pytest.fixture(scope="session")
@@ -203,3 +202,17 @@ def encoder_dirs(tmp_path_factory):
                                           num_labels)
         return cache[key]
     return get
+
+
+def assert_close_f32(actual, expected) -> None:
+    """An output of ours (list or tensor) against a reference tensor, at float32 tolerances."""
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), torch.as_tensor(expected).float(),
+                               rtol=1e-4, atol=2e-5)
+
+
+@torch.no_grad()
+def hf_last_hidden(model_dir: str, texts: list[str]) -> list[torch.Tensor]:
+    """transformers' last hidden states ([tokens, hidden]) of each text, run alone."""
+    from transformers import AutoModel, AutoTokenizer
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    return [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0] for t in texts]

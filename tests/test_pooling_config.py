@@ -9,16 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from conftest import assert_close_f32
 from shardserve import LLM, PoolerConfig, PoolingParams, TokensPrompt
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world!",
          "The capital of France is Paris, and the capital of Italy is Rome."]
 PROMPTS = {"query": "query: find ", "passage": "passage: "}
-
-
-def _close(actual, expected):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), torch.as_tensor(expected).float(),
-                               rtol=1e-4, atol=2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +45,11 @@ def test_sentence_transformers_pipeline_and_prompts(st_dir, st_model):
     assert pooling.sequence_pooling == "MEAN" and llm.llm_engine.max_model_len == 32
     for out, ref in zip(llm.embed(TEXTS, use_tqdm=False), st_model.encode(TEXTS, convert_to_tensor=True)):
         assert out.outputs.hidden_size == 32
-        _close(out.outputs.embedding, ref)
+        assert_close_f32(out.outputs.embedding, ref)
     # A named prompt from config_sentence_transformers.json goes before the text, as in ST's encode.
     refs = st_model.encode(TEXTS, prompt_name="query", convert_to_tensor=True)
     for out, ref in zip(llm.embed(TEXTS, prompt_name="query", use_tqdm=False), refs):
-        _close(out.outputs.embedding, ref)
+        assert_close_f32(out.outputs.embedding, ref)
     with pytest.raises(ValueError, match="Unknown prompt_name 'doc'.*its prompts are .*'passage', 'query'"):
         llm.embed(TEXTS, prompt_name="doc")
     with pytest.raises(ValueError, match="prompt_name applies to text prompts"):
@@ -70,11 +66,11 @@ def test_pooler_config_overrides_sentence_transformers(st_dir, st_model):
         tokens = st_model.encode(text, output_value="token_embeddings", convert_to_tensor=True)
         with torch.no_grad():
             expected = dense.activation_function(dense.linear(tokens[0]))
-        _close(out.outputs.embedding, expected)
+        assert_close_f32(out.outputs.embedding, expected)
     # override_pooler_config, vLLM's older name, with a PoolerConfig
     llm = LLM(st_dir, override_pooler_config=PoolerConfig(pooling_type="MEAN", normalize=False))
     refs = F.normalize(torch.as_tensor(llm.embed(TEXTS, use_tqdm=False)[0].outputs.embedding), dim=0)
-    _close(refs, st_model.encode(TEXTS[0], convert_to_tensor=True))
+    assert_close_f32(refs, st_model.encode(TEXTS[0], convert_to_tensor=True))
     with pytest.raises(ValueError, match="Unknown pooler_config field"):
         LLM(st_dir, pooler_config={"pooling": "CLS"})
 
@@ -88,14 +84,14 @@ def test_matryoshka_dimensions(encoder_dirs):
     llm = LLM(model_dir, hf_overrides={"is_matryoshka": True})
     (full,) = llm.embed(TEXTS[0], PoolingParams(use_activation=False), use_tqdm=False)
     (cut,) = llm.embed(TEXTS[0], PoolingParams(dimensions=16), use_tqdm=False)
-    _close(cut.outputs.embedding, F.normalize(torch.tensor(full.outputs.embedding[:16]), dim=0))
+    assert_close_f32(cut.outputs.embedding, F.normalize(torch.tensor(full.outputs.embedding[:16]), dim=0))
     listed = LLM(model_dir, hf_overrides={"matryoshka_dimensions": [16, 32]})
     assert len(listed.embed("hello", PoolingParams(dimensions=32), use_tqdm=False)[0].outputs.embedding) == 32
     with pytest.raises(ValueError, match=r"only supports \[16, 32\] matryoshka dimensions"):
         listed.embed("hello", PoolingParams(dimensions=8), use_tqdm=False)
     # a default width from pooler_config
     narrow = LLM(model_dir, hf_overrides={"is_matryoshka": True}, pooler_config={"dimensions": 16})
-    _close(narrow.embed(TEXTS[0], use_tqdm=False)[0].outputs.embedding, cut.outputs.embedding)
+    assert_close_f32(narrow.embed(TEXTS[0], use_tqdm=False)[0].outputs.embedding, cut.outputs.embedding)
 
 
 def test_truncation(encoder_dirs):
@@ -114,12 +110,12 @@ def test_truncation(encoder_dirs):
     assert out.prompt_token_ids == truncated and truncated[-1] == tokenizer.sep_token_id
     with torch.no_grad():
         expected = AutoModel.from_pretrained(model_dir)(torch.tensor([truncated])).last_hidden_state[0]
-    _close(out.outputs.data, expected)
+    assert_close_f32(out.outputs.data, expected)
     # k on token ids: the first k, the side the tokenizer cuts on
     (cut,) = llm.embed(TokensPrompt(prompt_token_ids=ids), PoolingParams(truncate_prompt_tokens=5), use_tqdm=False)
     (head,) = llm.embed(TokensPrompt(prompt_token_ids=ids[:5]), use_tqdm=False)
     assert cut.prompt_token_ids == ids[:5]
-    _close(cut.outputs.embedding, head.outputs.embedding)
+    assert_close_f32(cut.outputs.embedding, head.outputs.embedding)
     with pytest.raises(ValueError, match="truncate_prompt_tokens=17 is greater than the maximum model length"):
         llm.embed(long_text, truncate_prompt_tokens=17, use_tqdm=False)
 

@@ -8,21 +8,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import _config, build_tokenizer
+from conftest import _config, assert_close_f32, build_tokenizer, hf_last_hidden
 from shardserve import LLM, PoolingParams, SamplingParams
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world!",
          "The capital of France is Paris, and the capital of Italy is Rome."]
-
-
-def _close(actual, expected):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), expected.float(), rtol=1e-4, atol=2e-5)
-
-
-@torch.no_grad()
-def _hf_hidden(model_dir: str, texts: list[str]) -> list[torch.Tensor]:
-    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
-    return [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0] for t in texts]
 
 
 def _save(model, path) -> str:
@@ -55,8 +45,8 @@ def test_causal_lm_converted_to_embeddings(arch, model_dirs):
     llm = LLM(model_dir, runner="pooling")  # convert="auto" makes a causal LM an embedding model
     pooling = llm.llm_engine.processor.pooling
     assert (pooling.kind, pooling.sequence_pooling) == ("embed", "LAST")
-    for out, hidden in zip(llm.embed(TEXTS, use_tqdm=False), _hf_hidden(model_dir, TEXTS)):
-        _close(out.outputs.embedding, torch.nn.functional.normalize(hidden[-1], dim=0))
+    for out, hidden in zip(llm.embed(TEXTS, use_tqdm=False), hf_last_hidden(model_dir, TEXTS)):
+        assert_close_f32(out.outputs.embedding, torch.nn.functional.normalize(hidden[-1], dim=0))
     assert not hasattr(llm.llm_engine.executor.worker.model, "lm_head")
 
 
@@ -68,8 +58,8 @@ def test_bare_decoder_checkpoint_is_an_embedding_model(tmp_path):
     llm = LLM(model_dir)
     assert llm.llm_engine.runner == "pooling"
     outs = llm.embed(TEXTS, PoolingParams(use_activation=False), use_tqdm=False)
-    for out, hidden in zip(outs, _hf_hidden(model_dir, TEXTS)):
-        _close(out.outputs.embedding, hidden[-1])
+    for out, hidden in zip(outs, hf_last_hidden(model_dir, TEXTS)):
+        assert_close_f32(out.outputs.embedding, hidden[-1])
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -82,11 +72,11 @@ def test_sequence_classifier_equals_transformers(arch, classifier_dirs):
     with torch.no_grad():
         logits = [hf(**tokenizer(t, return_tensors="pt")).logits[0] for t in TEXTS]
     for out, expected in zip(llm.classify(TEXTS, use_tqdm=False), logits):
-        _close(out.outputs.probs, expected.softmax(-1))
+        assert_close_f32(out.outputs.probs, expected.softmax(-1))
     # per token: the score head at every position (the last one is the sequence's logits)
     (tokens,) = llm.encode(TEXTS[0], PoolingParams(use_activation=False), pooling_task="token_classify",
                            use_tqdm=False)
-    _close(tokens.outputs.data[-1], logits[0])
+    assert_close_f32(tokens.outputs.data[-1], logits[0])
 
 
 def test_decoder_cross_encoder_scores_pairs(classifier_dirs):
@@ -99,17 +89,17 @@ def test_decoder_cross_encoder_scores_pairs(classifier_dirs):
         expected = [torch.sigmoid(hf(**tokenizer(q, d, return_tensors="pt")).logits[0, 0]) for q, d in pairs]
     outs = llm.score([q for q, _ in pairs], [d for _, d in pairs], use_tqdm=False)
     for out, score in zip(outs, expected):
-        _close(out.outputs.score, score)
+        assert_close_f32(out.outputs.score, score)
 
 
 def test_reward_model_returns_every_tokens_hidden_state(model_dirs):
     model_dir = model_dirs("llama")
     llm = LLM(model_dir, convert="reward")
     (out,) = llm.reward(TEXTS[0], use_tqdm=False)
-    (expected,) = _hf_hidden(model_dir, TEXTS[:1])
-    _close(out.outputs.data, expected)
+    (expected,) = hf_last_hidden(model_dir, TEXTS[:1])
+    assert_close_f32(out.outputs.data, expected)
     (default,) = llm.encode(TEXTS[0], use_tqdm=False)  # encode's default task for a reward model
-    _close(default.outputs.data, expected)
+    assert_close_f32(default.outputs.data, expected)
 
 
 def test_runner_selection_and_wrong_api(model_dirs, encoder_dirs):
@@ -146,7 +136,7 @@ def test_step_pooling_keeps_the_step_tag_rows(model_dirs):
     assert ids.count(tag) >= 2
     llm = LLM(model_dir, convert="reward", pooler_config={"pooling_type": "STEP", "step_tag_id": tag})
     (out,) = llm.reward({"prompt_token_ids": ids}, use_tqdm=False)
-    (hidden,) = _hf_hidden(model_dir, ["one. two. three."])
-    _close(out.outputs.data, hidden[torch.tensor(ids) == tag])
+    (hidden,) = hf_last_hidden(model_dir, ["one. two. three."])
+    assert_close_f32(out.outputs.data, hidden[torch.tensor(ids) == tag])
     (cols,) = llm.reward({"prompt_token_ids": ids}, PoolingParams(returned_token_ids=[0, 5]), use_tqdm=False)
-    _close(cols.outputs.data, hidden[torch.tensor(ids) == tag][:, [0, 5]])
+    assert_close_f32(cols.outputs.data, hidden[torch.tensor(ids) == tag][:, [0, 5]])

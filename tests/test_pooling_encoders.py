@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from conftest import assert_close_f32, hf_last_hidden
 from shardserve import LLM, PoolingParams
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world!",
@@ -21,18 +22,8 @@ PAIRS = [("What is the capital of France?", "The capital of France is Paris."),
 ARCHS = ["bert", "roberta", "xlmr"]
 
 
-def _close(actual, expected):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), expected.float(), rtol=1e-4, atol=2e-5)
-
-
 @torch.no_grad()
-def _hf_hidden(model_dir: str, texts: list[str]) -> list[torch.Tensor]:
-    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
-    return [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0] for t in texts]
-
-
-@torch.no_grad()
-def _hf_logits(model_dir: str, texts: list, ) -> list[torch.Tensor]:
+def _hf_logits(model_dir: str, texts: list) -> list[torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     return [model(**tokenizer(*(t if isinstance(t, tuple) else (t,)), return_tensors="pt")).logits[0]
@@ -44,17 +35,17 @@ def test_encoder_embeddings_equal_transformers(arch, encoder_dirs):
     model_dir = encoder_dirs(arch)
     llm = LLM(model_dir)
     assert llm.llm_engine.runner == "pooling"
-    expected = _hf_hidden(model_dir, TEXTS)
+    expected = hf_last_hidden(model_dir, TEXTS)
     # The architecture's default: the [CLS] / <s> row, L2-normalised.
     for out, hidden in zip(llm.embed(TEXTS, use_tqdm=False), expected):
-        _close(out.outputs.embedding, torch.nn.functional.normalize(hidden[0], dim=0))
+        assert_close_f32(out.outputs.embedding, torch.nn.functional.normalize(hidden[0], dim=0))
     # use_activation=False: the raw pooled vector.
     for out, hidden in zip(llm.embed(TEXTS, PoolingParams(use_activation=False), use_tqdm=False), expected):
-        _close(out.outputs.embedding, hidden[0])
+        assert_close_f32(out.outputs.embedding, hidden[0])
     # Every token's hidden state (ALL pooling), raw.
     outs = llm.encode(TEXTS, PoolingParams(use_activation=False), pooling_task="token_embed", use_tqdm=False)
     for out, hidden in zip(outs, expected):
-        _close(out.outputs.data, hidden)
+        assert_close_f32(out.outputs.data, hidden)
         assert len(out.prompt_token_ids) == hidden.shape[0]
 
 
@@ -65,11 +56,11 @@ def test_classifier_probabilities_equal_transformers(arch, encoder_dirs):
     assert llm.llm_engine.processor.pooling.tasks == ("classify", "token_classify")  # 3 labels: no pair score
     outs = llm.classify(TEXTS, use_tqdm=False)
     for out, logits in zip(outs, _hf_logits(model_dir, TEXTS)):
-        _close(out.outputs.probs, logits.softmax(-1))
+        assert_close_f32(out.outputs.probs, logits.softmax(-1))
         assert out.outputs.num_classes == 3
     raw = llm.classify(TEXTS[:2], PoolingParams(use_activation=False), use_tqdm=False)
     for out, logits in zip(raw, _hf_logits(model_dir, TEXTS[:2])):
-        _close(out.outputs.probs, logits)
+        assert_close_f32(out.outputs.probs, logits)
     with pytest.raises(ValueError, match="does not serve the 'score' pooling task"):
         llm.score("a", "b")
 
@@ -83,15 +74,15 @@ def test_cross_encoder_pair_scores_equal_transformers(arch, encoder_dirs):
     outs = llm.score([q for q, _ in PAIRS], [d for _, d in PAIRS], use_tqdm=False)
     assert [o.request_id for o in outs] == sorted({o.request_id for o in outs}, key=int)
     for out, score in zip(outs, expected):
-        _close(out.outputs.score, score)
+        assert_close_f32(out.outputs.score, score)
     # 1-to-N: one query against every document.
     query, docs = PAIRS[0][0], [d for _, d in PAIRS]
     expected_1n = [torch.sigmoid(logits)[0] for logits in _hf_logits(model_dir, [(query, d) for d in docs])]
     for out, score in zip(llm.score(query, docs, use_tqdm=False), expected_1n):
-        _close(out.outputs.score, score)
+        assert_close_f32(out.outputs.score, score)
     # A one-label classifier also classifies single texts (sigmoid of its logit).
     for out, logits in zip(llm.classify(TEXTS[:2], use_tqdm=False), _hf_logits(model_dir, TEXTS[:2])):
-        _close(out.outputs.probs, torch.sigmoid(logits))
+        assert_close_f32(out.outputs.probs, torch.sigmoid(logits))
     with pytest.raises(ValueError, match="3 texts against 2"):
         llm.score(["a", "b", "c"], ["x", "y"])
 
@@ -115,6 +106,6 @@ def test_roberta_positions_fill_the_table(encoder_dirs):
                         use_tqdm=False)
     with torch.no_grad():
         expected = AutoModel.from_pretrained(model_dir)(torch.tensor([ids])).last_hidden_state[0]
-    _close(out.outputs.data, expected)
+    assert_close_f32(out.outputs.data, expected)
     with pytest.raises(ValueError, match="maximum model length of 64"):
         llm.embed({"prompt_token_ids": ids + [5]}, use_tqdm=False)

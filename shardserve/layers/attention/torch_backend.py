@@ -32,12 +32,26 @@ def read_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, cache.shape[-1]).index_select(0, rows.view(-1)).view(*rows.shape, cache.shape[-1])
 
 
+def _equal_length_runs(prefills) -> list[list[int]]:
+    """[first row, number of prompts, length] of each run of back-to-back prompts of one length."""
+    runs: list[list[int]] = []
+    for seq in prefills:
+        last = runs[-1] if runs else None
+        if last and last[2] == seq.query_len and last[0] + last[1] * last[2] == seq.query_start:
+            last[1] += 1
+        else:
+            runs.append([seq.query_start, 1, seq.query_len])
+    return runs
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
-        if kv_cache is not None and meta.slot_mapping is not None:
+        if meta.slot_mapping is None:
+            return self.self_attention(q, k, v, meta, scale)
+        if kv_cache is not None:
             rows = meta.memo(("write_rows", kv_cache.shape),
                              lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
             write_kv(kv_cache[0], rows, k)
@@ -49,6 +63,18 @@ class TorchAttentionBackend(AttentionBackend):
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta.causal, scale)
+        return out
+
+    def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """A step without a KV cache (pooling models): every prompt attends to its own tokens only.
+        Back-to-back prompts of one length attend as one batch, so a step of many short prompts (packed
+        sorted by length) makes a few SDPA calls rather than one per prompt, still without padding."""
+        out = torch.empty_like(q)
+        head_dim = q.size(-1)
+        for start, count, length in meta.memo("equal_length_runs", lambda: _equal_length_runs(meta.prefills)):
+            rows = slice(start, start + count * length)
+            batched = [t[rows].view(count, length, -1, head_dim).transpose(1, 2) for t in (q, k, v)]
+            out[rows] = _sdpa(*batched, scale, causal=meta.causal).transpose(1, 2).reshape(-1, q.size(1), head_dim)
         return out
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
