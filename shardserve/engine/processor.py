@@ -223,43 +223,59 @@ class Processor:
             return {**prompt, "prompt": prompts[prompt_name] + prompt["prompt"]}
         raise ValueError("prompt_name applies to text prompts; this prompt is given as token ids or embeddings.")
 
+    def process_pooling_prompts(self, prompts: list[PromptType | ProcessedPrompt], params: list[PoolingParams],
+                                prompt_name: str | None = None) -> list[ProcessedPrompt]:
+        """Tokenized (and truncated, with `truncate_prompt_tokens`) and validated for a pooling model. Texts
+        go to the tokenizer together, one call per truncation length: for short texts the per-call overhead
+        costs more than the tokenizing."""
+        out: list[ProcessedPrompt | None] = [None] * len(prompts)
+        texts: dict[int | None, list[tuple[int, str]]] = {}  # truncation length -> (position, text)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, ProcessedPrompt):
+                out[i] = prompt
+                continue
+            if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+                raise ValueError("Pooling models take text or token prompts, not prompt embeddings.")
+            text, ids = self._split_prompt(self.named_prompt(prompt, prompt_name))
+            max_length = self._truncation_length(p)
+            if ids is None:
+                texts.setdefault(max_length, []).append((i, text))
+                continue
+            if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
+                # cut on the side the tokenizer cuts text
+                left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+                ids = ids[-max_length:] if left else ids[:max_length]
+            out[i] = ProcessedPrompt(text, self._check_pooling_length(ids))
+        for max_length, items in texts.items():
+            for (i, _), processed in zip(items, self._encode([t for _, t in items], None, max_length)):
+                out[i] = processed
+        return out
+
     def process_pooling_prompt(self, prompt: PromptType | ProcessedPrompt, params: PoolingParams,
                                prompt_name: str | None = None) -> ProcessedPrompt:
-        """Tokenized (and truncated, with `truncate_prompt_tokens`) and validated for a pooling model."""
-        if isinstance(prompt, ProcessedPrompt):
-            return prompt
-        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
-            raise ValueError("Pooling models take text or token prompts, not prompt embeddings.")
-        text, ids = self._split_prompt(self.named_prompt(prompt, prompt_name))
-        max_length = self._truncation_length(params)
-        if ids is None:
-            return self._encode(text, None, max_length)
-        if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
-            # cut on the side the tokenizer cuts text
-            left = getattr(self.tokenizer, "truncation_side", "right") == "left"
-            ids = ids[-max_length:] if left else ids[:max_length]
-        return ProcessedPrompt(text, self._check_pooling_length(ids))
+        return self.process_pooling_prompts([prompt], [params], prompt_name)[0]
 
-    def process_pooling_pair(self, text_1: str, text_2: str, params: PoolingParams) -> ProcessedPrompt:
-        """A sentence pair for a cross-encoder, tokenized jointly (with token types where the model has them)."""
-        for text in (text_1, text_2):
-            if not isinstance(text, str) or not text:
+    def process_pooling_pairs(self, pairs: list[tuple[str, str]], params: PoolingParams) -> list[ProcessedPrompt]:
+        """Sentence pairs for a cross-encoder, each tokenized jointly (with token types where the model has
+        them)."""
+        for pair in pairs:
+            if not all(isinstance(text, str) and text for text in pair):
                 raise ValueError("A cross-encoder scores pairs of non-empty text prompts.")
-        return self._encode(text_1, text_2, self._truncation_length(params))
+        return self._encode([a for a, _ in pairs], [b for _, b in pairs], self._truncation_length(params))
 
-    def _encode(self, text: str, text_pair: str | None, max_length: int | None) -> ProcessedPrompt:
+    def _encode(self, texts: list[str], text_pairs: list[str] | None, max_length: int | None) -> list[ProcessedPrompt]:
         if self.tokenizer is None:
             raise ValueError("Text prompts need a tokenizer; pass prompt_token_ids instead.")
         st = self.pooling.sentence_transformers
         lower = st is not None and st.do_lower_case
-        encoded = self.tokenizer(text.lower() if lower else text,
-                                 text_pair.lower() if lower and text_pair is not None else text_pair,
+        encoded = self.tokenizer([t.lower() for t in texts] if lower else texts,
+                                 [t.lower() for t in text_pairs] if lower and text_pairs else text_pairs,
                                  truncation=max_length is not None, max_length=max_length)
-        ids = self._check_pooling_length(encoded["input_ids"])
-        token_types = encoded.get("token_type_ids")
-        if token_types is None or getattr(self.hf_config, "type_vocab_size", 0) < 2 or not any(token_types):
-            token_types = None  # the model has no token types, or every token is type 0
-        return ProcessedPrompt(text if text_pair is None else None, ids, token_type_ids=token_types)
+        # Token types only for a model that has them, and only where some token is not type 0.
+        token_types = encoded.get("token_type_ids") if getattr(self.hf_config, "type_vocab_size", 0) > 1 else None
+        return [ProcessedPrompt(texts[j] if text_pairs is None else None, self._check_pooling_length(ids),
+                                token_type_ids=token_types[j] if token_types and any(token_types[j]) else None)
+                for j, ids in enumerate(encoded["input_ids"])]
 
     def _check_pooling_length(self, ids: list[int]) -> list[int]:
         if isinstance(ids, (list, tuple)) and len(ids) > self.max_model_len:

@@ -29,8 +29,7 @@ class PoolingMixin:
         `prompt_name` puts the model's Sentence Transformers prompt of that name before each text."""
         prompts = _as_list(prompts)
         params = self._pooling_params(pooling_params, len(prompts), pooling_task, truncate_prompt_tokens)
-        processor = self.llm_engine.processor
-        processed = [processor.process_pooling_prompt(p, pp, prompt_name) for p, pp in zip(prompts, params)]
+        processed = self.llm_engine.processor.process_pooling_prompts(prompts, params, prompt_name)
         return self._run_requests(processed, params, use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
@@ -83,7 +82,7 @@ class PoolingMixin:
         processor = self.llm_engine.processor
         texts = [[p["prompt"] if isinstance(p, dict) and "prompt" in p else p for p in side]
                  for side in (data_1, data_2)]
-        processed = [processor.process_pooling_pair(t1, t2, params) for t1, t2 in zip(*texts)]
+        processed = processor.process_pooling_pairs(list(zip(*texts)), params)
         outputs = self._run_requests(processed, [params] * len(processed), use_tqdm)
         return [ScoringRequestOutput.from_base(o) for o in outputs]
 
@@ -110,8 +109,10 @@ class PoolingMixin:
             if len(params) != num_prompts:
                 raise ValueError(f"Got {len(params)} PoolingParams for {num_prompts} prompts; pass one, or one per "
                                  f"prompt.")
-        verified = []
+        verified: dict[int, PoolingParams] = {}  # one check per distinct PoolingParams, however many prompts
         for p in params:
+            if id(p) in verified:
+                continue
             if not isinstance(p, PoolingParams):
                 raise TypeError(f"Expected PoolingParams, got {type(p).__name__}.")
             if task is not None and p.task not in (None, task):
@@ -119,5 +120,5 @@ class PoolingMixin:
             changes = {"task": task or p.task}
             if truncate_prompt_tokens is not None:
                 changes["truncate_prompt_tokens"] = truncate_prompt_tokens
-            verified.append(self.llm_engine.processor.verify_pooling_params(p.clone(**changes)))
-        return verified
+            verified[id(p)] = self.llm_engine.processor.verify_pooling_params(p.clone(**changes))
+        return [verified[id(p)] for p in params]

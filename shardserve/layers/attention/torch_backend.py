@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.layers.attention.backend import AttentionBackend, AttentionMetadata
+from shardserve.layers.attention.packed import packed_self_attention, plan_batches
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):
@@ -32,18 +33,6 @@ def read_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, cache.shape[-1]).index_select(0, rows.view(-1)).view(*rows.shape, cache.shape[-1])
 
 
-def _equal_length_runs(prefills) -> list[list[int]]:
-    """[first row, number of prompts, length] of each run of back-to-back prompts of one length."""
-    runs: list[list[int]] = []
-    for seq in prefills:
-        last = runs[-1] if runs else None
-        if last and last[2] == seq.query_len and last[0] + last[1] * last[2] == seq.query_start:
-            last[1] += 1
-        else:
-            runs.append([seq.query_start, 1, seq.query_len])
-    return runs
-
-
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -66,16 +55,11 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """A step without a KV cache (pooling models): every prompt attends to its own tokens only.
-        Back-to-back prompts of one length attend as one batch, so a step of many short prompts (packed
-        sorted by length) makes a few SDPA calls rather than one per prompt, still without padding."""
-        out = torch.empty_like(q)
-        head_dim = q.size(-1)
-        for start, count, length in meta.memo("equal_length_runs", lambda: _equal_length_runs(meta.prefills)):
-            rows = slice(start, start + count * length)
-            batched = [t[rows].view(count, length, -1, head_dim).transpose(1, 2) for t in (q, k, v)]
-            out[rows] = _sdpa(*batched, scale, causal=meta.causal).transpose(1, 2).reshape(-1, q.size(1), head_dim)
-        return out
+        """A step without a KV cache (pooling models): every prompt attends to its own tokens only, in
+        batches of neighbouring prompts (layers/attention/packed.py) planned once per step."""
+        batches = meta.memo("prompt_batches", lambda: plan_batches(
+            [s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills], meta.causal, q.device))
+        return packed_self_attention(q, k, v, batches, scale, meta.causal)
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """One query token per sequence against its whole cached context."""
