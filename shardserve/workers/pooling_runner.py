@@ -18,7 +18,7 @@ def execute_pooling(model, scheduled: list[ScheduledRequest], device: torch.devi
     """request id -> its pooled output (a CPU tensor)."""
     if not scheduled:
         return {}
-    # Shortest first: neighbours have similar lengths, which attention batches (layers/attention/packed.py).
+    # Shortest first: prompts of one length side by side attend as one batch (layers/attention/packed.py).
     scheduled = sorted(scheduled, key=lambda s: len(s.token_ids))
     input_ids: list[int] = []
     lens, params, token_types = [], [], []

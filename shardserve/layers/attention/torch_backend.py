@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.layers.attention.backend import AttentionBackend, AttentionMetadata
-from shardserve.layers.attention.packed import packed_self_attention, plan_batches
+from shardserve.layers.attention.packed import equal_length_runs, packed_self_attention
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):
@@ -55,11 +55,11 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """A step without a KV cache (pooling models): every prompt attends to its own tokens only, in
-        batches of neighbouring prompts (layers/attention/packed.py) planned once per step."""
-        batches = meta.memo("prompt_batches", lambda: plan_batches(
-            [s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills], meta.causal, q.device))
-        return packed_self_attention(q, k, v, batches, scale, meta.causal)
+        """A step without a KV cache (pooling models): every prompt attends to its own tokens only, prompts
+        of one length side by side as one batch (layers/attention/packed.py)."""
+        runs = meta.memo("equal_length_runs", lambda: equal_length_runs(
+            [s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills]))
+        return packed_self_attention(q, k, v, runs, scale, meta.causal)
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """One query token per sequence against its whole cached context."""
