@@ -16,12 +16,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.layers.activation import get_act_fn
 from shardserve.layers.attention import Attention, AttentionMetadata
 from shardserve.layers.embedding import VocabParallelEmbedding
 from shardserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from shardserve.layers.pooler import ClassificationPooler, EmbeddingPooler
 from shardserve.models.loader import load_params
+from shardserve.models.pipeline import IntermediateTensors, make_layers, on_first_stage
 from shardserve.models.sentence_transformers import load_dense
 
 
@@ -104,7 +106,14 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        # this pipeline stage's layers; parameter names keep their global index
+        self.start_layer, self.end_layer, self.layer = make_layers(config.num_hidden_layers,
+                                                                   lambda i: BertLayer(config))
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        for layer in self.layer[self.start_layer:self.end_layer]:
+            x = layer(x, meta)
+        return x
 
 
 class BertPooler(nn.Module):
@@ -120,18 +129,20 @@ class BertPooler(nn.Module):
 
 class BertModel(nn.Module):
     embeddings_cls = BertEmbeddings
+    intermediate_keys = ("hidden",)  # what a pipeline stage hands to the next
 
     def __init__(self, config, add_pooler: bool = False):
         super().__init__()
-        self.embeddings = self.embeddings_cls(config)
+        self.embeddings = on_first_stage(lambda: self.embeddings_cls(config))
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooler else None
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None) -> torch.Tensor:
-        x = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds)
-        for layer in self.encoder.layer:
-            x = layer(x, meta)
-        return x
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        x = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds) if intermediate is None \
+            else intermediate["hidden"]
+        x = self.encoder(x, meta)
+        return x if get_pp_group().is_last else {"hidden": x}
 
 
 # checkpoint name part -> (our merged parameter, shard id)
@@ -165,8 +176,8 @@ class BertEmbeddingModel(BertModel):
         st = pooling.sentence_transformers
         projector = None
         if st is not None and st.dense:
-            device = self.embeddings.LayerNorm.weight.device
-            projector = nn.Sequential(*(load_dense(d, torch.get_default_dtype(), device) for d in st.dense))
+            projector = nn.Sequential(*(load_dense(d, torch.get_default_dtype(), torch.get_default_device())
+                                        for d in st.dense))
         self.pooler = EmbeddingPooler(pooling.sequence_pooling, pooling.token_pooling, projector)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -177,6 +188,7 @@ class BertForSequenceClassification(nn.Module):
     pooling_kind = "classify"
     default_pooling_type = "CLS"
     is_causal = False
+    intermediate_keys = BertModel.intermediate_keys
 
     def __init__(self, config, pooling):
         super().__init__()
@@ -187,8 +199,8 @@ class BertForSequenceClassification(nn.Module):
                                            classifier=lambda cls_hidden: self.classifier(self.bert.pooler(cls_hidden)),
                                            token_classifier=self.classifier)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None) -> torch.Tensor:
-        return self.bert(input_ids, positions, meta, inputs_embeds, token_type_ids)
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None, intermediate=None):
+        return self.bert(input_ids, positions, meta, inputs_embeds, token_type_ids, intermediate)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_params(self, hf_names(weights), STACKED_PARAMS)

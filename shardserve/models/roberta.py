@@ -58,6 +58,7 @@ class RobertaForSequenceClassification(nn.Module):
     pooling_kind = "classify"
     default_pooling_type = "CLS"
     is_causal = False
+    intermediate_keys = RobertaModel.intermediate_keys
     max_model_len = staticmethod(max_model_len)
 
     def __init__(self, config, pooling):
@@ -68,8 +69,8 @@ class RobertaForSequenceClassification(nn.Module):
         self.pooler = ClassificationPooler(config, pooling.tasks, pooling.sequence_pooling, pooling.token_pooling,
                                            classifier=self.classifier)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None) -> torch.Tensor:
-        return self.roberta(input_ids, positions, meta, inputs_embeds, token_type_ids)
+    def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None, intermediate=None):
+        return self.roberta(input_ids, positions, meta, inputs_embeds, token_type_ids, intermediate)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_params(self, hf_names(weights), STACKED_PARAMS)
