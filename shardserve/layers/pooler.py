@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.layers.activation import activation_from_qualname
 from shardserve.pooling_params import PoolingParams
-
-SEQUENCE_TASKS = ("embed", "classify", "score")
-TOKEN_TASKS = ("token_embed", "token_classify")
 
 
 @dataclass
@@ -84,7 +82,6 @@ def _finish_embeddings(x: torch.Tensor, params: PoolingParams) -> torch.Tensor:
 
 class Pooler:
     """Dispatches a step's requests by task; subclasses implement the tasks their model serves."""
-    tasks: tuple[str, ...] = ()
 
     def __call__(self, hidden: torch.Tensor, batch: PoolingBatch) -> list[torch.Tensor]:
         by_task: dict[str, list[int]] = {}
@@ -101,8 +98,6 @@ class Pooler:
 
 
 class EmbeddingPooler(Pooler):
-    tasks = ("embed", "token_embed")
-
     def __init__(self, sequence_pooling: str, token_pooling: str, projector: nn.Module | None = None):
         self.sequence_pooling, self.token_pooling = sequence_pooling, token_pooling
         self.projector = projector  # Sentence Transformers Dense layers, or None
@@ -133,7 +128,6 @@ def classification_activation(hf_config) -> Callable[[torch.Tensor], torch.Tenso
 def score_activation(hf_config) -> Callable[[torch.Tensor], torch.Tensor]:
     """What a cross-encoder's scores go through: the activation its Sentence Transformers config names
     (a whitelisted torch.nn module), else the classification activation."""
-    from shardserve.layers.activation import activation_from_qualname
     st = getattr(hf_config, "sentence_transformers", None)
     name = (st or {}).get("activation_fn") if isinstance(st, dict) else None
     name = name or getattr(hf_config, "sbert_ce_default_activation_function", None)
@@ -146,10 +140,9 @@ class ClassificationPooler(Pooler):
     to every token). A reward model has no classifier: its token outputs are the hidden states themselves,
     not activated."""
 
-    def __init__(self, hf_config, tasks: tuple[str, ...], sequence_pooling: str, token_pooling: str,
+    def __init__(self, hf_config, sequence_pooling: str, token_pooling: str,
                  classifier: Callable[[torch.Tensor], torch.Tensor] | None,
                  token_classifier: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.tasks = tasks
         self.sequence_pooling, self.token_pooling = sequence_pooling, token_pooling
         self.classifier = classifier
         self.token_classifier = token_classifier or classifier

@@ -40,10 +40,10 @@ def as_pooling_model(causal_lm: type[nn.Module], kind: str) -> type[nn.Module]:
             del self.lm_head  # never used: the hidden states are the output
             if kind == "classify":
                 self.score = ReplicatedLinear(config.hidden_size, config.num_labels, bias=False)
-                self.pooler = ClassificationPooler(config, pooling.tasks, pooling.sequence_pooling,
+                self.pooler = ClassificationPooler(config, pooling.sequence_pooling,
                                                    pooling.token_pooling, classifier=self.score)
             elif kind == "reward":
-                self.pooler = ClassificationPooler(config, pooling.tasks, pooling.sequence_pooling,
+                self.pooler = ClassificationPooler(config, pooling.sequence_pooling,
                                                    pooling.token_pooling, classifier=None)
             else:
                 self.pooler = EmbeddingPooler(pooling.sequence_pooling, pooling.token_pooling)

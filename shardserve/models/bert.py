@@ -195,9 +195,12 @@ class BertForSequenceClassification(nn.Module):
         self.config = config
         self.bert = BertModel(config, add_pooler=True)
         self.classifier = ReplicatedLinear(config.hidden_size, config.num_labels, bias=True)
-        self.pooler = ClassificationPooler(config, pooling.tasks, pooling.sequence_pooling, pooling.token_pooling,
-                                           classifier=lambda cls_hidden: self.classifier(self.bert.pooler(cls_hidden)),
-                                           token_classifier=self.classifier)
+        self.pooler = ClassificationPooler(config, pooling.sequence_pooling, pooling.token_pooling,
+                                           classifier=self._classify, token_classifier=self.classifier)
+
+    def _classify(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler (dense + tanh on the [CLS] row), then the classifier."""
+        return self.classifier(self.bert.pooler(cls_hidden))
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None, intermediate=None):
         return self.bert(input_ids, positions, meta, inputs_embeds, token_type_ids, intermediate)

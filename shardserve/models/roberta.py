@@ -66,7 +66,7 @@ class RobertaForSequenceClassification(nn.Module):
         self.config = config
         self.roberta = RobertaModel(config)
         self.classifier = RobertaClassificationHead(config)
-        self.pooler = ClassificationPooler(config, pooling.tasks, pooling.sequence_pooling, pooling.token_pooling,
+        self.pooler = ClassificationPooler(config, pooling.sequence_pooling, pooling.token_pooling,
                                            classifier=self.classifier)
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None, token_type_ids=None, intermediate=None):
