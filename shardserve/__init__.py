@@ -2,11 +2,17 @@
 from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from shardserve.entrypoints.llm import LLM
 from shardserve.inputs import EmbedsPrompt, TextPrompt, TokensPrompt
-from shardserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shardserve.outputs import (ClassificationOutput, ClassificationRequestOutput, CompletionOutput, EmbeddingOutput,
+                                EmbeddingRequestOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput,
+                                ScoringOutput, ScoringRequestOutput)
+from shardserve.pooler_config import PoolerConfig
+from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt",
            "TokensPrompt", "EmbedsPrompt", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
-           "__version__"]
+           "PoolingParams", "PoolerConfig", "PoolingOutput", "PoolingRequestOutput", "EmbeddingOutput",
+           "EmbeddingRequestOutput", "ClassificationOutput", "ClassificationRequestOutput", "ScoringOutput",
+           "ScoringRequestOutput", "__version__"]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardserve.pooler_config import PoolerConfig
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -58,6 +60,12 @@ class EngineConfig:
     ray_address: str | None = None                    # None: RAY_ADDRESS, else a local cluster
     num_cpus_per_worker: float = 1.0                  # a CPU worker's bundle; also its torch threads
     placement_group_strategy: str = "PACK"
+    # What the model runs as: "generate", "pooling", or "auto" (pooling for encoders and classifiers);
+    # `convert` turns a causal LM into an embed / classify / reward model; `task` is vLLM's older spelling.
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str | None = None
+    pooler_config: PoolerConfig | dict | str | None = None  # how a pooling model pools (overrides the model's)
 
     def __post_init__(self) -> None:
         if self.device == "auto":

@@ -1,7 +1,13 @@
-"""What the engine hands back: vLLM's `RequestOutput` / `CompletionOutput` / `Logprob`."""
+"""What the engine hands back: vLLM's `RequestOutput` / `CompletionOutput` / `Logprob` for generation, and
+`PoolingRequestOutput` with its typed forms (embedding, classification, score) for pooling models."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+
+_O = TypeVar("_O")
 
 
 @dataclass
@@ -39,3 +45,69 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+# Pooling models ------------------------------------------------------------------------------------------
+
+@dataclass
+class PoolingOutput:
+    data: torch.Tensor  # what the pooler returned: a vector, class probabilities, or one row per token
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class PoolingRequestOutput(Generic[_O]):
+    """vLLM's shape: what `LLM.encode` returns (outputs: PoolingOutput) and, typed, what `embed`,
+    `classify` and `score` return."""
+    request_id: str
+    outputs: _O
+    prompt_token_ids: list[int]
+    finished: bool = True
+    num_cached_tokens: int = 0
+
+
+class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput[PoolingOutput]) -> EmbeddingRequestOutput:
+        return cls(output.request_id, EmbeddingOutput(output.outputs.data.tolist()), output.prompt_token_ids,
+                   output.finished, output.num_cached_tokens)
+
+
+class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput[PoolingOutput]) -> ClassificationRequestOutput:
+        return cls(output.request_id, ClassificationOutput(output.outputs.data.tolist()),
+                   output.prompt_token_ids, output.finished, output.num_cached_tokens)
+
+
+class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
+    @classmethod
+    def from_base(cls, output: PoolingRequestOutput[PoolingOutput]) -> ScoringRequestOutput:
+        data = output.outputs.data
+        if data.numel() != 1:
+            raise ValueError(f"A score is one number; the model returned {data.numel()} (a classifier with "
+                             f"more than one label cannot score pairs).")
+        return cls(output.request_id, ScoringOutput(data.item()), output.prompt_token_ids, output.finished,
+                   output.num_cached_tokens)

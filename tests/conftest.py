@@ -86,10 +86,15 @@ def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; widen them so greedy choices are far from ties.
+    return save_widened(model, tokenizer, path, 3.0)
+
+
+def save_widened(model, tokenizer, path, factor: float) -> str:
+    """Save a random model with its matrices scaled by `factor`, and its tokenizer, into `path`."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(3.0)
+                p.mul_(factor)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -124,3 +129,90 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+# Encoders (BERT, RoBERTa, XLM-R) ------------------------------------------------------------------------
+
+def build_wordpiece_tokenizer(vocab_size: int = 300):
+    """A BERT-style tokenizer: lower-casing WordPiece, [CLS] A [SEP] (B [SEP]) with token types 0 / 1."""
+    from tokenizers import processors
+    from transformers import BertTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(CORPUS, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+
+
+def build_roberta_tokenizer(vocab_size: int = 400):
+    """A RoBERTa-style tokenizer: byte-level BPE, <s>=0 <pad>=1 </s>=2, <s> A </s></s> B </s>, no token types."""
+    from tokenizers import processors
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def _encoder_config(arch: str, vocab: int, num_labels: int):
+    from transformers import BertConfig, RobertaConfig, XLMRobertaConfig
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, num_labels=num_labels, hidden_act="gelu")
+    if arch == "bert":
+        return BertConfig(max_position_embeddings=128, type_vocab_size=2, pad_token_id=0, **common)
+    # RoBERTa's positions start after the padding index: 66 rows hold prompts of up to 64 tokens.
+    cls = RobertaConfig if arch == "roberta" else XLMRobertaConfig
+    return cls(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+               **common)
+
+
+def make_encoder_dir(path, arch: str, head: str = "embed", num_labels: int = 1, seed: int = 0) -> str:
+    """A random-weight BERT / RoBERTa / XLM-R: the bare encoder (head="embed") or a sequence classifier."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    tokenizer = build_wordpiece_tokenizer() if arch == "bert" else build_roberta_tokenizer()
+    config = _encoder_config(arch, len(tokenizer), num_labels)
+    torch.manual_seed(seed)
+    auto = AutoModel if head == "embed" else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)
+    # Initialised at std 0.02 every token looks alike; widen the weights so outputs depend on the input.
+    return save_widened(model, tokenizer, path, 5.0)
+
+
+@pytest.fixture(scope="session")
+def encoder_dirs(tmp_path_factory):
+    """(arch, head, num_labels) -> directory of a random encoder, created once per test session."""
+    cache: dict[tuple, str] = {}
+
+    def get(arch: str, head: str = "embed", num_labels: int = 1) -> str:
+        key = (arch, head, num_labels)
+        if key not in cache:
+            cache[key] = make_encoder_dir(tmp_path_factory.mktemp(f"{arch}-{head}-{num_labels}"), arch, head,
+                                          num_labels)
+        return cache[key]
+    return get
+
+
+def assert_close_f32(actual, expected) -> None:
+    """An output of ours (list or tensor) against a reference tensor, at float32 tolerances."""
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32), torch.as_tensor(expected).float(),
+                               rtol=1e-4, atol=2e-5)
+
+
+@torch.no_grad()
+def hf_last_hidden(model_dir: str, texts: list[str]) -> list[torch.Tensor]:
+    """transformers' last hidden states ([tokens, hidden]) of each text, run alone."""
+    from transformers import AutoModel, AutoTokenizer
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    return [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0] for t in texts]

@@ -61,3 +61,25 @@ def test_prefill_over_cached_prefix_equals_full_causal_attention():
     chunk = backend.forward(q[ctx:], k[ctx:], v[ctx:], cache, AttentionMetadata(
         slot_mapping=slots[ctx:], block_size=bs, prefills=[PrefillSeq(0, n - ctx, ctx, slots)]), D ** -0.5)
     torch.testing.assert_close(chunk, full[ctx:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2)])
+def test_packed_self_attention_equals_one_prompt_at_a_time(causal, num_heads, num_kv_heads):
+    """A pooling step's attention (no KV cache): prompts batched by length give what each prompt alone does."""
+    lens = [3, 3, 5, 9, 9, 9, 30, 31, 40, 90, 90, 200]  # runs of one length are batched
+    g = torch.Generator().manual_seed(0)
+    total, head_dim = sum(lens), 16
+    q = torch.randn(total, num_heads, head_dim, generator=g)
+    k, v = (torch.randn(total, num_kv_heads, head_dim, generator=g) for _ in range(2))
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    meta = AttentionMetadata(slot_mapping=None, causal=causal,
+                             prefills=[PrefillSeq(s, n, 0, None) for s, n in zip(starts, lens)])
+    out = TorchAttentionBackend().forward(q, k, v, None, meta, head_dim ** -0.5)
+    assert len(meta.memo("equal_length_runs", list)) == 8
+    for s, n in zip(starts, lens):
+        rows = slice(s, s + n)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), is_causal=causal,
+            scale=head_dim ** -0.5, enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)

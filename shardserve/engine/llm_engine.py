@@ -20,9 +20,11 @@ from shardserve.executor import create_executor
 from shardserve.inputs import PromptType
 from shardserve.layers.linear import check_tensor_parallel_sizes
 from shardserve.models.pipeline import split_layers
-from shardserve.models.registry import resolve_model_class
+from shardserve.models.pooling import resolve_pooling_model
 from shardserve.models.source import load_model_source, load_tokenizer
-from shardserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from shardserve.outputs import (CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, PositionLogprobs,
+                                RequestOutput)
+from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
 from shardserve.workers.model_runner import LogprobsLists
 
@@ -49,10 +51,19 @@ class LLMEngine:
         self.source = load_model_source(config.model, config.hf_overrides, config.revision,
                                         config.trust_remote_code)
         hf_config = self.source.hf_config
-        resolve_model_class(hf_config)  # an unsupported architecture fails before anything is loaded
+        # What the model runs as (generation, or which kind of pooling) is settled once, here; an
+        # unsupported architecture fails before anything is loaded.
+        self.source.pooling = pooling = resolve_pooling_model(self.source, config.runner, config.convert,
+                                                              config.task, config.pooler_config)
+        self.runner = "generate" if pooling is None else "pooling"
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
             self.source, config.tokenizer, config.revision, config.trust_remote_code)
         self.max_model_len = self._resolve_max_model_len(hf_config)
+        max_batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+        if pooling is not None and max_batched < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={max_batched} is below max_model_len={self.max_model_len}: "
+                             f"a pooling model computes each prompt whole in one step, so the step budget must "
+                             f"hold the longest prompt.")
 
         # A model that cannot be split as asked fails here, not inside a worker actor.
         check_tensor_parallel_sizes(hf_config, config.tensor_parallel_size)
@@ -63,7 +74,6 @@ class LLMEngine:
         except BaseException:
             self.executor.shutdown()
             raise
-        max_batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched)
         self.processor = Processor(
@@ -71,14 +81,18 @@ class LLMEngine:
             # what get_input_embeddings yields: OPT's can be narrower than its hidden size
             embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
             dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
-            enable_prompt_embeds=config.enable_prompt_embeds)
+            enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling, model_name=config.model,
+            hf_config=hf_config)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+        default = limit
+        if self.source.pooling is not None:
+            limit, default = self.source.pooling.max_model_len(limit)
         if self.config.max_model_len is None:
-            return limit or 2048
+            return default or 2048
         if limit and self.config.max_model_len > limit:
             raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}.")
@@ -101,7 +115,8 @@ class LLMEngine:
     # requests ---------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
-                    params: SamplingParams | None = None) -> None:
+                    params: SamplingParams | PoolingParams | None = None) -> None:
+        """Queue a prompt: with SamplingParams to generate, with PoolingParams for a pooling model."""
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         self.add_processed_request(request_id, self.processor.make_requests(request_id, prompt,
@@ -112,6 +127,11 @@ class LLMEngine:
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         first = children[0]
+        if first.pooling_params is not None:
+            self.parents[request_id] = _Parent(request_id, first.prompt, first.prompt_token_ids, children, {})
+            self.child_to_parent[request_id] = self.parents[request_id]
+            self.scheduler.add_request(first)
+            return
         # An embeddings prompt has no real token ids to report or to detokenize against.
         prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids
         parent = _Parent(request_id, first.prompt, prompt_ids, children,
@@ -124,6 +144,9 @@ class LLMEngine:
 
     def _init_kv_cache(self) -> int:
         config = self.config
+        if self.source.pooling is not None:
+            self.executor.init_kv_cache(0)  # prefill-only requests keep no KV cache
+            return 0
         num_blocks = self.executor.determine_num_blocks()
         if config.num_gpu_blocks_override is None:
             # More blocks than every sequence at full length can use would only cost memory to zero.
@@ -174,6 +197,11 @@ class LLMEngine:
             req = self.scheduler.requests.get(s.request_id)
             parent = self.child_to_parent.get(s.request_id)
             if req is None or parent is None:
+                continue
+            if req.pooling_params is not None:  # computed whole in this step: done
+                req.pooled = result.pooler_output[s.request_id]
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                touched[parent.request_id] = parent
                 continue
             if s.request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(self._to_logprobs(result.prompt_logprobs[s.request_id]))
@@ -229,7 +257,10 @@ class LLMEngine:
             entries.append(entry)
         return entries
 
-    def _make_output(self, parent: _Parent) -> RequestOutput:
+    def _make_output(self, parent: _Parent) -> RequestOutput | PoolingRequestOutput:
+        if parent.children[0].pooled is not None:
+            return PoolingRequestOutput(parent.request_id, PoolingOutput(parent.children[0].pooled),
+                                        parent.prompt_token_ids, finished=True)
         completions = []
         for child in parent.children:
             detok = parent.detokenizers[child.request_id]

@@ -11,6 +11,8 @@ import torch
 from shardserve.engine.request import Request
 from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
 from shardserve.inputs import PromptType
+from shardserve.models.pooling import PoolingModelConfig
+from shardserve.pooling_params import TASK_PARAMETERS, PoolingParams
 from shardserve.sampling_params import SamplingParams
 
 
@@ -20,11 +22,13 @@ class ProcessedPrompt:
     text: str | None
     token_ids: list[int]
     embeds: torch.Tensor | None = None
+    token_type_ids: list[int] | None = None  # sentence pairs for encoders with token types; None = all 0
 
 
 class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int],
-                 embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False):
+                 embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False,
+                 pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -32,6 +36,9 @@ class Processor:
         self.embed_dim = embed_dim
         self.dtype = dtype
         self.enable_prompt_embeds = enable_prompt_embeds
+        self.pooling = pooling        # None: a generation model
+        self.model_name = model_name  # as the user named it, for messages
+        self.hf_config = hf_config
 
     def process_prompt(self, prompt: PromptType | ProcessedPrompt) -> ProcessedPrompt:
         if isinstance(prompt, ProcessedPrompt):
@@ -46,23 +53,28 @@ class Processor:
         return ProcessedPrompt(*self.tokenize(prompt))
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        text, ids = self._split_prompt(prompt)
+        if ids is None:
+            ids = self.tokenizer.encode(text)
+        return text, self.validate_token_ids(ids)
+
+    def _split_prompt(self, prompt: PromptType) -> tuple[str | None, list[int] | None]:
+        """(text, token ids or None): the prompt's shape checked, and a text to tokenize checked."""
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            return prompt.get("prompt"), prompt["prompt_token_ids"]
         elif isinstance(prompt, dict) and "prompt" in prompt:
             text, ids = prompt["prompt"], None
         else:
             raise TypeError(f"A prompt must be a string, a TextPrompt or a TokensPrompt, got {type(prompt).__name__}.")
-        if ids is None:
-            if not isinstance(text, str):
-                raise TypeError(f"The prompt text must be a string, got {type(text).__name__}.")
-            if not text:
-                raise ValueError("The prompt cannot be empty.")
-            if self.tokenizer is None:
-                raise ValueError("Text prompts need a tokenizer; pass prompt_token_ids instead.")
-            ids = self.tokenizer.encode(text)
-        return text, self.validate_token_ids(ids)
+        if not isinstance(text, str):
+            raise TypeError(f"The prompt text must be a string, got {type(text).__name__}.")
+        if not text:
+            raise ValueError("The prompt cannot be empty.")
+        if self.tokenizer is None:
+            raise ValueError("Text prompts need a tokenizer; pass prompt_token_ids instead.")
+        return text, ids
 
     def validate_token_ids(self, ids) -> list[int]:
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -77,9 +89,16 @@ class Processor:
                              f"{self.max_model_len}.")
         return list(ids)
 
+    def require_generation(self) -> None:
+        if self.pooling is not None:
+            raise ValueError("This model runs with runner='pooling': it embeds, classifies or scores "
+                             "(LLM.embed / encode / classify / score / reward) and cannot generate text. "
+                             "Create the LLM with runner='generate' to generate.")
+
     def validate_params(self, params: SamplingParams) -> SamplingParams:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"Expected SamplingParams, got {type(params).__name__}.")
+        self.require_generation()
         for token_id in list(params.logit_bias or {}) + list(params.stop_token_ids):
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"Token id {token_id} is out of vocabulary (the model's vocab_size is "
@@ -98,7 +117,12 @@ class Processor:
     def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt,
                       params: SamplingParams) -> list[Request]:
         """One request per completion: n > 1 fans out into n requests sharing the prompt (and so, through
-        the prefix cache, its KV blocks)."""
+        the prefix cache, its KV blocks). A pooling request is one request."""
+        if isinstance(params, PoolingParams):
+            params = self.verify_pooling_params(params)
+            prompt = self.process_pooling_prompt(prompt, params)
+            return [Request(request_id, prompt.token_ids, None, prompt=prompt.text, pooling_params=params,
+                            token_type_ids=prompt.token_type_ids)]
         prompt = self.process_prompt(prompt)
         params = self.validate_params(params)
         if prompt.embeds is not None and params.prompt_logprobs is not None:
@@ -114,3 +138,147 @@ class Processor:
             children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
                                     parent_id=request_id, prompt_embeds=prompt.embeds))
         return children
+
+    # pooling ----------------------------------------------------------------------------------------
+
+    def verify_pooling_params(self, params: PoolingParams) -> PoolingParams:
+        """A copy with the task set and the model's defaults filled in; refuses what the model cannot do."""
+        pooling = self.pooling
+        if pooling is None:
+            raise ValueError("This model runs with runner='generate': embedding, classification and scoring "
+                             "need a pooling model. Create the LLM with runner='pooling' (convert='embed', "
+                             "'classify' or 'reward' turns a causal LM into one).")
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"Expected PoolingParams, got {type(params).__name__}.")
+        task = params.task or pooling.default_task
+        if task not in pooling.tasks:
+            raise ValueError(f"This model does not serve the {task!r} pooling task; it serves "
+                             f"{', '.join(pooling.tasks)}.")
+        allowed = TASK_PARAMETERS[task]
+        unsupported = [name for name in ("dimensions", "use_activation", "step_tag_id", "returned_token_ids")
+                       if getattr(params, name) is not None and name not in allowed]
+        if unsupported:
+            raise ValueError(f"Task {task} only supports {list(allowed)} parameters, does not support "
+                             f"{unsupported} parameters.")
+        params = params.clone(task=task)
+        defaults = pooling.defaults
+        if task in ("embed", "token_embed"):
+            params.use_activation = defaults.normalize if params.use_activation is None else params.use_activation
+            params.dimensions = defaults.dimensions if params.dimensions is None else params.dimensions
+            if params.dimensions is not None:
+                self._check_matryoshka(params.dimensions)
+        else:
+            params.use_activation = defaults.use_activation if params.use_activation is None \
+                else params.use_activation
+        if task == "token_classify":
+            step_params = [n for n in ("step_tag_id", "returned_token_ids") if getattr(params, n) is not None]
+            if step_params and pooling.token_pooling != "STEP":
+                raise ValueError(f"{', '.join(step_params)} need STEP pooling (pooler_config="
+                                 f"{{'pooling_type': 'STEP'}}).")
+            if pooling.token_pooling == "STEP":
+                params.step_tag_id = defaults.step_tag_id if params.step_tag_id is None else params.step_tag_id
+                params.returned_token_ids = defaults.returned_token_ids if params.returned_token_ids is None \
+                    else params.returned_token_ids
+        self._truncation_length(params)  # a size beyond the model is refused here, before tokenizing
+        return params
+
+    def _check_matryoshka(self, dimensions: int) -> None:
+        allowed = getattr(self.hf_config, "matryoshka_dimensions", None)
+        if not getattr(self.hf_config, "is_matryoshka", False) and allowed is None:
+            raise ValueError(f'Model "{self.model_name}" does not support matryoshka representation, changing '
+                             f'output dimensions will lead to poor results.')
+        if allowed is not None and dimensions not in allowed:
+            raise ValueError(f'Model "{self.model_name}" only supports {list(allowed)} matryoshka dimensions, use '
+                             f'other output dimensions will lead to poor results.')
+
+    def _truncation_length(self, params: PoolingParams) -> int | None:
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return None
+        if k == -1:
+            return self.max_model_len
+        if k > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={k} is greater than the maximum model length "
+                             f"({self.max_model_len}); choose a smaller truncation size.")
+        return k
+
+    def named_prompt(self, prompt: PromptType, prompt_name: str | None) -> PromptType:
+        """The prompt with the model's Sentence Transformers prompt `prompt_name` put before its text
+        (config_sentence_transformers.json `prompts`; the model's `default_prompt_name` when no name is given)."""
+        st = self.pooling.sentence_transformers if self.pooling is not None else None
+        prompts = st.prompts if st is not None else {}
+        if prompt_name is None:
+            prompt_name = st.default_prompt_name if st is not None else None
+            is_text = isinstance(prompt, str) or isinstance(prompt, dict) and "prompt" in prompt \
+                and "prompt_token_ids" not in prompt
+            if prompt_name is None or not is_text:
+                return prompt  # a default prompt applies to text only
+        if prompt_name not in prompts:
+            known = f"its prompts are {', '.join(map(repr, prompts))}" if prompts else \
+                "it defines no prompts (config_sentence_transformers.json)"
+            raise ValueError(f"Unknown prompt_name {prompt_name!r} for this model: {known}.")
+        if isinstance(prompt, str):
+            return prompts[prompt_name] + prompt
+        if isinstance(prompt, dict) and "prompt" in prompt and "prompt_token_ids" not in prompt:
+            return {**prompt, "prompt": prompts[prompt_name] + prompt["prompt"]}
+        raise ValueError("prompt_name applies to text prompts; this prompt is given as token ids or embeddings.")
+
+    def process_pooling_prompts(self, prompts: list[PromptType | ProcessedPrompt], params: list[PoolingParams],
+                                prompt_name: str | None = None) -> list[ProcessedPrompt]:
+        """Tokenized (and truncated, with `truncate_prompt_tokens`) and validated for a pooling model. Texts
+        go to the tokenizer together, one call per truncation length: for short texts the per-call overhead
+        costs more than the tokenizing."""
+        out: list[ProcessedPrompt | None] = [None] * len(prompts)
+        texts: dict[int | None, list[tuple[int, str]]] = {}  # truncation length -> (position, text)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, ProcessedPrompt):
+                out[i] = prompt
+                continue
+            if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+                raise ValueError("Pooling models take text or token prompts, not prompt embeddings.")
+            text, ids = self._split_prompt(self.named_prompt(prompt, prompt_name))
+            max_length = self._truncation_length(p)
+            if ids is None:
+                texts.setdefault(max_length, []).append((i, text))
+                continue
+            if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
+                # cut on the side the tokenizer cuts text
+                left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+                ids = ids[-max_length:] if left else ids[:max_length]
+            out[i] = ProcessedPrompt(text, self._check_pooling_length(ids))
+        for max_length, items in texts.items():
+            for (i, _), processed in zip(items, self._encode([t for _, t in items], None, max_length)):
+                out[i] = processed
+        return out
+
+    def process_pooling_prompt(self, prompt: PromptType | ProcessedPrompt, params: PoolingParams,
+                               prompt_name: str | None = None) -> ProcessedPrompt:
+        return self.process_pooling_prompts([prompt], [params], prompt_name)[0]
+
+    def process_pooling_pairs(self, pairs: list[tuple[str, str]], params: PoolingParams) -> list[ProcessedPrompt]:
+        """Sentence pairs for a cross-encoder, each tokenized jointly (with token types where the model has
+        them)."""
+        for pair in pairs:
+            if not all(isinstance(text, str) and text for text in pair):
+                raise ValueError("A cross-encoder scores pairs of non-empty text prompts.")
+        return self._encode([a for a, _ in pairs], [b for _, b in pairs], self._truncation_length(params))
+
+    def _encode(self, texts: list[str], text_pairs: list[str] | None, max_length: int | None) -> list[ProcessedPrompt]:
+        if self.tokenizer is None:
+            raise ValueError("Text prompts need a tokenizer; pass prompt_token_ids instead.")
+        st = self.pooling.sentence_transformers
+        lower = st is not None and st.do_lower_case
+        encoded = self.tokenizer([t.lower() for t in texts] if lower else texts,
+                                 [t.lower() for t in text_pairs] if lower and text_pairs else text_pairs,
+                                 truncation=max_length is not None, max_length=max_length)
+        # Token types only for a model that has them, and only where some token is not type 0.
+        token_types = encoded.get("token_type_ids") if getattr(self.hf_config, "type_vocab_size", 0) > 1 else None
+        return [ProcessedPrompt(texts[j] if text_pairs is None else None, self._check_pooling_length(ids),
+                                token_type_ids=token_types[j] if token_types and any(token_types[j]) else None)
+                for j, ids in enumerate(encoded["input_ids"])]
+
+    def _check_pooling_length(self, ids: list[int]) -> list[int]:
+        if isinstance(ids, (list, tuple)) and len(ids) > self.max_model_len:
+            raise ValueError(f"The prompt (length {len(ids)}) is longer than the maximum model length of "
+                             f"{self.max_model_len}; pass truncate_prompt_tokens=-1 to truncate it.")
+        return self.validate_token_ids(ids)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardserve.outputs import PositionLogprobs
+from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
 
 
@@ -25,16 +26,19 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: queue membership tests compare identities, not fields
 class Request:
     """One sequence: a prompt, the tokens generated so far, and how far its KV cache is computed.
 
     `num_computed_tokens` is the single progress counter: prefill, chunked prefill, prefix-cache hits and
     recompute after preemption all move it, and the scheduler only ever asks "how many tokens are left".
+
+    A request has sampling params (generation) or pooling params (a prefill-only request to a pooling
+    model, finished by the step that computes its prompt), never both.
     """
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     prompt: str | None = None
     # Prompt embeddings in place of the prompt's tokens (whose ids are then placeholders).
     prompt_embeds: torch.Tensor | None = None
@@ -42,6 +46,9 @@ class Request:
     # Which completion of its parent this is (n > 1 fans a prompt out into n requests).
     index: int = 0
     parent_id: str | None = None
+    pooling_params: PoolingParams | None = None
+    token_type_ids: list[int] | None = None     # segment of each prompt token (sentence pairs for BERT)
+    pooled: torch.Tensor | None = None          # a pooling request's output, once computed
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -56,7 +63,11 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
+        if (self.sampling_params is None) == (self.pooling_params is None):
+            raise ValueError("A request needs either sampling params or pooling params.")
         self.all_token_ids = list(self.prompt_token_ids)
+        if self.sampling_params is None:
+            return
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
         if self.sampling_params.prompt_logprobs is not None:

@@ -4,6 +4,11 @@ Each step hands out token counts: running requests first (a decode wants one tok
 prefill the rest of its prompt), then waiting requests, all within `max_num_batched_tokens` and
 `max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the most
 recently admitted running request is preempted: its blocks are freed and it recomputes later.
+
+Pooling requests are prefill-only: a prompt is scheduled whole or waits for a later step (an encoder's
+bidirectional attention cannot be split into chunks; the engine keeps the budget at least max_model_len),
+takes no KV blocks (attention runs over the step's own tokens and nothing reads them afterwards), and is
+finished by the engine after the step that computes it, so it never joins `running`.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
+from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
 
 
@@ -23,8 +29,10 @@ class NewRequestData:
     request_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     prompt_embeds: torch.Tensor | None = None  # replaces the prompt tokens' embeddings
+    pooling_params: PoolingParams | None = None
+    token_type_ids: list[int] | None = None
 
 
 @dataclass
@@ -94,8 +102,18 @@ class Scheduler:
                 i += 1
 
         # Admit waiting requests only if nothing had to make room this step.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        num_pooling = 0
+        while self.waiting and budget > 0 and len(self.running) + num_pooling < self.max_num_seqs and not preempted:
             req = self.waiting[0]
+            if req.pooling_params is not None:
+                if req.num_tokens > budget:
+                    break
+                self.waiting.popleft()
+                req.status = RequestStatus.RUNNING
+                out.scheduled.append(self._schedule(req, req.num_tokens, new=True))
+                budget -= req.num_tokens
+                num_pooling += 1
+                continue
             cached = self.block_manager.find_cached_blocks(req) if req.num_computed_tokens == 0 else []
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(req.num_tokens - req.num_computed_tokens - num_cached_tokens, budget)
@@ -121,7 +139,8 @@ class Scheduler:
             block_ids=self.block_manager.block_ids(req.request_id),
             sample=req.num_computed_tokens == req.num_tokens,
             new_request=NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
-                                       req.sampling_params, req.prompt_embeds) if new else None,
+                                       req.sampling_params, req.prompt_embeds, req.pooling_params,
+                                       req.token_type_ids) if new else None,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -134,11 +153,12 @@ class Scheduler:
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Retire a request (stopped, out of length, or aborted) and free its blocks."""
+        was_waiting = req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         req.status = status
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
+        if was_waiting:
             self.waiting.remove(req)
+        elif req in self.running:  # a scheduled pooling request is in neither queue
+            self.running.remove(req)
         self.block_manager.free(req)
         self.block_manager.forget(req)
         self.requests.pop(req.request_id, None)

@@ -11,12 +11,18 @@ from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_
 from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
+from shardserve.entrypoints.pooling import PoolingMixin
 from shardserve.inputs import PromptType, TokensPrompt
-from shardserve.outputs import RequestOutput
+from shardserve.outputs import PoolingRequestOutput, RequestOutput
+from shardserve.pooler_config import PoolerConfig
+from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 
-class LLM:
+class LLM(PoolingMixin):
+    """Generation (`generate`, `chat`, `beam_search`) with runner="generate"; `embed`, `encode`,
+    `classify`, `score`, `reward` (entrypoints/pooling.py) with runner="pooling"."""
+
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, block_size: int = 16,
@@ -28,11 +34,15 @@ class LLM:
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  distributed_executor_backend: str | None = None, address: str | None = None,
                  num_cpus_per_worker: float = 1.0, pp_layer_partition: list[int] | None = None,
-                 placement_group_strategy: str = "PACK", **kwargs):
+                 placement_group_strategy: str = "PACK", runner: str = "auto", convert: str = "auto",
+                 task: str | None = None, pooler_config: PoolerConfig | dict | str | None = None,
+                 override_pooler_config: PoolerConfig | dict | str | None = None, **kwargs):
         unknown = set(kwargs) - {"enforce_eager", "disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
         self.chat_template = load_chat_template(chat_template)  # the default for chat(); a bad path fails here
+        if pooler_config is not None and override_pooler_config is not None:
+            raise ValueError("Pass pooler_config or its older name override_pooler_config, not both.")
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
@@ -43,7 +53,8 @@ class LLM:
             enable_prompt_embeds=enable_prompt_embeds, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, distributed_executor_backend=distributed_executor_backend,
             ray_address=address, num_cpus_per_worker=num_cpus_per_worker, pp_layer_partition=pp_layer_partition,
-            placement_group_strategy=placement_group_strategy)
+            placement_group_strategy=placement_group_strategy, runner=runner, convert=convert, task=task,
+            pooler_config=pooler_config if pooler_config is not None else override_pooler_config)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
@@ -75,9 +86,14 @@ class LLM:
             self.llm_engine.processor.validate_params(p)
         # Offline callers see only finished outputs: the engine need not build one per step.
         params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
+        return self._run_requests(processed, params, use_tqdm)
+
+    def _run_requests(self, prompts: list, params: list[SamplingParams | PoolingParams],
+                      use_tqdm: bool) -> list[RequestOutput | PoolingRequestOutput]:
+        """Queue validated prompts and run the engine until they finish; outputs in input order."""
         ids = []
         try:
-            for prompt, p in zip(processed, params):
+            for prompt, p in zip(prompts, params):
                 request_id = str(next(self._request_counter))
                 self.llm_engine.add_request(request_id, prompt, p)
                 ids.append(request_id)
@@ -94,6 +110,7 @@ class LLM:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
         each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
         tokenizer's) and then generated as by `generate`."""
+        self.llm_engine.processor.require_generation()
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("LLM.chat needs a tokenizer to render and tokenize the conversation; it is not "
@@ -117,6 +134,7 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         processor = self.llm_engine.processor
+        processor.require_generation()
         processed = [processor.process_prompt(p) for p in prompts]
         if any(p.embeds is not None for p in processed):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
@@ -127,7 +145,7 @@ class LLM:
         return run_beam_search(step, [p.token_ids for p in processed], params, tokenizer,
                                self.llm_engine.max_model_len, use_tqdm)
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput | PoolingRequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
@@ -139,9 +157,10 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
                         in_tokens += len(output.prompt_token_ids)
-                        out_tokens += sum(len(c.token_ids) for c in output.outputs)
-                        elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix_str(f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
-                                            f"output: {out_tokens / elapsed:.2f} toks/s", refresh=False)
+                        speed = f"est. speed input: {in_tokens / (bar.format_dict['elapsed'] or 1e-9):.2f} toks/s"
+                        if isinstance(output, RequestOutput):  # pooling outputs have no output tokens
+                            out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                            speed += f", output: {out_tokens / (bar.format_dict['elapsed'] or 1e-9):.2f} toks/s"
+                        bar.set_postfix_str(speed, refresh=False)
                         bar.update(1)
         return [finished[i] for i in request_ids]

@@ -18,3 +18,17 @@ def get_act_fn(name: str) -> nn.Module:
     if name not in ACT2FN:
         raise ValueError(f"Unsupported activation {name!r}.")
     return ACT2FN[name]
+
+
+def activation_from_qualname(qualname: str) -> nn.Module:
+    """A torch.nn activation named by its class path in a config file (Sentence Transformers writes e.g.
+    "torch.nn.modules.activation.Tanh"). Only argument-free torch.nn module classes are accepted: a config
+    file must never be able to name arbitrary code."""
+    cls = getattr(nn, qualname.rsplit(".", 1)[-1], None) if qualname.startswith("torch.nn.modules.") else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"Unsupported activation {qualname!r}: only torch.nn.modules activations are allowed.")
+    try:
+        return cls()
+    except TypeError:
+        raise ValueError(f"Activation {qualname!r} needs constructor arguments; it cannot come from a config.") \
+            from None

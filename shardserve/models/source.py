@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from shardserve.models import gguf
 from shardserve.models.loader import iterate_checkpoint
 from shardserve.models.registry import resolve_model_class
 
+if TYPE_CHECKING:
+    from shardserve.models.pooling import PoolingModelConfig
+
 
 @dataclass
 class ModelSource:
@@ -24,6 +28,7 @@ class ModelSource:
     path: str                    # local directory, hub id, or .gguf file
     hf_config: PretrainedConfig
     is_gguf: bool
+    pooling: PoolingModelConfig | None = None  # set by the engine when the model runs as a pooling model
 
 
 def load_model_source(model: str, hf_overrides: dict | None = None, revision: str | None = None,
@@ -63,12 +68,14 @@ def iterate_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    model_cls = resolve_model_class(source.hf_config)
+    pooling = source.pooling
+    runner, kind = ("generate", "none") if pooling is None else ("pooling", pooling.kind)
+    model_cls = resolve_model_class(source.hf_config, runner, kind)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_cls(source.hf_config)
+            model = model_cls(source.hf_config) if pooling is None else model_cls(source.hf_config, pooling)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(iterate_weights(source))

@@ -11,6 +11,7 @@ from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from shardserve.sampling_params import SamplingParams
+from shardserve.workers.pooling_runner import prepare_pooling_step
 
 
 # Queries up to this many tokens go through the paged decode path, one row per token.
@@ -30,6 +31,7 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)          # one position each
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)   # this step's prompt positions
+    pooler_output: dict[str, torch.Tensor] = field(default_factory=dict)      # pooling models: CPU tensors
 
 
 @dataclass
@@ -57,6 +59,7 @@ class ModelRunner:
         self.pp = get_pp_group()
         self.sampler = Sampler(seed, device)
         self.requests: dict[str, CachedRequestState] = {}
+        self.is_pooling = getattr(model, "pooling_kind", None) is not None
 
     # request state ----------------------------------------------------------------------------------
 
@@ -181,16 +184,12 @@ class ModelRunner:
 
     # step -------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self._update_states(out)
-        result = ModelRunnerOutput()
-        if out.is_empty:
-            return result
-        scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
-        input_ids, positions, meta = self._prepare(scheduled)
+    def _forward(self, input_ids, positions, meta, first_stage_inputs) -> torch.Tensor | None:
+        """This stage's part of the model: the last stage returns the final hidden states, the others send
+        theirs on and return None. `first_stage_inputs()` gives the extra inputs only the embedding stage
+        reads (prompt embeddings, token types)."""
         if self.pp.is_first:
-            hidden = self.model(input_ids, positions, meta, self._inputs_embeds(scheduled, input_ids))
+            hidden = self.model(input_ids, positions, meta, **first_stage_inputs())
         else:
             # A later pipeline stage starts from what the stage before it computed for the same tokens.
             received = pp_recv({key: torch.empty(len(input_ids), self.hidden_size, dtype=self.dtype,
@@ -198,6 +197,22 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, meta, intermediate=received)
         if not self.pp.is_last:
             pp_send(hidden)
+            return None
+        return hidden
+
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if self.is_pooling:
+            return self._execute_pooling(out)
+        self._update_states(out)
+        result = ModelRunnerOutput()
+        if out.is_empty:
+            return result
+        scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
+        input_ids, positions, meta = self._prepare(scheduled)
+        hidden = self._forward(input_ids, positions, meta,
+                               lambda: {"inputs_embeds": self._inputs_embeds(scheduled, input_ids)})
+        if hidden is None:
             return result
 
         offsets, total = [], 0
@@ -229,6 +244,18 @@ class ModelRunner:
                 entry = self._prompt_logprobs(hidden, offsets[i], s, state)
                 if entry is not None:
                     result.prompt_logprobs[s.request_id] = entry
+        return result
+
+    def _execute_pooling(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Prefill-only requests (pooling models): each prompt whole in this step, pooled on the last stage;
+        the worker keeps nothing between steps."""
+        result = ModelRunnerOutput()
+        if out.is_empty:
+            return result
+        step = prepare_pooling_step(out.scheduled, self.device, self.model.is_causal)
+        hidden = self._forward(step.input_ids, step.positions, step.meta, lambda: step.first_stage_inputs)
+        if hidden is not None:
+            result.pooler_output = step.pool(self.model.pooler, hidden)
         return result
 
     def _prompt_logprobs(self, hidden, offset: int, s: ScheduledRequest,

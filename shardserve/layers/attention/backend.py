@@ -17,12 +17,14 @@ class PrefillSeq:
     query_start: int          # offset of its first query token in the flattened batch
     query_len: int
     context_len: int          # tokens already in the KV cache before this step
-    kv_slots: torch.Tensor    # [context_len + query_len] cache slots of all its tokens, in order
+    kv_slots: torch.Tensor | None  # [context_len + query_len] cache slots of all its tokens, in order
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor              # [num_tokens] where each new token's K/V is written
+    # [num_tokens] where each new token's K/V is written; None: the step keeps no KV (pooling models'
+    # prefill-only steps), attention runs over the step's own tokens.
+    slot_mapping: torch.Tensor | None
     block_size: int = 16
     num_decode_tokens: int = 0              # rows of one query token each (decodes, short chunks) come first
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] long, padded with 0

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.layers.attention.backend import AttentionBackend, AttentionMetadata
+from shardserve.layers.attention.packed import equal_length_runs, packed_self_attention
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):
@@ -37,6 +38,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
+        if meta.slot_mapping is None:
+            return self.self_attention(q, k, v, meta, scale)
         if kv_cache is not None:
             rows = meta.memo(("write_rows", kv_cache.shape),
                              lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
@@ -50,6 +53,13 @@ class TorchAttentionBackend(AttentionBackend):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta.causal, scale)
         return out
+
+    def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """A step without a KV cache (pooling models): every prompt attends to its own tokens only, prompts
+        of one length side by side as one batch (layers/attention/packed.py)."""
+        runs = meta.memo("equal_length_runs", lambda: equal_length_runs(
+            [s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills]))
+        return packed_self_attention(q, k, v, runs, scale, meta.causal)
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """One query token per sequence against its whole cached context."""

@@ -1,0 +1,39 @@
+"""Attention of a step without a KV cache (pooling models): packed prompts, each attending to itself only.
+
+The prompts lie back to back from row 0. One SDPA call per prompt costs more than the attention itself for
+short prompts, so back-to-back prompts of one length (the pooling runner packs a step's prompts sorted by
+length) attend as one batch: their rows viewed in place as [prompts, length, heads, head_dim], no copy and
+no padding. The outputs are joined by one concatenation rather than copied into place call by call: on a
+CPU a small copy costs its call overhead, not its bytes. (Padding neighbours of different lengths to one
+batch with a key mask measured slower: the gathers and the masked kernel cost more than the calls saved.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def equal_length_runs(starts: list[int], lens: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, number of prompts, length) of each run of back-to-back prompts of one length."""
+    runs: list[list[int]] = []
+    for start, n in zip(starts, lens):
+        if start != (runs[-1][0] + runs[-1][1] * runs[-1][2] if runs else 0):
+            raise ValueError("Packed prompts must lie back to back from row 0.")
+        if runs and runs[-1][2] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, n])
+    return [tuple(r) for r in runs]
+
+
+def packed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]],
+                          scale: float, causal: bool) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]; `runs` cover rows 0..T in order."""
+    outs = []
+    heads, head_dim = q.size(1), q.size(2)
+    for start, count, length in runs:
+        rows = slice(start, start + count * length)
+        qb, kb, vb = (t[rows].view(count, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, enable_gqa=heads != k.size(1))
+        outs.append(o.transpose(1, 2).reshape(-1, heads, head_dim))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
