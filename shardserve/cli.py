@@ -38,11 +38,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from shardserve.cluster.ray_cluster import connect
     from shardserve.models.gguf import default_generation_model
+    from shardserve.models.source import default_embedding_model
     from shardserve.router.app import build_app
     from shardserve.router.spec import ModelSpec
 
-    models = args.model or [default_generation_model()]
-    names = args.served_model_name or ([] if args.model else ["SmolLM2-135M-Instruct"])
+    # The default app: SmolLM2 for completions and chat, all-MiniLM-L6-v2 for embeddings, both shipped in
+    # PyPI packages (no hub).
+    models = args.model or [default_generation_model(), default_embedding_model()]
+    names = args.served_model_name or ([] if args.model else ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"])
     if len(names) > len(models):
         raise SystemExit("--served-model-name was given more times than there are models.")
     common = dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -50,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_prompt_embeds=args.enable_prompt_embeds, chat_template=args.chat_template,
                   hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else {},
                   num_replicas=args.num_replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval_s=args.stream_interval_s)
+                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval_s=args.stream_interval_s,
+                  runner=args.runner, convert=args.convert, pooler_config=args.pooler_config)
     specs = [ModelSpec(model=m, served_model_name=names[i] if i < len(names) else None, **common)
              for i, m in enumerate(models)]
     connect(args.address)
@@ -62,6 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' -d "
           f"'{{\"model\": \"{specs[0].name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
           flush=True)
+    embedders = [sp.name for sp in specs if sp.runner == "pooling" or sp.model == default_embedding_model()]
+    if embedders:
+        print(f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' -d "
+              f"'{{\"model\": \"{embedders[0]}\", \"input\": [\"A sentence to embed\"]}}'", flush=True)
     print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
           f"'{{\"model\": \"{specs[0].name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
           flush=True)
@@ -91,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--enable-prompt-embeds", action="store_true")
     srv.add_argument("--chat-template", help="a Jinja template, or a path to one")
     srv.add_argument("--hf-overrides", help="JSON object of config overrides")
+    srv.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"])
+    srv.add_argument("--convert", default="auto", choices=["auto", "embed", "classify", "reward"])
+    srv.add_argument("--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")
     srv.add_argument("--api-key", default=os.environ.get("SHARDSERVE_API_KEY"))
     srv.add_argument("--num-replicas", type=int, default=1)
     srv.add_argument("--min-replicas", type=int)

@@ -35,6 +35,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> 
 class EngineConfig:
     model: str
     tokenizer: str | None = None
+    served_model_name: str | None = None   # the name clients use (in messages), when it is not `model`
     dtype: str | torch.dtype = "auto"
     seed: int = 0
     max_model_len: int | None = None

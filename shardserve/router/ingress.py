@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 import shardserve
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        TokenizeRequest)
+                                        EmbeddingRequest, TokenizeRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ class Router:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._relay(request, "chat", ChatCompletionRequest)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        return await self._relay(request, "embeddings", EmbeddingRequest)
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):

@@ -18,15 +18,20 @@ from ray import serve
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.entrypoints.chat_utils import load_chat_template
 from shardserve.router.errors import to_api_error
+from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        TokenizeRequest)
+                                        EmbeddingRequest, TokenizeRequest)
 from shardserve.router.serving import OpenAIServing
+from shardserve.router.serving_pooling import PoolingServing
 from shardserve.router.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 _REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest, "tokenize": TokenizeRequest,
-             "detokenize": DetokenizeRequest}
+             "detokenize": DetokenizeRequest, "embeddings": EmbeddingRequest}
+# The routes each runner serves; the others answer 400 naming the runner that serves them.
+_RUNNER_ROUTES = {"generate": {"completion", "chat", "tokenize", "detokenize"},
+                  "pooling": {"embeddings", "tokenize", "detokenize"}}
 
 
 @serve.deployment
@@ -37,11 +42,13 @@ class ModelDeployment:
         self.engine = AsyncLLMEngine(spec.engine_config(),
                                      num_threads=int(os.environ.get("SHARDSERVE_NUM_THREADS", spec.num_threads)))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template))
+        self.pooling = PoolingServing(self.serving)
+        self.runner = self.engine.engine.runner
 
     def info(self) -> dict:
         executor = self.engine.engine.executor
         return {"id": self.spec.name, "root": self.spec.model, "max_model_len": self.engine.max_model_len,
-                "runner": "generate", "replica_pid": os.getpid(),
+                "runner": self.runner, "replica_pid": os.getpid(),
                 "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])],
                 "num_steps": self.engine.num_steps, "step_seconds": self.engine.step_seconds}
 
@@ -50,10 +57,17 @@ class ModelDeployment:
         unhealthy, and Serve replaces it with a fresh one."""
         self.engine.check_health(ping_workers=True)
 
+    def _route(self, route: str):
+        if route not in _RUNNER_ROUTES[self.runner]:
+            other = "pooling" if self.runner == "generate" else "generate"
+            raise APIError(f"The model `{self.spec.name}` runs the {self.runner!r} runner, which does not serve "
+                           f"this route; it needs a model served with the {other!r} runner.")
+        return getattr(self.pooling if route == "embeddings" else self.serving, route)
+
     async def call(self, route: str, body: dict) -> dict:
         try:
             request = _REQUESTS[route].model_validate(body)
-            method = getattr(self.serving, route)
+            method = self._route(route)
             result = method(request)
             if hasattr(result, "__await__"):
                 result = await result
@@ -69,7 +83,7 @@ class ModelDeployment:
         consumer is busy go out together: under load each hop through Serve carries many tokens, not one."""
         try:
             request = _REQUESTS[route].model_validate(body)
-            chunks = await getattr(self.serving, route)(request)
+            chunks = await self._route(route)(request)
         except Exception as e:
             error = to_api_error(e)
             yield {"status": error.status, "body": error.body()}

@@ -19,6 +19,9 @@ class ModelSpec:
     enable_prompt_embeds: bool = False
     chat_template: str | None = None
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    runner: str = "auto"
+    convert: str = "auto"
+    pooler_config: dict[str, Any] | str | None = None
     seed: int = 0
     max_num_seqs: int = 256
     kv_cache_memory_bytes: int | None = None
@@ -41,11 +44,12 @@ class ModelSpec:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed,
+            model=self.model, served_model_name=self.name, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed,
             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker)
+            pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker,
+            runner=self.runner, convert=self.convert, pooler_config=self.pooler_config)
 
     def deployment_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}
