@@ -157,10 +157,11 @@ class LLM(PoolingMixin):
                     if output.finished:
                         finished[output.request_id] = output
                         in_tokens += len(output.prompt_token_ids)
-                        speed = f"est. speed input: {in_tokens / (bar.format_dict['elapsed'] or 1e-9):.2f} toks/s"
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        speed = f"est. speed input: {in_tokens / elapsed:.2f} toks/s"
                         if isinstance(output, RequestOutput):  # pooling outputs have no output tokens
                             out_tokens += sum(len(c.token_ids) for c in output.outputs)
-                            speed += f", output: {out_tokens / (bar.format_dict['elapsed'] or 1e-9):.2f} toks/s"
+                            speed += f", output: {out_tokens / elapsed:.2f} toks/s"
                         bar.set_postfix_str(speed, refresh=False)
                         bar.update(1)
         return [finished[i] for i in request_ids]
