@@ -9,7 +9,7 @@ Time spent inside collectives is accumulated so benchmarks can report communicat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
