@@ -9,6 +9,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from shardserve.beam_search import BeamSearchParams, run_beam_search
 from shardserve.engine.async_engine import AsyncLLMEngine
@@ -62,6 +63,33 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Reque
     finally:
         for t in tasks:
             t.cancel()
+
+
+@dataclass
+class _Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list                 # the new tokens' logprob entries
+    text_offset: int               # where `text` starts in the choice's whole text
+    first: bool                    # the choice's first chunk
+
+
+class _StreamCursor:
+    """What each streamed choice has been sent so far (outputs are cumulative); yields what is new."""
+
+    def __init__(self):
+        self.sent: dict[int, tuple[int, int]] = {}   # choice index -> (chars, tokens) sent
+        self.completion_tokens = 0
+
+    def advance(self, index: int, c: CompletionOutput) -> _Delta | None:
+        chars, tokens = self.sent.get(index, (0, 0))
+        text, new_tokens = c.text[chars:], c.token_ids[tokens:]
+        if not text and not new_tokens and c.finish_reason is None:
+            return None
+        first = index not in self.sent
+        self.sent[index] = (len(c.text), len(c.token_ids))
+        self.completion_tokens += len(new_tokens)
+        return _Delta(text, new_tokens, (c.logprobs or [])[tokens:], chars, first)
 
 
 class OpenAIServing:
@@ -124,7 +152,7 @@ class OpenAIServing:
         first = await self._start(streams)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self._completion_stream(req, first, streams, meta)
+            return self._completion_stream(req, first, meta)
         finals: dict[int, RequestOutput] = {}
         async for i, out in first:
             finals[i] = out
@@ -186,35 +214,27 @@ class OpenAIServing:
         return {**meta, "object": "text_completion", "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
-    async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator, streams: list,
+    async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator,
                                  meta: dict) -> AsyncIterator[dict]:
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        cursor = _StreamCursor()
         prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
         async for i, out in merged:
             prompt_tokens[i] = len(out.prompt_token_ids)
             for c in out.outputs:
                 index = i * req.n + c.index
-                start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                delta = c.text[start_text:]
-                if index not in sent_text and req.echo and out.prompt is not None:
-                    delta = out.prompt + delta
-                new_tokens = c.token_ids[start_tok:]
-                if not delta and not new_tokens and c.finish_reason is None:
+                d = cursor.advance(index, c)
+                if d is None:
                     continue
+                text = out.prompt + d.text if d.first and req.echo and out.prompt is not None else d.text
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self._completion_logprobs(new_tokens, (c.logprobs or [])[start_tok:], req.logprobs,
-                                                         start_text)
-                sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
-                completion_tokens += len(new_tokens)
+                    logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset)
                 yield {**meta, "object": "text_completion", "choices": [
-                    {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                      "stop_reason": c.stop_reason}]}
         if req.stream_options is not None and req.stream_options.include_usage:
             yield {**meta, "object": "text_completion", "choices": [],
-                   "usage": _usage(sum(prompt_tokens.values()), completion_tokens)}
+                   "usage": _usage(sum(prompt_tokens.values()), cursor.completion_tokens)}
 
     async def _beam_search(self, req: CompletionRequest) -> dict:
         if req.stream:
@@ -289,26 +309,21 @@ class OpenAIServing:
         for i in range(req.n):
             yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]}
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        prompt_tokens = completion_tokens = 0
+        cursor = _StreamCursor()
+        prompt_tokens = 0
         top = req.top_logprobs or 0
         async for _, out in merged:
             prompt_tokens = len(out.prompt_token_ids)
             for c in out.outputs:
-                start_text, start_tok = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
-                delta, new_tokens = c.text[start_text:], c.token_ids[start_tok:]
-                if not delta and not new_tokens and c.finish_reason is None:
+                d = cursor.advance(c.index, c)
+                if d is None:
                     continue
-                sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                completion_tokens += len(new_tokens)
-                logprobs = (self._chat_logprobs(new_tokens, (c.logprobs or [])[start_tok:], top)
-                            if req.logprobs else None)
-                yield {**chunk, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
+                logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top) if req.logprobs else None
+                yield {**chunk, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
                                              "logprobs": logprobs, "finish_reason": c.finish_reason,
                                              "stop_reason": c.stop_reason}]}
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+            yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, cursor.completion_tokens)}
 
     # tokens -----------------------------------------------------------------------------------------
 
