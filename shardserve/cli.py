@@ -70,6 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
     if embedders:
         print(f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' -d "
               f"'{{\"model\": \"{embedders[0]}\", \"input\": [\"A sentence to embed\"]}}'", flush=True)
+        print(f"  curl {base}/rerank -H 'Content-Type: application/json' -d "
+              f"'{{\"model\": \"{embedders[0]}\", \"query\": \"capital of France\", "
+              f"\"documents\": [\"Paris is in France.\", \"Rome is in Italy.\"]}}'", flush=True)
     print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
           f"'{{\"model\": \"{specs[0].name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
           flush=True)

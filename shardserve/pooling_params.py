@@ -29,6 +29,9 @@ class PoolingParams:
     # Keep only this many prompt tokens, cut on the tokenizer's truncation side (the end, unless the tokenizer
     # says otherwise); -1 = the model's maximum length; None = a prompt over the limit is an error.
     truncate_prompt_tokens: int | None = None
+    # Which end truncation cuts: "right" keeps the first tokens, "left" the last; None = the tokenizer's side.
+    # Special tokens ([CLS], [SEP], BOS) stay either way.
+    truncation_side: Literal["left", "right"] | None = None
     # Embeddings: keep the first `dimensions` features (Matryoshka models only).
     dimensions: int | None = None
     # Embeddings: L2-normalise; classification and scores: softmax / sigmoid. None = the model's default.
@@ -53,6 +56,8 @@ class PoolingParams:
                 or self.truncate_prompt_tokens == 0):
             raise ValueError(f"truncate_prompt_tokens must be -1 (the model's maximum length) or a positive "
                              f"number of tokens, got {self.truncate_prompt_tokens!r}.")
+        if self.truncation_side not in (None, "left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}.")
         if self.dimensions is not None and (not isinstance(self.dimensions, int) or self.dimensions < 1):
             raise ValueError(f"Dimensions must be greater than 0, got {self.dimensions!r}.")
         if self.task is not None and self.task not in POOLING_TASKS:

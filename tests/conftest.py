@@ -216,3 +216,65 @@ def hf_last_hidden(model_dir: str, texts: list[str]) -> list[torch.Tensor]:
     from transformers import AutoModel, AutoTokenizer
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
     return [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0] for t in texts]
+
+
+# The online server ------------------------------------------------------------------------------------
+
+API_KEY = "test-key"
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ENGINE = dict(max_num_seqs=16, kv_cache_memory_bytes=1 << 26, max_model_len=256)
+ST_PROMPTS = {"search_query": "query: ", "search_document": "passage: "}
+
+
+@pytest.fixture(scope="session")
+def minilm_st_dir(tmp_path_factory):
+    """all-MiniLM-L6-v2 as a model with named prompts (for Cohere's input_type) and Matryoshka dimensions
+    (for output_dimension): its files linked, its two configs rewritten."""
+    import json
+
+    from shardserve.models.source import default_embedding_model
+    source, path = default_embedding_model(), tmp_path_factory.mktemp("minilm-st")
+    for name in os.listdir(source):
+        os.symlink(os.path.join(source, name), path / name)
+    for name, changes in (("config_sentence_transformers.json", {"prompts": ST_PROMPTS}),
+                          ("config.json", {"matryoshka_dimensions": [128, 256, 384]})):
+        with open(os.path.join(source, name)) as f:
+            config = {**json.load(f), **changes}
+        os.unlink(path / name)
+        (path / name).write_text(json.dumps(config))
+    return str(path)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
+    """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" and as
+    "tiny-tp2" (two tensor-parallel workers), all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka
+    dimensions, as "minilm-st", a random BERT cross-encoder "cross" and a 3-label BERT "classifier"."""
+    from ray import serve
+
+    from shardserve.models.source import default_embedding_model
+    from shardserve.router.app import build_app
+    from shardserve.router.spec import ModelSpec
+
+    port = _free_port()
+    common = dict(model=model_dirs("llama"), chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32",
+                  num_cpus=0.5, num_cpus_per_worker=0.5, **ENGINE)
+    specs = [ModelSpec(served_model_name="tiny", **common),
+             ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
+             ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.5),
+             ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),
+             ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),
+             ModelSpec(model=encoder_dirs("bert", "classify", 3), served_model_name="classifier", num_cpus=0.25)]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(specs, api_key=API_KEY), name="shardserve", route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("shardserve")
+    serve.shutdown()

@@ -50,9 +50,9 @@ def test_sentence_transformers_pipeline_and_prompts(st_dir, st_model):
     refs = st_model.encode(TEXTS, prompt_name="query", convert_to_tensor=True)
     for out, ref in zip(llm.embed(TEXTS, prompt_name="query", use_tqdm=False), refs):
         assert_close_f32(out.outputs.embedding, ref)
-    with pytest.raises(ValueError, match="Unknown prompt_name 'doc'.*its prompts are .*'passage', 'query'"):
+    with pytest.raises(ValueError, match="Unknown prompt name 'doc'.*its prompts are .*'passage', 'query'"):
         llm.embed(TEXTS, prompt_name="doc")
-    with pytest.raises(ValueError, match="prompt_name applies to text prompts"):
+    with pytest.raises(ValueError, match="named prompt applies to text prompts"):
         llm.embed(TokensPrompt(prompt_token_ids=[2, 50, 3]), prompt_name="query")
 
 
@@ -116,6 +116,17 @@ def test_truncation(encoder_dirs):
     (head,) = llm.embed(TokensPrompt(prompt_token_ids=ids[:5]), use_tqdm=False)
     assert cut.prompt_token_ids == ids[:5]
     assert_close_f32(cut.outputs.embedding, head.outputs.embedding)
+    # truncation_side="left" keeps the last tokens, as a tokenizer built to cut on the left does
+    left_tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
+    (tail,) = llm.embed(long_text, PoolingParams(truncate_prompt_tokens=10, truncation_side="left"), use_tqdm=False)
+    expected_ids = left_tokenizer(long_text, truncation=True, max_length=10)["input_ids"]
+    assert tail.prompt_token_ids == expected_ids and expected_ids[0] == tokenizer.cls_token_id
+    assert expected_ids[-2] == ids[-2]
+    (cut,) = llm.embed(TokensPrompt(prompt_token_ids=ids), PoolingParams(truncate_prompt_tokens=5,
+                                                                         truncation_side="left"), use_tqdm=False)
+    assert cut.prompt_token_ids == ids[-5:]
+    with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+        PoolingParams(truncation_side="middle")
     with pytest.raises(ValueError, match="truncate_prompt_tokens=17 is greater than the maximum model length"):
         llm.embed(long_text, truncate_prompt_tokens=17, use_tqdm=False)
 

@@ -83,7 +83,7 @@ def test_cross_encoder_pair_scores_equal_transformers(arch, encoder_dirs):
     # A one-label classifier also classifies single texts (sigmoid of its logit).
     for out, logits in zip(llm.classify(TEXTS[:2], use_tqdm=False), _hf_logits(model_dir, TEXTS[:2])):
         assert_close_f32(out.outputs.probs, torch.sigmoid(logits))
-    with pytest.raises(ValueError, match="3 texts against 2"):
+    with pytest.raises(ValueError, match="Got 3 texts to score against 2"):
         llm.score(["a", "b", "c"], ["x", "y"])
 
 

@@ -1,19 +1,19 @@
 """The online server on Ray Serve, through the official `openai` client and plain HTTP on 127.0.0.1.
 
-One app for the module: a random Llama served as "tiny" (with a chat template, prompt embeddings on, an API
-key) and the same weights as "tiny-tp2" on two tensor-parallel worker actors. Every greedy answer must equal
-the offline `LLM` on the same input.
+The app (conftest's `server`): a random Llama served as "tiny" (with a chat template, prompt embeddings on,
+an API key), the same weights as "tiny-tp2" on two tensor-parallel worker actors, and pooling models. Every
+greedy answer must equal the offline `LLM` on the same input.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import threading
 
 import httpx
 import pytest
 import torch
+from conftest import API_KEY, ENGINE, TEMPLATE
 from openai import OpenAI
 
 from shardserve import LLM, BeamSearchParams, SamplingParams
@@ -22,21 +22,11 @@ from shardserve.models.source import default_embedding_model
 
 pytestmark = pytest.mark.timeout(300)
 
-API_KEY = "test-key"
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CUSTOM = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}"
           "{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}")
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "The capital of France is"}]
 PROMPTS = ["The quick brown fox", "Hello, world! Streaming text"]
-ENGINE = dict(max_num_seqs=16, kv_cache_memory_bytes=1 << 26, max_model_len=256)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +37,6 @@ def model_dir(model_dirs):
 @pytest.fixture(scope="module")
 def offline(model_dir):
     return LLM(model_dir, chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32", **ENGINE)
-
-
-@pytest.fixture(scope="module")
-def server(ray_cluster, model_dir):
-    from ray import serve
-
-    from shardserve.router.app import build_app
-    from shardserve.router.spec import ModelSpec
-
-    port = _free_port()
-    common = dict(model=model_dir, chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32", num_cpus=0.5,
-                  num_cpus_per_worker=0.5, **ENGINE)
-    specs = [ModelSpec(served_model_name="tiny", **common),
-             ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
-             ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.5)]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(specs, api_key=API_KEY), name="shardserve", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("shardserve")
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +146,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     r = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": tokenizer.encode(PROMPTS[0])})
     assert r.json()["prompt"] == tokenizer.decode(tokenizer.encode(PROMPTS[0]))
     models = httpx.get(f"{server}/v1/models", headers=_headers()).json()
-    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "minilm"}
+    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "minilm", "minilm-st", "cross", "classifier"}
     assert httpx.get(f"{server}/health").status_code == 200
     assert "version" in httpx.get(f"{server}/version").json()
 

@@ -202,11 +202,19 @@ class Processor:
                              f"({self.max_model_len}); choose a smaller truncation size.")
         return k
 
-    def named_prompt(self, prompt: PromptType, prompt_name: str | None) -> PromptType:
-        """The prompt with the model's Sentence Transformers prompt `prompt_name` put before its text
-        (config_sentence_transformers.json `prompts`; the model's `default_prompt_name` when no name is given)."""
+    def model_prompts(self) -> dict[str, str]:
+        """The model's named prompts: Sentence Transformers' and the config's `task_instructions`."""
         st = self.pooling.sentence_transformers if self.pooling is not None else None
-        prompts = st.prompts if st is not None else {}
+        instructions = getattr(self.hf_config, "task_instructions", None)
+        return {**(st.prompts if st is not None else {}),
+                **(instructions if isinstance(instructions, dict) else {})}
+
+    def named_prompt(self, prompt: PromptType, prompt_name: str | None) -> PromptType:
+        """The prompt with the model's prompt `prompt_name` put before its text: Sentence Transformers'
+        (config_sentence_transformers.json `prompts`) or the config's `task_instructions`. With no name given,
+        the model's `default_prompt_name`, if any."""
+        st = self.pooling.sentence_transformers if self.pooling is not None else None
+        prompts = self.model_prompts()
         if prompt_name is None:
             prompt_name = st.default_prompt_name if st is not None else None
             is_text = isinstance(prompt, str) or isinstance(prompt, dict) and "prompt" in prompt \
@@ -215,21 +223,21 @@ class Processor:
                 return prompt  # a default prompt applies to text only
         if prompt_name not in prompts:
             known = f"its prompts are {', '.join(map(repr, prompts))}" if prompts else \
-                "it defines no prompts (config_sentence_transformers.json)"
-            raise ValueError(f"Unknown prompt_name {prompt_name!r} for this model: {known}.")
+                "it defines no prompts (config_sentence_transformers.json or task_instructions)"
+            raise ValueError(f"Unknown prompt name {prompt_name!r} for this model: {known}.")
         if isinstance(prompt, str):
             return prompts[prompt_name] + prompt
         if isinstance(prompt, dict) and "prompt" in prompt and "prompt_token_ids" not in prompt:
             return {**prompt, "prompt": prompts[prompt_name] + prompt["prompt"]}
-        raise ValueError("prompt_name applies to text prompts; this prompt is given as token ids or embeddings.")
+        raise ValueError("A named prompt applies to text prompts; this prompt is given as token ids or embeddings.")
 
     def process_pooling_prompts(self, prompts: list[PromptType | ProcessedPrompt], params: list[PoolingParams],
                                 prompt_name: str | None = None) -> list[ProcessedPrompt]:
         """Tokenized (and truncated, with `truncate_prompt_tokens`) and validated for a pooling model. Texts
-        go to the tokenizer together, one call per truncation length: for short texts the per-call overhead
-        costs more than the tokenizing."""
+        go to the tokenizer together, one call per truncation: for short texts the per-call overhead costs
+        more than the tokenizing."""
         out: list[ProcessedPrompt | None] = [None] * len(prompts)
-        texts: dict[int | None, list[tuple[int, str]]] = {}  # truncation length -> (position, text)
+        texts: dict[tuple, list[tuple[int, str]]] = {}  # (truncation length, side) -> (position, text)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, ProcessedPrompt):
                 out[i] = prompt
@@ -237,17 +245,15 @@ class Processor:
             if isinstance(prompt, dict) and "prompt_embeds" in prompt:
                 raise ValueError("Pooling models take text or token prompts, not prompt embeddings.")
             text, ids = self._split_prompt(self.named_prompt(prompt, prompt_name))
-            max_length = self._truncation_length(p)
+            truncation = (self._truncation_length(p), self._truncation_side(p))
             if ids is None:
-                texts.setdefault(max_length, []).append((i, text))
+                texts.setdefault(truncation, []).append((i, text))
                 continue
-            if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
-                # cut on the side the tokenizer cuts text
-                left = getattr(self.tokenizer, "truncation_side", "right") == "left"
-                ids = ids[-max_length:] if left else ids[:max_length]
+            if truncation[0] is not None and isinstance(ids, (list, tuple)):
+                ids = [t for t, kept in zip(ids, _kept([False] * len(ids), *truncation)) if kept]
             out[i] = ProcessedPrompt(text, self._check_pooling_length(ids))
-        for max_length, items in texts.items():
-            for (i, _), processed in zip(items, self._encode([t for _, t in items], None, max_length)):
+        for (max_length, side), items in texts.items():
+            for (i, _), processed in zip(items, self._encode([t for _, t in items], None, max_length, side)):
                 out[i] = processed
         return out
 
@@ -263,22 +269,50 @@ class Processor:
                 raise ValueError("A cross-encoder scores pairs of non-empty text prompts.")
         return self._encode([a for a, _ in pairs], [b for _, b in pairs], self._truncation_length(params))
 
-    def _encode(self, texts: list[str], text_pairs: list[str] | None, max_length: int | None) -> list[ProcessedPrompt]:
+    def _truncation_side(self, params: PoolingParams) -> str:
+        return params.truncation_side or getattr(self.tokenizer, "truncation_side", None) or "right"
+
+    def _encode(self, texts: list[str], text_pairs: list[str] | None, max_length: int | None,
+                side: str = "right") -> list[ProcessedPrompt]:
+        """Texts (or text pairs) through the tokenizer. A single text over `max_length` loses content tokens
+        on `side` (the tokenizer's own truncation only cuts the side it was built with); a pair is cut by the
+        tokenizer, longest text first."""
         if self.tokenizer is None:
             raise ValueError("Text prompts need a tokenizer; pass prompt_token_ids instead.")
         st = self.pooling.sentence_transformers
         lower = st is not None and st.do_lower_case
-        encoded = self.tokenizer([t.lower() for t in texts] if lower else texts,
-                                 [t.lower() for t in text_pairs] if lower and text_pairs else text_pairs,
-                                 truncation=max_length is not None, max_length=max_length)
+        given = [t.lower() for t in texts] if lower else texts
+        if text_pairs is not None:
+            encoded = self.tokenizer(given, [t.lower() for t in text_pairs] if lower else text_pairs,
+                                     truncation=max_length is not None, max_length=max_length)
+        else:
+            encoded = self.tokenizer(given, return_special_tokens_mask=max_length is not None)
+        all_ids, token_types = encoded["input_ids"], None
         # Token types only for a model that has them, and only where some token is not type 0.
-        token_types = encoded.get("token_type_ids") if getattr(self.hf_config, "type_vocab_size", 0) > 1 else None
+        if getattr(self.hf_config, "type_vocab_size", 0) > 1:
+            token_types = encoded.get("token_type_ids")
+        if text_pairs is None and max_length is not None:
+            keep = [_kept(mask, max_length, side) for mask in encoded["special_tokens_mask"]]
+            all_ids = [[t for t, k in zip(ids, kept) if k] for ids, kept in zip(all_ids, keep)]
+            if token_types:
+                token_types = [[t for t, k in zip(tt, kept) if k] for tt, kept in zip(token_types, keep)]
         return [ProcessedPrompt(texts[j] if text_pairs is None else None, self._check_pooling_length(ids),
                                 token_type_ids=token_types[j] if token_types and any(token_types[j]) else None)
-                for j, ids in enumerate(encoded["input_ids"])]
+                for j, ids in enumerate(all_ids)]
 
     def _check_pooling_length(self, ids: list[int]) -> list[int]:
         if isinstance(ids, (list, tuple)) and len(ids) > self.max_model_len:
             raise ValueError(f"The prompt (length {len(ids)}) is longer than the maximum model length of "
                              f"{self.max_model_len}; pass truncate_prompt_tokens=-1 to truncate it.")
         return self.validate_token_ids(ids)
+
+
+def _kept(special_mask: list, max_length: int, side: str) -> list[bool]:
+    """Which tokens stay when a sequence is cut to `max_length`: content tokens go from `side`, special
+    tokens (mask 1) stay."""
+    excess = len(special_mask) - max_length
+    if excess <= 0:
+        return [True] * len(special_mask)
+    content = [i for i, special in enumerate(special_mask) if not special]
+    dropped = set(content[:excess] if side == "left" else content[-excess:])
+    return [i not in dropped for i in range(len(special_mask))]

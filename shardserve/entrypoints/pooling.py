@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
-
 from shardserve.inputs import PromptType
+from shardserve.entrypoints.score_utils import plan_scores, score_inputs, score_task
 from shardserve.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingRequestOutput,
-                                ScoringOutput, ScoringRequestOutput)
+                                ScoringRequestOutput)
 from shardserve.pooling_params import PoolingParams
 
 
@@ -63,41 +62,11 @@ class PoolingMixin:
         """Similarity of text pairs: one text against each of `data_2`, or `data_1[i]` against `data_2[i]`.
         A cross-encoder reads each pair jointly; an embedding model embeds both sides and compares them by
         cosine similarity."""
-        data_1, data_2 = _as_list(data_1), _as_list(data_2)
-        if not data_1 or not data_2:
-            raise ValueError("LLM.score needs at least one text on each side.")
-        if len(data_1) > 1 and len(data_1) != len(data_2):
-            raise ValueError(f"LLM.score got {len(data_1)} texts against {len(data_2)}: pass one text to score "
-                             f"against all of data_2, or as many texts as data_2 to score them pairwise.")
-        pooling = self.llm_engine.processor.pooling
-        tasks = pooling.tasks if pooling is not None else ()
-        if "score" not in tasks and "embed" in tasks:
-            return self._embedding_score(data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params)
-        # (the processor refuses a model that neither cross-encodes nor embeds, naming what it does)
-        return self._cross_encode(data_1 * len(data_2) if len(data_1) == 1 else data_1, data_2,
-                                  truncate_prompt_tokens, use_tqdm, pooling_params)
-
-    def _cross_encode(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params):
-        (params,) = self._pooling_params(pooling_params, 1, "score", truncate_prompt_tokens)
+        data_1, data_2 = score_inputs(data_1, data_2)
         processor = self.llm_engine.processor
-        texts = [[p["prompt"] if isinstance(p, dict) and "prompt" in p else p for p in side]
-                 for side in (data_1, data_2)]
-        processed = processor.process_pooling_pairs(list(zip(*texts)), params)
-        outputs = self._run_requests(processed, [params] * len(processed), use_tqdm)
-        return [ScoringRequestOutput.from_base(o) for o in outputs]
-
-    def _embedding_score(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params):
-        embeddings = self.encode(data_1 + data_2, pooling_params, truncate_prompt_tokens=truncate_prompt_tokens,
-                                 use_tqdm=use_tqdm, pooling_task="embed")
-        first, second = embeddings[:len(data_1)], embeddings[len(data_1):]
-        if len(first) == 1:
-            first = first * len(second)
-        tokenizer = self.get_tokenizer()
-        pad = [] if tokenizer is None or tokenizer.pad_token_id is None else [tokenizer.pad_token_id]
-        return [ScoringRequestOutput(
-            f"{a.request_id}_{b.request_id}",
-            ScoringOutput(F.cosine_similarity(a.outputs.data, b.outputs.data, dim=0).item()),
-            a.prompt_token_ids + pad + b.prompt_token_ids) for a, b in zip(first, second)]
+        (params,) = self._pooling_params(pooling_params, 1, score_task(processor), truncate_prompt_tokens)
+        plan = plan_scores(processor, data_1, data_2, params)
+        return plan.results(self._run_requests(plan.prompts, [params] * len(plan.prompts), use_tqdm))
 
     def _pooling_params(self, pooling_params, num_prompts: int, task: str | None,
                         truncate_prompt_tokens: int | None) -> list[PoolingParams]:

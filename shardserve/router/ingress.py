@@ -19,7 +19,9 @@ from ray.serve.handle import DeploymentHandle
 import shardserve
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        EmbeddingRequest, TokenizeRequest)
+                                        TokenizeRequest)
+from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmbedRequest, EmbeddingRequest,
+                                                PoolingRequest, RerankRequest, ScoreRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,8 @@ class Router:
     # helpers ----------------------------------------------------------------------------------------
 
     def _check_key(self, request: Request) -> None:
-        if self.api_key is None or not request.url.path.startswith("/v1"):
-            return
+        if self.api_key is None or not request.url.path.startswith(("/v1", "/v2")):
+            return  # as in vLLM: the versioned APIs need the key; health, version, tokenize do not
         if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise APIError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).", 401)
 
@@ -117,6 +119,29 @@ class Router:
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request):
         return await self._relay(request, "embeddings", EmbeddingRequest)
+
+    @app.post("/v2/embed")
+    async def cohere_embed(self, request: Request):
+        return await self._relay(request, "cohere_embed", CohereEmbedRequest)
+
+    @app.post("/pooling")
+    async def pooling(self, request: Request):
+        return await self._relay(request, "pooling", PoolingRequest)
+
+    @app.post("/classify")
+    async def classify(self, request: Request):
+        return await self._relay(request, "classify", ClassificationRequest)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(self, request: Request):
+        return await self._relay(request, "score", ScoreRequest)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(self, request: Request):
+        return await self._relay(request, "rerank", RerankRequest)
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):

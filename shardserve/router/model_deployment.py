@@ -20,7 +20,9 @@ from shardserve.entrypoints.chat_utils import load_chat_template
 from shardserve.router.errors import to_api_error
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        EmbeddingRequest, TokenizeRequest)
+                                        TokenizeRequest)
+from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmbedRequest, EmbeddingRequest,
+                                                PoolingRequest, RerankRequest, ScoreRequest)
 from shardserve.router.serving import OpenAIServing
 from shardserve.router.serving_pooling import PoolingServing
 from shardserve.router.spec import ModelSpec
@@ -28,10 +30,13 @@ from shardserve.router.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 _REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest, "tokenize": TokenizeRequest,
-             "detokenize": DetokenizeRequest, "embeddings": EmbeddingRequest}
+             "detokenize": DetokenizeRequest, "embeddings": EmbeddingRequest, "pooling": PoolingRequest,
+             "classify": ClassificationRequest, "score": ScoreRequest, "rerank": RerankRequest,
+             "cohere_embed": CohereEmbedRequest}
+_POOLING_ROUTES = {"embeddings", "pooling", "classify", "score", "rerank", "cohere_embed"}
 # The routes each runner serves; the others answer 400 naming the runner that serves them.
 _RUNNER_ROUTES = {"generate": {"completion", "chat", "tokenize", "detokenize"},
-                  "pooling": {"embeddings", "tokenize", "detokenize"}}
+                  "pooling": _POOLING_ROUTES | {"tokenize", "detokenize"}}
 
 
 @serve.deployment
@@ -62,7 +67,7 @@ class ModelDeployment:
             other = "pooling" if self.runner == "generate" else "generate"
             raise APIError(f"The model `{self.spec.name}` runs the {self.runner!r} runner, which does not serve "
                            f"this route; it needs a model served with the {other!r} runner.")
-        return getattr(self.pooling if route == "embeddings" else self.serving, route)
+        return getattr(self.pooling if route in _POOLING_ROUTES else self.serving, route)
 
     async def call(self, route: str, body: dict) -> dict:
         try:

@@ -105,17 +105,3 @@ class TokenizeRequest(OpenAIBase):
 class DetokenizeRequest(OpenAIBase):
     model: str | None = None
     tokens: list[int] = Field(default_factory=list)
-
-
-class EmbeddingRequest(OpenAIBase):
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] | None = None
-    messages: list[dict[str, Any]] | None = None     # vLLM's chat form: one conversation, rendered
-    encoding_format: str = "float"                    # "float" or "base64"
-    dimensions: int | None = None
-    truncate_prompt_tokens: int | None = None
-    use_activation: bool | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = False
-    continue_final_message: bool = False
