@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from shardserve import LLM, SamplingParams
+from shardserve.distributed import shm_comm
 from shardserve.executor.ray import WorkerDiedError
 
 pytestmark = pytest.mark.timeout(300)
@@ -71,6 +72,9 @@ def test_parallel_matches_single_worker(ray_cluster, model_dirs, reference, arch
         assert len(per_rank) == tp * pp
         assert max(per_rank) <= total_params / (tp * pp) * 1.15
         assert sum(per_rank) >= total_params
+        # tensor ranks on one machine reduce through shared memory, not gloo over loopback
+        stats = llm.llm_engine.executor.collective_rpc("comm_stats")
+        assert all(s["shared_memory"] == (tp > 1 and shm_comm.supported()) for s in stats)
     finally:
         llm.shutdown()
 

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from shardserve.distributed import shm_comm
+
 
 @dataclass
 class ParallelGroup:
@@ -53,13 +55,14 @@ class CommStats:
 _TP = ParallelGroup([0], 0)
 _PP = ParallelGroup([0], 0)
 _STATS = CommStats()
+_TP_SHM: shm_comm.ShmCommunicator | None = None   # the TP group's collectives when its ranks share a machine
 
 
 def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, backend: str,
                      timeout_s: float = 600.0) -> None:
     """Join the replica's world and build its TP and PP groups. Every rank makes every group, in the same
     order, as torch.distributed requires."""
-    global _TP, _PP
+    global _TP, _PP, _TP_SHM
     world = tp_size * pp_size
     dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank,
                             timeout=timedelta(seconds=timeout_s))
@@ -74,10 +77,17 @@ def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, ba
         group = dist.new_group(ranks) if pp_size > 1 else None
         if t == tp_rank:
             _PP = ParallelGroup(ranks, pp_rank, group)
+    if backend == "gloo" and tp_size > 1 and shm_comm.supported():
+        _TP_SHM = shm_comm.ShmCommunicator.create(_TP.group, tp_size, tp_rank, src=_TP.ranks[0])
+
+
+def tp_uses_shared_memory() -> bool:
+    return _TP_SHM is not None
 
 
 def destroy_distributed() -> None:
-    global _TP, _PP
+    global _TP, _PP, _TP_SHM
+    _TP_SHM = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _TP, _PP = ParallelGroup([0], 0), ParallelGroup([0], 0)
@@ -114,7 +124,11 @@ def _timed(fn, nbytes: int):
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _TP.size > 1:
-        _timed(lambda: dist.all_reduce(x, group=_TP.group), x.numel() * x.element_size())
+        if _TP_SHM is not None:
+            x = x.contiguous()
+            _timed(lambda: _TP_SHM.all_reduce(x), x.numel() * x.element_size())
+        else:
+            _timed(lambda: dist.all_reduce(x, group=_TP.group), x.numel() * x.element_size())
     return x
 
 
@@ -122,8 +136,12 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if _TP.size == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(_TP.size)]
-    _timed(lambda: dist.all_gather(parts, x, group=_TP.group), x.numel() * x.element_size() * _TP.size)
+    nbytes = x.numel() * x.element_size() * _TP.size
+    if _TP_SHM is not None:
+        parts = _timed(lambda: _TP_SHM.all_gather(x), nbytes)
+    else:
+        parts = [torch.empty_like(x) for _ in range(_TP.size)]
+        _timed(lambda: dist.all_gather(parts, x, group=_TP.group), nbytes)
     return torch.cat(parts, dim=-1)
 
 

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from shardserve.config import EngineConfig
-from shardserve.distributed.parallel_state import comm_stats, destroy_distributed
+from shardserve.distributed.parallel_state import comm_stats, destroy_distributed, tp_uses_shared_memory
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.models.source import ModelSource
 from shardserve.workers.model_runner import ModelRunnerOutput
@@ -50,7 +50,8 @@ class RayWorker:
 
     def comm_stats(self) -> dict:
         stats = comm_stats()
-        return {"seconds": stats.seconds, "calls": stats.calls, "bytes": stats.bytes}
+        return {"seconds": stats.seconds, "calls": stats.calls, "bytes": stats.bytes,
+                "shared_memory": tp_uses_shared_memory()}
 
     def shutdown(self) -> None:
         destroy_distributed()
