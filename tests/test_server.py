@@ -241,6 +241,37 @@ def test_pooling_errors(server, route, body, message):
     assert r.status_code == 400 and message in r.json()["message"]
 
 
+def test_single_model_app_serves_from_its_router_replicas(server, offline, model_dir):
+    """An app of one model has no separate model deployment: the ingress replicas hold the engine."""
+    from ray import serve
+
+    from shardserve.router.app import build_app
+    from shardserve.router.spec import ModelSpec
+
+    spec = ModelSpec(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
+                     num_cpus=0.5, **ENGINE)
+    serve.run(build_app([spec]), name="solo", route_prefix="/solo", blocking=False)
+    try:
+        status = serve.status().applications["solo"]
+        assert list(status.deployments) == ["model-0"]  # the router, holding the model
+        solo = OpenAI(base_url=f"{server}/solo/v1", api_key="unused", max_retries=0)
+        expected = offline.generate(PROMPTS, greedy(max_tokens=10), use_tqdm=False)
+        got = solo.completions.create(model="solo", prompt=PROMPTS, max_tokens=10, temperature=0)
+        assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected]
+        chunks = list(solo.chat.completions.create(model="solo", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                   stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            offline.chat(MESSAGES, greedy(max_tokens=8), use_tqdm=False)[0].outputs[0].text
+        assert [m.id for m in solo.models.list().data] == ["solo"]
+        assert httpx.get(f"{server}/solo/health").status_code == 200
+        r = httpx.post(f"{server}/solo/v1/completions", json={"model": "other", "prompt": "x"})
+        assert r.status_code == 404
+        info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
+        assert info["id"] == "solo" and info["num_steps"] > 0
+    finally:
+        serve.delete("solo")
+
+
 def test_dead_worker_turns_health_red_until_serve_replaces_the_replica(server, client):
     """Runs last: kills a tensor-parallel worker process of "tiny-tp2" as a crash would."""
     import os

@@ -1,4 +1,5 @@
-"""The Serve application: one deployment per served model behind one ingress.
+"""The Serve application: one deployment per served model behind one ingress; an app of one model is
+the ingress alone, its replicas holding the model (one Serve hop fewer per request and streamed chunk).
 
 `build_app` takes `ModelSpec`s (the CLI); `app_builder` takes a Serve config's `args`
 (`import_path: shardserve.router.app:app_builder`, `args: {models: [{model: ..., ...}], api_key: ...}`).
@@ -20,6 +21,8 @@ def build_app(specs: list[ModelSpec], api_key: str | None = None) -> Application
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"Served model names must be unique, got {names}.")
+    if len(specs) == 1:
+        return Router.options(**specs[0].deployment_options(0)).bind({}, api_key, specs[0])
     models = {spec.name: ModelDeployment.options(**spec.deployment_options(i)).bind(spec)
               for i, spec in enumerate(specs)}
     return Router.bind(models, api_key)

@@ -3,6 +3,10 @@
 It parses and schema-checks bodies (so malformed input is answered here, in OpenAI's error shape, with
 400 rather than FastAPI's 422), checks the API key, picks the model's deployment and relays its answer,
 or its chunks as server-sent events. It knows nothing of tensors or tokens.
+
+An app that serves one model needs no routing: its router replicas then hold the model themselves (a
+`ModelServer` each, with the model's resources and autoscaling), which saves a hop through Serve per request
+and per streamed chunk.
 """
 
 import asyncio
@@ -53,14 +57,35 @@ async def _parse(request: Request, schema: type[BaseModel]) -> tuple[BaseModel, 
         raise APIError(_validation_message(e)) from None
 
 
+async def _maybe_await(result) -> None:
+    if hasattr(result, "__await__"):
+        await result
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Router:
-    def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None):
-        self.models = models
+    def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None, local=None):
+        """`models`: each served name's deployment; or `local`, the ModelSpec of the app's one model, which
+        this replica then serves itself."""
+        if local is not None:  # imported here: a router in front of model deployments needs no engine
+            from shardserve.router.model_deployment import ModelServer
+            self.local = ModelServer(local)
+        else:
+            self.local = None
+        self.models = {local.name: None} if local is not None else models
         self.api_key = api_key
         self._info: dict[str, dict] = {}
         self.created = int(time.time())
+
+    # what Serve asks of a replica holding the model itself ------------------------------------------
+
+    def check_health(self) -> None:
+        if self.local is not None:
+            self.local.check_health()
+
+    def info(self) -> dict:
+        return self.local.info()
 
     # helpers ----------------------------------------------------------------------------------------
 
@@ -87,24 +112,37 @@ class Router:
             return _error(e)
         if getattr(parsed, "stream", False):
             return await self._relay_stream(handle, route, body)
-        answer = await handle.call.remote(route, body)
+        if self.local is not None:
+            answer = await self.local.call(route, body)
+        else:
+            answer = await handle.call.remote(route, body)
         return JSONResponse(answer["body"], status_code=answer["status"])
 
-    async def _relay_stream(self, handle: DeploymentHandle, route: str, body: dict):
-        chunks = handle.options(stream=True).stream.remote(route, body)
+    async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict):
+        if self.local is not None:
+            chunks = self.local.stream(route, body)
+            cancel = chunks.aclose
+        else:
+            chunks = handle.options(stream=True).stream.remote(route, body)
+            cancel = chunks.cancel
         head = await chunks.__anext__()
         if head["status"] != 200:
-            chunks.cancel()
+            await _maybe_await(cancel())
             return JSONResponse(head["body"], status_code=head["status"])
 
         async def events():
             try:
-                async for text in chunks:  # server-sent-event text, made by the model's replica
+                async for text in chunks:  # server-sent-event text, made by the model's server
                     yield text
             except asyncio.CancelledError:  # the client went away: stop the model's stream too
-                chunks.cancel()
+                await _maybe_await(cancel())
                 raise
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _model_info(self, name: str) -> dict:
+        if name not in self._info:
+            self._info[name] = self.local.info() if self.local is not None else await self.models[name].info.remote()
+        return self._info[name]
 
     # routes -----------------------------------------------------------------------------------------
 
@@ -158,10 +196,8 @@ class Router:
         except APIError as e:
             return _error(e)
         data = []
-        for name, handle in self.models.items():
-            if name not in self._info:
-                self._info[name] = await handle.info.remote()
-            info = self._info[name]
+        for name in self.models:
+            info = await self._model_info(name)
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "shardserve",
                          "root": info["root"], "parent": None, "max_model_len": info["max_model_len"]})
         return {"object": "list", "data": data}
@@ -169,7 +205,10 @@ class Router:
     @app.get("/health")
     async def health(self):
         try:
-            await asyncio.gather(*(h.check_health.remote() for h in self.models.values()))
+            if self.local is not None:
+                self.local.check_health()
+            else:
+                await asyncio.gather(*(h.check_health.remote() for h in self.models.values()))
         except Exception as e:  # a replica whose engine died
             return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
         return JSONResponse({"status": "ok"})

@@ -1,8 +1,9 @@
-"""One served model: a Serve deployment whose replicas each own an async engine (and, for TP x PP > 1,
-the engine's worker actors, in the placement group Serve reserved for the replica).
+"""One served model: `ModelServer` owns an async engine (and, for TP x PP > 1, the engine's worker actors,
+in the placement group Serve reserved for the replica) and answers routes on it. It runs as the replicas of
+a `ModelDeployment` behind the router, or inside the router's own replicas when an app serves one model.
 
-The ingress sends validated JSON bodies; answers come back as {"status", "body"} (errors included, so no
-exception has to survive Ray's transport), streams as a first {"status"} item and then chunks.
+It takes validated JSON bodies; answers come back as {"status", "body"} (errors included, so no exception
+has to survive Ray's transport), streams as a first {"status"} item and then chunks.
 """
 from __future__ import annotations
 
@@ -39,8 +40,7 @@ _RUNNER_ROUTES = {"generate": {"completion", "chat", "tokenize", "detokenize"},
                   "pooling": _POOLING_ROUTES | {"tokenize", "detokenize"}}
 
 
-@serve.deployment
-class ModelDeployment:
+class ModelServer:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         # No torch work on this thread: the engine's own thread loads and runs the model (see async_engine).
@@ -138,3 +138,6 @@ async def _coalesce(events: AsyncIterator[str], interval_s: float) -> AsyncItera
                 return
     finally:
         task.cancel()
+
+
+ModelDeployment = serve.deployment(ModelServer, name="ModelDeployment")
