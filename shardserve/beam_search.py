@@ -1,18 +1,22 @@
-"""Beam search on top of `LLM.generate`, as vLLM does it.
+"""Beam search: each step asks the engine for the top 2 × beam_width logprobs of the next token of every live
+beam of every prompt, in one batch; the best beam_width non-finished extensions of each prompt live on.
 
-Each step asks the engine for one token and the top 2 × beam_width logprobs of every live beam of every
-prompt, in one batched `generate` call; the best beam_width non-finished extensions of each prompt live
-on. Beams of a prompt share their common prefix's KV blocks through the prefix cache (reference-counted
-full blocks), so memory grows with the tokens in which beams differ, not with beam_width × length.
+How a step runs is the caller's `step`. Offline (`EngineBeamStepper`) the engine keeps each beam's KV
+blocks after its step and every extension forks from them: full blocks shared, a partial last block copied,
+so a step computes exactly one token per beam. The server steps with one-token `generate` calls instead, as
+vLLM does; there beams share only their common prefix's full blocks, through the prefix cache, and each
+step recomputes every beam's partial last block.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from shardserve.outputs import PositionLogprobs, RequestOutput
+from shardserve.inputs import TokensPrompt
+from shardserve.outputs import PositionLogprobs
 from shardserve.sampling_params import SamplingParams
 
 
@@ -43,6 +47,9 @@ class BeamSearchSequence:
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # The beam this one extends, until its step runs; the engine request holding this beam's KV after it.
+    parent: BeamSearchSequence | None = field(default=None, repr=False, compare=False)
+    request_id: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -64,7 +71,7 @@ def extend_beams(beams: list[BeamSearchSequence], step_logprobs: list[PositionLo
     for beam, logprobs in zip(beams, step_logprobs):
         for token_id, logprob in logprobs.items():
             child = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [logprobs],
-                                       beam.cum_logprob + logprob.logprob)
+                                       beam.cum_logprob + logprob.logprob, parent=beam)
             if token_id == eos_token_id:
                 child.finish_reason = "stop"
                 finished.append(child)
@@ -74,10 +81,54 @@ def extend_beams(beams: list[BeamSearchSequence], step_logprobs: list[PositionLo
     return live[:beam_width], finished
 
 
-def run_beam_search(step: Callable[[list[list[int]], SamplingParams], list[RequestOutput]],
-                    prompts: list[list[int]], params: BeamSearchParams, tokenizer, max_model_len: int,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
-    """`step` generates one token for each given sequence (a batched `LLM.generate`)."""
+BeamStep = Callable[[list[BeamSearchSequence], SamplingParams], list[PositionLogprobs]]
+
+
+def one_token_steps(generate: Callable[[list[list[int]], SamplingParams], list]) -> BeamStep:
+    """A step from a batched one-token generate (sequences in, RequestOutputs out): the first position's
+    logprobs of each."""
+    def step(beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
+        return [out.outputs[0].logprobs[0] for out in generate([b.tokens for b in beams], params)]
+    return step
+
+
+class EngineBeamStepper:
+    """Steps beams on an `LLMEngine` that keeps each beam's KV blocks (`hold_kv`) after its step, forking
+    every extension from them; `close` frees what the last step held."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.held: list[str] = []
+        self._ids = itertools.count()
+
+    def __call__(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
+        ids = []
+        for beam in beams:
+            request_id = f"beam-{next(self._ids)}"
+            if beam.parent is None:
+                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=beam.tokens), params, hold_kv=True)
+            else:
+                self.engine.fork_request(request_id, beam.parent.request_id, beam.tokens[-1], params)
+            beam.request_id, beam.parent = request_id, None
+            ids.append(request_id)
+        # The forks hold what they share of the previous step's blocks; the rest can go.
+        self.engine.release_requests(self.held)
+        self.held = ids
+        outputs = {}
+        while len(outputs) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+        return [outputs[i].outputs[0].logprobs[0] for i in ids]
+
+    def close(self) -> None:
+        self.engine.release_requests(self.held)
+        self.held = []
+
+
+def run_beam_search(step: BeamStep, prompts: list[list[int]], params: BeamSearchParams, tokenizer,
+                    max_model_len: int, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """`step` gives, for each beam, the logprobs of its next token."""
     eos = None if params.ignore_eos or tokenizer is None else tokenizer.eos_token_id
     step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
                                  ignore_eos=True, detokenize=False)
@@ -90,10 +141,10 @@ def run_beam_search(step: Callable[[list[list[int]], SamplingParams], list[Reque
         live = [(i, beam) for i, beams in enumerate(running) for beam in beams]
         if not live:
             break
-        outs = step([beam.tokens for _, beam in live], step_params)
+        step_logprobs = step([beam for _, beam in live], step_params)
         by_prompt: list[list] = [[] for _ in running]
-        for (i, beam), out in zip(live, outs):
-            by_prompt[i].append((beam, out.outputs[0].logprobs[0]))
+        for (i, beam), logprobs in zip(live, step_logprobs):
+            by_prompt[i].append((beam, logprobs))
         for i, mine in enumerate(by_prompt):
             if mine:
                 running[i], ended = extend_beams([b for b, _ in mine], [lp for _, lp in mine], params.beam_width, eos)

@@ -61,15 +61,60 @@ def test_width_one_is_greedy(llm):
         assert b.sequences[0].tokens == prompt + g.outputs[0].token_ids
 
 
-def test_beams_share_the_prompts_kv_blocks(path):
-    """Each step's beams of a prompt hit the blocks their common prefix already fills, so a step computes only
-    the tokens in which beams differ."""
+def _recording_steps(llm) -> list:
+    """The scheduler outputs the engine runs, recorded as they go to the executor."""
+    executor, seen = llm.llm_engine.executor, []
+    run = executor.execute_model
+
+    def record(sched):
+        seen.append(sched)
+        return run(sched)
+    executor.execute_model = record
+    return seen
+
+
+def test_beams_fork_their_kv_and_compute_one_token_each(path):
+    """After the prompts' prefill every step computes exactly one token per live beam: extensions fork the
+    KV blocks of the beam they extend (partial last blocks copied), and everything is freed at the end."""
     llm = LLM(path, dtype="float32", block_size=4)
-    stats = llm.llm_engine.scheduler.block_manager.stats
-    prompt = PROMPTS[1]  # 19 tokens: 4 full blocks
-    llm.beam_search([TokensPrompt(prompt_token_ids=prompt)], BeamSearchParams(beam_width=4, max_tokens=6,
-                                                                                ignore_eos=True))
-    prompt_blocks = len(prompt) // 4
-    # Steps 2..6 run 4 beams each; every beam finds at least the prompt's full blocks cached.
-    assert stats.hits >= 5 * 4 * prompt_blocks * 4
-    assert stats.hits / stats.queries > 0.6
+    engine = llm.llm_engine
+    seen = _recording_steps(llm)
+    outs = llm.beam_search([TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+                           BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))
+    steps = [s for s in seen if s.scheduled]
+    assert steps[0].num_batched_tokens == sum(len(p) for p in PROMPTS)
+    # step 2 extends 1 beam per prompt into up to 4; later steps run 4 beams per prompt
+    assert [s.num_batched_tokens for s in steps[1:]] == [8] * 5
+    assert any(s.blocks_to_copy for s in steps)
+    assert not engine.scheduler.held
+    manager = engine.scheduler.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and not manager.req_blocks
+    # the same beams as stepping with one-token generate calls (the server's way, through the prefix cache)
+    from shardserve.beam_search import one_token_steps, run_beam_search
+
+    def generate(sequences, params):
+        return llm.generate([TokensPrompt(prompt_token_ids=t) for t in sequences], params, use_tqdm=False)
+    ref = run_beam_search(one_token_steps(generate), PROMPTS, BeamSearchParams(beam_width=4, max_tokens=6,
+                                                                                ignore_eos=True),
+                          llm.get_tokenizer(), engine.max_model_len)
+    for a, b in zip(outs, ref):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        assert [s.cum_logprob for s in a.sequences] == pytest.approx([s.cum_logprob for s in b.sequences], abs=1e-5)
+
+
+def test_beams_in_a_small_kv_cache(path, hf):
+    """With few KV blocks, beams give up the blocks they hold and recompute (through the prefix cache); the
+    beams still equal transformers' and every block comes back."""
+    llm = LLM(path, dtype="float32", block_size=4, num_gpu_blocks_override=12, max_model_len=32)
+    seen = _recording_steps(llm)
+    outs = llm.beam_search([TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+                           BeamSearchParams(beam_width=4, max_tokens=MAX_TOKENS, ignore_eos=True))
+    one_token_per_beam = sum(len(p) for p in PROMPTS) + 8 + 8 * (MAX_TOKENS - 2)
+    assert sum(s.num_batched_tokens for s in seen) > one_token_per_beam  # some beams recomputed
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), do_sample=False, num_beams=4, num_return_sequences=4,
+                              max_new_tokens=MAX_TOKENS, pad_token_id=0, early_stopping=True)
+        assert [s.tokens for s in out.sequences] == ref.tolist()
+    manager = llm.llm_engine.scheduler.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and not llm.llm_engine.scheduler.held

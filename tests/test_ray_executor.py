@@ -79,6 +79,25 @@ def test_parallel_matches_single_worker(ray_cluster, model_dirs, reference, arch
         llm.shutdown()
 
 
+def test_beam_search_forks_kv_on_every_rank(ray_cluster, model_dirs):
+    """Beam search forks KV blocks (copying partial ones) on each worker's shard of the cache: TP=2 x PP=2
+    finds the same beams as one process."""
+    from shardserve import BeamSearchParams
+    model_dir = model_dirs("llama")
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    common = dict(block_size=4, max_num_seqs=8, kv_cache_memory_bytes=1 << 26)
+    ref = LLM(model_dir, **common).beam_search(PROMPTS, params)
+    llm = LLM(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_worker=0.5, **common)
+    try:
+        got = llm.beam_search(PROMPTS, params)
+        for g, r in zip(got, ref):
+            assert [s.tokens for s in g.sequences] == [s.tokens for s in r.sequences]
+            assert [s.cum_logprob for s in g.sequences] == pytest.approx([s.cum_logprob for s in r.sequences],
+                                                                         abs=1e-4)
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "gpt2"])
 def test_every_family_under_tp_and_pp(ray_cluster, model_dirs, reference, arch):
     """The other families at TP=2 x PP=2; Qwen2, OPT and GPT-2 tie their LM head to the embedding, which

@@ -143,3 +143,21 @@ def test_max_tokens_none_runs_to_max_model_len(path):
     out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0].outputs[0]
     assert len(out.token_ids) == 32 - len(PROMPTS[0])
     assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("vocab", [32000, 50257, 1000, 300])
+def test_chunked_argmax_and_topk_equal_torch(vocab):
+    from shardserve.layers.sampler import first_argmax, top_k
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(33, vocab, generator=g)
+    x[0, -1] = 50.0                      # the maximum in the ragged tail
+    x[1, 5] = x[1, vocab // 2] = 60.0    # a tie: the first maximum wins, as argmax
+    x[2, :] = 1.0                        # all equal
+    x[3, min(vocab - 1, 7 * 128 + 3)] = 70.0
+    assert torch.equal(first_argmax(x), x.argmax(-1))
+    for k in (1, 8, 20):
+        values, ids = top_k(x, k)
+        ref_values, _ = x.topk(k, dim=-1)
+        assert torch.equal(values, ref_values)
+        assert torch.equal(x.gather(1, ids), values)  # the indices point at those values
+        assert all(len(set(row.tolist())) == k for row in ids)

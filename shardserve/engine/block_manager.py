@@ -137,6 +137,31 @@ class BlockManager:
             self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
+    def fork(self, parent: Request, child: Request, num_tokens: int,
+             take_over_partial: bool) -> tuple[bool, tuple[int, int] | None]:
+        """Start `child`'s block table from the blocks holding `parent`'s first `num_tokens` tokens: full
+        blocks shared (reference counted); a partial last block shared too if `take_over_partial` (the child
+        writes the next slot in it, so only one child may), else copied into a new block. Returns (done,
+        the (source, destination) copy to make or None); not done, changing nothing, if no block is free
+        or the parent holds none."""
+        blocks = self.req_blocks.get(parent.request_id)
+        if not blocks:  # the parent gave its blocks up to make room
+            return False, None
+        num_full = num_tokens // self.block_size
+        partial = blocks[num_full] if num_tokens % self.block_size else None
+        copy = None
+        if partial is not None and not take_over_partial:
+            if not self.free_queue:
+                return False, None
+            copy = (partial, self._take_free_block())
+        shared = blocks[:num_full] + ([partial] if partial is not None and copy is None else [])
+        for block_id in shared:
+            self.blocks[block_id].ref_count += 1
+        self.req_blocks[child.request_id] = shared + ([copy[1]] if copy else [])
+        self.req_hashes[child.request_id] = list(self.req_hashes.get(parent.request_id, [])[:num_full])
+        self.req_num_hashed[child.request_id] = min(self.req_num_hashed.get(parent.request_id, 0), num_full)
+        return True, copy
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_hashed.pop(request.request_id, None)

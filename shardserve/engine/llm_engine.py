@@ -115,12 +115,33 @@ class LLMEngine:
     # requests ---------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
-                    params: SamplingParams | PoolingParams | None = None) -> None:
-        """Queue a prompt: with SamplingParams to generate, with PoolingParams for a pooling model."""
+                    params: SamplingParams | PoolingParams | None = None, hold_kv: bool = False) -> None:
+        """Queue a prompt: with SamplingParams to generate, with PoolingParams for a pooling model.
+        `hold_kv`: keep the finished request's KV blocks for `fork_request` until `release_requests`."""
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        self.add_processed_request(request_id, self.processor.make_requests(request_id, prompt,
-                                                                            params or SamplingParams()))
+        children = self.processor.make_requests(request_id, prompt, params or SamplingParams())
+        for child in children:
+            child.hold_kv = hold_kv
+        self.add_processed_request(request_id, children)
+
+    def fork_request(self, request_id: str, parent_request_id: str, token_id: int, params: SamplingParams) -> None:
+        """Queue the tokens a finished `hold_kv` request computed, plus `token_id`, reusing that request's KV
+        blocks (beam search's extensions): only the new token is computed. The new request holds its KV too."""
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        parent = self.scheduler.held.get(parent_request_id)
+        if parent is None:
+            raise ValueError(f"Request {parent_request_id!r} holds no KV blocks to fork from.")
+        tokens = parent.all_token_ids[:parent.num_computed_tokens] + [self.processor.validate_token_ids([token_id])[0]]
+        child = Request(request_id, tokens, params, hold_kv=True)
+        self.scheduler.prepare_fork(parent_request_id, child)
+        self.add_processed_request(request_id, [child])
+
+    def release_requests(self, request_ids: list[str]) -> None:
+        """Free the KV blocks finished `hold_kv` requests kept."""
+        for request_id in request_ids:
+            self.scheduler.release(request_id)
 
     def add_processed_request(self, request_id: str, children: list[Request]) -> None:
         """Queue requests the processor already made (the async engine validates on its caller's thread)."""

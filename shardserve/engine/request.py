@@ -49,6 +49,8 @@ class Request:
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None     # segment of each prompt token (sentence pairs for BERT)
     pooled: torch.Tensor | None = None          # a pooling request's output, once computed
+    # Keep the KV blocks when it finishes (until the engine releases it), for beams to fork from.
+    hold_kv: bool = False
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -5,6 +5,10 @@ prefill the rest of its prompt), then waiting requests, all within `max_num_batc
 `max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the most
 recently admitted running request is preempted: its blocks are freed and it recomputes later.
 
+A finished request marked `hold_kv` keeps its blocks until released: beam search forks each extension
+from it (`prepare_fork`), sharing its full blocks and copying a partial last block, and the copy travels to
+the workers with the next step (`blocks_to_copy`), before any attention reads or writes.
+
 Pooling requests are prefill-only: a prompt is scheduled whole or waits for a later step (an encoder's
 bidirectional attention cannot be split into chunks; the engine keeps the budget at least max_model_len),
 takes no KV blocks (attention runs over the step's own tokens and nothing reads them afterwards), and is
@@ -49,6 +53,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state for these
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) KV blocks
 
     @property
     def num_batched_tokens(self) -> int:
@@ -69,6 +74,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self.held: dict[str, Request] = {}           # finished, KV blocks kept for forks
+        self._partial_taken: set[str] = set()         # held requests whose partial last block a fork took
+        self._pending_copies: list[tuple[int, int]] = []
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -118,6 +126,8 @@ class Scheduler:
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(req.num_tokens - req.num_computed_tokens - num_cached_tokens, budget)
             if not self.block_manager.allocate_slots(req, num_new, cached):
+                if self._make_room(req, stuck=not out.scheduled):
+                    continue  # blocks came free: try again
                 break
             self.waiting.popleft()
             if req.status == RequestStatus.WAITING:
@@ -127,7 +137,28 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(self._schedule(req, num_new, new=True))
             budget -= num_new
+        if out.scheduled and self._pending_copies:  # before the forward that first reads the copies
+            out.blocks_to_copy, self._pending_copies = self._pending_copies, []
         return out
+
+    def _make_room(self, req: Request, stuck: bool) -> bool:
+        """Blocks for `req`, which did not get any. A waiting fork holds its parent's blocks before it runs:
+        the last one other than `req` gives them up (and will recompute, finding full blocks in the prefix
+        cache). If nothing else can run this step (`stuck`), held requests give theirs up too (their forks
+        then recompute), and last `req` itself. True if blocks came free."""
+        holders = [r for r in self.waiting if r.num_computed_tokens and r is not req]
+        if holders:
+            victim = holders[-1]
+        elif stuck and (held := [r for r in self.held.values() if self.block_manager.block_ids(r.request_id)]):
+            self.block_manager.free(held[-1])
+            return True
+        elif stuck and req.num_computed_tokens:
+            victim = req
+        else:
+            return False
+        self.block_manager.free(victim)
+        victim.num_computed_tokens = 0
+        return True
 
     def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -152,14 +183,40 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """Retire a request (stopped, out of length, or aborted) and free its blocks."""
+        """Retire a request (stopped, out of length, or aborted) and free its blocks (or, with `hold_kv`
+        and a normal end, keep them until `release`)."""
         was_waiting = req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         req.status = status
         if was_waiting:
             self.waiting.remove(req)
         elif req in self.running:  # a scheduled pooling request is in neither queue
             self.running.remove(req)
-        self.block_manager.free(req)
-        self.block_manager.forget(req)
+        if req.hold_kv and status != RequestStatus.FINISHED_ABORTED:
+            self.held[req.request_id] = req
+        else:
+            self.block_manager.free(req)
+            self.block_manager.forget(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
+
+    def prepare_fork(self, parent_id: str, child: Request) -> None:
+        """Give `child` (the held request's computed tokens and one more) the parent's KV: its full blocks
+        shared, its partial last block shared with the first fork and copied for the others. Without a free
+        block for the copy, the child starts from nothing (and finds the full blocks in the prefix cache)."""
+        parent = self.held[parent_id]
+        take_over = parent_id not in self._partial_taken
+        forked, copy = self.block_manager.fork(parent, child, parent.num_computed_tokens, take_over)
+        if not forked:
+            return
+        self._partial_taken.add(parent_id)
+        if copy is not None:
+            self._pending_copies.append(copy)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks (its forks keep the ones they share)."""
+        req = self.held.pop(request_id, None)
+        self._partial_taken.discard(request_id)
+        if req is not None:
+            self.block_manager.free(req)
+            self.block_manager.forget(req)

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
+from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, EngineBeamStepper, run_beam_search
 from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
@@ -138,12 +138,12 @@ class LLM(PoolingMixin):
         processed = [processor.process_prompt(p) for p in prompts]
         if any(p.embeds is not None for p in processed):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
-        tokenizer = self.get_tokenizer()
-
-        def step(sequences: list[list[int]], step_params: SamplingParams):
-            return self.generate([TokensPrompt(prompt_token_ids=t) for t in sequences], step_params, use_tqdm=False)
-        return run_beam_search(step, [p.token_ids for p in processed], params, tokenizer,
-                               self.llm_engine.max_model_len, use_tqdm)
+        stepper = EngineBeamStepper(self.llm_engine)
+        try:
+            return run_beam_search(stepper, [p.token_ids for p in processed], params, self.get_tokenizer(),
+                                   self.llm_engine.max_model_len, use_tqdm)
+        finally:
+            stepper.close()
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput | PoolingRequestOutput]:
         engine = self.llm_engine

@@ -41,12 +41,63 @@ class SamplerOutput:
     logprob_ranks: torch.Tensor | None = None
 
 
-def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int):
-    """Top-k of each row plus the given token (first), with 1-based ranks."""
+# Reductions that also return an index (max, argmax, topk) run several times slower on a CPU than a plain
+# maximum. Over a vocabulary they run on a short list instead: the maximum of each chunk of `_CHUNK` logits
+# first, then only inside the chunks that can hold the answer.
+_CHUNK = 128
+
+
+def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, V] (contiguous) as [B, V // _CHUNK, _CHUNK] chunks and the [B, V % _CHUNK] rest, both views."""
+    rows, width = x.shape
+    n = width // _CHUNK
+    return x.as_strided((rows, n, _CHUNK), (width, _CHUNK, 1)), x[:, n * _CHUNK:]
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first maximum, as `x.argmax(-1)`."""
+    if x.dim() != 2 or x.size(1) < 4 * _CHUNK:
+        return x.max(-1).indices
+    x = x.contiguous()
+    main, rest = _chunks(x)
+    best = main.amax(-1).max(-1)                                     # the first chunk holding the maximum
+    rows = torch.arange(x.size(0), device=x.device)
+    idx = best.indices * _CHUNK + main[rows, best.indices].max(-1).indices
+    if rest.size(1):
+        tail = rest.max(-1)
+        idx = torch.where(tail.values > best.values, main.size(1) * _CHUNK + tail.indices, idx)
+    return idx
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k, dim=-1)` of a [B, V] tensor (values, then indices; largest first). The k largest lie in
+    the k chunks with the largest maxima: any other chunk's maximum is below k values of those chunks."""
+    if x.dim() != 2 or x.size(1) < 4 * _CHUNK or k > x.size(1) // (4 * _CHUNK):
+        return x.topk(k, dim=-1)
+    x = x.contiguous()
+    main, rest = _chunks(x)
+    chunks = main.amax(-1).topk(k, dim=-1).indices                  # [B, k]
+    rows = torch.arange(x.size(0), device=x.device).unsqueeze(1)
+    candidates = main[rows, chunks].reshape(x.size(0), k * _CHUNK)  # [B, k * CHUNK]
+    ids = (chunks.unsqueeze(-1) * _CHUNK + torch.arange(_CHUNK, device=x.device)).reshape(x.size(0), -1)
+    if rest.size(1):
+        start = main.size(1) * _CHUNK
+        candidates = torch.cat([candidates, rest], dim=1)
+        ids = torch.cat([ids, torch.arange(start, x.size(1), device=x.device).expand(x.size(0), -1)], dim=1)
+    values, where = candidates.topk(k, dim=-1)
+    return values, ids.gather(1, where)
+
+
+def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int, greedy: bool = False):
+    """Top-k of each row plus the given token (first), with 1-based ranks. `greedy`: every given token is
+    its row's first maximum, so its rank is 1 without counting."""
     chosen = logprobs.gather(-1, token_ids.unsqueeze(-1))
-    chosen_rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    if greedy:
+        chosen_rank = torch.ones_like(token_ids).unsqueeze(-1)
+    else:
+        chosen_rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
     if k > 0:
-        top_vals, top_ids = logprobs.topk(k, dim=-1)
+        top_vals, top_ids = top_k(logprobs, k)
         ranks = torch.arange(1, k + 1, device=logprobs.device).expand(logprobs.size(0), k)
         return (torch.cat([token_ids.unsqueeze(-1), top_ids], -1), torch.cat([chosen, top_vals], -1),
                 torch.cat([chosen_rank, ranks], -1))
@@ -95,7 +146,7 @@ class Sampler:
             logits = logits + b.bias
         if b.output_counts is not None:
             logits = apply_penalties(logits, b)
-        greedy_ids = logits.max(-1).indices  # first maximum, as argmax, at half its cost on CPU
+        greedy_ids = first_argmax(logits)
         if b.all_greedy:
             token_ids = greedy_ids
         else:
@@ -107,6 +158,8 @@ class Sampler:
             token_ids = torch.where(b.temperature > 0, (probs / q).argmax(-1), greedy_ids)
         out = SamplerOutput(token_ids=token_ids)
         if raw_logprobs is not None:
+            # greedy tokens with nothing added to the logits are the maxima of the raw logprobs too
             out.logprob_token_ids, out.logprobs, out.logprob_ranks = compute_logprobs(
-                raw_logprobs, token_ids, b.max_num_logprobs)
+                raw_logprobs, token_ids, b.max_num_logprobs,
+                greedy=b.all_greedy and b.bias is None and b.output_counts is None)
         return out

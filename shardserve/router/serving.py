@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shardserve.beam_search import BeamSearchParams, run_beam_search
+from shardserve.beam_search import BeamSearchParams, one_token_steps, run_beam_search
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.entrypoints.chat_utils import render_chat
 from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
@@ -247,7 +247,7 @@ class OpenAIServing:
         loop = asyncio.get_running_loop()
         request_id = f"cmpl-{uuid.uuid4().hex}"
 
-        def step(sequences: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
+        def generate(sequences: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
             async def one_token(i: int, tokens: list[int]) -> RequestOutput:
                 final = None
                 async for final in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), step_params,
@@ -259,8 +259,9 @@ class OpenAIServing:
                 return await asyncio.gather(*(one_token(i, t) for i, t in enumerate(sequences)))
             return asyncio.run_coroutine_threadsafe(all_tokens(), loop).result()
 
-        results = await asyncio.to_thread(run_beam_search, step, [p.token_ids for p in prompts], params,
-                                          self.tokenizer, self.engine.max_model_len)
+        results = await asyncio.to_thread(run_beam_search, one_token_steps(generate),
+                                          [p.token_ids for p in prompts], params, self.tokenizer,
+                                          self.engine.max_model_len)
         choices, completion_tokens = [], 0
         for i, (prompt, result) in enumerate(zip(prompts, results)):
             for j, seq in enumerate(result.sequences):

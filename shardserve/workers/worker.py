@@ -76,6 +76,10 @@ class Worker:
         return get_pp_group().is_last and get_tp_group().is_first
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        if scheduler_output.blocks_to_copy:  # forked beams' partial blocks, before anything reads them
+            src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*scheduler_output.blocks_to_copy))
+            for cache in self.kv_caches:
+                cache[:, dst] = cache[:, src]
         output = self.runner.execute_model(scheduler_output)
         return output if self.is_driver else None
 
