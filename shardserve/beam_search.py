@@ -1,15 +1,16 @@
 """Beam search: each step asks the engine for the top 2 × beam_width logprobs of the next token of every live
 beam of every prompt, in one batch; the best beam_width non-finished extensions of each prompt live on.
 
-How a step runs is the caller's `step`. Offline (`EngineBeamStepper`) the engine keeps each beam's KV
-blocks after its step and every extension forks from them: full blocks shared, a partial last block copied,
-so a step computes exactly one token per beam. The server steps with one-token `generate` calls instead, as
-vLLM does; there beams share only their common prefix's full blocks, through the prefix cache, and each
-step recomputes every beam's partial last block.
+How a step runs is the caller's `step`. `EngineBeamStepper` (offline) and `AsyncEngineBeamStepper` (the
+server) have the engine keep each beam's KV blocks after its step and fork every extension from them: full
+blocks shared, a partial last block copied, so a step computes exactly one token per beam. (vLLM steps with one-token `generate` calls instead; beams
+then share only full blocks, through the prefix cache, and recompute their partial last block every step.)
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -84,14 +85,6 @@ def extend_beams(beams: list[BeamSearchSequence], step_logprobs: list[PositionLo
 BeamStep = Callable[[list[BeamSearchSequence], SamplingParams], list[PositionLogprobs]]
 
 
-def one_token_steps(generate: Callable[[list[list[int]], SamplingParams], list]) -> BeamStep:
-    """A step from a batched one-token generate (sequences in, RequestOutputs out): the first position's
-    logprobs of each."""
-    def step(beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
-        return [out.outputs[0].logprobs[0] for out in generate([b.tokens for b in beams], params)]
-    return step
-
-
 class EngineBeamStepper:
     """Steps beams on an `LLMEngine` that keeps each beam's KV blocks (`hold_kv`) after its step, forking
     every extension from them; `close` frees what the last step held."""
@@ -99,31 +92,59 @@ class EngineBeamStepper:
     def __init__(self, engine):
         self.engine = engine
         self.held: list[str] = []
+        self._prefix = f"beam-{uuid.uuid4().hex[:8]}"
         self._ids = itertools.count()
 
-    def __call__(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
-        ids = []
+    def _start(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list:
+        """Queue every beam's request (a fork of the beam it extends), then free the previous step's blocks:
+        the forks hold what they share. Returns what the engine returned for each."""
+        handles = []
         for beam in beams:
-            request_id = f"beam-{next(self._ids)}"
+            request_id = f"{self._prefix}-{next(self._ids)}"
             if beam.parent is None:
-                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=beam.tokens), params, hold_kv=True)
+                handles.append(self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=beam.tokens),
+                                                       params, hold_kv=True))
             else:
-                self.engine.fork_request(request_id, beam.parent.request_id, beam.tokens[-1], params)
+                handles.append(self.engine.fork_request(request_id, beam.parent.request_id, beam.tokens[-1],
+                                                        params))
             beam.request_id, beam.parent = request_id, None
-            ids.append(request_id)
-        # The forks hold what they share of the previous step's blocks; the rest can go.
         self.engine.release_requests(self.held)
-        self.held = ids
+        self.held = [beam.request_id for beam in beams]
+        return handles
+
+    def __call__(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
+        self._start(beams, params)
         outputs = {}
-        while len(outputs) < len(ids):
+        while len(outputs) < len(beams):
             for out in self.engine.step():
                 if out.finished:
                     outputs[out.request_id] = out
-        return [outputs[i].outputs[0].logprobs[0] for i in ids]
+        return [outputs[beam.request_id].outputs[0].logprobs[0] for beam in beams]
 
     def close(self) -> None:
         self.engine.release_requests(self.held)
         self.held = []
+
+
+class AsyncEngineBeamStepper(EngineBeamStepper):
+    """The same steps on an `AsyncLLMEngine` (the server), called from the thread that runs the search while
+    the engine's outputs arrive on `loop`."""
+
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop):
+        super().__init__(engine)
+        self.loop = loop
+
+    def __call__(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
+        return asyncio.run_coroutine_threadsafe(self._step(beams, params), self.loop).result()
+
+    async def _step(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:
+        async def final(outputs):
+            last = None
+            async for last in outputs:
+                pass
+            return last
+        finals = await asyncio.gather(*(final(o) for o in self._start(beams, params)))
+        return [out.outputs[0].logprobs[0] for out in finals]
 
 
 def run_beam_search(step: BeamStep, prompts: list[list[int]], params: BeamSearchParams, tokenizer,

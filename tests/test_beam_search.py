@@ -89,12 +89,13 @@ def test_beams_fork_their_kv_and_compute_one_token_each(path):
     assert not engine.scheduler.held
     manager = engine.scheduler.block_manager
     assert manager.num_free_blocks == manager.num_blocks and not manager.req_blocks
-    # the same beams as stepping with one-token generate calls (the server's way, through the prefix cache)
-    from shardserve.beam_search import one_token_steps, run_beam_search
+    # the same beams as stepping with one-token generate calls (vLLM's way, through the prefix cache)
+    from shardserve.beam_search import run_beam_search
 
-    def generate(sequences, params):
-        return llm.generate([TokensPrompt(prompt_token_ids=t) for t in sequences], params, use_tqdm=False)
-    ref = run_beam_search(one_token_steps(generate), PROMPTS, BeamSearchParams(beam_width=4, max_tokens=6,
+    def generate(beams, params):
+        outs = llm.generate([TokensPrompt(prompt_token_ids=b.tokens) for b in beams], params, use_tqdm=False)
+        return [o.outputs[0].logprobs[0] for o in outs]
+    ref = run_beam_search(generate, PROMPTS, BeamSearchParams(beam_width=4, max_tokens=6,
                                                                                 ignore_eos=True),
                           llm.get_tokenizer(), engine.max_model_len)
     for a, b in zip(outs, ref):
@@ -118,3 +119,43 @@ def test_beams_in_a_small_kv_cache(path, hf):
         assert [s.tokens for s in out.sequences] == ref.tolist()
     manager = llm.llm_engine.scheduler.block_manager
     assert manager.num_free_blocks == manager.num_blocks and not llm.llm_engine.scheduler.held
+
+
+def test_async_engine_beams_fork_and_free_their_blocks(path):
+    """The server's beam search: the same forking steps on the async engine's thread give the offline beams,
+    and every held block is released."""
+    import asyncio
+
+    from shardserve.beam_search import AsyncEngineBeamStepper, run_beam_search
+    from shardserve.config import EngineConfig
+    from shardserve.engine.async_engine import AsyncLLMEngine
+
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
+    expected = LLM(path, dtype="float32", block_size=4).beam_search([TokensPrompt(prompt_token_ids=p)
+                                                                      for p in PROMPTS], params)
+    engine = AsyncLLMEngine(EngineConfig(model=path, dtype="float32", block_size=4))
+
+    async def search():
+        stepper = AsyncEngineBeamStepper(engine, asyncio.get_running_loop())
+
+        def run():
+            try:
+                return run_beam_search(stepper, PROMPTS, params, engine.engine.tokenizer, engine.max_model_len)
+            finally:
+                stepper.close()
+        return await asyncio.to_thread(run)
+    try:
+        got = asyncio.run(search())
+        for g, e in zip(got, expected):
+            assert [s.tokens for s in g.sequences] == [s.tokens for s in e.sequences]
+        asyncio.run(_drain(engine))  # the release is a command: let the engine thread apply it
+        manager = engine.engine.scheduler.block_manager
+        assert not engine.engine.scheduler.held and manager.num_free_blocks == manager.num_blocks
+    finally:
+        engine.shutdown()
+
+
+async def _drain(engine) -> None:
+    """One more request through the engine: every command queued before it has been applied."""
+    async for _ in engine.generate(TokensPrompt(prompt_token_ids=[1, 2, 3]), SamplingParams(max_tokens=1)):
+        pass

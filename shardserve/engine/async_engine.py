@@ -79,12 +79,37 @@ class AsyncLLMEngine:
     async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, the last one with `finished=True`."""
+        async for output in self.add_request(request_id or f"req-{next(self._ids)}", prompt, params):
+            yield output
+
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                    hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+        """Queue a request now (bad input raises here) and return its outputs, as `generate`. `hold_kv`: as
+        `LLMEngine.add_request`, for beams to fork from."""
         self.check_health()
-        request_id = request_id or f"req-{next(self._ids)}"
-        children = self.engine.processor.make_requests(request_id, prompt, params)  # raises on bad input
+        children = self.engine.processor.make_requests(request_id, prompt, params)
+        for child in children:
+            child.hold_kv = hold_kv
+        return self._outputs(request_id, ("add", request_id, children))
+
+    def fork_request(self, request_id: str, parent_request_id: str, token_id: int,
+                     params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue `LLMEngine.fork_request` now and return the fork's outputs."""
+        self.check_health()
+        return self._outputs(request_id, ("fork", request_id, parent_request_id, token_id, params))
+
+    def release_requests(self, request_ids: list[str]) -> None:
+        """`LLMEngine.release_requests`, in order after the commands queued before it."""
+        if request_ids:
+            self._commands.put(("release", list(request_ids)))
+
+    def _outputs(self, request_id: str, command: tuple) -> AsyncIterator[RequestOutput]:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, children))
+        self._commands.put(command)
+        return self._stream(request_id, stream)
+
+    async def _stream(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -116,6 +141,12 @@ class AsyncLLMEngine:
             _, request_id, children = command
             if request_id in self._streams:  # not already abandoned by its caller
                 self.engine.add_processed_request(request_id, children)
+        elif kind == "fork":
+            _, request_id, parent_request_id, token_id, params = command
+            if request_id in self._streams:
+                self.engine.fork_request(request_id, parent_request_id, token_id, params)
+        elif kind == "release":
+            self.engine.release_requests(command[1])
         elif kind == "abort":
             self.engine.abort_request(command[1])
 
@@ -148,7 +179,7 @@ class AsyncLLMEngine:
                 try:
                     self._apply(command)
                 except Exception as e:  # e.g. a duplicate request id: that request fails, not the engine
-                    if command[0] == "add":
+                    if command[0] in ("add", "fork"):
                         self._deliver(command[1], e)
                 try:
                     command = self._commands.get_nowait()

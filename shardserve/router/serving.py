@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shardserve.beam_search import BeamSearchParams, one_token_steps, run_beam_search
+from shardserve.beam_search import AsyncEngineBeamStepper, BeamSearchParams, run_beam_search
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.entrypoints.chat_utils import render_chat
 from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
@@ -20,7 +20,6 @@ from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
-from shardserve.sampling_params import SamplingParams
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -244,24 +243,15 @@ class OpenAIServing:
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
         params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
                                   temperature=req.temperature or 0.0, length_penalty=req.length_penalty)
-        loop = asyncio.get_running_loop()
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop())
 
-        def generate(sequences: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
-            async def one_token(i: int, tokens: list[int]) -> RequestOutput:
-                final = None
-                async for final in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), step_params,
-                                                        f"{request_id}-{uuid.uuid4().hex[:8]}-{i}"):
-                    pass
-                return final
-
-            async def all_tokens():
-                return await asyncio.gather(*(one_token(i, t) for i, t in enumerate(sequences)))
-            return asyncio.run_coroutine_threadsafe(all_tokens(), loop).result()
-
-        results = await asyncio.to_thread(run_beam_search, one_token_steps(generate),
-                                          [p.token_ids for p in prompts], params, self.tokenizer,
-                                          self.engine.max_model_len)
+        def search():  # on a thread: its steps wait for the engine's outputs, which arrive on this loop
+            try:
+                return run_beam_search(stepper, [p.token_ids for p in prompts], params, self.tokenizer,
+                                       self.engine.max_model_len)
+            finally:
+                stepper.close()  # here, not in the caller: the search may outlive a caller that went away
+        results = await asyncio.to_thread(search)
         choices, completion_tokens = [], 0
         for i, (prompt, result) in enumerate(zip(prompts, results)):
             for j, seq in enumerate(result.sequences):
@@ -270,8 +260,8 @@ class OpenAIServing:
                 text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
                 choices.append({"index": i * req.n + j, "text": text, "logprobs": None,
                                 "finish_reason": seq.finish_reason, "stop_reason": None})
-        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices,
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices,
                 "usage": _usage(sum(len(p.token_ids) for p in prompts), completion_tokens)}
 
     # chat -------------------------------------------------------------------------------------------
