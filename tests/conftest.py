@@ -269,7 +269,7 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
                   num_cpus=0.5, num_cpus_per_worker=0.5, **ENGINE)
     specs = [ModelSpec(served_model_name="tiny", **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
-             ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.5),
+             ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 3), served_model_name="classifier", num_cpus=0.25)]

@@ -242,14 +242,20 @@ def test_pooling_errors(server, route, body, message):
 
 
 def test_single_model_app_serves_from_its_router_replicas(server, offline, model_dir):
-    """An app of one model has no separate model deployment: the ingress replicas hold the engine."""
+    """An app of one model has no separate model deployment: the ingress replicas hold the engine (here with
+    two tensor-parallel workers in the replica's placement group). A killed worker turns its /health red and
+    Serve replaces the replica."""
+    import os
+    import signal
+    import time
+
     from ray import serve
 
     from shardserve.router.app import build_app
     from shardserve.router.spec import ModelSpec
 
     spec = ModelSpec(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
-                     num_cpus=0.5, **ENGINE)
+                     tensor_parallel_size=2, num_cpus=0.25, num_cpus_per_worker=0.25, **ENGINE)
     serve.run(build_app([spec]), name="solo", route_prefix="/solo", blocking=False)
     try:
         status = serve.status().applications["solo"]
@@ -267,7 +273,21 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         r = httpx.post(f"{server}/solo/v1/completions", json={"model": "other", "prompt": "x"})
         assert r.status_code == 404
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
-        assert info["id"] == "solo" and info["num_steps"] > 0
+        assert info["id"] == "solo" and info["num_steps"] > 0 and len(info["worker_pids"]) == 2
+
+        os.kill(info["worker_pids"][0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{server}/solo/health").status_code == 200:
+            assert time.monotonic() < deadline, "/health stayed green with a dead worker"
+            time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        while True:  # Serve's health check replaces the replica, workers and all
+            r = httpx.post(f"{server}/solo/v1/completions", json={"model": "solo", "prompt": "x", "max_tokens": 2},
+                           timeout=30)
+            if r.status_code == 200 and httpx.get(f"{server}/solo/health").status_code == 200:
+                break
+            assert time.monotonic() < deadline, f"solo did not come back: {r.status_code} {r.text}"
+            time.sleep(1)
     finally:
         serve.delete("solo")
 
