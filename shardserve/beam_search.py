@@ -3,8 +3,9 @@ beam of every prompt, in one batch; the best beam_width non-finished extensions 
 
 How a step runs is the caller's `step`. `EngineBeamStepper` (offline) and `AsyncEngineBeamStepper` (the
 server) have the engine keep each beam's KV blocks after its step and fork every extension from them: full
-blocks shared, a partial last block copied, so a step computes exactly one token per beam. (vLLM steps with one-token `generate` calls instead; beams
-then share only full blocks, through the prefix cache, and recompute their partial last block every step.)
+blocks shared, a partial last block copied, so a step computes exactly one token per beam. (vLLM steps
+with one-token `generate` calls instead; beams then share only full blocks, through the prefix cache, and
+recompute their partial last block every step.)
 """
 from __future__ import annotations
 
