@@ -91,8 +91,9 @@ class PoolingServing:
             return final
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(processed)))
 
-    def _listing(self, prefix: str, data: list[dict], outputs: list[PoolingRequestOutput]) -> dict:
-        tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    def _listing(self, prefix: str, data: list[dict], outputs: list[PoolingRequestOutput] | int) -> dict:
+        """The list response: `data`, and as usage the prompt tokens of `outputs` (or that many tokens)."""
+        tokens = outputs if isinstance(outputs, int) else sum(len(o.prompt_token_ids) for o in outputs)
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": self.serving.model_name, "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -134,10 +135,8 @@ class PoolingServing:
 
     async def score(self, req: ScoreRequest) -> dict:
         scores, tokens = await self._scores(req, req.text_1, req.text_2)
-        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": self.serving.model_name,
-                "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return self._listing("score", [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                             tokens)
 
     async def rerank(self, req: RerankRequest) -> dict:
         """The documents by relevance to the query, best first; `top_n` of them (0: all)."""
