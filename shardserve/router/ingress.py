@@ -141,7 +141,8 @@ class Router:
 
     async def _model_info(self, name: str) -> dict:
         if name not in self._info:
-            self._info[name] = self.local.info() if self.local is not None else await self.models[name].info.remote()
+            local = self.local
+            self._info[name] = local.info() if local is not None else await self.models[name].info.remote()
         return self._info[name]
 
     # routes -----------------------------------------------------------------------------------------
