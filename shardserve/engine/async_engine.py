@@ -151,10 +151,19 @@ class AsyncLLMEngine:
             self.engine.abort_request(command[1])
 
     def _deliver(self, request_id: str, item) -> None:
-        entry = self._streams.get(request_id)
-        if entry is not None:
-            loop, stream = entry
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand each item to its request's stream: one wake-up per event loop per step, not one per request
+        (each wake-up costs the loop's thread the GIL and a system call)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            entry = self._streams.get(request_id)
+            if entry is not None:
+                loop, stream = entry
+                by_loop.setdefault(loop, []).append((stream, item))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
 
     def _run(self, config: EngineConfig, started: threading.Event) -> None:
         try:
@@ -196,8 +205,11 @@ class AsyncLLMEngine:
                 logger.exception("Engine step failed; the engine stops serving.")
                 self.error = e
                 dead = EngineDeadError(f"The engine failed while serving this request: {e}")
-                for request_id in list(self._streams):
-                    self._deliver(request_id, dead)
+                self._deliver_all([(request_id, dead) for request_id in list(self._streams)])
                 return
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_all([(output.request_id, output) for output in outputs])
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in pairs:
+        stream.put_nowait(item)
