@@ -114,8 +114,9 @@ class AsyncLLMEngine:
         try:
             while not finished:
                 try:
-                    item = await asyncio.wait_for(stream.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(1.0):  # a timer, not wait_for's task per item
+                        item = await stream.get()
+                except TimeoutError:
                     self.check_health()  # a request never waits on an engine that has died
                     continue
                 if isinstance(item, BaseException):
