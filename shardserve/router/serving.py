@@ -36,6 +36,13 @@ def _token_str(entry: PositionLogprobs, token_id: int, tokenizer) -> str:
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several requests' output streams as outputs arrive, tagged with the stream's index."""
+    if len(streams) == 1:  # the usual case: no task and queue hop per output
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
