@@ -96,6 +96,8 @@ def test_cohere_embed_inputs_and_truncation(server, minilm):
     assert_close_f32(r.json()["embeddings"]["float"][0], start.outputs.embedding)
     r = post(server, "/v2/embed", {"model": "minilm", "texts": [text], "truncate": "END", "max_tokens": 8})
     assert r.json()["meta"]["billed_units"]["input_tokens"] == 8
+    r = post(server, "/v2/embed", {"model": "minilm", "texts": [text], "max_tokens": 10_000})
+    assert r.json()["meta"]["billed_units"]["input_tokens"] == 256  # no more than the model takes
     r = post(server, "/v2/embed", {"model": "minilm", "texts": [text], "truncate": "NONE"})
     assert r.status_code == 400 and "maximum model length of 256" in r.json()["message"]
     r = post(server, "/v2/embed", {"model": "minilm", "texts": SENTENCES, "truncate": "NONE", "max_tokens": 5})

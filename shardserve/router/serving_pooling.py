@@ -156,7 +156,9 @@ class PoolingServing:
         if req.truncate == "NONE":
             truncation = {}
         else:
-            truncation = {"truncate_prompt_tokens": req.max_tokens or -1,
+            # Cohere's max_tokens past the model's length means the model's length
+            cut = min(req.max_tokens, self.engine.max_model_len) if req.max_tokens else -1
+            truncation = {"truncate_prompt_tokens": cut,
                           "truncation_side": "left" if req.truncate == "START" else "right"}
         params = PoolingParams(task="embed", dimensions=req.output_dimension, **truncation)
         prompts = self.processor.model_prompts()
