@@ -133,7 +133,8 @@ class LLMEngine:
         parent = self.scheduler.held.get(parent_request_id)
         if parent is None:
             raise ValueError(f"Request {parent_request_id!r} holds no KV blocks to fork from.")
-        tokens = parent.all_token_ids[:parent.num_computed_tokens] + [self.processor.validate_token_ids([token_id])[0]]
+        (token_id,) = self.processor.validate_token_ids([token_id])
+        tokens = parent.all_token_ids[:parent.num_computed_tokens] + [token_id]
         child = Request(request_id, tokens, params, hold_kv=True)
         self.scheduler.prepare_fork(parent_request_id, child)
         self.add_processed_request(request_id, [child])

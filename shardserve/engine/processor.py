@@ -249,8 +249,9 @@ class Processor:
             if ids is None:
                 texts.setdefault(truncation, []).append((i, text))
                 continue
-            if truncation[0] is not None and isinstance(ids, (list, tuple)):
-                ids = [t for t, kept in zip(ids, _kept([False] * len(ids), *truncation)) if kept]
+            max_length, side = truncation
+            if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
+                ids = ids[-max_length:] if side == "left" else ids[:max_length]  # token ids: no special tokens
             out[i] = ProcessedPrompt(text, self._check_pooling_length(ids))
         for (max_length, side), items in texts.items():
             for (i, _), processed in zip(items, self._encode([t for _, t in items], None, max_length, side)):
