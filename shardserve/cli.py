@@ -54,7 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
                   hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else {},
                   num_replicas=args.num_replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                   max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval_s=args.stream_interval_s,
-                  runner=args.runner, convert=args.convert, pooler_config=args.pooler_config)
+                  runner=args.runner, convert=args.convert, pooler_config=args.pooler_config, device=args.device,
+                  gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+                  enforce_eager=args.enforce_eager)
     specs = [ModelSpec(model=m, served_model_name=names[i] if i < len(names) else None, **common)
              for i, m in enumerate(models)]
     connect(args.address)
@@ -97,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--max-model-len", type=int)
     srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                     help="auto: cuda when the Ray cluster has GPUs")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="the fraction of each GPU's memory the engine may use (weights, activations, KV cache)")
+    srv.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton", "flash_attn"])
+    srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     srv.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     srv.add_argument("--enable-prompt-embeds", action="store_true")

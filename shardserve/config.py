@@ -48,6 +48,13 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     device: str = "auto"
+    # Attention kernels: auto, torch, cpu, triton, flash_attn (layers/attention/backend.py); None: the
+    # SHARDSERVE_ATTENTION_BACKEND environment variable, else auto.
+    attention_backend: str | None = None
+    # CUDA graphs replay decode steps of up to the largest of these batch sizes (a batch pads up to the
+    # next size); enforce_eager turns them off. None: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs.
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     hf_overrides: dict = field(default_factory=dict)
@@ -91,6 +98,10 @@ class EngineConfig:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.cuda_graph_sizes is not None and any(not isinstance(n, int) or n < 1 for n in self.cuda_graph_sizes):
+            raise ValueError(f"cuda_graph_sizes must be positive integers, got {self.cuda_graph_sizes!r}.")
         if self.kv_cache_memory_bytes is None:
             gib = float(os.environ.get("SHARDSERVE_CPU_KVCACHE_SPACE", "4"))
             self.kv_cache_memory_bytes = int(gib * (1 << 30))

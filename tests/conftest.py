@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray clients rewrite a 127.0.0.1 cluster address to the machine's outside address, where nothing listens
 # (see MACHINE-NOTES); this keeps the test cluster's clients on loopback. Read when ray is first imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Without a GPU, Triton kernels run in Triton's interpreter (read when a kernel is defined, so set first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shardserve.layers.attention import AttentionMetadata, get_attention_backend
-from shardserve.layers.attention import cpu_backend
+from shardserve.layers.attention import cpu_backend, flash_backend, triton_backend
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
@@ -43,6 +43,39 @@ def test_auto_backend_prefers_the_compiled_cpu_kernel():
     assert get_attention_backend("torch").name == "torch"
     with pytest.raises(ValueError, match="Unknown attention backend"):
         get_attention_backend("nope")
+
+
+def test_backend_choice_on_a_gpu_and_the_environment_variable(monkeypatch):
+    """On a GPU auto takes FlashAttention only where a build imports and runs, else Triton; a broken or
+    missing build is passed over, not a crash. The environment variable picks when the caller does not."""
+    if flash_backend.load() is None:
+        assert "vllm_flash_attn" in flash_backend.load_error() and "flash_attn" in flash_backend.load_error()
+        expected = "triton" if triton_backend.available() else "torch"
+        assert get_attention_backend("auto", "cuda", torch.bfloat16).name == expected
+        with pytest.raises(RuntimeError, match="flash_attn attention backend is not usable"):
+            get_attention_backend("flash_attn", "cuda", torch.bfloat16)
+    assert not flash_backend.usable(torch.device("cpu"), torch.bfloat16, 16, 64)
+    monkeypatch.setenv("SHARDSERVE_ATTENTION_BACKEND", "torch")
+    assert get_attention_backend(None, "cpu").name == "torch"
+    assert get_attention_backend("auto", "cpu").name != "torch" or not cpu_backend.available()
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
+def test_triton_backend_on_a_cpu_only_in_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_attention_backend("triton", "cpu").name == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="runs on CUDA devices"):
+        get_attention_backend("triton", "cpu")
+
+
+def test_engine_takes_the_backend_it_is_given(model_dirs):
+    from shardserve import LLM
+    llm = LLM(model_dirs("llama"), attention_backend="torch", max_model_len=64)
+    worker = llm.llm_engine.executor.worker
+    assert {a.backend.name for a in worker.attention_layers} == {"torch"}
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        LLM(model_dirs("llama"), attention_backend="sdpa")
 
 
 def test_prefill_over_cached_prefix_equals_full_causal_attention():

@@ -88,3 +88,30 @@ def test_kv_cache_is_allocated_once_and_rss_stays_flat(llm):
     assert not llm.llm_engine.parents and not llm.llm_engine.scheduler.requests
     assert not llm.llm_engine.scheduler.block_manager.req_blocks
     assert not worker.runner.requests
+
+
+def test_gpu_kv_budget_counts_weights_activations_and_memory_outside_torch():
+    from shardserve.workers.worker import kv_cache_budget
+    gib = 1 << 30
+    # 80 GiB device at 0.9: 72 GiB for the engine, less 10 GiB of peak torch use and 1.5 outside torch
+    assert kv_cache_budget(80 * gib, 0.9, 10 * gib, gib + gib // 2) == int(72 * gib) - 10 * gib - gib - gib // 2
+    assert kv_cache_budget(80 * gib, 0.1, 10 * gib, 0) < 0  # too small: the engine then refuses to start
+
+
+def test_profile_run_covers_a_full_step(model_dirs):
+    """The memory profile's forward (run on GPUs before sizing the KV cache) over the largest step the
+    scheduler may send, on every stage's path; here on the CPU for its shapes."""
+    from shardserve import LLM
+    llm = LLM(model_dirs("qwen3"), max_model_len=48, max_num_batched_tokens=100, max_num_seqs=4)
+    worker = llm.llm_engine.executor.worker
+    assert worker.config.max_num_batched_tokens == 100 and worker.config.max_model_len == 48
+    worker.profile_run(100, 48)  # 48 + 48 + 4 tokens, logits for 4 rows
+    assert worker.runner.graphs is None  # no CUDA graphs on a CPU
+
+
+def test_cuda_graph_sizes_cover_every_batch():
+    from shardserve.workers.cuda_graph import default_graph_sizes
+    assert default_graph_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
+    assert default_graph_sizes(5) == [1, 2, 4, 5]
+    assert default_graph_sizes(1) == [1]
+    assert default_graph_sizes(40) == [1, 2, 4, 8, 16, 32, 40]

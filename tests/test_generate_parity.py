@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ARCHS
 from shardserve import LLM, SamplingParams, TokensPrompt
+from shardserve.layers.attention import triton_backend
 
 PROMPT_LENS = [5, 23, 40]
 NUM_TOKENS = 32
@@ -131,3 +132,21 @@ def test_half_precision_runs_close_to_float32(dtype, references):
         token = prompts[1][pos]
         assert out.prompt_logprobs[pos][token].logprob == pytest.approx(ref[pos - 1, token].item(), abs=0.25)
     assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
+def test_triton_backend_greedy_matches_transformers(references):
+    """The Triton kernels serving whole requests (in Triton's interpreter without a GPU): prompts, decodes,
+    a prefill over a prefix-cache hit, and chunks short enough to run as decode rows."""
+    path, hf, prompts, greedy = references("qwen3")  # GQA, head_dim 32 != hidden / heads
+    for kwargs in (dict(), dict(max_num_batched_tokens=8)):
+        llm = LLM(path, dtype="float32", attention_backend="triton", **kwargs)
+        assert llm.llm_engine.executor.worker.attention_backend.name == "triton"
+        outs = _generate(llm, prompts)
+        assert [o.outputs[0].token_ids for o in outs] == greedy, kwargs
+        if not kwargs:
+            # 32 tokens from the cache, 20 new ones: the prefill kernel over a cached prefix
+            prompt = prompts[2][:32] + prompts[1][:20]
+            out = _generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+            assert out.num_cached_tokens == 32
+            assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 3)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -64,6 +65,10 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_batched} is below max_model_len={self.max_model_len}: "
                              f"a pooling model computes each prompt whole in one step, so the step budget must "
                              f"hold the longest prompt.")
+
+        # Workers size their CUDA graphs and their memory profile from these: give them the resolved values.
+        self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
+                                                   max_num_batched_tokens=max_batched)
 
         # A model that cannot be split as asked fails here, not inside a worker actor.
         check_tensor_parallel_sizes(hf_config, config.tensor_parallel_size)

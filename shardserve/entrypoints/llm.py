@@ -36,8 +36,10 @@ class LLM(PoolingMixin):
                  num_cpus_per_worker: float = 1.0, pp_layer_partition: list[int] | None = None,
                  placement_group_strategy: str = "PACK", runner: str = "auto", convert: str = "auto",
                  task: str | None = None, pooler_config: PoolerConfig | dict | str | None = None,
-                 override_pooler_config: PoolerConfig | dict | str | None = None, **kwargs):
-        unknown = set(kwargs) - {"enforce_eager", "disable_log_stats", "swap_space"}
+                 override_pooler_config: PoolerConfig | dict | str | None = None,
+                 attention_backend: str | None = None, enforce_eager: bool = False,
+                 cuda_graph_sizes: list[int] | None = None, **kwargs):
+        unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
         self.chat_template = load_chat_template(chat_template)  # the default for chat(); a bad path fails here
@@ -54,7 +56,8 @@ class LLM(PoolingMixin):
             pipeline_parallel_size=pipeline_parallel_size, distributed_executor_backend=distributed_executor_backend,
             ray_address=address, num_cpus_per_worker=num_cpus_per_worker, pp_layer_partition=pp_layer_partition,
             placement_group_strategy=placement_group_strategy, runner=runner, convert=convert, task=task,
-            pooler_config=pooler_config if pooler_config is not None else override_pooler_config)
+            pooler_config=pooler_config if pooler_config is not None else override_pooler_config,
+            attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 

@@ -13,6 +13,7 @@ class ModelSpec:
     served_model_name: str | None = None
     tokenizer: str | None = None
     dtype: str = "auto"
+    device: str = "auto"               # cuda, cpu, or auto: cuda when the Ray cluster has GPUs
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -25,6 +26,9 @@ class ModelSpec:
     seed: int = 0
     max_num_seqs: int = 256
     kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    attention_backend: str | None = None
+    enforce_eager: bool = False
     # Serve
     num_replicas: int = 1
     min_replicas: int | None = None
@@ -49,7 +53,9 @@ class ModelSpec:
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker,
-            runner=self.runner, convert=self.convert, pooler_config=self.pooler_config)
+            runner=self.runner, convert=self.convert, pooler_config=self.pooler_config,
+            gpu_memory_utilization=self.gpu_memory_utilization, attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager, device=self.resolved_device())
 
     def deployment_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}
@@ -60,17 +66,31 @@ class ModelSpec:
                                              "target_ongoing_requests": max(1, self.max_num_seqs // 2)}
         else:
             options["num_replicas"] = self.num_replicas
+        on_gpu = self.resolved_device() == "cuda"
         if self.world_size > 1:
             # Bundle 0 is the replica, one bundle per worker after it: Serve reserves and restarts them together.
-            options["placement_group_bundles"] = ([{"CPU": self.num_cpus}]
-                                                  + [{"CPU": self.num_cpus_per_worker}] * self.world_size)
+            worker = {"CPU": self.num_cpus_per_worker, **({"GPU": 1.0} if on_gpu else {})}
+            options["placement_group_bundles"] = [{"CPU": self.num_cpus}] + [worker] * self.world_size
             options["placement_group_strategy"] = "PACK"
         # OpenMP and MKL size their pools from the environment at start-up (Ray would otherwise pin them
         # to one thread): give the replica's kernels the cores it reserved.
         threads = str(self.num_threads)
         options["ray_actor_options"] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": {
             "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "SHARDSERVE_NUM_THREADS": threads}}}
+        if on_gpu and self.world_size == 1:  # the replica runs the model itself: Ray must give it the GPU
+            options["ray_actor_options"]["num_gpus"] = 1
         return options
+
+    def resolved_device(self) -> str:
+        """`auto` is decided where the app is built, not in each replica: a replica whose workers hold the
+        GPUs has none itself and would otherwise pick the CPU."""
+        if self.device != "auto":
+            return self.device
+        import ray
+        if ray.is_initialized():
+            return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def num_threads(self) -> int:

@@ -60,6 +60,13 @@ class ModelRunner:
         self.sampler = Sampler(seed, device)
         self.requests: dict[str, CachedRequestState] = {}
         self.is_pooling = getattr(model, "pooling_kind", None) is not None
+        self.graphs = None  # a CudaGraphRunner, set by the worker when decode steps replay CUDA graphs
+        # Step inputs go to a GPU from page-locked memory, asynchronously (no sync per tensor).
+        self.pin = device.type == "cuda"
+
+    def to_device(self, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.pin else t.to(self.device)
 
     # request state ----------------------------------------------------------------------------------
 
@@ -112,18 +119,13 @@ class ModelRunner:
                 slots.extend(seq_slots[start:])
                 prefills.append((query_start, n, start, seq_slots))
         num_decodes = len(decode_lens)
-        dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 block_size=bs, num_decode_tokens=num_decodes)
+        meta = AttentionMetadata(slot_mapping=self.to_device(slots), block_size=bs, num_decode_tokens=num_decodes)
         if num_decodes:
             max_blocks = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
-                                                    dtype=torch.long, device=dev)
-            meta.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
-        meta.prefills = [PrefillSeq(q0, n, ctx, torch.tensor(seq_slots, dtype=torch.long, device=dev))
-                         for q0, n, ctx, seq_slots in prefills]
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta)
+            meta.decode_block_tables = self.to_device([t + [0] * (max_blocks - len(t)) for t in decode_tables])
+            meta.decode_seq_lens = self.to_device(decode_lens)
+        meta.prefills = [PrefillSeq(q0, n, ctx, self.to_device(seq_slots)) for q0, n, ctx, seq_slots in prefills]
+        return self.to_device(input_ids), self.to_device(positions), meta
 
     def _inputs_embeds(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Token embeddings with the rows of prompt-embeds requests replaced by their given embeddings, or
@@ -145,20 +147,20 @@ class ModelRunner:
     def _sampling_batch(self, states: list[CachedRequestState]) -> SamplingBatch:
         dev, V = self.device, self.vocab_size
         params = [st.sampling_params for st in states]
-        temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], device=dev)
+        temperature = self.to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32)
         b = SamplingBatch(temperature=temperature, all_greedy=all(p.greedy for p in params))
         if not b.all_greedy:
             if any(p.top_p < 1.0 for p in params):
-                b.top_p = torch.tensor([p.top_p for p in params], device=dev)
+                b.top_p = self.to_device([p.top_p for p in params], torch.float32)
             if any(p.top_k > 0 for p in params):
-                b.top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
+                b.top_k = self.to_device([p.top_k if p.top_k > 0 else V for p in params])
             if any(p.min_p > 0 for p in params):
-                b.min_p = torch.tensor([p.min_p for p in params], device=dev)
+                b.min_p = self.to_device([p.min_p for p in params], torch.float32)
             b.generators = {i: st.generator for i, st in enumerate(states) if st.generator is not None}
         if any(p.has_penalties for p in params):
-            b.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
-            b.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
-            b.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
+            b.presence = self.to_device([p.presence_penalty for p in params], torch.float32)
+            b.frequency = self.to_device([p.frequency_penalty for p in params], torch.float32)
+            b.repetition = self.to_device([p.repetition_penalty for p in params], torch.float32)
             b.output_counts = torch.zeros(len(states), V, device=dev)
             b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
             for i, st in enumerate(states):
@@ -210,8 +212,11 @@ class ModelRunner:
             return result
         scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
         input_ids, positions, meta = self._prepare(scheduled)
-        hidden = self._forward(input_ids, positions, meta,
-                               lambda: {"inputs_embeds": self._inputs_embeds(scheduled, input_ids)})
+        inputs_embeds = self._inputs_embeds(scheduled, input_ids) if self.pp.is_first else None
+        if self.graphs is not None and inputs_embeds is None and self.graphs.can_run(len(input_ids), meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self._forward(input_ids, positions, meta, lambda: {"inputs_embeds": inputs_embeds})
         if hidden is None:
             return result
 
@@ -221,8 +226,7 @@ class ModelRunner:
             total += len(s.token_ids)
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
         if sample_rows:
-            last = torch.tensor([offsets[i] + len(scheduled[i].token_ids) - 1 for i in sample_rows],
-                                device=self.device)
+            last = self.to_device([offsets[i] + len(scheduled[i].token_ids) - 1 for i in sample_rows])
             logits = self.model.compute_logits(hidden[last])
             states = [self.requests[scheduled[i].request_id] for i in sample_rows]
             sampled = self.sampler(logits, self._sampling_batch(states))

@@ -12,10 +12,12 @@ import torch
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from shardserve.engine.scheduler import SchedulerOutput
-from shardserve.layers.attention import Attention
+from shardserve.layers.attention import Attention, AttentionMetadata, get_attention_backend
+from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
+from shardserve.workers.cuda_graph import CudaGraphRunner, default_graph_sizes
 from shardserve.workers.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,13 @@ class Worker:
         # Decode batches on a CPU are tens of rows: pack GEMM weights for that size.
         prepack_model(self.model, batch_hint=min(config.max_num_seqs, 32))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if self.attention_layers:
+            self.attention_backend = get_attention_backend(
+                config.attention_backend, self.device, self.dtype, config.block_size,
+                self.attention_layers[0].head_dim)
+            for attn in self.attention_layers:
+                attn.backend = self.attention_backend
+            logger.info("Attention backend: %s", self.attention_backend.name)
         self.kv_caches: list[torch.Tensor] = []
         self.runner: ModelRunner | None = None
 
@@ -48,14 +57,48 @@ class Worker:
         return sum(2 * self.config.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attention_layers)
 
     def determine_num_blocks(self) -> int:
+        """On a GPU: what is left of `gpu_memory_utilization` of the device once the weights, the
+        activations of a full step (profiled) and memory outside torch (CUDA context, NCCL, other processes)
+        are counted. On a CPU: the byte budget."""
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.profile_run(self.config.max_num_batched_tokens, self.config.max_model_len)
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+            budget = kv_cache_budget(total, self.config.gpu_memory_utilization, peak, outside_torch)
+            logger.info("GPU memory: %.2f GiB total, %.2f GiB peak in torch (weights + a step of %d tokens), "
+                        "%.2f GiB outside torch -> %.2f GiB for the KV cache", total / 2**30, peak / 2**30,
+                        self.config.max_num_batched_tokens, outside_torch / 2**30, budget / 2**30)
+            torch.cuda.empty_cache()
         else:
             budget = self.config.kv_cache_memory_bytes
         return max(budget // self.kv_bytes_per_block(), 0)
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, max_model_len: int) -> None:
+        """The largest step the scheduler can send, without a KV cache: `num_tokens` prompt tokens in
+        prompts of at most max_model_len, then logits for up to max_num_seqs of them. What it allocates at
+        its peak is what serving needs besides the weights and the cache."""
+        lens = [max_model_len] * (num_tokens // max_model_len) + [num_tokens % max_model_len]
+        lens = [n for n in lens if n]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        meta = AttentionMetadata(slot_mapping=None, block_size=self.config.block_size,
+                                 prefills=[PrefillSeq(s, n, 0, None) for s, n in zip(starts, lens)])
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        intermediate = None
+        if not get_pp_group().is_first:
+            intermediate = {key: torch.zeros(num_tokens, self.source.hf_config.hidden_size, dtype=self.dtype,
+                                             device=self.device) for key in self.model.intermediate_keys}
+        hidden = self.model(input_ids, positions, meta, intermediate=intermediate)
+        if get_pp_group().is_last:
+            rows = min(self.config.max_num_seqs, num_tokens)
+            self.model.compute_logits(hidden[:rows]).float().softmax(-1)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate every layer's cache once; the engine never grows or reallocates it."""
@@ -69,6 +112,18 @@ class Worker:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
                     num_blocks * self.kv_bytes_per_block() / 2**20)
         self.runner = ModelRunner(self.model, bs, self.source.hf_config, self.dtype, self.device, self.config.seed)
+        if self.uses_cuda_graphs():
+            sizes = self.config.cuda_graph_sizes or default_graph_sizes(self.config.max_num_seqs)
+            max_blocks = -(-self.config.max_model_len // bs)
+            self.runner.graphs = CudaGraphRunner(self.model, sizes, max_blocks, bs, self.device)
+            self.runner.graphs.capture()
+
+    def uses_cuda_graphs(self) -> bool:
+        """Generation on a GPU, one pipeline stage (a stage's send/recv stays outside graphs), an attention
+        backend that can be captured, and not turned off by enforce_eager."""
+        return (self.device.type == "cuda" and not self.config.enforce_eager and bool(self.attention_layers)
+                and self.attention_backend.supports_cuda_graphs and get_pp_group().size == 1
+                and getattr(self.model, "pooling_kind", None) is None)
 
     @property
     def is_driver(self) -> bool:
@@ -85,3 +140,8 @@ class Worker:
 
     def num_parameter_elements(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def kv_cache_budget(total_bytes: int, utilization: float, peak_torch_bytes: int, outside_torch_bytes: int) -> int:
+    """Bytes left for the KV cache when this engine may use `utilization` of a device of `total_bytes`."""
+    return int(total_bytes * utilization) - peak_torch_bytes - outside_torch_bytes

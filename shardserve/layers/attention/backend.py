@@ -51,23 +51,57 @@ class AttentionMetadata:
 
 class AttentionBackend:
     name = "base"
+    # Whether a decode step's forward can be captured in a CUDA graph: no host syncs, grids sized from
+    # host-known shapes, padding rows (slot -1) written nowhere.
+    supports_cuda_graphs = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
 
-def get_attention_backend(name: str | None = None) -> AttentionBackend:
-    """`torch` (reference, any device), `cpu` (compiled paged decode), or `auto`: cpu where it builds."""
-    name = (name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND", "auto")).lower()
+BACKENDS = ("auto", "torch", "cpu", "triton", "flash_attn")
+
+
+def get_attention_backend(name: str | None = None, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32, block_size: int = 16,
+                          head_dim: int = 64) -> AttentionBackend:
+    """`name` (else $SHARDSERVE_ATTENTION_BACKEND, else auto) is one of:
+    - `torch`: the pure-torch reference, any device;
+    - `cpu`: the compiled C paged decode kernel (layers/attention/cpu_backend.py), CPUs;
+    - `triton`: Triton kernels (GPUs; on a CPU only under TRITON_INTERPRET=1);
+    - `flash_attn`: a FlashAttention build, where one imports and runs on this GPU;
+    - `auto`: on a GPU flash_attn where usable, else triton, else torch; on a CPU cpu where it builds,
+      else torch."""
+    from shardserve.layers.attention import cpu_backend, flash_backend, triton_backend
     from shardserve.layers.attention.torch_backend import TorchAttentionBackend
+    name = (name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND") or "auto").lower()
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(BACKENDS)}.")
+    if name == "auto":
+        if device.type == "cuda":
+            if flash_backend.usable(device, dtype, block_size, head_dim):
+                name = "flash_attn"
+            else:
+                name = "triton" if triton_backend.available() else "torch"
+        else:
+            name = "cpu" if cpu_backend.available() else "torch"
     if name == "torch":
         return TorchAttentionBackend()
-    if name in ("auto", "cpu"):
-        from shardserve.layers.attention import cpu_backend
-        if cpu_backend.available():
-            return cpu_backend.CpuPagedAttentionBackend()
-        if name == "cpu":
+    if name == "cpu":
+        if not cpu_backend.available():
             raise RuntimeError(f"The cpu attention backend could not be built: {cpu_backend.build_error()}")
-        return TorchAttentionBackend()
-    raise ValueError(f"Unknown attention backend {name!r}; available: auto, torch, cpu.")
+        return cpu_backend.CpuPagedAttentionBackend()
+    if name == "triton":
+        if not triton_backend.available():
+            raise RuntimeError("The triton attention backend needs the triton package (pip install triton).")
+        if not triton_backend.runs_on(device):
+            raise RuntimeError("The triton attention backend runs on CUDA devices; on a CPU only in Triton's "
+                               "interpreter (TRITON_INTERPRET=1, for tests). Use 'cpu' or 'torch' here.")
+        return triton_backend.TritonAttentionBackend()
+    if not flash_backend.usable(device, dtype, block_size, head_dim):
+        why = flash_backend.load_error() or (
+            "it needs a CUDA device, fp16/bf16, a block size it supports and head_dim a multiple of 8 up to 256")
+        raise RuntimeError(f"The flash_attn attention backend is not usable here: {why}.")
+    return flash_backend.FlashAttentionBackend()

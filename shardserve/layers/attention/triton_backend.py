@@ -1,0 +1,59 @@
+"""GPU attention with Triton kernels (layers/attention/triton_kernels.py): KV writes by slot, flash-decoding
+over the paged cache for one-token queries, and one varlen launch for all of a step's prefills.
+
+Steps without a KV cache (pooling models) keep the torch backend's packed SDPA, which is a flash kernel on
+a GPU already.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from shardserve.layers.attention.backend import AttentionMetadata
+from shardserve.layers.attention.torch_backend import TorchAttentionBackend
+
+
+def available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+def runs_on(device: torch.device) -> bool:
+    """Triton compiles for GPUs; on a CPU only its interpreter runs the kernels (tests, TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonAttentionBackend(TorchAttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self):
+        from shardserve.layers.attention import triton_kernels
+        self.kernels = triton_kernels
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.slot_mapping is None or kv_cache is None:
+            return super().forward(q, k, v, kv_cache, meta, scale)
+        self.kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            self.kernels.paged_decode(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                                      out=out[:nd])
+        if meta.prefills:
+            tables, starts, lens, contexts = meta.memo("triton_prefills", lambda: _prefill_tensors(meta))
+            self.kernels.paged_prefill(q, kv_cache, tables, starts, lens, contexts,
+                                       max(s.query_len for s in meta.prefills), scale, out, meta.causal)
+        return out
+
+
+def _prefill_tensors(meta: AttentionMetadata):
+    """Block tables, query starts, query lengths and context lengths of the step's prefills. A prefill's
+    block table is the block of every block_size-th slot of its tokens."""
+    bs, device = meta.block_size, meta.slot_mapping.device
+    blocks = [seq.kv_slots[::bs] // bs for seq in meta.prefills]
+    tables = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return (tables, as_tensor([s.query_start for s in meta.prefills]),
+            as_tensor([s.query_len for s in meta.prefills]), as_tensor([s.context_len for s in meta.prefills]))

@@ -1,0 +1,261 @@
+"""Triton kernels for attention over the paged KV cache.
+
+The cache of one layer is [2, num_blocks, num_kv_heads, block_size, head_dim]: the tokens of one head in
+one block lie together, so a key's address is ((block * Hkv + head) * block_size + offset) * head_dim.
+Every kernel finds a token's block through the sequence's block table, one lookup per token, so any
+block size works.
+
+- `store_kv`: writes a step's new keys and values at their slots (a slot < 0 is a padding row: skipped).
+- `paged_decode`: one query token per sequence (flash-decoding): the sequence's context is split across
+  programs, each program takes all the query heads that share one KV head (GQA reads each key once),
+  and a second kernel joins the splits by their log-sum-exp.
+- `paged_prefill`: many query tokens per sequence, over the sequence's cached prefix and themselves
+  (already stored), causal; one launch for all the step's prefills.
+
+Scores accumulate in fp32 whatever the cache dtype. Grids depend only on host-known sizes (the block-table
+width, the number of sequences), never on device values, so decode launches can be captured in a CUDA graph.
+On a CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HEAD_DIM_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(slot_ptr + token)
+    if slot >= 0:
+        d = tl.arange(0, HEAD_DIM_PAD)
+        mask = d < HEAD_DIM
+        dst = ((slot // BLOCK_SIZE * NUM_KV_HEADS + head) * BLOCK_SIZE + slot % BLOCK_SIZE) * HEAD_DIM + d
+        k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=mask)
+        tl.store(k_cache_ptr + dst, k, mask=mask)
+        tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] (last dim contiguous); kv_cache: [2, num_blocks, Hkv, block_size, D]."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.is_contiguous()
+    _store_kv_kernel[(num_tokens, num_kv_heads)](
+        k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        NUM_KV_HEADS=num_kv_heads, BLOCK_SIZE=kv_cache.shape[3], HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _key_addresses(table_row_ptr, pos, kv_head, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, d, valid):
+    """[BLOCK_N, HEAD_DIM_PAD] element offsets of the keys at positions `pos` of one sequence and KV head."""
+    block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+    row = (block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + pos % BLOCK_SIZE
+    return row[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+
+
+@triton.jit
+def _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One key tile of flash attention: the scores of q's rows against k where `keep`, folded into each
+    row's running maximum m_i, softmax denominator l_i and weighted sum of values acc."""
+    if IEEE:  # fp32 inputs: no TF32 rounding, so results match the torch reference closely
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(keep, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr,
+                         part_out_ptr, part_lse_ptr, scale,
+                         stride_qt, stride_qh, stride_table, tokens_per_split,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kv_head * GROUP + g
+    head_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    table_row = tables_ptr + seq.to(tl.int64) * stride_table
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        addr = _key_addresses(table_row, pos, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, d, valid)
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + addr, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + addr, mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid[None, :], scale, m_i, l_i, acc, IEEE)
+
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
+    else:
+        # A split past the sequence's end saw no keys: its lse is -inf and it weighs nothing in the join.
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], out, mask=head_ok[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=head_ok)
+
+
+@triton.jit
+def _join_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        NUM_SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    part = (seq * NUM_HEADS + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    lse = tl.load(part_lse_ptr + part)
+    weight = tl.exp(lse - tl.max(lse, 0))  # split 0 always has keys: the maximum is finite
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# Decode programs the GPU should have in flight before a sequence's context is split further.
+_TARGET_PROGRAMS = 512
+_MAX_SPLITS = 32
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_len: int, block_n: int) -> int:
+    """How many programs share one sequence's context: enough to fill the device when the batch is small
+    and contexts are long, a power of two (the join reads them as one vector), one when the batch does."""
+    by_context = triton.cdiv(max_len, 4 * block_n)  # a split keeps a few key tiles of work
+    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, max(num_seqs * num_kv_heads, 1))
+    return min(triton.next_power_of_2(max(min(by_context, by_occupancy), 1)), _MAX_SPLITS)
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """q: [B, H, D]; block_tables: [B, max_blocks] (int32/int64); seq_lens: [B], each >= 1. -> [B, H, D].
+    The grid depends on B and the table's width only."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    assert q.stride(-1) == 1 and kv_cache.is_contiguous() and block_tables.stride(-1) == 1
+    out = torch.empty_like(q) if out is None else out
+    assert out.stride() == q.stride()
+    block_n = 16 if _interpreting() else 64
+    max_len = block_tables.shape[1] * block_size
+    splits = num_splits or decode_splits(num_seqs, num_kv_heads, max_len, block_n)
+    tokens_per_split = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    part_out = part_lse = out  # unused when there is one split
+    if splits > 1:
+        part_out = torch.empty(num_seqs * num_heads * splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), tokens_per_split,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32)
+    if splits > 1:
+        _join_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits)
+    return out
+
+
+@triton.jit
+def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_starts_ptr, query_lens_ptr,
+                          context_lens_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                          stride_table,
+                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    m_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    query_len = tl.load(query_lens_ptr + seq)
+    if m_block * BLOCK_M < query_len:
+        query_start = tl.load(query_starts_ptr + seq)
+        context_len = tl.load(context_lens_ptr + seq)
+        kv_head = head // GROUP
+        m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < query_len
+        d = tl.arange(0, HEAD_DIM_PAD)
+        d_ok = d < HEAD_DIM
+        rows = (query_start + m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        query_pos = context_len + m
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        total = context_len + query_len
+        if CAUSAL:  # keys past this tile's last query are masked for all its rows: not read at all
+            total = tl.minimum(total, context_len + (m_block + 1) * BLOCK_M)
+        table_row = tables_ptr + seq.to(tl.int64) * stride_table
+        for n0 in range(0, total, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < total
+            addr = _key_addresses(table_row, pos, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, d, valid)
+            kv_mask = valid[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + addr, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + addr, mask=kv_mask, other=0.0)
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (pos[None, :] <= query_pos[:, None])
+            m_i, l_i, acc = _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_starts: torch.Tensor,
+                  query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
+                  out: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """q, out: [T, H, D] rows of the whole step; each sequence's rows are query_starts[i] ..
+    + query_lens[i], its keys (context then query, all stored) found through block_tables[i]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    block = 16 if _interpreting() else (64 if head_dim <= 128 else 32)
+    _paged_prefill_kernel[(triton.cdiv(max_query_len, block), len(query_lens), num_heads)](
+        q, kv_cache[0], kv_cache[1], block_tables, query_starts, query_lens, context_lens, out, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=causal,
+        IEEE=q.dtype == torch.float32)
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
