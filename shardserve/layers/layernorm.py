@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardserve.layers import fused_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -12,6 +14,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`, adds it first and returns (normed, new residual), as pre-norm blocks need."""
+        if fused_kernels.enabled(x) and x.dim() == 2 and x.stride(-1) == 1:
+            return fused_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x

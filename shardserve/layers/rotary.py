@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from shardserve.layers import fused_kernels
+
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
@@ -38,7 +40,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
+    """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. On a GPU rotated in place by one fused kernel
+    (q and k are views of the step's fresh QKV projection, read by nothing else)."""
+    if fused_kernels.enabled(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        fused_kernels.rotary_(q, k, cos, sin)
+        return q, k
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
