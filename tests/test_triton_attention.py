@@ -74,8 +74,10 @@ def test_forward_mixed_step_matches_torch(num_heads, num_kv_heads, head_dim, blo
     cache, tables = _paged_sequences(lens, num_kv_heads, head_dim, block_size, dtype, seed=2)
     g = torch.Generator().manual_seed(3)
     total = sum(n for _, n in shapes) + 1  # + one padding row
-    q = torch.randn(total, num_heads, head_dim, generator=g).to(DEVICE, dtype)
-    k, v = (torch.randn(total, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2))
+    # q, k, v as a model has them: strided views into one QKV projection output
+    qkv = torch.randn(total, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k, v = q.view(total, num_heads, head_dim), k.view(total, -1, head_dim), v.view(total, -1, head_dim)
 
     def metadata():
         slots, prefills, row = [], [], 0

@@ -86,7 +86,7 @@ def _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE: tl.constexpr):
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr,
                          part_out_ptr, part_lse_ptr, scale,
-                         stride_qt, stride_qh, stride_table, tokens_per_split,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_table, tokens_per_split,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -121,7 +121,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
-        tl.store(out_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
     else:
         # A split past the sequence's end saw no keys: its lse is -inf and it weighs nothing in the join.
@@ -169,8 +169,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and kv_cache.is_contiguous() and block_tables.stride(-1) == 1
-    out = torch.empty_like(q) if out is None else out
-    assert out.stride() == q.stride()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    assert out.stride(-1) == 1
     block_n = 16 if _interpreting() else 64
     max_len = block_tables.shape[1] * block_size
     splits = num_splits or decode_splits(num_seqs, num_kv_heads, max_len, block_n)
@@ -182,7 +182,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale,
-        q.stride(0), q.stride(1), block_tables.stride(0), tokens_per_split,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), tokens_per_split,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32)
