@@ -115,3 +115,17 @@ def test_cuda_graph_sizes_cover_every_batch():
     assert default_graph_sizes(5) == [1, 2, 4, 5]
     assert default_graph_sizes(1) == [1]
     assert default_graph_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("arch, architecture", [("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                                                ("opt", "OPTForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
+def test_models_build_entirely_on_the_target_device(arch, architecture):
+    """Workers build models inside `torch.device(device)`: every parameter and buffer (rotary tables with
+    llama3 scaling included) must land there, or a GPU forward mixes devices. The meta device stands in."""
+    from conftest import _config
+    from shardserve.models.registry import resolve_model_class
+    config = _config(arch, 300)
+    config.architectures = [architecture]
+    with torch.device("meta"):
+        model = resolve_model_class(config, "generate", "none")(config)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}

@@ -27,11 +27,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config, head_dim: int, max_position: int):
         super().__init__()
-        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-        self.register_buffer("cos_sin_cache",
-                             torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1),
-                             persistent=False)
+        # Computed on the CPU in fp32 (as transformers does), then placed where the model is being built:
+        # the device of an enclosing `torch.device(...)` block.
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
+            freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+            cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, head_dim / 2] each; computed once per step and shared by every layer."""
