@@ -150,3 +150,19 @@ def test_triton_backend_greedy_matches_transformers(references):
             out = _generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
             assert out.num_cached_tokens == 32
             assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 3)
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
+def test_decode_through_cuda_graph_buffers_matches_transformers(references):
+    """Decode steps as CUDA graphs see them: inputs copied into static buffers, the batch padded up to a
+    captured size with rows that write no KV, block tables as wide as max_model_len. On a CPU the forward
+    runs eagerly at each 'replay'; the graphs themselves are tested on GPUs (tests/test_gpu.py)."""
+    from shardserve.workers.cuda_graph import CudaGraphRunner
+    path, _, prompts, greedy = references("qwen3")
+    llm = LLM(path, dtype="float32", attention_backend="triton", max_model_len=128)
+    worker = llm.llm_engine.executor.worker
+    runner = CudaGraphRunner(worker.model, [2, 4], 128 // 16, 16, worker.device, use_graphs=False)
+    worker.runner.graphs = runner
+    outs = _generate(llm, prompts)  # 3 sequences decode as a padded batch of 4, then 2, then 1 -> 2
+    assert [o.outputs[0].token_ids for o in outs] == greedy
+    assert runner.num_replays >= NUM_TOKENS - 1

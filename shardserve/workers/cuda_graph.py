@@ -31,8 +31,13 @@ def default_graph_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model, sizes: list[int], max_blocks_per_seq: int, block_size: int, device: torch.device):
+    def __init__(self, model, sizes: list[int], max_blocks_per_seq: int, block_size: int, device: torch.device,
+                 use_graphs: bool = True):
         self.model = model
+        # False: the same static buffers and padding, with the forward run eagerly at each replay (tests the
+        # bookkeeping on a CPU, where there are no graphs to capture)
+        self.use_graphs = use_graphs
+        self.num_replays = 0
         self.sizes = sorted(set(sizes))
         self.block_size = block_size
         largest = self.sizes[-1]
@@ -52,6 +57,8 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if not self.use_graphs:
+            return
         start = time.perf_counter()
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs fit in its memory pool
@@ -84,5 +91,8 @@ class CudaGraphRunner:
         self.block_tables[:n, :width].copy_(meta.decode_block_tables)
         self.seq_lens[:n].copy_(meta.decode_seq_lens)
         self.seq_lens[n:size].fill_(1)
+        self.num_replays += 1
+        if not self.use_graphs:
+            return self.model(self.input_ids[:size], self.positions[:size], self._meta(size))[:n]
         self.graphs[size].replay()
         return self.outputs[size][:n]
