@@ -161,15 +161,20 @@ class ModelRunner:
             b.presence = self.to_device([p.presence_penalty for p in params], torch.float32)
             b.frequency = self.to_device([p.frequency_penalty for p in params], torch.float32)
             b.repetition = self.to_device([p.repetition_penalty for p in params], torch.float32)
-            b.output_counts = torch.zeros(len(states), V, device=dev)
-            b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
+            # One scatter each for the whole batch: (row, token) pairs flattened on the host, one copy.
+            out_rows, out_tokens, prompt_rows, prompt_tokens = [], [], [], []
             for i, st in enumerate(states):
                 outs = st.output_token_ids
-                if outs:
-                    b.output_counts[i].index_add_(0, torch.tensor(outs, device=dev),
-                                                  torch.ones(len(outs), device=dev))
+                out_rows += [i] * len(outs)
+                out_tokens += outs
                 if st.prompt_embeds is None:  # an embeddings prompt has no tokens to penalise
-                    b.prompt_mask[i, torch.tensor(st.prompt_token_ids, device=dev)] = True
+                    prompt_rows += [i] * len(st.prompt_token_ids)
+                    prompt_tokens += st.prompt_token_ids
+            b.output_counts = torch.zeros(len(states), V, device=dev)
+            b.output_counts.index_put_((self.to_device(out_rows), self.to_device(out_tokens)),
+                                       torch.ones(len(out_rows), device=dev), accumulate=True)
+            b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
+            b.prompt_mask[self.to_device(prompt_rows), self.to_device(prompt_tokens)] = True
         needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
                       or len(st.output_token_ids) < st.sampling_params.min_tokens]
         if needs_bias:
