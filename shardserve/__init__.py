@@ -1,4 +1,8 @@
 """shardserve: vLLM's interfaces and engine as a distributed, actor-based serving cluster on Ray."""
+from shardserve.logger import configure_logging
+
+configure_logging()
+
 from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from shardserve.entrypoints.llm import LLM
 from shardserve.inputs import EmbedsPrompt, TextPrompt, TokensPrompt

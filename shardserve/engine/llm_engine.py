@@ -184,6 +184,9 @@ class LLMEngine:
                 f"{config.block_size}), fewer than max_model_len={self.max_model_len}; give it more memory "
                 f"or lower max_model_len.")
         self.executor.init_kv_cache(num_blocks)
+        tokens = num_blocks * config.block_size
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens): %.1f requests of max_model_len=%d at once",
+                    num_blocks, config.block_size, tokens, tokens / self.max_model_len, self.max_model_len)
         return num_blocks
 
     def shutdown(self) -> None:

@@ -109,7 +109,7 @@ class Worker:
                                 device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
+        logger.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
                     num_blocks * self.kv_bytes_per_block() / 2**20)
         self.runner = ModelRunner(self.model, bs, self.source.hf_config, self.dtype, self.device, self.config.seed)
         if self.uses_cuda_graphs():
