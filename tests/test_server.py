@@ -322,3 +322,19 @@ def test_dead_worker_turns_health_red_until_serve_replaces_the_replica(server, c
             break
         assert time.monotonic() < deadline, f"tiny-tp2 did not come back: {r.status_code} {r.text}"
         time.sleep(1)
+
+
+def test_gpu_specs_reserve_a_gpu_for_whatever_runs_the_model():
+    """On a GPU cluster a one-shard replica runs the model itself and needs the GPU; with TP x PP > 1 the
+    workers in the replica's placement group do, and the replica does not."""
+    from shardserve.router.spec import ModelSpec
+    one = ModelSpec(model="m", device="cuda").deployment_options(0)
+    assert one["ray_actor_options"]["num_gpus"] == 1 and "placement_group_bundles" not in one
+    tp = ModelSpec(model="m", device="cuda", tensor_parallel_size=2, num_cpus=1, num_cpus_per_worker=0.5)
+    options = tp.deployment_options(0)
+    assert "num_gpus" not in options["ray_actor_options"]
+    assert options["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 0.5, "GPU": 1.0}, {"CPU": 0.5, "GPU": 1.0}]
+    assert tp.engine_config().device == "cuda"  # decided here, not by the GPU-less replica
+    cpu = ModelSpec(model="m", device="cpu", tensor_parallel_size=2, num_cpus=1, num_cpus_per_worker=0.5)
+    assert cpu.deployment_options(0)["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert "num_gpus" not in ModelSpec(model="m", device="cpu").deployment_options(0)["ray_actor_options"]
