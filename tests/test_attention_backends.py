@@ -116,3 +116,75 @@ def test_packed_self_attention_equals_one_prompt_at_a_time(causal, num_heads, nu
             q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), is_causal=causal,
             scale=head_dim ** -0.5, enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
+
+
+def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale, causal,
+                      block_table, out):
+    """`flash_attn_varlen_func` over a paged cache as its documentation defines it: k, v are
+    [num_blocks, block_size, Hkv, D]; sequence i has queries cu_seqlens_q[i]..[i + 1] and its first
+    seqused_k[i] keys through block_table[i]; the causal mask is aligned to the bottom right."""
+    import torch.nn.functional as F
+    assert k.stride(-1) == 1 and causal and max_seqlen_q >= int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    assert cu_seqlens_q.dtype == seqused_k.dtype == block_table.dtype == torch.int32
+    for i in range(len(seqused_k)):
+        rows = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
+        num_keys, num_queries = int(seqused_k[i]), rows.stop - rows.start
+        assert num_keys <= max_seqlen_k
+        pos = torch.arange(num_keys)
+        blocks = block_table[i, pos // k.shape[1]].long()
+        keys, values = k[blocks, pos % k.shape[1]], v[blocks, pos % k.shape[1]]  # [L, Hkv, D]
+        mask = pos[None, :] <= (num_keys - num_queries + torch.arange(num_queries))[:, None]
+        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                           attn_mask=mask, scale=softmax_scale, enable_gqa=True)
+        out[rows] = o.transpose(0, 1)
+    return out
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
+def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch):
+    """The FlashAttention backend's own part: the varlen batch (decode rows as queries of one, prefills
+    after them), int32 tables and lengths, the cache passed as a [blocks, block_size, Hkv, D] view. The kernel
+    is stood in for by its documented semantics; the real one runs only on GPUs with a matching build."""
+    import sys
+    import types
+    fake = types.ModuleType("vllm_flash_attn")
+    fake.flash_attn_varlen_func = _varlen_reference
+    monkeypatch.setitem(sys.modules, "vllm_flash_attn", fake)
+    monkeypatch.setattr(flash_backend, "_loaded", None)
+    monkeypatch.setattr(flash_backend, "_load_error", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert flash_backend.load()[2] == "vllm_flash_attn"
+
+    g = torch.Generator().manual_seed(5)
+    H, Hkv, D, bs = 4, 2, 16, 4
+    shapes = [(6, 1), (0, 1), (9, 1), (0, 20), (7, 18)]  # (cached context, new tokens): three decode rows
+    cache = torch.randn(2, 40, Hkv, bs, D, generator=g)
+    perm = torch.randperm(40, generator=g).tolist()
+    tables, start = [], 0
+    for ctx, n in shapes:
+        nb = -(-(ctx + n) // bs)
+        tables.append(perm[start:start + nb])
+        start += nb
+    total = sum(n for _, n in shapes)
+    q = torch.randn(total, H, D, generator=g)
+    k, v = (torch.randn(total, Hkv, D, generator=g) for _ in range(2))
+
+    def metadata():
+        slots, prefills, row = [], [], 0
+        for (ctx, n), table in zip(shapes, tables):
+            slots += [table[p // bs] * bs + p % bs for p in range(ctx, ctx + n)]
+            if n > 1:
+                prefills.append(PrefillSeq(row, n, ctx, torch.tensor(
+                    [table[p // bs] * bs + p % bs for p in range(ctx + n)])))
+            row += n
+        decodes = [(c + n, t) for (c, n), t in zip(shapes, tables) if n == 1]
+        width = max(len(t) for _, t in decodes)
+        return AttentionMetadata(slot_mapping=torch.tensor(slots), block_size=bs, num_decode_tokens=len(decodes),
+                                 decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for _, t in decodes]),
+                                 decode_seq_lens=torch.tensor([n for n, _ in decodes]), prefills=prefills)
+
+    ref_cache = cache.clone()
+    ref = TorchAttentionBackend().forward(q, k, v, ref_cache, metadata(), D ** -0.5)
+    out = flash_backend.FlashAttentionBackend().forward(q, k, v, cache, metadata(), D ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache, ref_cache)
