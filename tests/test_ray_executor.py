@@ -107,6 +107,9 @@ def test_every_family_under_tp_and_pp(ray_cluster, model_dirs, reference, arch):
     llm = LLM(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_worker=0.5, **ENGINE)
     try:
         assert_same_outputs(llm.generate(PROMPTS, PARAMS, use_tqdm=False), ref_outputs)
+        # The GPU memory profile's forward runs on every rank at once: later stages from stand-in inputs,
+        # tensor ranks through their collectives.
+        llm.llm_engine.executor.collective_rpc("profile_run", 40, 16)
     finally:
         llm.shutdown()
 

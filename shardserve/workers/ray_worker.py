@@ -39,6 +39,9 @@ class RayWorker:
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
 
+    def profile_run(self, num_tokens: int, max_model_len: int) -> None:
+        self.worker.profile_run(num_tokens, max_model_len)
+
     def init_kv_cache(self, num_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks)
 
