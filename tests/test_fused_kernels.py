@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from shardserve.layers import fused_kernels
+from shardserve.layers.attention import triton_backend
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.rotary import RotaryEmbedding, _rotate
 
-pytestmark = pytest.mark.skipif(not fused_kernels._HAVE_TRITON, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 

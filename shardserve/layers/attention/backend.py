@@ -39,6 +39,11 @@ class AttentionMetadata:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def prefill_block_tables(self) -> list[torch.Tensor]:
+        """Each prefill's block table: the block of every block_size-th slot of its tokens."""
+        return self.memo("prefill_block_tables",
+                         lambda: [seq.kv_slots[::self.block_size] // self.block_size for seq in self.prefills])
+
     def decode_slots_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[num_decodes, max_len] cache slot of every key, and where a key exists."""
         def compute():

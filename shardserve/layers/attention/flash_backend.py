@@ -114,7 +114,7 @@ def _varlen_inputs(meta: AttentionMetadata):
     device, bs, nd = meta.slot_mapping.device, meta.block_size, meta.num_decode_tokens
     query_lens = [1] * nd + [s.query_len for s in meta.prefills]
     cu_q = torch.tensor([0] + query_lens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    prefill_tables = [s.kv_slots[::bs] // bs for s in meta.prefills]
+    prefill_tables = meta.prefill_block_tables()
     width = max([meta.decode_block_tables.shape[1] if nd else 0] + [len(t) for t in prefill_tables])
     tables = torch.zeros(len(query_lens), width, dtype=torch.int32, device=device)
     lens = torch.empty(len(query_lens), dtype=torch.int32, device=device)

@@ -49,11 +49,10 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
 
 def _prefill_tensors(meta: AttentionMetadata):
-    """Block tables, query starts, query lengths and context lengths of the step's prefills. A prefill's
-    block table is the block of every block_size-th slot of its tokens."""
-    bs, device = meta.block_size, meta.slot_mapping.device
-    blocks = [seq.kv_slots[::bs] // bs for seq in meta.prefills]
-    tables = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True)
+    """Block tables (padded to one width), query starts, query lengths and context lengths of the step's
+    prefills."""
+    device = meta.slot_mapping.device
+    tables = torch.nn.utils.rnn.pad_sequence(meta.prefill_block_tables(), batch_first=True)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return (tables, as_tensor([s.query_start for s in meta.prefills]),
             as_tensor([s.query_len for s in meta.prefills]), as_tensor([s.context_len for s in meta.prefills]))

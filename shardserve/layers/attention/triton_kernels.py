@@ -18,6 +18,8 @@ On a CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set before thi
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -54,12 +56,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
-def _key_addresses(table_row_ptr, pos, kv_head, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, d, valid):
-    """[BLOCK_N, HEAD_DIM_PAD] element offsets of the keys at positions `pos` of one sequence and KV head."""
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, end, kv_head, d, d_ok,
+                  NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The keys and values at positions `pos` (those below `end`) of one sequence and KV head, found
+    through its block table, as [BLOCK_N, HEAD_DIM_PAD] tiles (zeros elsewhere), and which are valid."""
+    valid = pos < end
     block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
     row = (block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + pos % BLOCK_SIZE
-    return row[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+    addr = row[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+    mask = valid[:, None] & d_ok[None, :]
+    return tl.load(k_cache_ptr + addr, mask=mask, other=0.0), tl.load(v_cache_ptr + addr, mask=mask, other=0.0), valid
 
 
 @triton.jit
@@ -111,12 +117,8 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     table_row = tables_ptr + seq.to(tl.int64) * stride_table
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        addr = _key_addresses(table_row, pos, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, d, valid)
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + addr, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + addr, mask=kv_mask, other=0.0)
+        k, v, valid = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, n0 + tl.arange(0, BLOCK_N), end, kv_head,
+                                    d, d_ok, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
         m_i, l_i, acc = _attend_tile(q, k, v, valid[None, :], scale, m_i, l_i, acc, IEEE)
 
     if NUM_SPLITS == 1:
@@ -225,11 +227,8 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_sta
         table_row = tables_ptr + seq.to(tl.int64) * stride_table
         for n0 in range(0, total, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
-            valid = pos < total
-            addr = _key_addresses(table_row, pos, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, d, valid)
-            kv_mask = valid[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + addr, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + addr, mask=kv_mask, other=0.0)
+            k, v, valid = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, total, kv_head, d, d_ok,
+                                        NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
             keep = valid[None, :]
             if CAUSAL:
                 keep = keep & (pos[None, :] <= query_pos[:, None])
@@ -257,5 +256,4 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
