@@ -1,10 +1,15 @@
-"""Float32 GEMMs on x86 CPUs with MKL's packed weight layout.
+"""CPU GEMMs with each weight packed once, at load, into the layout of the kernel that runs it.
 
-At decode batch sizes (tens of rows) MKL's packed GEMM runs the same products 1.3-3.5x faster than
-`F.linear` on the 2-core machines we measure on (benchmarks/RESULTS.md); at prefill sizes (thousands of
-rows) it is slower, so those keep `F.linear`. The packing is tuned for a batch size but correct for any.
-Where torch was built without MKL (e.g. aarch64 wheels), or for other dtypes and devices, layers keep
-using `F.linear`.
+`SHARDSERVE_CPU_GEMM` picks the kernel:
+- `onednn` (the default where torch has it): oneDNN's inner product (torch's mkldnn ops) on a weight
+  reordered for 32-row batches, as vLLM's CPU backend does on x86. On an AMD Zen 5 machine it ran the
+  models' fp32 products 2-3x faster than `F.linear` (MKL) at every batch size from 1 to 2,048 rows, and
+  bf16 ones 1.2-2.5x (benchmarks/RESULTS.md); the 32-row layout was as fast as any other at all of them.
+- `mkl`: MKL's packed layout (fp32 only), 1.3-3.5x faster than `F.linear` at decode sizes on an Intel
+  Xeon but slower at prefill sizes, where layers then fall back to `F.linear`. Not measured against
+  oneDNN on Intel: this is the choice to try there.
+- `torch`: plain `F.linear`.
+Other devices and dtypes always use `F.linear`.
 """
 from __future__ import annotations
 
@@ -16,22 +21,55 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+KERNELS = ("onednn", "mkl", "torch")
 
-def packed_gemm_supported(weight: torch.Tensor) -> bool:
-    return (os.environ.get("SHARDSERVE_CPU_PACKED_GEMM", "1") != "0" and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _mkl_available() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+
+def gemm_kernel() -> str:
+    """The kernel CPU layers pack their weights for: $SHARDSERVE_CPU_GEMM, else the best one this torch has."""
+    name = os.environ.get("SHARDSERVE_CPU_GEMM", "").lower()
+    if name and name not in KERNELS:
+        raise ValueError(f"SHARDSERVE_CPU_GEMM={name!r} is not one of {', '.join(KERNELS)}.")
+    if name in ("", "onednn") and _onednn_available():
+        return "onednn"
+    if name in ("", "mkl") and _mkl_available():
+        return "mkl"
+    return "torch"
+
+
+def packed_gemm_supported(weight: torch.Tensor, kernel: str | None = None) -> bool:
+    kernel = kernel or gemm_kernel()
+    dtypes = {"onednn": (torch.float32, torch.bfloat16), "mkl": (torch.float32,)}.get(kernel, ())
+    return weight.device.type == "cpu" and weight.dtype in dtypes
 
 
 class PackedWeight:
-    """A weight [out, in] repacked for MKL, keeping the original (MKL falls back to it for odd shapes)."""
+    """A weight [out, in] in a kernel's layout, beside the original (which the layer keeps: tied embeddings
+    and loaders read it, and MKL falls back to it for odd shapes)."""
 
-    def __init__(self, weight: torch.Tensor, batch_hint: int):
-        self.weight = weight
-        self.batch_hint = batch_hint
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), batch_hint)
+    def __init__(self, weight: torch.Tensor, batch_hint: int, kernel: str):
+        self.weight = weight.detach()
+        self.batch_hint = 32 if kernel == "onednn" else batch_hint
+        self.kernel = kernel
+        if kernel == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, self.batch_hint)
+        else:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, self.batch_hint)
+
+    def runs(self, x: torch.Tensor) -> bool:
+        # MKL's packing is slower than plain MKL past a few times its batch size (a prefill); oneDNN's is not.
+        return self.kernel == "onednn" or (x.dim() == 2 and x.size(0) <= 4 * self.batch_hint)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return torch.ops.mkl._mkl_linear(x.contiguous(), self.packed, self.weight, bias, self.batch_hint)
 
 
@@ -47,7 +85,8 @@ def prepack_model(model: torch.nn.Module, batch_hint: int) -> int:
 
     Packed copies sit beside the originals, so packing is skipped when they would take more than a
     quarter of the free memory (a large model on CPU then keeps plain GEMMs rather than running short)."""
-    layers = [m for m in model.modules() if hasattr(m, "packed") and packed_gemm_supported(m.weight)]
+    kernel = gemm_kernel()
+    layers = [m for m in model.modules() if hasattr(m, "packed") and packed_gemm_supported(m.weight, kernel)]
     needed = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     free = _available_memory()
     if free is not None and needed > free // 4:
@@ -55,13 +94,14 @@ def prepack_model(model: torch.nn.Module, batch_hint: int) -> int:
                     needed / 2**20, free / 2**20)
         return 0
     for module in layers:
-        module.packed = PackedWeight(module.weight, batch_hint)
+        module.packed = PackedWeight(module.weight, batch_hint, kernel)
+    if layers:
+        logger.info("CPU GEMMs: %d weights packed for %s", len(layers), kernel)
     return len(layers)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
-    # Past a few times the packing's batch size (a prefill), plain MKL is as fast or faster.
-    if packed is not None and x.dim() == 2 and x.size(0) <= 4 * packed.batch_hint:
+    if packed is not None and packed.runs(x):
         return packed.linear(x, bias)
     return F.linear(x, weight, bias)
