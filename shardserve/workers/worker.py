@@ -17,6 +17,7 @@ from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
+from shardserve.workers.cpu_malloc import keep_freed_memory
 from shardserve.workers.cuda_graph import CudaGraphRunner, default_graph_sizes
 from shardserve.workers.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -31,6 +32,8 @@ class Worker:
         self.rank = rank
         self.device = config.torch_device
         self.dtype = resolve_dtype(config.dtype, source.hf_config, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if config.world_size > 1:
             # Layers read their shard from the groups as they are built: join them first.
             backend = "nccl" if self.device.type == "cuda" else "gloo"

@@ -1,0 +1,43 @@
+"""Keep freed memory in the process on CPUs, so a step's large activations reuse pages instead of faulting in
+fresh ones.
+
+glibc maps allocations above its mmap threshold (128 KiB to 32 MiB, adjusted as the program runs) afresh
+from the kernel and returns freed heap tops to it. A prefill step of a 12-layer model allocates and frees
+about 1.7 GiB of activations, so every such step page-faulted ~95,000 times, the kernel zeroing each page:
+about 8% of the step here (benchmarks/RESULTS.md). vLLM's CPU guide preloads tcmalloc for the same reason;
+that must be set before the process starts, while glibc's thresholds can be raised at any time. The cost:
+the process keeps the heap it peaked at instead of shrinking back.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+_MMAP_THRESHOLD = 1 << 30  # a prefill's activations stay below it; the KV cache (allocated once) above
+_TRIM_THRESHOLD = 1 << 30
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once); False where the C library is not
+    glibc or SHARDSERVE_CPU_KEEP_FREED_MEMORY=0."""
+    global _done
+    if _done:
+        return True
+    if os.environ.get("SHARDSERVE_CPU_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    _done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    if _done:
+        logger.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", _MMAP_THRESHOLD >> 20,
+                     _TRIM_THRESHOLD >> 20)
+    return _done
