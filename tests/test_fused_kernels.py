@@ -1,31 +1,46 @@
-"""Fused RMSNorm and rotary kernels against the torch layers they replace on GPUs (in Triton's interpreter
-without a GPU)."""
+"""Fused RMSNorm, rotary and SwiGLU kernels against the torch layers they replace: the Triton kernels (on
+GPUs; in Triton's interpreter without one) and the C kernels CPUs run in fp32."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from shardserve.layers import fused_kernels
+from shardserve.layers import cpu_kernels, fused_kernels
+from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.attention import triton_backend
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.rotary import RotaryEmbedding, _rotate
 
-pytestmark = pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+needs_c = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernels")
+# (implementation, device, dtype): the C kernels are what a CPU runs in fp32, Triton the GPU's kernels
+CASES = [pytest.param(("c", torch.device("cpu"), torch.float32), marks=needs_c, id="c-float32")] + [
+    pytest.param(("triton", DEVICE, dtype), id=f"triton-{str(dtype)[6:]}",
+                 marks=pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed"))
+    for dtype in [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])]
+
+
+@pytest.fixture
+def impl(request, monkeypatch):
+    name, device, dtype = request.param
+    if name == "triton":  # on a CPU the C kernels would take fp32 tensors: send them to Triton's interpreter
+        monkeypatch.setattr(fused_kernels, "_use_c", lambda x: False)
+    return device, dtype
 
 
 def _tol(dtype):
     return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [64, 96])
-def test_rms_norm_with_and_without_residual(hidden, dtype, monkeypatch):
+@pytest.mark.parametrize("impl", CASES, indirect=True)
+@pytest.mark.parametrize("rows, hidden", [(7, 64), (7, 100), (700, 96)])  # 700 rows: split across threads
+def test_rms_norm_with_and_without_residual(impl, rows, hidden, monkeypatch):
+    device, dtype = impl
     g = torch.Generator().manual_seed(0)
-    norm = RMSNorm(hidden, eps=1e-6).to(DEVICE, dtype)
+    norm = RMSNorm(hidden, eps=1e-6).to(device, dtype)
     norm.weight.copy_(torch.randn(hidden, generator=g))
-    x, residual = (torch.randn(7, hidden, generator=g).to(DEVICE, dtype) for _ in range(2))
+    x, residual = (torch.randn(rows, hidden, generator=g).to(device, dtype) for _ in range(2))
     with torch.inference_mode():
         out = fused_kernels.rms_norm(x, norm.weight, norm.eps)
         normed, new_residual = fused_kernels.rms_norm(x, norm.weight, norm.eps, residual)
@@ -37,20 +52,36 @@ def test_rms_norm_with_and_without_residual(hidden, dtype, monkeypatch):
     torch.testing.assert_close(new_residual, ref_residual, **_tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", CASES, indirect=True)
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 2, 32), (6, 6, 24)])
-def test_rotary_in_place_matches_torch(num_heads, num_kv_heads, head_dim, dtype):
+def test_rotary_in_place_matches_torch(impl, num_heads, num_kv_heads, head_dim):
     from transformers import LlamaConfig
-    rope = RotaryEmbedding(LlamaConfig(rope_theta=10000.0), head_dim, 128).to(DEVICE)
+    device, dtype = impl
+    rope = RotaryEmbedding(LlamaConfig(rope_theta=10000.0), head_dim, 128).to(device)
     g = torch.Generator().manual_seed(1)
     # q and k as the attention layer has them: views into one fused QKV projection output
-    qkv = torch.randn(9, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    qkv = torch.randn(9, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(device, dtype)
     q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
     q, k = q.view(9, num_heads, head_dim), k.view(9, num_kv_heads, head_dim)
-    cos, sin = rope.cos_sin(torch.tensor([0, 1, 5, 17, 3, 100, 127, 2, 64], device=DEVICE), dtype)
+    cos, sin = rope.cos_sin(torch.tensor([0, 1, 5, 17, 3, 100, 127, 2, 64], device=device), dtype)
     ref_q, ref_k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     v_before = qkv[:, (num_heads + num_kv_heads) * head_dim:].clone()
     fused_kernels.rotary_(q, k, cos, sin)
     torch.testing.assert_close(q, ref_q, **_tol(dtype))
     torch.testing.assert_close(k, ref_k, **_tol(dtype))
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
+
+
+@needs_c
+@pytest.mark.parametrize("rows, inter", [(5, 40), (300, 688)])  # widths off the 16-lane vectors; threads
+def test_silu_and_mul_matches_torch(rows, inter, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    wide = 6 * torch.randn(rows, 2 * inter + 8, generator=g)  # large |gate| too: exp's range ends
+    x = wide[:, 8:]                                            # rows of a wider tensor: a row stride of its own
+    gate, up = x.chunk(2, dim=-1)
+    assert fused_kernels.enabled(x)
+    out = SiluAndMul()(x)
+    torch.testing.assert_close(out, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("SHARDSERVE_FUSED_KERNELS", "0")
+    assert not fused_kernels.enabled(x)
+    torch.testing.assert_close(SiluAndMul()(x), F.silu(gate) * up, atol=0, rtol=0)

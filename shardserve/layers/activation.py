@@ -5,11 +5,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from shardserve.layers import fused_kernels
+
 
 class SiluAndMul(nn.Module):
     """SwiGLU on the merged gate/up projection: silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and fused_kernels.enabled(x):
+            return fused_kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

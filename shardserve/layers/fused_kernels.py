@@ -1,12 +1,15 @@
-"""Triton kernels that fuse a layer's small elementwise steps on a GPU, where each separate torch op is a
-kernel launch and a round trip through memory:
+"""Kernels that fuse a layer's small elementwise steps, where each separate torch op is a kernel launch (GPU)
+or an operator dispatch and a temporary (CPU), and a round trip through memory:
 
 - `rms_norm`: (residual add +) RMSNorm in one pass: read x (and the residual) once, write the normed row
   (and the new residual) once, instead of the seven kernels of the torch expression;
-- `rotary_`: neox-style rotation of q and k in place from the step's cos/sin, one launch for both.
+- `rotary_`: neox-style rotation of q and k in place from the step's cos/sin, one launch for both;
+- `silu_and_mul`: SwiGLU's silu(gate) * up in one pass (CPU only: on a GPU torch's two kernels stay).
 
-They compute what layers/layernorm.py and layers/rotary.py compute in torch (normalise in fp32, scale in
-the model dtype), which stay the path on CPUs. `enabled(x)` says whether a tensor takes the fused path.
+On GPUs they are Triton kernels; on CPUs (fp32) the C kernels of csrc/fused_ops.c (layers/cpu_kernels.py).
+They compute what layers/layernorm.py, layers/rotary.py and layers/activation.py compute in torch (normalise
+in fp32, scale in the model dtype), which stay the path for other dtypes and where neither builds.
+`enabled(x)` says whether a tensor takes the fused path; SHARDSERVE_FUSED_KERNELS=0 turns them all off.
 """
 from __future__ import annotations
 
@@ -15,11 +18,19 @@ import os
 
 import torch
 
+from shardserve.layers import cpu_kernels
+
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _use_c(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.available()
+
+
 def enabled(x: torch.Tensor) -> bool:
-    return _HAVE_TRITON and x.is_cuda and os.environ.get("SHARDSERVE_FUSED_KERNELS", "1") != "0"
+    if os.environ.get("SHARDSERVE_FUSED_KERNELS", "1") == "0":
+        return False
+    return (_HAVE_TRITON and x.is_cuda) or _use_c(x)
 
 
 if _HAVE_TRITON:
@@ -71,7 +82,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     rows, n = x.shape
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else out
-    if rows:
+    if rows and _use_c(x):
+        assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and weight.is_contiguous()
+        cpu_kernels.lib().rms_norm_f32(
+            x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
+            residual_out.data_ptr(), rows, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
+            torch.get_num_threads())
+    elif rows:
         _rms_norm_kernel[(rows,)](
             x, residual if residual is not None else x, weight, out, residual_out, eps,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
@@ -86,8 +103,25 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     cos, sin = cos.reshape(tokens, -1), sin.reshape(tokens, -1)
     assert cos.stride() == sin.stride() and q.stride(-1) == 1 and k.stride(-1) == 1
+    if _use_c(q):
+        assert cos.stride(-1) == 1
+        cpu_kernels.lib().rotary_neox_f32(
+            q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, num_heads, k.shape[1], head_dim,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), torch.get_num_threads())
+        return
     half = head_dim // 2
     _rotary_kernel[(tokens,)](
         q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=k.shape[1], HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 * n] CPU fp32 rows (last dim contiguous) holding gate then up -> [T, n] silu(gate) * up."""
+    rows, width = x.shape
+    assert _use_c(x) and x.stride(-1) == 1
+    out = torch.empty(rows, width // 2, dtype=x.dtype)
+    if rows:
+        cpu_kernels.lib().silu_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0),
+                                           torch.get_num_threads())
+    return out

@@ -1,0 +1,90 @@
+"""The package's C kernels for CPUs (shardserve/csrc), compiled together into one library.
+
+The library is built once per machine with the system C compiler (-O3 -march=native, OpenMP) into a cache
+directory and loaded with ctypes; where no compiler is found, `lib()` is None and layers keep their torch
+paths. What each kernel computes: paged decode attention (layers/attention/cpu_backend.py), and the fused
+elementwise steps of a decoder layer (layers/fused_kernels.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, size, float, threads
+# name -> ctypes argument types, in the C signatures' order
+SIGNATURES = {
+    "paged_decode_attention_f32": [_P] * 6 + [_I] * 6 + [_F, _T],
+    "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
+    "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
+    "silu_and_mul_f32": [_P] * 2 + [_I] * 3 + [_T],
+}
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SHARDSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "shardserve")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a build is only reused on a CPU with the same features (a shared home
+    directory across a cluster's nodes must not hand an AVX-512 build to a CPU without it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build() -> ctypes.CDLL:
+    sources = sorted(_CSRC.glob("*.c"))
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast"]
+    digest = hashlib.sha256(" ".join([compiler, *flags, _cpu_signature()]).encode())
+    for path in sorted(_CSRC.glob("*.[ch]")):
+        digest.update(path.name.encode() + path.read_bytes())
+    target = _cache_dir() / f"shardserve_kernels_{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            subprocess.run([compiler, *flags, *map(str, sources), "-o", str(built), "-lm"], check=True,
+                           capture_output=True, text=True)
+            os.replace(built, target)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, argtypes
+    return lib
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; None where it cannot be built (see `build_error`)."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        try:
+            _lib = _build()
+        except (OSError, RuntimeError, AttributeError, subprocess.CalledProcessError) as e:
+            _error = getattr(e, "stderr", None) or str(e)
+    return _lib
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+def build_error() -> str | None:
+    lib()
+    return _error
