@@ -36,6 +36,8 @@ def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block
     q, cache, meta = _decode_case(num_heads, num_kv_heads, head_dim, lens=[1, 17, 200, 33, 16],
                                   block_size=block_size, num_blocks=128)
     q = 4 * q  # peaked softmaxes: later keys often raise the running maximum, so the rescaling runs
+    # as the layer has it: a view into the QKV output, rows strided past the keys and values
+    q = torch.cat([q.flatten(1), torch.randn(q.shape[0], 40)], 1)[:, :q[0].numel()].view(q.shape)
     ref = TorchAttentionBackend().decode(q, cache, meta, head_dim ** -0.5)
     out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, head_dim ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -192,3 +194,25 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
     out = flash_backend.FlashAttentionBackend().forward(q, k, v, cache, metadata(), D ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache, ref_cache)
+
+
+@pytest.mark.skipif(not cpu_backend.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.parametrize("num_kv_heads, head_dim, block_size", [(2, 64, 16), (3, 40, 5)])
+def test_cpu_kv_store_writes_what_the_torch_backend_writes(num_kv_heads, head_dim, block_size):
+    g = torch.Generator().manual_seed(3)
+    num_heads, tokens = 2 * num_kv_heads, 11
+    # k and v as the attention layer has them: strided views of one QKV projection output
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g)
+    _, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    k, v = k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(8 * block_size, generator=g)[:tokens]
+    meta = AttentionMetadata(slot_mapping=slots, block_size=block_size)
+    caches = [torch.zeros(2, 8, num_kv_heads, block_size, head_dim) for _ in range(2)]
+    TorchAttentionBackend().store_kv(k, v, caches[0], meta)
+    cpu_backend.CpuPagedAttentionBackend().store_kv(k, v, caches[1], meta)
+    assert torch.equal(caches[0], caches[1]) and caches[1].count_nonzero() > 0
+    # a padding row (slot -1) is written nowhere
+    padded = AttentionMetadata(slot_mapping=torch.full((tokens,), -1), block_size=block_size)
+    before = caches[1].clone()
+    cpu_backend.CpuPagedAttentionBackend().store_kv(k + 1, v + 1, caches[1], padded)
+    assert torch.equal(caches[1], before)

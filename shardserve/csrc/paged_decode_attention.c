@@ -27,7 +27,7 @@ static inline void prefetch_block(const float *p, int64_t n_floats) {
 static void decode_avx512(const float *q, const float *k_cache, const float *v_cache,
                           const int64_t *block_tables, const int64_t *seq_lens, float *out, int64_t num_seqs,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          int64_t max_blocks, float scale, int num_threads) {
+                          int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t block_floats = block_size * head_dim;
   const int64_t nvec = (head_dim + 15) / 16;
@@ -38,7 +38,7 @@ static void decode_avx512(const float *q, const float *k_cache, const float *v_c
       const int64_t len = seq_lens[s];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t *table = block_tables + s * max_blocks;
-      const float *qh = q + (s * num_heads + kvh * group) * head_dim;
+      const float *qh = q + s * stride_q + kvh * group * head_dim;
       float acc[group * nvec * 16];  // [group, nvec * 16], lanes past head_dim stay 0
       float maxv[group], sum[group];
       for (int64_t i = 0; i < group * nvec * 16; i++) acc[i] = 0.f;
@@ -112,7 +112,7 @@ static void decode_avx512(const float *q, const float *k_cache, const float *v_c
 static void decode_scalar(const float *q, const float *k_cache, const float *v_cache,
                           const int64_t *block_tables, const int64_t *seq_lens, float *out, int64_t num_seqs,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          int64_t max_blocks, float scale, int num_threads) {
+                          int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t block_floats = block_size * head_dim;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
@@ -121,7 +121,7 @@ static void decode_scalar(const float *q, const float *k_cache, const float *v_c
       const int64_t len = seq_lens[s];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t *table = block_tables + s * max_blocks;
-      const float *qh = q + (s * num_heads + kvh * group) * head_dim;
+      const float *qh = q + s * stride_q + kvh * group * head_dim;
       float *scores = (float *)malloc(sizeof(float) * block_size * group);  // [group, block_size]
       float *acc = (float *)calloc(group * head_dim, sizeof(float));
       float maxv[group], sum[group];
@@ -178,19 +178,42 @@ static void decode_scalar(const float *q, const float *k_cache, const float *v_c
 }
 
 void paged_decode_attention_f32(
-    const float *q,            // [num_seqs, num_heads, head_dim]
+    const float *q,            // [num_seqs, num_heads, head_dim], rows of stride stride_q (heads contiguous)
     const float *k_cache,      // [num_blocks, num_kv_heads, block_size, head_dim]
     const float *v_cache,      // same layout as k_cache
     const int64_t *block_tables,  // [num_seqs, max_blocks]
     const int64_t *seq_lens,   // [num_seqs]
     float *out,                // [num_seqs, num_heads, head_dim]
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+    int64_t block_size, int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
 #if defined(__AVX512F__)
   decode_avx512(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
-                block_size, max_blocks, scale, num_threads);
+                block_size, max_blocks, stride_q, scale, num_threads);
 #else
   decode_scalar(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
-                block_size, max_blocks, scale, num_threads);
+                block_size, max_blocks, stride_q, scale, num_threads);
 #endif
+}
+
+// Writes a step's new keys and values into the paged cache: token t's rows go to slot slots[t] (block
+// slots[t] / block_size, offset slots[t] % block_size); a slot of -1 is a padding row, written nowhere.
+// k, v: [T, num_kv_heads, head_dim] with their own token and head strides (views of one QKV output).
+void store_kv_f32(const float *k, const float *v, float *k_cache, float *v_cache, const int64_t *slots,
+                  int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t stride_kt, int64_t stride_kh,
+                  int64_t stride_vt, int64_t stride_vh, int64_t block_size, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (tokens * num_kv_heads * head_dim >= 65536)
+  for (int64_t t = 0; t < tokens; t++) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+      const int64_t row = ((slot / block_size) * num_kv_heads + h) * block_size + slot % block_size;
+      float *kd = k_cache + row * head_dim, *vd = v_cache + row * head_dim;
+      const float *ks = k + t * stride_kt + h * stride_kh, *vs = v + t * stride_vt + h * stride_vh;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; d++) {
+        kd[d] = ks[d];
+        vd[d] = vs[d];
+      }
+    }
+  }
 }

@@ -1,9 +1,10 @@
 """CPU attention: decode reads the paged KV cache in place with a small compiled C kernel.
 
 The pure-torch backend must gather every decode's keys and values into a padded copy each layer; on a
-CPU that copy costs as much as the attention itself. The kernel (csrc/paged_decode_attention.c) comes from
-the package's C library (layers/cpu_kernels.py); where that cannot be built, `auto` falls back to the
-torch backend. Prefill stays on torch SDPA.
+CPU that copy costs as much as the attention itself. New keys and values go into the cache by slot with a
+kernel too, straight from their strided views of the QKV output. The kernels (csrc/paged_decode_attention.c)
+come from the package's C library (layers/cpu_kernels.py); where that cannot be built, `auto` falls back
+to the torch backend. Prefill stays on torch SDPA.
 """
 from __future__ import annotations
 
@@ -17,19 +18,31 @@ available = cpu_kernels.available
 build_error = cpu_kernels.build_error
 
 
+def _runs(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels take these: fp32 CPU tensors whose last dimension is contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+
+
 class CpuPagedAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
+    def store_kv(self, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        if not _runs(k, v, kv_cache):
+            return super().store_kv(k, v, kv_cache, meta)
+        slots = meta.slot_mapping
+        cpu_kernels.lib().store_kv_f32(
+            k.data_ptr(), v.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slots.data_ptr(),
+            slots.numel(), k.shape[1], k.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            kv_cache.shape[3], torch.get_num_threads())
+
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        num_kv_heads = kv_cache.shape[2]
-        if q.device.type != "cpu" or q.dtype != torch.float32 or kv_cache.dtype != torch.float32:
+        if not _runs(q, kv_cache) or q.stride(1) != q.shape[2]:
             return super().decode(q, kv_cache, meta, scale)
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        out = torch.empty(q.shape, dtype=q.dtype)
         tables, lens = meta.decode_block_tables, meta.decode_seq_lens
         cpu_kernels.lib().paged_decode_attention_f32(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), lens.data_ptr(),
-            out.data_ptr(), q.shape[0], num_heads, num_kv_heads, head_dim, meta.block_size, tables.shape[1],
-            scale, torch.get_num_threads())
+            out.data_ptr(), q.shape[0], num_heads, kv_cache.shape[2], head_dim, meta.block_size, tables.shape[1],
+            q.stride(0), scale, torch.get_num_threads())
         return out

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from shardserve.layers.attention.backend import AttentionMetadata
-from shardserve.layers.attention.torch_backend import TorchAttentionBackend, _rows, write_kv
+from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -90,19 +90,19 @@ class FlashAttentionBackend(TorchAttentionBackend):
         self.varlen = _loaded[0]
         try:
             from shardserve.layers.attention import triton_kernels
-            self.store_kv = triton_kernels.store_kv
+            self.triton_store_kv = triton_kernels.store_kv
         except ImportError:
-            self.store_kv = None
+            self.triton_store_kv = None
+
+    def store_kv(self, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        if self.triton_store_kv is None:
+            return super().store_kv(k, v, kv_cache, meta)
+        self.triton_store_kv(k, v, kv_cache, meta.slot_mapping)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.slot_mapping is None or kv_cache is None or not meta.causal:
             return super().forward(q, k, v, kv_cache, meta, scale)
-        if self.store_kv is not None:
-            self.store_kv(k, v, kv_cache, meta.slot_mapping)
-        else:
-            rows = meta.memo(("write_rows", kv_cache.shape), lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
-            write_kv(kv_cache[0], rows, k)
-            write_kv(kv_cache[1], rows, v)
+        self.store_kv(k, v, kv_cache, meta)
         cu_q, seqused_k, tables, max_q, max_k = meta.memo("flash_varlen", lambda: _varlen_inputs(meta))
         out = torch.empty_like(q)
         _varlen(self.varlen, q, kv_cache, cu_q, seqused_k, tables, max_q, max_k, scale, out)

@@ -41,18 +41,23 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.slot_mapping is None:
             return self.self_attention(q, k, v, meta, scale)
         if kv_cache is not None:
-            rows = meta.memo(("write_rows", kv_cache.shape),
-                             lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
-            write_kv(kv_cache[0], rows, k)
-            write_kv(kv_cache[1], rows, v)
-        out = torch.empty_like(q)
+            self.store_kv(k, v, kv_cache, meta)
         nd = meta.num_decode_tokens
+        if nd == q.size(0):  # a decode-only step
+            return self.decode(q, kv_cache, meta, scale)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self.decode(q[:nd], kv_cache, meta, scale)
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta.causal, scale)
         return out
+
+    def store_kv(self, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        """The step's new keys and values into the cache at their slots."""
+        rows = meta.memo(("write_rows", kv_cache.shape), lambda: _rows(kv_cache[0], meta.slot_mapping).view(-1))
+        write_kv(kv_cache[0], rows, k)
+        write_kv(kv_cache[1], rows, v)
 
     def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """A step without a KV cache (pooling models): every prompt attends to its own tokens only, prompts

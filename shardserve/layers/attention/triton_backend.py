@@ -32,10 +32,13 @@ class TritonAttentionBackend(TorchAttentionBackend):
         from shardserve.layers.attention import triton_kernels
         self.kernels = triton_kernels
 
+    def store_kv(self, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        self.kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
+
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.slot_mapping is None or kv_cache is None:
             return super().forward(q, k, v, kv_cache, meta, scale)
-        self.kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
+        self.store_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
