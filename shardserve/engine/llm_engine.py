@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -91,12 +90,6 @@ class LLMEngine:
             hf_config=hf_config)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
-        # The ~300,000 objects of torch, transformers, the model and the tokenizer live as long as the
-        # engine: out of the collector's sight, a full collection scans only what requests made since
-        # (beam search's many small objects spent a quarter of its time in full collections; vLLM's engine
-        # core freezes its start-up heap too).
-        gc.collect()
-        gc.freeze()
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
