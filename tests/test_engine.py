@@ -129,3 +129,20 @@ def test_models_build_entirely_on_the_target_device(arch, architecture):
     with torch.device("meta"):
         model = resolve_model_class(config, "generate", "none")(config)
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_offline_calls_keep_the_existing_heap_out_of_collection(llm, monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    seen = []
+    step = llm.llm_engine.step
+    monkeypatch.setattr(llm.llm_engine, "step", lambda: seen.append(gc.get_freeze_count()) or step())
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 6])], params, use_tqdm=False)
+    assert seen and min(seen) > 10_000  # torch's, transformers' and the model's objects, frozen meanwhile
+    assert gc.get_freeze_count() == 0   # and collectable again afterwards
+    gc.freeze()  # a program that froze its own heap keeps exactly that
+    try:
+        frozen = gc.get_freeze_count()
+        llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 6])], params, use_tqdm=False)
+        assert gc.get_freeze_count() >= frozen - 100  # still frozen (less what refcounting freed meanwhile)
+    finally:
+        gc.unfreeze()

@@ -1,6 +1,8 @@
 """The offline API, shaped like vLLM's `LLM`: a vLLM script runs with only its import changed."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +19,22 @@ from shardserve.outputs import PoolingRequestOutput, RequestOutput
 from shardserve.pooler_config import PoolerConfig
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
+
+
+@contextlib.contextmanager
+def heap_out_of_collection():
+    """While an offline call runs, what existed before it (torch's, transformers', the model's objects:
+    ~300,000) is out of the garbage collector's sight, so the full collections that a call's many small
+    objects set off scan only those: beam search spent a quarter of its time in them. Afterwards everything
+    is collectable as before. A program that froze its heap itself is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class LLM(PoolingMixin):
@@ -143,8 +161,9 @@ class LLM(PoolingMixin):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
         stepper = EngineBeamStepper(self.llm_engine)
         try:
-            return run_beam_search(stepper, [p.token_ids for p in processed], params, self.get_tokenizer(),
-                                   self.llm_engine.max_model_len, use_tqdm)
+            with heap_out_of_collection():
+                return run_beam_search(stepper, [p.token_ids for p in processed], params, self.get_tokenizer(),
+                                       self.llm_engine.max_model_len, use_tqdm)
         finally:
             stepper.close()
 
@@ -154,7 +173,7 @@ class LLM(PoolingMixin):
         bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
                    disable=not use_tqdm)
         in_tokens = out_tokens = 0
-        with bar:
+        with bar, heap_out_of_collection():
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:
