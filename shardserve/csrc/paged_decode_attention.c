@@ -1,13 +1,16 @@
 // Decode attention over the paged KV cache on CPU: one query token per sequence, keys and values read
 // in place through the block table (no gathered copy).
 // Parallel over (sequence, kv head); the query heads of a GQA group share each loaded key/value row.
-// One pass, block by block, with the softmax kept online: a block's keys and then its values are read
-// while both are in cache, and the running sums are rescaled once per block, not per token.
+// One pass, block by block, sixteen keys at a time, with the softmax kept online: a chunk's keys and then
+// its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
+// token.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "simd_math.h"
+
+#define CHUNK 16  // keys attended at a time: one AVX-512 vector of scores
 
 // Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head's rows in a block are one
 // contiguous run. Blocks are scattered, so each loop prefetches the start of the next block itself.
@@ -20,162 +23,76 @@ static inline void prefetch_block(const float *p, int64_t n_floats) {
   for (int64_t i = 0; i < n_floats; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
 
+// One query head against m <= CHUNK keys k[i] = k0 + i * head_dim (values likewise): raises the running
+// maximum *maxv if the chunk has a larger score (rescaling acc and *sum), then adds e^(score - max) * v
+// to acc (head_dim values, padded to a multiple of 16 with zeros) and e^(score - max) to *sum.
 #if defined(__AVX512F__)
-
-// Sixteen keys at a time: their scores form one vector, so the block's maximum, its exponentials and
-// their sum are each one vector operation; head_dim is covered 16 lanes at a time, the last masked.
-static void decode_avx512(const float *q, const float *k_cache, const float *v_cache,
-                          const int64_t *block_tables, const int64_t *seq_lens, float *out, int64_t num_seqs,
-                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t block_floats = block_size * head_dim;
+static inline void attend_chunk(const float *qg, const float *k0, const float *v0, int64_t m, int64_t head_dim,
+                                float scale, float *acc, float *maxv, float *sum) {
   const int64_t nvec = (head_dim + 15) / 16;
   const __mmask16 last = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : (__mmask16)0xFFFF;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
-  for (int64_t s = 0; s < num_seqs; s++) {
-    for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
-      const int64_t len = seq_lens[s];
-      const int64_t num_blocks = (len + block_size - 1) / block_size;
-      const int64_t *table = block_tables + s * max_blocks;
-      const float *qh = q + s * stride_q + kvh * group * head_dim;
-      float acc[group * nvec * 16];  // [group, nvec * 16], lanes past head_dim stay 0
-      float maxv[group], sum[group];
-      for (int64_t i = 0; i < group * nvec * 16; i++) acc[i] = 0.f;
-      for (int64_t g = 0; g < group; g++) {
-        maxv[g] = -INFINITY;
-        sum[g] = 0.f;
-      }
-      for (int64_t b = 0; b < num_blocks; b++) {
-        if (b + 1 < num_blocks) {
-          prefetch_block(head_block(k_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-        }
-        const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
-        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
-        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
-        for (int64_t j0 = 0; j0 < n; j0 += 16) {
-          const int64_t m = n - j0 < 16 ? n - j0 : 16;
-          const __mmask16 valid = (__mmask16)((1u << m) - 1);
-          const float *k0 = kb + j0 * head_dim, *v0 = vb + j0 * head_dim;
-          for (int64_t g = 0; g < group; g++) {
-            const float *qg = qh + g * head_dim;
-            float *a = acc + g * nvec * 16;
-            float sc[16];
-            for (int64_t i = 0; i < m; i++) {
-              const float *k = k0 + i * head_dim;
-              __m512 dot = _mm512_setzero_ps();
-              for (int64_t c = 0; c < nvec; c++) {
-                const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
-                dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qg + 16 * c), _mm512_maskz_loadu_ps(mask, k + 16 * c),
-                                      dot);
-              }
-              sc[i] = _mm512_reduce_add_ps(dot);
-            }
-            const __m512 scores = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, sc), _mm512_set1_ps(scale));
-            const float chunk_max = _mm512_mask_reduce_max_ps(valid, scores);
-            if (chunk_max > maxv[g]) {  // rescale what was summed under the old maximum
-              const __m512 r = _mm512_set1_ps(expf(maxv[g] - chunk_max));
-              sum[g] *= expf(maxv[g] - chunk_max);
-              for (int64_t c = 0; c < nvec; c++) _mm512_storeu_ps(a + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), r));
-              maxv[g] = chunk_max;
-            }
-            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(maxv[g]))));
-            sum[g] += _mm512_reduce_add_ps(p);
-            float pw[16];
-            _mm512_storeu_ps(pw, p);
-            for (int64_t c = 0; c < nvec; c++) {
-              const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
-              __m512 o = _mm512_loadu_ps(a + 16 * c);
-              for (int64_t i = 0; i < m; i++)
-                o = _mm512_fmadd_ps(_mm512_set1_ps(pw[i]), _mm512_maskz_loadu_ps(mask, v0 + i * head_dim + 16 * c), o);
-              _mm512_storeu_ps(a + 16 * c, o);
-            }
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; g++) {
-        float *o = out + (s * num_heads + kvh * group + g) * head_dim;
-        const __m512 inv = _mm512_set1_ps(1.f / sum[g]);
-        for (int64_t c = 0; c < nvec; c++) {
-          const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
-          _mm512_mask_storeu_ps(o + 16 * c, mask, _mm512_mul_ps(_mm512_loadu_ps(acc + g * nvec * 16 + 16 * c), inv));
-        }
-      }
+  const __mmask16 valid = (__mmask16)((1u << m) - 1);
+  float sc[CHUNK];
+  for (int64_t i = 0; i < m; i++) {
+    const float *k = k0 + i * head_dim;
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nvec; c++) {
+      const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
+      dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qg + 16 * c), _mm512_maskz_loadu_ps(mask, k + 16 * c), dot);
     }
+    sc[i] = _mm512_reduce_add_ps(dot);
+  }
+  // The scores as one vector: the chunk's maximum, exponentials and their sum are one operation each.
+  const __m512 scores = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, sc), _mm512_set1_ps(scale));
+  const float chunk_max = _mm512_mask_reduce_max_ps(valid, scores);
+  if (chunk_max > *maxv) {  // rescale what was summed under the old maximum
+    const float r = expf(*maxv - chunk_max);
+    for (int64_t c = 0; c < nvec; c++)
+      _mm512_storeu_ps(acc + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), _mm512_set1_ps(r)));
+    *sum *= r;
+    *maxv = chunk_max;
+  }
+  const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(*maxv))));
+  *sum += _mm512_reduce_add_ps(p);
+  float pw[CHUNK];
+  _mm512_storeu_ps(pw, p);
+  for (int64_t c = 0; c < nvec; c++) {
+    const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
+    __m512 o = _mm512_loadu_ps(acc + 16 * c);
+    for (int64_t i = 0; i < m; i++)
+      o = _mm512_fmadd_ps(_mm512_set1_ps(pw[i]), _mm512_maskz_loadu_ps(mask, v0 + i * head_dim + 16 * c), o);
+    _mm512_storeu_ps(acc + 16 * c, o);
   }
 }
-
-#endif
-
-// Portable version: one key at a time, scalar exponentials.
-static void decode_scalar(const float *q, const float *k_cache, const float *v_cache,
-                          const int64_t *block_tables, const int64_t *seq_lens, float *out, int64_t num_seqs,
-                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t block_floats = block_size * head_dim;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
-  for (int64_t s = 0; s < num_seqs; s++) {
-    for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
-      const int64_t len = seq_lens[s];
-      const int64_t num_blocks = (len + block_size - 1) / block_size;
-      const int64_t *table = block_tables + s * max_blocks;
-      const float *qh = q + s * stride_q + kvh * group * head_dim;
-      float *scores = (float *)malloc(sizeof(float) * block_size * group);  // [group, block_size]
-      float *acc = (float *)calloc(group * head_dim, sizeof(float));
-      float maxv[group], sum[group];
-      for (int64_t g = 0; g < group; g++) {
-        maxv[g] = -INFINITY;
-        sum[g] = 0.f;
-      }
-      for (int64_t b = 0; b < num_blocks; b++) {
-        if (b + 1 < num_blocks) {
-          prefetch_block(head_block(k_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-        }
-        const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
-        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
-        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
-        for (int64_t g = 0; g < group; g++) {
-          const float *qg = qh + g * head_dim;
-          float *sg = scores + g * block_size;
-          float block_max = -INFINITY;
-          for (int64_t i = 0; i < n; i++) {
-            const float *k = kb + i * head_dim;
-            float dot = 0.f;
+#else
+static inline void attend_chunk(const float *qg, const float *k0, const float *v0, int64_t m, int64_t head_dim,
+                                float scale, float *acc, float *maxv, float *sum) {
+  float sc[CHUNK];
+  float chunk_max = -INFINITY;
+  for (int64_t i = 0; i < m; i++) {
+    const float *k = k0 + i * head_dim;
+    float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
-            sg[i] = dot * scale;
-            if (sg[i] > block_max) block_max = sg[i];
-          }
-          float *a = acc + g * head_dim;
-          if (block_max > maxv[g]) {  // rescale what was summed under the old maximum
-            const float r = expf(maxv[g] - block_max);
-            sum[g] *= r;
+    for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
+    sc[i] = dot * scale;
+    if (sc[i] > chunk_max) chunk_max = sc[i];
+  }
+  if (chunk_max > *maxv) {  // rescale what was summed under the old maximum
+    const float r = expf(*maxv - chunk_max);
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) a[d] *= r;
-            maxv[g] = block_max;
-          }
-          for (int64_t i = 0; i < n; i++) {
-            const float p = expf(sg[i] - maxv[g]);
-            const float *v = vb + i * head_dim;
-            sum[g] += p;
+    for (int64_t d = 0; d < head_dim; d++) acc[d] *= r;
+    *sum *= r;
+    *maxv = chunk_max;
+  }
+  for (int64_t i = 0; i < m; i++) {
+    const float p = expf(sc[i] - *maxv);
+    const float *v = v0 + i * head_dim;
+    *sum += p;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; g++) {
-        float *o = out + (s * num_heads + kvh * group + g) * head_dim;
-        const float inv = 1.f / sum[g];
-        for (int64_t d = 0; d < head_dim; d++) o[d] = acc[g * head_dim + d] * inv;
-      }
-      free(scores);
-      free(acc);
-    }
+    for (int64_t d = 0; d < head_dim; d++) acc[d] += p * v[d];
   }
 }
+#endif
 
 void paged_decode_attention_f32(
     const float *q,            // [num_seqs, num_heads, head_dim], rows of stride stride_q (heads contiguous)
@@ -186,13 +103,46 @@ void paged_decode_attention_f32(
     float *out,                // [num_seqs, num_heads, head_dim]
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
-#if defined(__AVX512F__)
-  decode_avx512(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
-                block_size, max_blocks, stride_q, scale, num_threads);
-#else
-  decode_scalar(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
-                block_size, max_blocks, stride_q, scale, num_threads);
-#endif
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t block_floats = block_size * head_dim;
+  const int64_t width = (head_dim + 15) / 16 * 16;  // a head's accumulator, padded to whole vectors
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
+  for (int64_t s = 0; s < num_seqs; s++) {
+    for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
+      const int64_t len = seq_lens[s];
+      const int64_t num_blocks = (len + block_size - 1) / block_size;
+      const int64_t *table = block_tables + s * max_blocks;
+      const float *qh = q + s * stride_q + kvh * group * head_dim;
+      float acc[group * width];  // [group, width]
+      float maxv[group], sum[group];
+      for (int64_t i = 0; i < group * width; i++) acc[i] = 0.f;
+      for (int64_t g = 0; g < group; g++) {
+        maxv[g] = -INFINITY;
+        sum[g] = 0.f;
+      }
+      for (int64_t b = 0; b < num_blocks; b++) {
+        if (b + 1 < num_blocks) {
+          prefetch_block(head_block(k_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
+          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
+        }
+        const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
+        for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+          const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
+          for (int64_t g = 0; g < group; g++)
+            attend_chunk(qh + g * head_dim, kb + j0 * head_dim, vb + j0 * head_dim, m, head_dim, scale,
+                         acc + g * width, &maxv[g], &sum[g]);
+        }
+      }
+      for (int64_t g = 0; g < group; g++) {
+        float *o = out + (s * num_heads + kvh * group + g) * head_dim;
+        const float inv = 1.f / sum[g];
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; d++) o[d] = acc[g * width + d] * inv;
+      }
+    }
+  }
 }
 
 // Writes a step's new keys and values into the paged cache: token t's rows go to slot slots[t] (block
