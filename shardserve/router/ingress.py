@@ -206,8 +206,8 @@ class Router:
     @app.get("/health")
     async def health(self):
         try:
-            if self.local is not None:
-                self.local.check_health()
+            if self.local is not None:  # pings the workers: off the event loop, which serves every request
+                await asyncio.to_thread(self.local.check_health)
             else:
                 await asyncio.gather(*(h.check_health.remote() for h in self.models.values()))
         except Exception as e:  # a replica whose engine died
