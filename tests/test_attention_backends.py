@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from shardserve.layers.attention import AttentionMetadata, get_attention_backend
+from shardserve.layers import cpu_kernels
 from shardserve.layers.attention import cpu_backend, flash_backend, triton_backend
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
@@ -28,7 +29,7 @@ def _decode_case(num_heads, num_kv_heads, head_dim, lens, block_size=16, num_blo
     return q, cache, meta
 
 
-@pytest.mark.skipif(not cpu_backend.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size",
                          [(4, 4, 64, 16), (8, 2, 32, 16), (12, 1, 80, 16), (6, 3, 40, 5), (2, 2, 128, 32)])
 def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size):
@@ -44,7 +45,7 @@ def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block
 
 
 def test_auto_backend_prefers_the_compiled_cpu_kernel():
-    expected = "cpu" if cpu_backend.available() else "torch"
+    expected = "cpu" if cpu_kernels.available() else "torch"
     assert get_attention_backend("auto").name == expected
     assert get_attention_backend("torch").name == "torch"
     with pytest.raises(ValueError, match="Unknown attention backend"):
@@ -63,7 +64,7 @@ def test_backend_choice_on_a_gpu_and_the_environment_variable(monkeypatch):
     assert not flash_backend.usable(torch.device("cpu"), torch.bfloat16, 16, 64)
     monkeypatch.setenv("SHARDSERVE_ATTENTION_BACKEND", "torch")
     assert get_attention_backend(None, "cpu").name == "torch"
-    assert get_attention_backend("auto", "cpu").name != "torch" or not cpu_backend.available()
+    assert get_attention_backend("auto", "cpu").name != "torch" or not cpu_kernels.available()
 
 
 @pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
@@ -196,7 +197,7 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
     torch.testing.assert_close(cache, ref_cache)
 
 
-@pytest.mark.skipif(not cpu_backend.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
 @pytest.mark.parametrize("num_kv_heads, head_dim, block_size", [(2, 64, 16), (3, 40, 5)])
 def test_cpu_kv_store_writes_what_the_torch_backend_writes(num_kv_heads, head_dim, block_size):
     g = torch.Generator().manual_seed(3)

@@ -78,6 +78,7 @@ def get_attention_backend(name: str | None = None, device: torch.device | str = 
     - `flash_attn`: a FlashAttention build, where one imports and runs on this GPU;
     - `auto`: on a GPU flash_attn where usable, else triton, else torch; on a CPU cpu where it builds,
       else torch."""
+    from shardserve.layers import cpu_kernels
     from shardserve.layers.attention import cpu_backend, flash_backend, triton_backend
     from shardserve.layers.attention.torch_backend import TorchAttentionBackend
     name = (name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND") or "auto").lower()
@@ -91,12 +92,12 @@ def get_attention_backend(name: str | None = None, device: torch.device | str = 
             else:
                 name = "triton" if triton_backend.available() else "torch"
         else:
-            name = "cpu" if cpu_backend.available() else "torch"
+            name = "cpu" if cpu_kernels.available() else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":
-        if not cpu_backend.available():
-            raise RuntimeError(f"The cpu attention backend could not be built: {cpu_backend.build_error()}")
+        if not cpu_kernels.available():
+            raise RuntimeError(f"The cpu attention backend could not be built: {cpu_kernels.build_error()}")
         return cpu_backend.CpuPagedAttentionBackend()
     if name == "triton":
         if not triton_backend.available():

@@ -14,9 +14,6 @@ from shardserve.layers import cpu_kernels
 from shardserve.layers.attention.backend import AttentionMetadata
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
-available = cpu_kernels.available
-build_error = cpu_kernels.build_error
-
 
 def _runs(*tensors: torch.Tensor) -> bool:
     """Whether the C kernels take these: fp32 CPU tensors whose last dimension is contiguous."""
