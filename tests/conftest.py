@@ -119,10 +119,13 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray cluster for the whole session (start-up costs seconds and ~1 GiB): a head and two more
-    nodes, all on loopback, so multi-node placement is real. Yields the `ray.cluster_utils.Cluster`."""
+    nodes, all on loopback, so multi-node placement is real, with the settings `shardserve serve` gives a
+    cluster it starts. Yields the `ray.cluster_utils.Cluster`."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from shardserve.cluster.ray_cluster import serve_environment
+    os.environ.update(serve_environment())  # as `shardserve serve` starts a cluster: HAProxy in front
     node = dict(node_ip_address="127.0.0.1", object_store_memory=100 * 2**20, include_dashboard=False)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, **node))
     for _ in range(2):

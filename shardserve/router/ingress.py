@@ -1,4 +1,5 @@
-"""The HTTP front: a FastAPI app behind Serve's proxy that checks requests and routes them by `model`.
+"""The HTTP front: a FastAPI app behind HAProxy (or Serve's proxy) that checks requests and routes them by
+`model`.
 
 It parses and schema-checks bodies (so malformed input is answered here, in OpenAI's error shape, with
 400 rather than FastAPI's 422), checks the API key, picks the model's deployment and relays its answer,
@@ -80,9 +81,9 @@ class Router:
 
     # what Serve asks of a replica holding the model itself ------------------------------------------
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         if self.local is not None:
-            self.local.check_health()
+            await self.local.check_health()
 
     def info(self) -> dict:
         return self.local.info()
@@ -206,8 +207,8 @@ class Router:
     @app.get("/health")
     async def health(self):
         try:
-            if self.local is not None:  # pings the workers: off the event loop, which serves every request
-                await asyncio.to_thread(self.local.check_health)
+            if self.local is not None:
+                await self.local.check_health()
             else:
                 await asyncio.gather(*(h.check_health.remote() for h in self.models.values()))
         except Exception as e:  # a replica whose engine died

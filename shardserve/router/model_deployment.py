@@ -55,12 +55,14 @@ class ModelServer:
         return {"id": self.spec.name, "root": self.spec.model, "max_model_len": self.engine.max_model_len,
                 "runner": self.runner, "replica_pid": os.getpid(),
                 "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])],
-                "num_steps": self.engine.num_steps, "step_seconds": self.engine.step_seconds}
+                "num_steps": self.engine.num_steps, "step_seconds": self.engine.step_seconds,
+                "hand_off": self.engine.hand_off, "hand_off_seconds": self.engine.hand_off_seconds}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve calls this periodically (and /health on demand): a dead engine or worker marks the replica
-        unhealthy, and Serve replaces it with a fresh one."""
-        self.engine.check_health(ping_workers=True)
+        unhealthy, and Serve replaces it with a fresh one. The workers are pinged from a thread: a hung one
+        would otherwise hold up the event loop that serves every request for the ping's timeout."""
+        await asyncio.to_thread(self.engine.check_health, ping_workers=True)
 
     def _route(self, route: str):
         if route not in _RUNNER_ROUTES[self.runner]:
