@@ -8,6 +8,15 @@ that thread: OpenMP keeps one thread pool per calling thread, and a model that i
 and run in another computes up to ~2.5x slower on the CPU. A request whose consumer
 goes away (client disconnect, cancelled task) is aborted. If a step fails (a dead worker), every request
 in flight gets the error and the engine reports itself unhealthy for good.
+
+`hand_off`: on a CPU whose every core the model's threads use, the server's event loop has no core of its
+own, and whatever it does during a forward pass preempts one of the model's OpenMP threads while the others
+wait for it at the next barrier. With `hand_off` the stepping thread, after each step, lets its OpenMP
+workers sleep (`cpu_openmp`) and waits until the loop has passed that step's outputs on (their chunks
+written to the sockets; at most `HAND_OFF_TIMEOUT_S`), so the loop and the model take turns at the cores
+instead of fighting over them. With 32 streams on 2 cores that made a step plus its hand-off 8.2 ms
+instead of 10 ms (benchmarks/RESULTS.md); waiting without letting the workers sleep gained nothing, as
+they spun on the core the loop needed.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from shardserve.engine.processor import ProcessedPrompt
 from shardserve.inputs import PromptType
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
+from shardserve.workers.cpu_openmp import release_thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +43,15 @@ class EngineDeadError(RuntimeError):
     """The engine failed and serves no more requests; the replica must be rebuilt."""
 
 
+HAND_OFF_TIMEOUT_S = 0.005   # a loop busy with other work delays a step by at most this
+HAND_OFF_PASSES = 4           # loop iterations: stream -> SSE text -> response task -> socket, and a spare
+
+
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, num_threads: int | None = None):
+    def __init__(self, config: EngineConfig, num_threads: int | None = None, hand_off: bool = False):
         self.engine: LLMEngine | None = None
         self._num_threads = num_threads
+        self.hand_off = hand_off
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
@@ -44,6 +59,7 @@ class AsyncLLMEngine:
         self._stopped = False
         self.num_steps = 0
         self.step_seconds = 0.0   # time inside engine.step(), for the metrics and benchmarks
+        self.hand_off_seconds = 0.0   # time the stepping thread waited for the loop (hand_off)
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(config, started), name="shardserve-engine",
                                         daemon=True)
@@ -154,17 +170,22 @@ class AsyncLLMEngine:
     def _deliver(self, request_id: str, item) -> None:
         self._deliver_all([(request_id, item)])
 
-    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+    def _deliver_all(self, items: list[tuple[str, object]]) -> list[threading.Event | None]:
         """Hand each item to its request's stream: one wake-up per event loop per step, not one per request
-        (each wake-up costs the loop's thread the GIL and a system call)."""
+        (each wake-up costs the loop's thread the GIL and a system call). Returns an event per loop, set once
+        that loop has passed the items on (see `hand_off`)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for request_id, item in items:
             entry = self._streams.get(request_id)
             if entry is not None:
                 loop, stream = entry
                 by_loop.setdefault(loop, []).append((stream, item))
+        passed_on = []
         for loop, pairs in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, pairs)
+            event = threading.Event() if self.hand_off else None
+            loop.call_soon_threadsafe(_put_all, pairs, event)
+            passed_on.append(event)
+        return passed_on
 
     def _run(self, config: EngineConfig, started: threading.Event) -> None:
         try:
@@ -208,9 +229,27 @@ class AsyncLLMEngine:
                 dead = EngineDeadError(f"The engine failed while serving this request: {e}")
                 self._deliver_all([(request_id, dead) for request_id in list(self._streams)])
                 return
-            self._deliver_all([(output.request_id, output) for output in outputs])
+            passed_on = self._deliver_all([(output.request_id, output) for output in outputs])
+            if self.hand_off:
+                release_thread_pool()  # no OpenMP worker spinning on a core the loop needs
+                waited = time.perf_counter()
+                deadline = waited + HAND_OFF_TIMEOUT_S
+                for event in passed_on:
+                    event.wait(max(0.0, deadline - time.perf_counter()))
+                self.hand_off_seconds += time.perf_counter() - waited
 
 
-def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(pairs: list[tuple[asyncio.Queue, object]], passed_on: threading.Event | None) -> None:
     for stream, item in pairs:
         stream.put_nowait(item)
+    if passed_on is not None:
+        _set_after_passes(passed_on, HAND_OFF_PASSES)
+
+
+def _set_after_passes(event: threading.Event, passes: int) -> None:
+    """Set `event` once the work the items woke has run: the loop runs ready callbacks in order, so each
+    pass lets every task made ready by the pass before take its turn."""
+    if passes == 0:
+        event.set()
+    else:
+        asyncio.get_running_loop().call_soon(_set_after_passes, event, passes - 1)

@@ -44,8 +44,9 @@ class ModelServer:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         # No torch work on this thread: the engine's own thread loads and runs the model (see async_engine).
-        self.engine = AsyncLLMEngine(spec.engine_config(),
-                                     num_threads=int(os.environ.get("SHARDSERVE_NUM_THREADS", spec.num_threads)))
+        num_threads = int(os.environ.get("SHARDSERVE_NUM_THREADS", spec.num_threads))
+        self.engine = AsyncLLMEngine(spec.engine_config(), num_threads=num_threads,
+                                     hand_off=_hand_off(spec, num_threads))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template))
         self.pooling = PoolingServing(self.serving)
         self.runner = self.engine.engine.runner
@@ -140,6 +141,17 @@ async def _coalesce(events: AsyncIterator[str], interval_s: float) -> AsyncItera
                 return
     finally:
         task.cancel()
+
+
+def _hand_off(spec: ModelSpec, num_threads: int) -> bool:
+    """Whether the engine hands the cores to the loop after each step (AsyncLLMEngine): when it runs the
+    model itself, on the CPU, with threads on every core the replica may use, so the loop has none of its
+    own. SHARDSERVE_HAND_OFF=1 / 0 forces it on / off."""
+    forced = os.environ.get("SHARDSERVE_HAND_OFF")
+    if forced is not None:
+        return forced == "1"
+    return (spec.world_size == 1 and spec.resolved_device() == "cpu"
+            and num_threads >= len(os.sched_getaffinity(0)))
 
 
 ModelDeployment = serve.deployment(ModelServer, name="ModelDeployment")

@@ -1,0 +1,70 @@
+"""The async engine's hand-off on CPUs: the stepping thread lets its OpenMP workers sleep between steps and
+waits for the event loop to pass each step's outputs on; streams are unchanged by it."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shardserve import LLM, SamplingParams, TokensPrompt
+
+# A parallel region, the pool released, another region: prints the process's threads at each point and
+# whether the second product is still right.
+_POOL = """
+import os, time, torch
+from shardserve.workers.cpu_openmp import release_thread_pool
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
+a = torch.randn(256, 256, dtype=torch.float64)
+expected = a @ a
+print(threads())
+print(release_thread_pool())
+time.sleep(0.2)
+print(threads())
+print(torch.equal(a @ a, expected), threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_releasing_the_pool_ends_its_worker_threads_until_the_next_region():
+    out = subprocess.run([sys.executable, "-c", _POOL], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    busy, released, idle, after = out.stdout.split("\n")[:4]
+    if released != "True":
+        pytest.skip("this torch runs no GNU OpenMP with omp_pause_resource_all")
+    assert int(idle) == int(busy) - 1  # the one worker of a two-thread team is gone
+    right, threads = after.split()
+    assert right == "True" and int(threads) == int(busy)  # and the next region has a team again
+
+
+PROMPTS = [[5, 9, 14, 2, 7], [3, 3, 8], [11, 4, 6, 1, 9, 12, 2]]
+
+
+def test_hand_off_streams_what_the_engine_makes_without_it(model_dirs):
+    from shardserve.config import EngineConfig
+    from shardserve.engine.async_engine import HAND_OFF_TIMEOUT_S, AsyncLLMEngine
+
+    path = model_dirs("llama")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path, dtype="float32").generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)]
+    engine = AsyncLLMEngine(EngineConfig(model=path, dtype="float32"), num_threads=2, hand_off=True)
+
+    async def stream(prompt):
+        tokens = []
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params):
+            tokens = list(out.outputs[0].token_ids)
+        return tokens
+
+    async def run_all():
+        return await asyncio.gather(*(stream(p) for p in PROMPTS))
+    try:
+        assert asyncio.run(run_all()) == [list(t) for t in expected]
+        # Each step's wait ended when the loop had passed its outputs on, not at the time limit.
+        assert 0 < engine.hand_off_seconds < engine.num_steps * HAND_OFF_TIMEOUT_S
+    finally:
+        engine.shutdown()
