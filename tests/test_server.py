@@ -270,6 +270,35 @@ def test_pooling_errors(server, route, body, message):
     assert r.status_code == 400 and message in r.json()["message"]
 
 
+def _abandon_a_stream(url: str, model: str, app: str, deployment: str) -> None:
+    """Stream a long completion, hang up after two chunks: the engine aborts the request (it does not run
+    on to max_tokens) and holds nothing for it."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    steps = handle.info.remote().result()["num_steps"]
+    body = {"model": model, "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", url, json=body, headers=_headers(), timeout=30) as r:
+        assert r.status_code == 200
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks == 2:
+                break  # leaving the block closes the connection
+    deadline = time.monotonic() + 30
+    while (info := handle.info.remote().result())["num_unfinished"]:
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.1)
+    assert info["num_steps"] - steps < 120, "the request ran on after its client went away"
+
+
+def test_a_client_that_goes_away_aborts_its_request(server):
+    _abandon_a_stream(f"{server}/v1/completions", "tiny", "shardserve", "model-0")
+
+
 def test_single_model_app_serves_from_its_router_replicas(server, offline, model_dir):
     """An app of one model has no separate model deployment: the ingress replicas hold the engine (here with
     two tensor-parallel workers in the replica's placement group). A killed worker turns its /health red and
@@ -303,6 +332,7 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         assert r.status_code == 404
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
         assert info["id"] == "solo" and info["num_steps"] > 0 and len(info["worker_pids"]) == 2
+        _abandon_a_stream(f"{server}/solo/v1/completions", "solo", "solo", "model-0")
 
         os.kill(info["worker_pids"][0], signal.SIGKILL)
         deadline = time.monotonic() + 15

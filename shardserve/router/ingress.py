@@ -121,7 +121,7 @@ class Router:
 
     async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict):
         if self.local is not None:
-            chunks = self.local.stream(route, body)
+            chunks = self.local.stream(route, body, through_serve=False)
             cancel = chunks.aclose
         else:
             chunks = handle.options(stream=True).stream.remote(route, body)

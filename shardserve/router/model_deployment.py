@@ -57,7 +57,8 @@ class ModelServer:
                 "runner": self.runner, "replica_pid": os.getpid(),
                 "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])],
                 "num_steps": self.engine.num_steps, "step_seconds": self.engine.step_seconds,
-                "hand_off": self.engine.hand_off, "hand_off_seconds": self.engine.hand_off_seconds}
+                "hand_off": self.engine.hand_off, "hand_off_seconds": self.engine.hand_off_seconds,
+                "num_unfinished": self.engine.engine.get_num_unfinished_requests()}
 
     async def check_health(self) -> None:
         """Serve calls this periodically (and /health on demand): a dead engine or worker marks the replica
@@ -86,9 +87,11 @@ class ModelServer:
                 logger.exception("Request failed")
             return {"status": error.status, "body": error.body()}
 
-    async def stream(self, route: str, body: dict):
-        """A {"status"} item, then the response as server-sent-event text. Events that pile up while the
-        consumer is busy go out together: under load each hop through Serve carries many tokens, not one."""
+    async def stream(self, route: str, body: dict, through_serve: bool = True):
+        """A {"status"} item, then the response as server-sent-event text. `through_serve`: the consumer
+        is another replica, so the events that pile up while it is busy go out together (under load each
+        hop through Serve then carries many tokens, not one). The router in this replica's own process
+        takes each event as it comes, unless the spec sets a stream interval."""
         try:
             request = _REQUESTS[route].model_validate(body)
             chunks = await self._route(route)(request)
@@ -97,8 +100,14 @@ class ModelServer:
             yield {"status": error.status, "body": error.body()}
             return
         yield {"status": 200}
-        async for text in _coalesce(_sse_events(chunks), self.spec.stream_interval_s):
-            yield text
+        events = _sse_events(chunks)
+        if through_serve or self.spec.stream_interval_s > 0:
+            events = _coalesce(events, self.spec.stream_interval_s)
+        try:
+            async for text in events:
+                yield text
+        finally:  # the consumer went away: close the chain down to the engine's stream, which aborts
+            await events.aclose()
 
 
 async def _sse_events(chunks) -> AsyncIterator[str]:

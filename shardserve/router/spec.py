@@ -73,10 +73,15 @@ class ModelSpec:
             options["placement_group_bundles"] = [{"CPU": self.num_cpus}] + [worker] * self.world_size
             options["placement_group_strategy"] = "PACK"
         # OpenMP and MKL size their pools from the environment at start-up (Ray would otherwise pin them
-        # to one thread): give the replica's kernels the cores it reserved.
+        # to one thread): give the replica's kernels the cores it reserved. Serve runs the replica's code on
+        # the event loop of its HTTP server (HAProxy mode) rather than on a second loop in another thread:
+        # every streamed chunk would otherwise cross between the two threads, and the engine's hand-off
+        # (async_engine) could not see the chunks written. The code never blocks that loop: the engine
+        # steps in its own thread, health pings run in one.
         threads = str(self.num_threads)
         options["ray_actor_options"] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": {
-            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "SHARDSERVE_NUM_THREADS": threads}}}
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "SHARDSERVE_NUM_THREADS": threads,
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
         if on_gpu and self.world_size == 1:  # the replica runs the model itself: Ray must give it the GPU
             options["ray_actor_options"]["num_gpus"] = 1
         return options
