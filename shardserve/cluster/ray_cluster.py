@@ -42,7 +42,7 @@ def serve_environment() -> dict[str, str]:
     - HAProxy in front of the ingress replicas instead of Serve's Python proxy (where the binary exists):
       each replica runs its own HTTP server and HAProxy spreads the app's port over them, so a request and
       each streamed chunk no longer cross the proxy process and Ray's transport. With 32 streams on 2
-      cores this took online throughput from 0.31 to about 0.5 of offline (benchmarks/RESULTS.md).
+      cores this took online throughput from 0.28-0.34 to 0.48-0.62 of offline (benchmarks/RESULTS.md).
     - Unhealthy replicas stopped at once: in that mode Serve drains a stopping ingress replica for at least
       30 s, for load balancers to notice; a replica whose engine died has nothing left to drain, and
       until it goes its CPUs (or GPUs) are not free for the replica that replaces it.
