@@ -176,7 +176,7 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], a) -> dict:
     offline `LLM.generate` in a subprocess, then `vllm serve` with the same engine settings."""
     import urllib.request
 
-    from throughput import CACHE_DIR, VLLM_VENV, ensure_vllm_venv, run_peer, vllm_preload
+    from throughput import CACHE_DIR, VLLM_VENV, run_peer, vllm_preload
     threads = os.cpu_count()
     prompts_file = CACHE_DIR / "serve-prompts.json"
     prompts_file.write_text(json.dumps([prompts[:a.concurrency], prompts]))  # warm-up, timed
@@ -184,7 +184,6 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], a) -> dict:
                                               output_len=a.output_len, threads=threads, repeat=1), prompts_file)
     if "error" in off:
         return {"name": "vLLM", "error": f"offline: {off['error']} (log {off['log']})"}
-    ensure_vllm_venv()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
                VLLM_CPU_NUM_OF_RESERVED_CPU="0", LD_PRELOAD=vllm_preload(), TOKENIZERS_PARALLELISM="false")
     log = CACHE_DIR / "logs" / "vllm-serve.log"
@@ -231,7 +230,7 @@ def _stop(server: subprocess.Popen) -> None:
             pass
 
 
-def report(r: dict, off_probe: dict | None) -> None:
+def report(r: dict) -> None:
     print(f"\n{r['name']}")
     if "error" in r:
         print(f"  failed: {r['error']}")
@@ -246,10 +245,10 @@ def report(r: dict, off_probe: dict | None) -> None:
         print(f"  online   {on['replica']}")
     print("  online   cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(on["cores"].items(),
                                                                                   key=lambda kv: -kv[1])))
-    if off_probe is not None:
+    if "one_token_p50" in off:  # the offline probe runs for shardserve's engine
         print(f"  one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms, offline "
-              f"{1e3 * off_probe['one_token_p50']:.1f} ms  -> router/HTTP adds "
-              f"{1e3 * (on['one_token_p50'] - off_probe['one_token_p50']):.1f} ms")
+              f"{1e3 * off['one_token_p50']:.1f} ms  -> router/HTTP adds "
+              f"{1e3 * (on['one_token_p50'] - off['one_token_p50']):.1f} ms")
     else:
         print(f"  one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms")
 
@@ -285,7 +284,7 @@ def main() -> None:
 
     print(f"\nmodel {a.model_preset}, {n} prompts, concurrency {a.concurrency}, {a.input_len} in / {a.output_len} out")
     for r in results:
-        report(r, r["offline"] if r["name"].startswith("shardserve") else None)
+        report(r)
 
 
 if __name__ == "__main__":
