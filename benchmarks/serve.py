@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Online serving against offline generation, same model, same prompts, same run.
 
-For each peer, its offline `LLM.generate` on the prompt token ids first, then N concurrent streaming clients
-(`/v1/completions`, `stream=True`, aiohttp) against its server with the same prompts; the offline engine is
-released first, so the two never share the CPU. Peers: shardserve (the Serve app on a local Ray cluster, as
-`shardserve serve` starts it) and, with `--peers shardserve,vllm`, vLLM (`vllm serve` and its offline `LLM`
-from .venv-vllm, at its best on this CPU as in throughput.py). Reports output tokens/s of both and their
-ratio, TTFT and ITL percentiles of the online run, the cores each kind of process used during it, and the
-router's added latency: the p50 of one-token requests over HTTP minus the p50 of the same request offline.
+For each peer, in each of `--rounds` rounds: its offline `LLM.generate` on the prompt token ids, then N
+concurrent streaming clients (`/v1/completions`, `stream=True`, aiohttp) against its server with the same
+prompts. The server (and for shardserve its Ray cluster) is started after the offline run and stopped before
+the next, so the two never share the CPU. A shared 2-core VM drifts by tens of percent over minutes, so each
+round's ratio pairs runs a few seconds apart and the summary is the median round.
 
-Usage: python benchmarks/serve.py [--peers shardserve,vllm] [--concurrency 32] [--num-prompts 64]
+Peers: shardserve (the Serve app on a local Ray cluster, as `shardserve serve` starts it) and, with
+`--peers shardserve,vllm`, vLLM (its OpenAI server and its offline `LLM` from .venv-vllm, at its best on this
+CPU as in throughput.py). Reports output tokens/s of both and their ratio, TTFT and ITL percentiles of the
+online run, the cores each kind of process used during it, and the router's added latency: the p50 of
+one-token requests over HTTP minus the p50 of the same request offline.
+
+Usage: python benchmarks/serve.py [--peers shardserve,vllm] [--rounds 3] [--concurrency 32] [--num-prompts 64]
                                   [--model-preset small] [--input-len 128] [--output-len 128]
 """
 from __future__ import annotations
@@ -86,7 +90,9 @@ def cpu_shares(before: dict, after: dict, seconds: float) -> dict[str, float]:
     return shares
 
 
-async def online(prompts: list[list[int]], a) -> dict:
+async def online(prompts: list[list[int]], a, engine_info=None) -> dict:
+    """The timed concurrent run, then the one-token probe. `engine_info`: an async callable returning the
+    server engine's counters (shardserve's replica `info`), read around the timed run only."""
     import aiohttp  # as vLLM's serving benchmark: a lighter client than httpx, so it takes less of the CPU
     connector = aiohttp.TCPConnector(limit=a.concurrency + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -96,11 +102,13 @@ async def online(prompts: list[list[int]], a) -> dict:
         async def run(p):
             async with sem:
                 return await stream_one(http, p, a)
+        before = await engine_info() if engine_info else None
         ticks = cpu_ticks()
         start = time.perf_counter()
         results = await asyncio.gather(*(run(p) for p in prompts))
         elapsed = time.perf_counter() - start
         cores = cpu_shares(ticks, cpu_ticks(), elapsed)
+        after = await engine_info() if engine_info else None
         # Router overhead probe: sequential one-token requests.
         one = []
         for p in prompts[:a.probe]:
@@ -111,79 +119,109 @@ async def online(prompts: list[list[int]], a) -> dict:
                 await r.read()
             one.append(time.perf_counter() - t)
     itl = [x for r in results for x in r["itl"]]
-    return {"tok_s": sum(r["tokens"] for r in results) / elapsed, "elapsed": elapsed, "cores": cores,
-            "ttft_p50": pct([r["ttft"] for r in results], 0.5), "ttft_p99": pct([r["ttft"] for r in results], 0.99),
-            "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "one_token_p50": statistics.median(one)}
+    out = {"tok_s": sum(r["tokens"] for r in results) / elapsed, "elapsed": elapsed, "cores": cores,
+           "ttft_p50": pct([r["ttft"] for r in results], 0.5), "ttft_p99": pct([r["ttft"] for r in results], 0.99),
+           "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "one_token_p50": statistics.median(one)}
+    if before is not None:
+        steps = after["num_steps"] - before["num_steps"]
+        per_step = lambda key: 1e3 * (after[key] - before[key]) / max(steps, 1)  # noqa: E731
+        out["replica"] = (f"replica: {steps} steps, {per_step('step_seconds'):.1f} ms per step inside the engine"
+                          + (f", {per_step('hand_off_seconds'):.1f} ms handing off" if after.get("hand_off") else ""))
+    return out
 
 
-def offline(model_dir: Path, prompts: list[list[int]], a) -> dict:
-    from shardserve import LLM, SamplingParams
-    from shardserve.inputs import TokensPrompt
-    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=a.concurrency, max_model_len=a.input_len + a.output_len,
-              kv_cache_memory_bytes=2 << 30)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.output_len)
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:a.concurrency]], params,
-                 use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    one = []
-    for p in prompts[:a.probe]:
-        t = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=p)], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
-        one.append(time.perf_counter() - t)
-    result = {"tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / elapsed, "elapsed": elapsed,
-              "one_token_p50": statistics.median(one)}
-    llm.shutdown()
-    del llm
-    gc.collect()
-    return result
+class Offline:
+    """shardserve's offline `LLM`, built and warmed up once, timed once per round."""
+
+    def __init__(self, model_dir: Path, prompts: list[list[int]], a):
+        from shardserve import LLM, SamplingParams
+        from shardserve.inputs import TokensPrompt
+        self.prompts, self.a = [TokensPrompt(prompt_token_ids=p) for p in prompts], a
+        self.llm = LLM(str(model_dir), dtype="float32", max_num_seqs=a.concurrency,
+                       max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30)
+        self.params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.output_len)
+        self.one_token = SamplingParams(temperature=0.0, max_tokens=1)
+        self.llm.generate(self.prompts[:a.concurrency], self.params, use_tqdm=False)  # warm-up
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        outs = self.llm.generate(self.prompts, self.params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        one = []
+        for p in self.prompts[:self.a.probe]:
+            t = time.perf_counter()
+            self.llm.generate([p], self.one_token, use_tqdm=False)
+            one.append(time.perf_counter() - t)
+        return {"tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / elapsed, "elapsed": elapsed,
+                "one_token_p50": statistics.median(one)}
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        del self.llm
+        gc.collect()
 
 
 def run_shardserve(model_dir: Path, prompts: list[list[int]], a) -> dict:
-    off = offline(model_dir, prompts, a)  # first, while nothing else runs on the machine
+    from shardserve.router.spec import ModelSpec
+    if a.ingress != "default":  # read when the cluster starts
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if a.ingress == "haproxy" else "0"
+    spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
+                     max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
+                     num_cpus=a.replica_cpus, stream_interval_s=a.stream_interval)
+    offline = Offline(model_dir, prompts, a)
+    rounds = []
+    try:
+        for _ in range(a.rounds):
+            off = offline.run()  # while no cluster runs on the machine
+            rounds.append({"offline": off, "online": _serve_round(spec, prompts, a)})
+    finally:
+        offline.shutdown()
+    ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's proxy"
+    return {"name": f"shardserve (ingress: {ingress})", "rounds": rounds}
 
+
+def _serve_round(spec, prompts: list[list[int]], a) -> dict:
+    """A local Ray cluster, as `shardserve serve` starts it, serving the app for one online run."""
+    import ray
     from ray import serve
 
     from shardserve.cluster.ray_cluster import connect
     from shardserve.router.app import build_app
-    from shardserve.router.spec import ModelSpec
-    if a.ingress != "default":  # read when the cluster starts
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if a.ingress == "haproxy" else "0"
-    connect()  # a local cluster, as `shardserve serve` starts it
-    ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's proxy"
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
-                     max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
-                     num_cpus=a.replica_cpus, stream_interval_s=a.stream_interval)
-    serve.run(build_app([spec]), name="bench", route_prefix="/", blocking=False)
-    handle = serve.get_deployment_handle("model-0", app_name="bench")
-    before = handle.info.remote().result()
-    on = asyncio.run(online(prompts, a))
-    after = handle.info.remote().result()
-    serve.shutdown()
-    import ray
-    ray.shutdown()
-    steps = after["num_steps"] - before["num_steps"]
-    per_step = lambda key: 1e3 * (after[key] - before[key]) / max(steps, 1)  # noqa: E731
-    on["replica"] = (f"replica: {steps} steps, {per_step('step_seconds'):.1f} ms per step inside the engine"
-                     + (f", {per_step('hand_off_seconds'):.1f} ms handing off" if after.get("hand_off") else ""))
-    return {"name": f"shardserve (ingress: {ingress})", "offline": off, "online": on}
+    connect()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_app([spec]), name="bench", route_prefix="/", blocking=False)
+        handle = serve.get_deployment_handle("model-0", app_name="bench")
+        return asyncio.run(online(prompts, a, engine_info=lambda: handle.info.remote()))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run_vllm(model_dir: Path, prompts: list[list[int]], a) -> dict:
-    """vLLM at its best on this CPU, as throughput.py runs it (both cores, tcmalloc, Intel OpenMP): its
-    offline `LLM.generate` in a subprocess, then `vllm serve` with the same engine settings."""
-    import urllib.request
-
-    from throughput import CACHE_DIR, VLLM_VENV, run_peer, vllm_preload
+    """vLLM at its best on this CPU, as throughput.py runs it (both cores, tcmalloc, Intel OpenMP): in each
+    round its offline `LLM.generate` in a subprocess, then its OpenAI server with the same engine settings."""
+    from throughput import CACHE_DIR, run_peer
     threads = os.cpu_count()
     prompts_file = CACHE_DIR / "serve-prompts.json"
     prompts_file.write_text(json.dumps([prompts[:a.concurrency], prompts]))  # warm-up, timed
-    off = run_peer("vllm", argparse.Namespace(model=model_dir, batch=a.concurrency, input_len=a.input_len,
-                                              output_len=a.output_len, threads=threads, repeat=1), prompts_file)
-    if "error" in off:
-        return {"name": "vLLM", "error": f"offline: {off['error']} (log {off['log']})"}
+    rounds = []
+    for _ in range(a.rounds):
+        off = run_peer("vllm", argparse.Namespace(model=model_dir, batch=a.concurrency, input_len=a.input_len,
+                                                  output_len=a.output_len, threads=threads, repeat=1), prompts_file)
+        if "error" in off:
+            return {"name": "vLLM", "error": f"offline: {off['error']} (log {off['log']})"}
+        on = _vllm_server_round(model_dir, prompts, a, threads)
+        if "error" in on:
+            return {"name": "vLLM", "error": on["error"]}
+        rounds.append({"offline": {"tok_s": off["tok_s"], "elapsed": off["seconds"]}, "online": on})
+    return {"name": "vLLM (its OpenAI API server)", "rounds": rounds}
+
+
+def _vllm_server_round(model_dir: Path, prompts: list[list[int]], a, threads: int) -> dict:
+    import urllib.request
+
+    from throughput import CACHE_DIR, VLLM_VENV, vllm_preload
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
                VLLM_CPU_NUM_OF_RESERVED_CPU="0", LD_PRELOAD=vllm_preload(), TOKENIZERS_PARALLELISM="false")
     log = CACHE_DIR / "logs" / "vllm-serve.log"
@@ -199,7 +237,7 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], a) -> dict:
             deadline = time.monotonic() + 600
             while True:  # start-up compiles and warms up for a minute or two
                 if server.poll() is not None:
-                    return {"name": "vLLM", "error": f"vllm serve exited with {server.returncode} (log {log})"}
+                    return {"error": f"vllm serve exited with {server.returncode} (log {log})"}
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2) as r:
                         if r.status == 200:
@@ -207,13 +245,11 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], a) -> dict:
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    return {"name": "vLLM", "error": f"vllm serve not up in 600 s (log {log})"}
+                    return {"error": f"vllm serve not up in 600 s (log {log})"}
                 time.sleep(2)
-            on = asyncio.run(online(prompts, a))
+            return asyncio.run(online(prompts, a))
         finally:
             _stop(server)
-    return {"name": "vLLM (its OpenAI API server)", "offline": {"tok_s": off["tok_s"], "elapsed": off["seconds"]},
-            "online": on}
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -235,22 +271,28 @@ def report(r: dict) -> None:
     if "error" in r:
         print(f"  failed: {r['error']}")
         return
-    off, on = r["offline"], r["online"]
-    print(f"  offline  {off['tok_s']:8.1f} output tok/s  ({off['elapsed']:.1f} s)")
-    print(f"  online   {on['tok_s']:8.1f} output tok/s  ({on['elapsed']:.1f} s)   online/offline = "
-          f"{on['tok_s'] / off['tok_s']:.2f}")
-    print(f"  online   TTFT p50 {1e3 * on['ttft_p50']:.0f} ms, p99 {1e3 * on['ttft_p99']:.0f} ms;  "
-          f"ITL p50 {1e3 * on['itl_p50']:.1f} ms, p99 {1e3 * on['itl_p99']:.1f} ms")
-    if "replica" in on:
-        print(f"  online   {on['replica']}")
-    print("  online   cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(on["cores"].items(),
-                                                                                  key=lambda kv: -kv[1])))
-    if "one_token_p50" in off:  # the offline probe runs for shardserve's engine
-        print(f"  one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms, offline "
-              f"{1e3 * off['one_token_p50']:.1f} ms  -> router/HTTP adds "
-              f"{1e3 * (on['one_token_p50'] - off['one_token_p50']):.1f} ms")
-    else:
-        print(f"  one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms")
+    for i, rnd in enumerate(r["rounds"], 1):
+        off, on = rnd["offline"], rnd["online"]
+        print(f"  round {i}: offline {off['tok_s']:7.1f} output tok/s ({off['elapsed']:.1f} s), online "
+              f"{on['tok_s']:7.1f} ({on['elapsed']:.1f} s): online/offline = {on['tok_s'] / off['tok_s']:.2f}")
+        print(f"    TTFT p50 {1e3 * on['ttft_p50']:.0f} ms, p99 {1e3 * on['ttft_p99']:.0f} ms;  "
+              f"ITL p50 {1e3 * on['itl_p50']:.1f} ms, p99 {1e3 * on['itl_p99']:.1f} ms")
+        if "replica" in on:
+            print(f"    {on['replica']}")
+        print("    cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(on["cores"].items(),
+                                                                              key=lambda kv: -kv[1])))
+        if "one_token_p50" in off:  # the offline probe runs for shardserve's engine
+            print(f"    one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms, offline "
+                  f"{1e3 * off['one_token_p50']:.1f} ms  -> router/HTTP adds "
+                  f"{1e3 * (on['one_token_p50'] - off['one_token_p50']):.1f} ms")
+        else:
+            print(f"    one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms")
+    ratios = [rnd["online"]["tok_s"] / rnd["offline"]["tok_s"] for rnd in r["rounds"]]
+    line = f"  median of {len(ratios)} rounds: online/offline = {statistics.median(ratios):.2f}"
+    if all("one_token_p50" in rnd["offline"] for rnd in r["rounds"]):
+        added = [rnd["online"]["one_token_p50"] - rnd["offline"]["one_token_p50"] for rnd in r["rounds"]]
+        line += f", router/HTTP adds {1e3 * statistics.median(added):.1f} ms"
+    print(line)
 
 
 def main() -> None:
@@ -258,6 +300,8 @@ def main() -> None:
     p.add_argument("--model-preset", default="small")
     p.add_argument("--peers", default="shardserve", help="comma list of shardserve, vllm (vllm serve and "
                    "vLLM's offline LLM from .venv-vllm, built on first use as by throughput.py)")
+    p.add_argument("--rounds", type=int, default=3, help="offline then online, this many times; the median "
+                   "round is the summary")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=None, help="default: 2 x concurrency")
     p.add_argument("--input-len", type=int, default=128)

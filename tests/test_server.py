@@ -347,6 +347,12 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
                 break
             assert time.monotonic() < deadline, f"solo did not come back: {r.status_code} {r.text}"
             time.sleep(1)
+        # Stopping an ingress replica behind Serve's HAProxy waits 2 s for HAProxy to drop it, not the 30 s
+        # Serve gives load balancers outside the cluster (serve_environment).
+        started = time.monotonic()
+        serve.delete("solo")
+        assert time.monotonic() - started < 15
+        assert httpx.get(f"{server}/solo/health").status_code == 404
     finally:
         serve.delete("solo")
 

@@ -46,10 +46,15 @@ def serve_environment() -> dict[str, str]:
     - Unhealthy replicas stopped at once: in that mode Serve drains a stopping ingress replica for at least
       30 s, for load balancers to notice; a replica whose engine died has nothing left to drain, and
       until it goes its CPUs (or GPUs) are not free for the replica that replaces it.
+    - A stopping ingress replica stays reachable 2 s, not 30: that wait is for a load balancer outside the
+      cluster to stop sending to the replica, and here HAProxy is Serve's own, reconfigured by the
+      controller when the replica stops (within a second). Without it every app delete, scale-down and
+      `shardserve serve` Ctrl-C took over 30 s; in-flight requests are still waited for.
     """
     env = {"RAY_worker_niceness": "0"}
     if haproxy_available():
-        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"})
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
