@@ -41,6 +41,52 @@ def test_releasing_the_pool_ends_its_worker_threads_until_the_next_region():
     assert right == "True" and int(threads) == int(busy)  # and the next region has a team again
 
 
+# A parallel region, then the team parked until another thread signals an eventfd 0.3 s later, then parked
+# with nothing to signal it: prints what was counted, how long each wait took, whether the process kept its
+# threads, the most CPU time any other thread used while parked, and whether the next product is still right.
+_PARK = """
+import os, threading, time, torch
+from shardserve.layers import cpu_kernels
+from shardserve.workers.cpu_openmp import park_workers_until_signalled
+torch.set_num_threads(2)
+a = torch.randn(256, 256, dtype=torch.float64)
+expected = a @ a
+threads = lambda: sorted(os.listdir("/proc/self/task"))
+def cpu_ms(tid):
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+before = threads()
+others = [t for t in before if int(t) != threading.get_native_id()]
+used = {t: cpu_ms(t) for t in others}
+fd = os.eventfd(0, os.EFD_NONBLOCK)
+threading.Timer(0.3, os.eventfd_write, (fd, 1)).start()
+start = time.monotonic()
+counted = park_workers_until_signalled(fd, 1, 5.0, 2)
+print(cpu_kernels.available(), counted, time.monotonic() - start)
+print(threads() == before, max(cpu_ms(t) - used[t] for t in others))
+start = time.monotonic()
+print(park_workers_until_signalled(fd, 1, 0.05, 2), time.monotonic() - start)
+print(torch.equal(a @ a, expected), threads() == before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_a_parked_team_sleeps_until_signalled_and_runs_the_next_region():
+    # OMP_WAIT_POLICY=active: left to itself, an idle worker would spin all the while
+    out = subprocess.run([sys.executable, "-c", _PARK], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "active"})
+    assert out.returncode == 0, out.stderr
+    first, kept, timed_out, after = out.stdout.split("\n")[:4]
+    library, counted, waited = first.split()
+    assert counted == "1" and 0.25 < float(waited) < 2.0  # woken by the signal, not the time limit
+    counted, waited = timed_out.split()
+    assert counted == "0" and 0.04 < float(waited) < 1.0  # nothing to count: back at the time limit
+    assert after == "True True"  # the next region computes right, on the same threads
+    same_threads, busiest_ms = kept.split()
+    if library == "True":  # parked in the kernels library: the team kept, its worker asleep, not spinning
+        assert same_threads == "True" and float(busiest_ms) <= 30
+
+
 PROMPTS = [[5, 9, 14, 2, 7], [3, 3, 8], [11, 4, 6, 1, 9, 12, 2]]
 
 

@@ -11,21 +11,23 @@ in flight gets the error and the engine reports itself unhealthy for good.
 
 `hand_off`: on a CPU whose every core the model's threads use, the server's event loop has no core of its
 own, and whatever it does during a forward pass preempts one of the model's OpenMP threads while the others
-wait for it at the next barrier. With `hand_off` the stepping thread, after each step, lets its OpenMP
-workers sleep (`cpu_openmp`) and waits until the loop has passed that step's outputs on (their chunks
-written to the sockets; at most `HAND_OFF_TIMEOUT_S`), so the loop and the model take turns at the cores
-instead of fighting over them. With 32 streams on 2 cores that made a step plus its hand-off 8.2 ms
-instead of 10 ms (benchmarks/RESULTS.md); waiting without letting the workers sleep gained nothing, as
-they spun on the core the loop needed.
+wait for it at the next barrier. With `hand_off` the stepping thread, after each step, waits until the loop
+has passed that step's outputs on (their chunks written to the sockets; the loop signals an eventfd; at
+most `HAND_OFF_TIMEOUT_S`) with its OpenMP workers asleep (`cpu_openmp`), so the loop and the model take
+turns at the cores instead of fighting over them. With 32 streams on 2 cores that made a step plus its
+hand-off 8.2 ms instead of 10 ms (benchmarks/RESULTS.md); waiting with the workers spinning gained nothing,
+as they spun on the core the loop needed.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 from shardserve.config import EngineConfig
@@ -34,7 +36,7 @@ from shardserve.engine.processor import ProcessedPrompt
 from shardserve.inputs import PromptType
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
-from shardserve.workers.cpu_openmp import release_thread_pool
+from shardserve.workers.cpu_openmp import park_workers_until_signalled
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ class AsyncLLMEngine:
         self.num_steps = 0
         self.step_seconds = 0.0   # time inside engine.step(), for the metrics and benchmarks
         self.hand_off_seconds = 0.0   # time the stepping thread waited for the loop (hand_off)
+        # The loops write here once they have passed a step's outputs on (hand_off). Closed with the engine
+        # object: a loop's pending signal holds the engine, so it never writes to a closed (or reused) fd.
+        self._passed_on = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if hand_off else None
+        if self._passed_on is not None:
+            weakref.finalize(self, os.close, self._passed_on)
+        self._team_size = 1
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(config, started), name="shardserve-engine",
                                         daemon=True)
@@ -170,28 +178,30 @@ class AsyncLLMEngine:
     def _deliver(self, request_id: str, item) -> None:
         self._deliver_all([(request_id, item)])
 
-    def _deliver_all(self, items: list[tuple[str, object]]) -> list[threading.Event | None]:
+    def _deliver_all(self, items: list[tuple[str, object]]) -> int:
         """Hand each item to its request's stream: one wake-up per event loop per step, not one per request
-        (each wake-up costs the loop's thread the GIL and a system call). Returns an event per loop, set once
-        that loop has passed the items on (see `hand_off`)."""
+        (each wake-up costs the loop's thread the GIL and a system call). Returns the number of loops woken;
+        with `hand_off` each writes to `_passed_on` once it has passed the items on."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for request_id, item in items:
             entry = self._streams.get(request_id)
             if entry is not None:
                 loop, stream = entry
                 by_loop.setdefault(loop, []).append((stream, item))
-        passed_on = []
+        signal = self._signal_passed_on if self.hand_off else None
         for loop, pairs in by_loop.items():
-            event = threading.Event() if self.hand_off else None
-            loop.call_soon_threadsafe(_put_all, pairs, event)
-            passed_on.append(event)
-        return passed_on
+            loop.call_soon_threadsafe(_put_all, pairs, signal)
+        return len(by_loop)
+
+    def _signal_passed_on(self) -> None:  # on a loop
+        os.eventfd_write(self._passed_on, 1)
 
     def _run(self, config: EngineConfig, started: threading.Event) -> None:
         try:
+            import torch
             if self._num_threads:
-                import torch
                 torch.set_num_threads(self._num_threads)
+            self._team_size = torch.get_num_threads()  # the OpenMP team this thread's parallel regions use
             self.engine = LLMEngine(config)
         except BaseException as e:
             self.error = e
@@ -229,27 +239,31 @@ class AsyncLLMEngine:
                 dead = EngineDeadError(f"The engine failed while serving this request: {e}")
                 self._deliver_all([(request_id, dead) for request_id in list(self._streams)])
                 return
-            passed_on = self._deliver_all([(output.request_id, output) for output in outputs])
             if self.hand_off:
-                release_thread_pool()  # no OpenMP worker spinning on a core the loop needs
+                try:  # a signal from a loop that missed the last hand-off's time limit must not end this one
+                    os.eventfd_read(self._passed_on)
+                except BlockingIOError:
+                    pass
+            loops = self._deliver_all([(output.request_id, output) for output in outputs])
+            # Going idle, the engine has no next step to keep from the loop: no hand-off (one-token requests
+            # came back 1.8 ms sooner without it, benchmarks/RESULTS.md).
+            if self.hand_off and loops and self.engine.has_unfinished_requests():
                 waited = time.perf_counter()
-                deadline = waited + HAND_OFF_TIMEOUT_S
-                for event in passed_on:
-                    event.wait(max(0.0, deadline - time.perf_counter()))
+                park_workers_until_signalled(self._passed_on, loops, HAND_OFF_TIMEOUT_S, self._team_size)
                 self.hand_off_seconds += time.perf_counter() - waited
 
 
-def _put_all(pairs: list[tuple[asyncio.Queue, object]], passed_on: threading.Event | None) -> None:
+def _put_all(pairs: list[tuple[asyncio.Queue, object]], passed_on) -> None:
     for stream, item in pairs:
         stream.put_nowait(item)
     if passed_on is not None:
-        _set_after_passes(passed_on, HAND_OFF_PASSES)
+        _call_after_passes(passed_on, HAND_OFF_PASSES)
 
 
-def _set_after_passes(event: threading.Event, passes: int) -> None:
-    """Set `event` once the work the items woke has run: the loop runs ready callbacks in order, so each
-    pass lets every task made ready by the pass before take its turn."""
+def _call_after_passes(passed_on, passes: int) -> None:
+    """Call `passed_on` once the work the items woke has run: the loop runs ready callbacks in order, so
+    each pass lets every task made ready by the pass before take its turn."""
     if passes == 0:
-        event.set()
+        passed_on()
     else:
-        asyncio.get_running_loop().call_soon(_set_after_passes, event, passes - 1)
+        asyncio.get_running_loop().call_soon(_call_after_passes, passed_on, passes - 1)

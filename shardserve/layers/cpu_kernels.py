@@ -3,7 +3,8 @@
 The library is built once per machine with the system C compiler (-O3 -march=native, OpenMP) into a cache
 directory and loaded with ctypes; where no compiler is found, `lib()` is None and layers keep their torch
 paths. What each kernel computes: paged decode attention (layers/attention/cpu_backend.py), and the fused
-elementwise steps of a decoder layer (layers/fused_kernels.py).
+elementwise steps of a decoder layer (layers/fused_kernels.py). Not a kernel, but OpenMP-built with them: the
+parking of the engine thread's OpenMP team between steps (workers/cpu_openmp.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ SIGNATURES = {
     "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
     "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
     "silu_and_mul_f32": [_P] * 2 + [_I] * 3 + [_T],
+    "park_openmp_workers": [_I] * 3 + [_T],
 }
+RESTYPES = {"park_openmp_workers": _I}  # the others return nothing
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
@@ -67,7 +70,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.restype, fn.argtypes = None, argtypes
+        fn.restype, fn.argtypes = RESTYPES.get(name), argtypes
     return lib
 
 
