@@ -24,6 +24,8 @@ import os
 import select
 import time
 
+from shardserve.layers import cpu_kernels
+
 logger = logging.getLogger(__name__)
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: keep the runtime's state, release its threads
@@ -65,7 +67,6 @@ def park_workers_until_signalled(fd: int, signals: int, timeout_s: float, num_th
     """Wait until `signals` writes to the eventfd `fd` have been counted, or `timeout_s`, with the calling
     thread's `num_threads`-strong OpenMP team asleep meanwhile (call it outside any parallel region, with the
     thread count its parallel regions use, so the team is the one they run on). Returns the signals counted."""
-    from shardserve.layers import cpu_kernels
     lib = cpu_kernels.lib()
     if lib is not None:
         counted = lib.park_openmp_workers(fd, signals, int(timeout_s * 1e9), num_threads)
