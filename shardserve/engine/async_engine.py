@@ -178,7 +178,7 @@ class AsyncLLMEngine:
     def _deliver(self, request_id: str, item) -> None:
         self._deliver_all([(request_id, item)])
 
-    def _deliver_all(self, items: list[tuple[str, object]]) -> int:
+    def _deliver_all(self, items: list[tuple[str, object]], hand_off: bool = False) -> int:
         """Hand each item to its request's stream: one wake-up per event loop per step, not one per request
         (each wake-up costs the loop's thread the GIL and a system call). Returns the number of loops woken;
         with `hand_off` each writes to `_passed_on` once it has passed the items on."""
@@ -188,7 +188,7 @@ class AsyncLLMEngine:
             if entry is not None:
                 loop, stream = entry
                 by_loop.setdefault(loop, []).append((stream, item))
-        signal = self._signal_passed_on if self.hand_off else None
+        signal = self._signal_passed_on if hand_off else None
         for loop, pairs in by_loop.items():
             loop.call_soon_threadsafe(_put_all, pairs, signal)
         return len(by_loop)
@@ -239,15 +239,16 @@ class AsyncLLMEngine:
                 dead = EngineDeadError(f"The engine failed while serving this request: {e}")
                 self._deliver_all([(request_id, dead) for request_id in list(self._streams)])
                 return
-            if self.hand_off:
+            # Going idle, the engine has no next step to keep from the loop: no hand-off (one-token requests
+            # came back 1.8 ms sooner without it, benchmarks/RESULTS.md).
+            hand_off = self.hand_off and self.engine.has_unfinished_requests()
+            if hand_off:
                 try:  # a signal from a loop that missed the last hand-off's time limit must not end this one
                     os.eventfd_read(self._passed_on)
                 except BlockingIOError:
                     pass
-            loops = self._deliver_all([(output.request_id, output) for output in outputs])
-            # Going idle, the engine has no next step to keep from the loop: no hand-off (one-token requests
-            # came back 1.8 ms sooner without it, benchmarks/RESULTS.md).
-            if self.hand_off and loops and self.engine.has_unfinished_requests():
+            loops = self._deliver_all([(output.request_id, output) for output in outputs], hand_off)
+            if hand_off and loops:
                 waited = time.perf_counter()
                 park_workers_until_signalled(self._passed_on, loops, HAND_OFF_TIMEOUT_S, self._team_size)
                 self.hand_off_seconds += time.perf_counter() - waited
