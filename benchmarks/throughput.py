@@ -72,6 +72,7 @@ def build_model(preset: str) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                      eos_token="</s>", pad_token="<unk>")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)  # build_model is the first user in serve.py too
     tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # written aside, then renamed: no half-built cache
     model.save_pretrained(tmp)
     hf_tok.save_pretrained(tmp)
