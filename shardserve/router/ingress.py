@@ -112,14 +112,14 @@ class Router:
         except APIError as e:
             return _error(e)
         if getattr(parsed, "stream", False):
-            return await self._relay_stream(handle, route, body)
-        if self.local is not None:
-            answer = await self.local.call(route, body)
+            return await self._relay_stream(handle, route, parsed if self.local is not None else body)
+        if self.local is not None:  # the model in this process takes the checked request as it is
+            answer = await self.local.call(route, parsed)
         else:
             answer = await handle.call.remote(route, body)
         return JSONResponse(answer["body"], status_code=answer["status"])
 
-    async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict):
+    async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict | BaseModel):
         if self.local is not None:
             chunks = self.local.stream(route, body, through_serve=False)
             cancel = chunks.aclose

@@ -2,8 +2,10 @@
 in the placement group Serve reserved for the replica) and answers routes on it. It runs as the replicas of
 a `ModelDeployment` behind the router, or inside the router's own replicas when an app serves one model.
 
-It takes validated JSON bodies; answers come back as {"status", "body"} (errors included, so no exception
-has to survive Ray's transport), streams as a first {"status"} item and then chunks.
+It takes JSON bodies the router checked (and checks them into its request models again: they crossed Ray), or
+from a router in its own process the request models themselves; answers come back as {"status", "body"}
+(errors included, so no exception has to survive Ray's transport), streams as a first {"status"} item and then
+chunks.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+from pydantic import BaseModel
 from ray import serve
 
 from shardserve.engine.async_engine import AsyncLLMEngine
@@ -73,9 +76,13 @@ class ModelServer:
                            f"this route; it needs a model served with the {other!r} runner.")
         return getattr(self.pooling if route in _POOLING_ROUTES else self.serving, route)
 
-    async def call(self, route: str, body: dict) -> dict:
+    def _request(self, route: str, body: dict | BaseModel) -> BaseModel:
+        """The route's request: `body` as the router in this process already checked it, or checked here."""
+        return body if isinstance(body, BaseModel) else _REQUESTS[route].model_validate(body)
+
+    async def call(self, route: str, body: dict | BaseModel) -> dict:
         try:
-            request = _REQUESTS[route].model_validate(body)
+            request = self._request(route, body)
             method = self._route(route)
             result = method(request)
             if hasattr(result, "__await__"):
@@ -87,13 +94,13 @@ class ModelServer:
                 logger.exception("Request failed")
             return {"status": error.status, "body": error.body()}
 
-    async def stream(self, route: str, body: dict, through_serve: bool = True):
+    async def stream(self, route: str, body: dict | BaseModel, through_serve: bool = True):
         """A {"status"} item, then the response as server-sent-event text. `through_serve`: the consumer
         is another replica, so the events that pile up while it is busy go out together (under load each
         hop through Serve then carries many tokens, not one). The router in this replica's own process
         takes each event as it comes, unless the spec sets a stream interval."""
         try:
-            request = _REQUESTS[route].model_validate(body)
+            request = self._request(route, body)
             chunks = await self._route(route)(request)
         except Exception as e:
             error = to_api_error(e)
