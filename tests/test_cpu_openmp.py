@@ -1,5 +1,6 @@
 """The async engine's hand-off on CPUs: the stepping thread lets its OpenMP workers sleep between steps and
-waits for the event loop to pass each step's outputs on; streams are unchanged by it."""
+waits for the event loop to pass each step's outputs on; streams are unchanged by it. Its thread and team stay
+SCHED_OTHER while the process's other threads (and a local cluster's processes) yield on SCHED_BATCH."""
 from __future__ import annotations
 
 import asyncio
@@ -90,7 +91,20 @@ def test_a_parked_team_sleeps_until_signalled_and_runs_the_next_region():
 PROMPTS = [[5, 9, 14, 2, 7], [3, 3, 8], [11, 4, 6, 1, 9, 12, 2]]
 
 
-def test_hand_off_streams_what_the_engine_makes_without_it(model_dirs):
+@pytest.fixture
+def keep_sched_policies():
+    """A hand-off engine moves its process's other threads to SCHED_BATCH (cpu_sched); this one is pytest's."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if hasattr(os, "sched_getscheduler") else []
+    before = {tid: os.sched_getscheduler(tid) for tid in tids}
+    yield
+    for tid, policy in before.items():
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError:
+            pass
+
+
+def test_hand_off_streams_what_the_engine_makes_without_it(model_dirs, keep_sched_policies):
     from shardserve.config import EngineConfig
     from shardserve.engine.async_engine import HAND_OFF_TIMEOUT_S, AsyncLLMEngine
 
@@ -114,3 +128,39 @@ def test_hand_off_streams_what_the_engine_makes_without_it(model_dirs):
         assert 0 < engine.hand_off_seconds < engine.num_steps * HAND_OFF_TIMEOUT_S
     finally:
         engine.shutdown()
+
+
+# The engine thread favoured: prints the scheduling policy of each kind of thread (0 SCHED_OTHER, 3 SCHED_BATCH).
+_FAVOUR = """
+import os, subprocess, sys, threading
+from shardserve.workers import cpu_sched
+os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # whatever the test process left to inherit
+started_before = threading.Thread(target=threading.Event().wait, args=(10,), daemon=True)
+started_before.start()
+policy = {}
+def engine():
+    cpu_sched.favour_this_thread()
+    team = threading.Thread(target=lambda: policy.setdefault("team", os.sched_getscheduler(0)))
+    team.start(); team.join()
+    policy["engine"] = os.sched_getscheduler(0)
+    with cpu_sched.batch_children():  # from a SCHED_OTHER thread
+        policy["spawned"] = int(subprocess.check_output([sys.executable, "-c",
+                                                         "import os; print(os.sched_getscheduler(0))"]))
+    policy["engine_after_spawn"] = os.sched_getscheduler(0)
+thread = threading.Thread(target=engine)
+thread.start(); thread.join()
+policy["main"] = os.sched_getscheduler(0)
+policy["started_before"] = os.sched_getscheduler(started_before.native_id)
+print(sorted(policy.items()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread scheduling policies are Linux's")
+@pytest.mark.parametrize("enabled", ["1", "0"])
+def test_the_engine_thread_and_its_team_stay_sched_other_and_the_rest_yields(enabled):
+    out = subprocess.run([sys.executable, "-c", _FAVOUR], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, SHARDSERVE_CPU_SCHED_BATCH=enabled))
+    assert out.returncode == 0, out.stderr
+    other, batch = os.SCHED_OTHER, os.SCHED_BATCH if enabled == "1" else os.SCHED_OTHER
+    assert out.stdout.strip() == str(sorted({"engine": other, "team": other, "engine_after_spawn": other,
+                                             "spawned": batch, "main": batch, "started_before": batch}.items()))

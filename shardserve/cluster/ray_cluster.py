@@ -17,6 +17,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from shardserve.workers.cpu_sched import batch_children
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,9 +69,11 @@ def connect(address: str | None = None) -> None:
     else:
         logger.info("No Ray address given: starting a local Ray cluster.")
         os.environ.update(serve_environment())  # the cluster's processes inherit the driver's environment
-        # address="local": a new cluster, never one a crashed run left behind.
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False)
+        # address="local": a new cluster, never one a crashed run left behind. Its processes start on
+        # SCHED_BATCH, so none preempts a CPU replica's engine threads when it wakes (workers/cpu_sched.py).
+        with batch_children():
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     ignore_reinit_error=True, log_to_driver=False)
 
 
 @dataclass

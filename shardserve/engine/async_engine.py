@@ -7,7 +7,8 @@ off the event loop, so the server keeps answering while the model computes. The 
 that thread: OpenMP keeps one thread pool per calling thread, and a model that is loaded in one thread
 and run in another computes up to ~2.5x slower on the CPU. A request whose consumer
 goes away (client disconnect, cancelled task) is aborted. If a step fails (a dead worker), every request
-in flight gets the error and the engine reports itself unhealthy for good.
+in flight gets the error and the engine reports itself unhealthy for good; so do the requests waiting on a
+step that hangs, once a health check has found the engine dead (a timer per event loop looks once a second).
 
 `hand_off`: on a CPU whose every core the model's threads use, the server's event loop has no core of its
 own, and whatever it does during a forward pass preempts one of the model's OpenMP threads while the others
@@ -16,7 +17,9 @@ has passed that step's outputs on (their chunks written to the sockets; the loop
 most `HAND_OFF_TIMEOUT_S`) with its OpenMP workers asleep (`cpu_openmp`), so the loop and the model take
 turns at the cores instead of fighting over them. With 32 streams on 2 cores that made a step plus its
 hand-off 8.2 ms instead of 10 ms (benchmarks/RESULTS.md); waiting with the workers spinning gained nothing,
-as they spun on the core the loop needed.
+as they spun on the core the loop needed. A hand-off engine's thread, and the team it starts, also stay
+SCHED_OTHER while the process's other threads move to SCHED_BATCH, so those never preempt the team mid-step
+(`cpu_sched`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from shardserve.inputs import PromptType
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 from shardserve.workers.cpu_openmp import park_workers_until_signalled
+from shardserve.workers.cpu_sched import favour_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class EngineDeadError(RuntimeError):
 
 HAND_OFF_TIMEOUT_S = 0.005   # a loop busy with other work delays a step by at most this
 HAND_OFF_PASSES = 4           # loop iterations: stream -> SSE text -> response task -> socket, and a spare
+WATCH_INTERVAL_S = 1.0        # how soon a request waiting on an engine that died gets the error
 
 
 class AsyncLLMEngine:
@@ -56,6 +61,7 @@ class AsyncLLMEngine:
         self.hand_off = hand_off
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._watched: set[asyncio.AbstractEventLoop] = set()   # loops with a _watch timer running
         self._ids = itertools.count()
         self.error: BaseException | None = None
         self._stopped = False
@@ -128,21 +134,35 @@ class AsyncLLMEngine:
             self._commands.put(("release", list(request_ids)))
 
     def _outputs(self, request_id: str, command: tuple) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._streams[request_id] = (loop, stream)
+        if loop not in self._watched:
+            self._watched.add(loop)
+            loop.call_later(WATCH_INTERVAL_S, self._watch, loop)
         self._commands.put(command)
         return self._stream(request_id, stream)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On `loop`, every WATCH_INTERVAL_S while it has streams: a request never waits on an engine that has
+        died (its thread gone, or a worker found dead by a health check while a step hangs on it). One timer
+        per loop rather than a timeout per awaited output, which cost the loop ~5 us a streamed token."""
+        waiting = [stream for stream_loop, stream in list(self._streams.values()) if stream_loop is loop]
+        if not waiting:
+            self._watched.discard(loop)
+            return
+        try:
+            self.check_health()
+        except EngineDeadError as e:
+            for stream in waiting:
+                stream.put_nowait(e)
+        loop.call_later(WATCH_INTERVAL_S, self._watch, loop)
 
     async def _stream(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
-                try:
-                    async with asyncio.timeout(1.0):  # a timer, not wait_for's task per item
-                        item = await stream.get()
-                except TimeoutError:
-                    self.check_health()  # a request never waits on an engine that has died
-                    continue
+                item = await stream.get()  # an engine that dies puts its error here (_watch)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -198,6 +218,8 @@ class AsyncLLMEngine:
 
     def _run(self, config: EngineConfig, started: threading.Event) -> None:
         try:
+            if self.hand_off:  # before the OpenMP team exists: its threads inherit this thread's policy
+                favour_this_thread()
             import torch
             if self._num_threads:
                 torch.set_num_threads(self._num_threads)
