@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -78,6 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
           f"'{{\"model\": \"{specs[0].name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'",
           flush=True)
+    # SIGTERM (docker stop, Kubernetes, kill) stops the app as Ctrl-C does, rather than killing the driver
+    # with requests in flight.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
@@ -85,6 +89,10 @@ def _serve(args: argparse.Namespace) -> int:
         print("Shutting down.", file=sys.stderr)
         serve.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,109 @@
+"""`shardserve serve` as an operator runs it: its own local Ray cluster, a request answered, SIGTERM stops it."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scheduling policies are Linux's")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every live (not zombie) process descended from `root`."""
+    parent, command = {}, {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if state != "Z":
+            parent[pid], command[pid] = int(ppid), cmdline
+    def descends(pid: int) -> bool:
+        while pid in parent:
+            pid = parent[pid]
+            if pid == root:
+                return True
+        return False
+    return {pid: cmd for pid, cmd in command.items() if descends(pid)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _policies(pid: int) -> list[int]:
+    policies = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            policies.append(os.sched_getscheduler(int(tid)))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return policies
+
+
+def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(model_dirs):
+    """The cluster `shardserve serve` starts runs SCHED_BATCH, except a CPU replica's engine thread and its
+    OpenMP team; SIGTERM (docker stop, Kubernetes) shuts the app and the cluster down as Ctrl-C does."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the tests'
+    # Ports of its own: the test session's cluster may be running beside it.
+    env.update(RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()),
+               RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT="31100", RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="31200",
+               RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT="41100", RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT="41200")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "shardserve", "serve", model_dirs("llama"), "--served-model-name", "cli",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
+         "--num-cpus", str(len(os.sched_getaffinity(0)))],  # the model on every core: a hand-off replica
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = []
+        for line in server.stdout:  # start-up: the cluster, the app, then the line saying where it listens
+            output.append(line)
+            if line.startswith("shardserve is listening"):
+                break
+        assert server.poll() is None, "".join(output)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "cli", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+        started = _descendants(server.pid)
+        replicas = [pid for pid, cmd in started.items() if cmd.startswith("ray::ServeReplica")]
+        cluster = [pid for pid, cmd in started.items() if "raylet" in cmd or "gcs_server" in cmd]
+        assert len(replicas) == 1 and cluster, started
+        for pid in cluster:
+            assert set(_policies(pid)) == {os.SCHED_BATCH}, started[pid][:100]
+        replica = _policies(replicas[0])
+        # The engine thread and its team (two threads on two cores, one more per extra core) stay SCHED_OTHER.
+        assert replica.count(os.SCHED_OTHER) >= 2 and replica.count(os.SCHED_BATCH) > replica.count(os.SCHED_OTHER)
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only what the server started changed
+
+        server.send_signal(signal.SIGTERM)
+        rest = server.communicate(timeout=60)[0]
+        assert server.returncode == 0 and "Shutting down." in rest, rest
+        deadline = time.monotonic() + 30
+        while left := [pid for pid in started if _alive(pid)]:
+            assert time.monotonic() < deadline, f"still running after SIGTERM: {[started[p] for p in left]}"
+            time.sleep(0.5)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
