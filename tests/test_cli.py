@@ -105,5 +105,9 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
             assert time.monotonic() < deadline, f"still running after SIGTERM: {[started[p] for p in left]}"
             time.sleep(0.5)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
+        if server.poll() is None:  # a failed check: take the whole tree down, HAProxy included
+            for pid in [*_descendants(server.pid), server.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
