@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    return os.environ.get("SHARDSERVE_CPU_SCHED_BATCH", "1") != "0" and hasattr(os, "sched_setscheduler")
+    return os.environ.get("SHARDSERVE_CPU_SCHED_BATCH", "1") != "0" and hasattr(os, "SCHED_BATCH")  # Linux
 
 
 def _set_policy(tid: int, policy: int) -> bool:
