@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 pytestmark = [pytest.mark.timeout(300),
-              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scheduling policies are Linux's")]
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux: /proc and SCHED_BATCH")]
 
 
 def _free_port() -> int:
@@ -21,19 +21,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """A process's state letter ("Z": a zombie) and parent pid; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return None
+    return state, int(ppid)
+
+
+def _alive(pid: int) -> bool:
+    stat = _state_and_parent(pid)
+    return stat is not None and stat[0] != "Z"
+
+
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command line of every live (not zombie) process descended from `root`."""
     parent, command = {}, {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        stat = _state_and_parent(pid)
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if state != "Z":
-            parent[pid], command[pid] = int(ppid), cmdline
+        if stat is not None and stat[0] != "Z":
+            parent[pid], command[pid] = stat[1], cmdline
+
     def descends(pid: int) -> bool:
         while pid in parent:
             pid = parent[pid]
@@ -41,14 +56,6 @@ def _descendants(root: int) -> dict[int, str]:
                 return True
         return False
     return {pid: cmd for pid, cmd in command.items() if descends(pid)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _policies(pid: int) -> list[int]:

@@ -155,7 +155,7 @@ print(sorted(policy.items()))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread scheduling policies are Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux: per-thread SCHED_BATCH")
 @pytest.mark.parametrize("enabled", ["1", "0"])
 def test_the_engine_thread_and_its_team_stay_sched_other_and_the_rest_yields(enabled):
     out = subprocess.run([sys.executable, "-c", _FAVOUR], capture_output=True, text=True, timeout=60,
