@@ -9,12 +9,12 @@ round's ratio pairs runs a few seconds apart and the summary is the median round
 
 Peers: shardserve (the Serve app on a local Ray cluster, as `shardserve serve` starts it) and, with
 `--peers shardserve,vllm`, vLLM (its OpenAI server and its offline `LLM` from .venv-vllm, at its best on this
-CPU as in throughput.py). Reports output tokens/s of both and their ratio, TTFT and ITL percentiles of the
-online run, the cores each kind of process used during it, and the router's added latency: the p50 of
-one-token requests over HTTP minus the p50 of the same request offline.
+CPU as in throughput.py). Reports output tokens/s of both and their ratio, TTFT and ITL (between chunks)
+percentiles of the online run, the cores each kind of process used during it, and the router's added latency:
+the p50 of one-token requests over HTTP minus the p50 of the same request offline.
 
 Usage: python benchmarks/serve.py [--peers shardserve,vllm] [--rounds 3] [--concurrency 32] [--num-prompts 64]
-                                  [--model-preset small] [--input-len 128] [--output-len 128]
+                                  [--model-preset small] [--input-len 128] [--output-len 128] [--stream-interval 1]
 """
 from __future__ import annotations
 
@@ -44,9 +44,10 @@ def pct(values: list[float], q: float) -> float:
 
 async def stream_one(http, prompt: list[int], a) -> dict:
     body = {"model": "bench", "prompt": prompt, "max_tokens": a.output_len, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    arrivals = []  # one time per SSE event with a token (ignore_eos: exactly output_len of them)
+    arrivals = []  # one time per SSE event with tokens: one token each, or up to --stream-interval
+    usage = None
     async with http.post(f"http://127.0.0.1:{PORT}/v1/completions", json=body) as r:
         r.raise_for_status()
         pending = b""
@@ -54,8 +55,9 @@ async def stream_one(http, prompt: list[int], a) -> dict:
             now = time.perf_counter()
             *events, pending = (pending + data).split(b"\n\n")
             arrivals.extend(now for e in events if e.startswith(b"data: {") and b'"index"' in e)  # not usage
+            usage = next((e for e in events if b'"completion_tokens"' in e), usage)
     return {"ttft": arrivals[0] - start, "itl": [b - a_ for a_, b in zip(arrivals, arrivals[1:])],
-            "tokens": len(arrivals)}
+            "tokens": json.loads(usage[len(b"data: "):])["usage"]["completion_tokens"]}
 
 
 def cpu_ticks() -> dict[int, tuple[str, int]]:
@@ -167,7 +169,7 @@ def run_shardserve(model_dir: Path, prompts: list[list[int]], a) -> dict:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if a.ingress == "haproxy" else "0"
     spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
-                     num_cpus=a.replica_cpus, stream_interval_s=a.stream_interval)
+                     num_cpus=a.replica_cpus, stream_interval=a.stream_interval, stream_interval_s=a.stream_interval_s)
     offline = Offline(model_dir, prompts, a)
     rounds = []
     try:
@@ -230,7 +232,7 @@ def _vllm_server_round(model_dir: Path, prompts: list[list[int]], a, threads: in
            "--host", "127.0.0.1", "--port", str(PORT),
            "--served-model-name", "bench", "--dtype", "float32", "--max-num-seqs", str(a.concurrency),
            "--max-model-len", str(a.input_len + a.output_len), "--kv-cache-memory-bytes", str(2 << 30),
-           "--seed", "0", "--uvicorn-log-level", "warning"]
+           "--seed", "0", "--uvicorn-log-level", "warning", "--stream-interval", str(a.stream_interval)]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -308,7 +310,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count(),
                    help="CPUs (and so engine threads) of the model replica; default all, as offline")
-    p.add_argument("--stream-interval", type=float, default=0.0, help="the replica's stream interval (s)")
+    p.add_argument("--stream-interval", type=int, default=1, help="vLLM's --stream-interval, for both servers: "
+                   "tokens per streamed chunk (the first and the last at once)")
+    p.add_argument("--stream-interval-s", type=float, default=0.0, help="shardserve's replica stream interval (s)")
     p.add_argument("--probe", type=int, default=20, help="one-token requests for the router-overhead probe")
     p.add_argument("--ingress", choices=("default", "haproxy", "proxy"), default="default",
                    help="HTTP in front of the replicas: HAProxy, Serve's Python proxy, or what `shardserve serve` "

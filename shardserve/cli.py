@@ -54,7 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_prompt_embeds=args.enable_prompt_embeds, chat_template=args.chat_template,
                   hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else {},
                   num_replicas=args.num_replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval_s=args.stream_interval_s,
+                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval=args.stream_interval,
+                  stream_interval_s=args.stream_interval_s,
                   runner=args.runner, convert=args.convert, pooler_config=args.pooler_config, device=args.device,
                   gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
                   enforce_eager=args.enforce_eager)
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--min-replicas", type=int)
     srv.add_argument("--max-replicas", type=int)
     srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves for each model replica")
+    srv.add_argument("--stream-interval", type=int, default=1,
+                     help="vLLM's: a streamed request gets a chunk every this many tokens (the first and the last "
+                          "at once); larger values send fewer, larger chunks and leave more of the CPU to the model")
     srv.add_argument("--stream-interval-s", type=float, default=0.0,
                      help="send streamed tokens at most this often per request (fewer, larger chunks under load)")
     srv.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")

@@ -74,6 +74,9 @@ class EngineConfig:
     convert: str = "auto"
     task: str | None = None
     pooler_config: PoolerConfig | dict | str | None = None  # how a pooling model pools (overrides the model's)
+    # vLLM's --stream-interval: a streamed request gets an output every this many new tokens (the first and
+    # the last at once); a request's own stream_interval can raise it. 1: every token.
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -96,6 +99,8 @@ class EngineConfig:
             raise ValueError(f"num_cpus_per_worker must be > 0, got {self.num_cpus_per_worker}.")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if not 0 < self.gpu_memory_utilization <= 1:

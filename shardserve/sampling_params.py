@@ -38,6 +38,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # A streamed request's outputs carry this many new tokens at a time (the first and the last come at once);
+    # the engine's `stream_interval` is the floor. None: the engine's.
+    stream_interval: int | None = None
     # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -86,6 +89,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise bad(name, value, "non-negative")
+        if self.stream_interval is not None and (not isinstance(self.stream_interval, int)
+                                                 or self.stream_interval < 1):
+            raise bad("stream_interval", self.stream_interval, "at least 1")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
 

@@ -22,6 +22,7 @@ def llm(model_dirs):
     (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stop=[""]), "stop"),
+    (dict(stream_interval=0), "stream_interval"),
 ])
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,8 @@
-"""`shardserve serve` as an operator runs it: its own local Ray cluster, a request answered, SIGTERM stops it."""
+"""`shardserve serve` as an operator runs it: its own local Ray cluster, requests answered (its flags applied),
+SIGTERM stops it."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,6 +82,7 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
     server = subprocess.Popen(
         [sys.executable, "-m", "shardserve", "serve", model_dirs("llama"), "--served-model-name", "cli",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
+         "--stream-interval", "3",
          "--num-cpus", str(len(os.sched_getaffinity(0)))],  # the model on every core: a hand-off replica
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -92,6 +95,13 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "cli", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        body = {"model": "cli", "prompt": "Hello", "max_tokens": 7, "temperature": 0, "ignore_eos": True,
+                "logprobs": 1, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            events = [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        # --stream-interval 3: the first token at once, then three at a time
+        assert [len(e["choices"][0]["logprobs"]["tokens"]) for e in events] == [1, 3, 3]
 
         started = _descendants(server.pid)
         replicas = [pid for pid, cmd in started.items() if cmd.startswith("ray::ServeReplica")]

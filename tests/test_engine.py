@@ -37,6 +37,35 @@ def test_step_loop_streams_partial_outputs_and_abort_frees_blocks(llm):
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
+def test_stream_interval_batches_tokens_into_fewer_outputs(model_dirs, llm):
+    """vLLM's --stream-interval: a streamed request reports its first token at once, then every `interval` new
+    tokens (the engine's, raised by the request's own), and when it finishes; the tokens and text are those of
+    a request that reports every token. n > 1 reports when any completion is due."""
+    engine = LLM(model_dirs("llama"), dtype="float32", stream_interval=3).llm_engine
+    every_token = llm.generate(TokensPrompt(prompt_token_ids=[1, 5, 6, 7]),
+                               SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    requests = {"engine's": (None, 1), "request's": (5, 1), "below the engine's": (2, 1), "n=2": (None, 2)}
+    for request_id, (interval, n) in requests.items():
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=[1, 5, 6, 7]),
+                           SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=n,
+                                          stream_interval=interval))
+    seen = {request_id: [] for request_id in requests}
+    last = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append([len(c.token_ids) for c in out.outputs])
+            last[out.request_id] = out
+    assert seen["engine's"] == [[1], [4], [7], [10]]
+    assert seen["below the engine's"] == [[1], [4], [7], [10]]   # the engine's interval is the floor
+    assert seen["request's"] == [[1], [6], [10]]
+    assert seen["n=2"] == [[1, 1], [4, 4], [7, 7], [10, 10]]
+    for out in last.values():
+        assert out.finished and all(c.token_ids == every_token.outputs[0].token_ids for c in out.outputs)
+        assert all(c.text == every_token.outputs[0].text for c in out.outputs)
+    with pytest.raises(ValueError, match="stream_interval"):
+        LLM(model_dirs("llama"), dtype="float32", stream_interval=0)
+
+
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
 def test_incremental_detokenization_equals_full_decode(kind):
     tokenizer = build_tokenizer(kind)

@@ -119,6 +119,23 @@ def test_completion_stream_equals_plain(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_stream_interval_sends_fewer_larger_chunks(client):
+    """The request's `stream_interval` (vLLM's extra field): the first token at once, then 4 at a time, the
+    rest with the finish; the text and the token count are the plain request's."""
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    chunks = [c for c in client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                                   logprobs=1, stream=True, extra_body={"stream_interval": 4})
+              if c.choices]
+    assert [len(c.choices[0].logprobs.tokens) for c in chunks] == [1, 4, 4, 1]
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    chat_plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=9, temperature=0)
+    chat = [c for c in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=9, temperature=0,
+                                                      logprobs=True, stream=True, extra_body={"stream_interval": 4})
+            if c.choices and c.choices[0].logprobs]
+    assert [len(c.choices[0].logprobs.content) for c in chat] == [1, 4, 4]
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == chat_plain.choices[0].message.content
+
+
 def test_completion_prompt_embeds(client, offline):
     ids = offline.get_tokenizer().encode(PROMPTS[0])
     embeds = offline.llm_engine.executor.worker.model.get_input_embeddings(torch.tensor(ids)).detach()
@@ -187,6 +204,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "prompt": "word " * 400}, 400, "maximum model length of 256"),
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ({"model": "tiny", "prompt": "x", "stream": True, "stream_interval": 0}, 400, "stream_interval"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])
 def test_errors_in_openai_shape(server, body, status, message):

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.block_manager import BlockManager
@@ -40,6 +40,7 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[Request]
     detokenizers: dict[str, IncrementalDetokenizer]
+    streamed: dict[str, int] = field(default_factory=dict)   # each completion's tokens in the last output
 
     @property
     def finished(self) -> bool:
@@ -238,7 +239,7 @@ class LLMEngine:
             if s.request_id in result.sampled_token_ids:
                 self._append_token(req, parent, result.sampled_token_ids[s.request_id],
                                    result.logprobs.get(s.request_id))
-                if parent.finished or req.sampling_params.output_kind != RequestOutputKind.FINAL_ONLY:
+                if parent.finished or self._stream_due(parent, req):
                     touched[parent.request_id] = parent
         if not self.scheduler.has_unfinished_requests():
             # Going idle: tell the workers now which requests ended, rather than with a step that may never come.
@@ -246,11 +247,24 @@ class LLMEngine:
         outputs = []
         for parent in touched.values():
             outputs.append(self._make_output(parent))
+            for child in parent.children:
+                parent.streamed[child.request_id] = child.num_output_tokens
             if parent.finished:
                 self.parents.pop(parent.request_id, None)
                 for child in parent.children:
                     self.child_to_parent.pop(child.request_id, None)
         return outputs
+
+    def _stream_due(self, parent: _Parent, req: Request) -> bool:
+        """Whether a streamed completion reports this step: every `stream_interval` new tokens (the engine's, or
+        the request's when larger), and at once for its first token and when it finishes (vLLM's rule)."""
+        params = req.sampling_params
+        if params.output_kind == RequestOutputKind.FINAL_ONLY:
+            return False
+        interval = max(self.config.stream_interval, params.stream_interval or 1)
+        streamed = parent.streamed.get(req.request_id, 0)
+        return (interval == 1 or streamed == 0 or req.is_finished
+                or req.num_output_tokens - streamed >= interval)
 
     def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
         req.append_token(token_id)

@@ -56,7 +56,7 @@ class LLM(PoolingMixin):
                  task: str | None = None, pooler_config: PoolerConfig | dict | str | None = None,
                  override_pooler_config: PoolerConfig | dict | str | None = None,
                  attention_backend: str | None = None, enforce_eager: bool = False,
-                 cuda_graph_sizes: list[int] | None = None, **kwargs):
+                 cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -75,7 +75,8 @@ class LLM(PoolingMixin):
             ray_address=address, num_cpus_per_worker=num_cpus_per_worker, pp_layer_partition=pp_layer_partition,
             placement_group_strategy=placement_group_strategy, runner=runner, convert=convert, task=task,
             pooler_config=pooler_config if pooler_config is not None else override_pooler_config,
-            attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes)
+            attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
+            stream_interval=stream_interval)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 

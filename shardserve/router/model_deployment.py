@@ -128,7 +128,8 @@ async def _sse_events(chunks) -> AsyncIterator[str]:
 
 async def _coalesce(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
     """Join the events that are ready by the time the previous batch has been taken, and send at most one
-    batch per `interval_s` (vLLM's stream interval, in time): each batch costs two hops through Serve."""
+    batch per `interval_s` (a stream interval in time, where vLLM's --stream-interval counts tokens): each batch
+    costs two hops through Serve."""
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 

@@ -48,6 +48,7 @@ class SamplingRequest(OpenAIBase):
     prompt_logprobs: int | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    stream_interval: int | None = None   # raises the server's --stream-interval for this (streamed) request
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, stream: bool) -> SamplingParams:
         def given(value, default):
@@ -63,6 +64,7 @@ class SamplingRequest(OpenAIBase):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            stream_interval=self.stream_interval,
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
 
 

@@ -36,6 +36,7 @@ class ModelSpec:
     max_ongoing_requests: int = 256
     num_cpus: float = 1.0              # the replica's CPU bundle; its engine runs that many threads
     num_cpus_per_worker: float = 1.0   # each TP/PP worker's bundle
+    stream_interval: int = 1           # vLLM's --stream-interval: tokens per streamed output (EngineConfig)
     stream_interval_s: float = 0.0     # at most one streamed batch of tokens per interval (0: every step)
 
     @property
@@ -55,7 +56,7 @@ class ModelSpec:
             pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker,
             runner=self.runner, convert=self.convert, pooler_config=self.pooler_config,
             gpu_memory_utilization=self.gpu_memory_utilization, attention_backend=self.attention_backend,
-            enforce_eager=self.enforce_eager, device=self.resolved_device())
+            enforce_eager=self.enforce_eager, stream_interval=self.stream_interval, device=self.resolved_device())
 
     def deployment_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}
