@@ -119,6 +119,27 @@ def test_completion_stream_equals_plain(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_continuous_usage_stats_count_each_choice_so_far(client):
+    """`stream_options.continuous_usage_stats` (vLLM): every chunk carries the usage of its choice so far."""
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, n=2,
+                                            stream=True, stream_options=options))
+    for index in (0, 1):
+        usage = [c.usage for c in chunks if c.choices and c.choices[0].index == index]
+        assert [u.completion_tokens for u in usage] == [1, 2, 3, 4, 5, 6]
+        assert {(u.prompt_tokens, u.total_tokens - u.completion_tokens) for u in usage} == \
+            {(plain.usage.prompt_tokens, plain.usage.prompt_tokens)}
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 12
+
+    chat_plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0)
+    chat = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                               stream=True, stream_options=options))
+    assert [c.usage.completion_tokens for c in chat if c.choices] == [0, 1, 2, 3, 4, 5]  # the role chunk first
+    assert {c.usage.prompt_tokens for c in chat} == {chat_plain.usage.prompt_tokens}
+    assert chat[-1].usage.completion_tokens == 5 and not chat[-1].choices
+
+
 def test_stream_interval_sends_fewer_larger_chunks(client):
     """The request's `stream_interval` (vLLM's extra field): the first token at once, then 4 at a time, the
     rest with the finish; the text and the token count are the plain request's."""
@@ -205,6 +226,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "word " * 400}, 400, "maximum model length of 256"),
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_interval": 0}, 400, "stream_interval"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream=True"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])
 def test_errors_in_openai_shape(server, body, status, message):

@@ -27,6 +27,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """vLLM's `stream_options`: a last chunk with the usage (`include_usage`), and with it the usage so far in
+    every chunk (`continuous_usage_stats`). Options on a request that does not stream are refused."""
+    options = req.stream_options
+    if options is not None and not req.stream:
+        raise APIError("Stream options can only be defined when `stream=True`.", param="stream_options")
+    final = options is not None and options.include_usage
+    return final, final and options.continuous_usage_stats
+
+
 def _token_str(entry: PositionLogprobs, token_id: int, tokenizer) -> str:
     lp = entry.get(token_id)
     if lp is not None and lp.decoded_token is not None:
@@ -144,6 +154,7 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[dict]:
         """The response body, or (stream=True) an async iterator of chunks. Bad input raises before any
         chunk, so the caller can still answer 400."""
+        _stream_usage(req)
         if req.use_beam_search:
             return await self._beam_search(req)
         prompts = self._completion_prompts(req)
@@ -222,6 +233,7 @@ class OpenAIServing:
 
     async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator,
                                  meta: dict) -> AsyncIterator[dict]:
+        final_usage, continuous_usage = _stream_usage(req)
         cursor = _StreamCursor()
         prompt_tokens: dict[int, int] = {}
         async for i, out in merged:
@@ -235,10 +247,13 @@ class OpenAIServing:
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset)
-                yield {**meta, "object": "text_completion", "choices": [
+                chunk = {**meta, "object": "text_completion", "choices": [
                     {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                      "stop_reason": c.stop_reason}]}
-        if req.stream_options is not None and req.stream_options.include_usage:
+                if continuous_usage:  # this choice's prompt and its tokens so far, as vLLM counts them
+                    chunk["usage"] = _usage(prompt_tokens[i], cursor.sent[index][1])
+                yield chunk
+        if final_usage:
             yield {**meta, "object": "text_completion", "choices": [],
                    "usage": _usage(sum(prompt_tokens.values()), cursor.completion_tokens)}
 
@@ -274,6 +289,7 @@ class OpenAIServing:
     # chat -------------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[dict]:
+        _stream_usage(req)
         prompt = self.engine.processor.process_prompt(self._chat_prompt(req))
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -282,7 +298,7 @@ class OpenAIServing:
         merged = await self._start([self.engine.generate(prompt, params, request_id)])
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self._chat_stream(req, merged, meta)
+            return self._chat_stream(req, merged, meta, len(prompt.token_ids))
         final = None
         async for _, final in merged:
             pass
@@ -302,25 +318,29 @@ class OpenAIServing:
             content.append({**item(token_id), "top_logprobs": [item(t) for t, _ in top]})
         return {"content": content}
 
-    async def _chat_stream(self, req: ChatCompletionRequest, merged: AsyncIterator, meta: dict) -> AsyncIterator[dict]:
+    async def _chat_stream(self, req: ChatCompletionRequest, merged: AsyncIterator, meta: dict,
+                           prompt_tokens: int) -> AsyncIterator[dict]:
+        final_usage, continuous_usage = _stream_usage(req)
         chunk = {**meta, "object": "chat.completion.chunk"}
         for i in range(req.n):
-            yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]}
+            role = {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]}
+            yield {**role, "usage": _usage(prompt_tokens, 0)} if continuous_usage else role
         cursor = _StreamCursor()
-        prompt_tokens = 0
         top = req.top_logprobs or 0
         async for _, out in merged:
-            prompt_tokens = len(out.prompt_token_ids)
             for c in out.outputs:
                 d = cursor.advance(c.index, c)
                 if d is None:
                     continue
                 logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top) if req.logprobs else None
-                yield {**chunk, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
-                                             "logprobs": logprobs, "finish_reason": c.finish_reason,
-                                             "stop_reason": c.stop_reason}]}
-        if req.stream_options is not None and req.stream_options.include_usage:
+                delta = {**chunk, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
+                                               "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                               "stop_reason": c.stop_reason}]}
+                if continuous_usage:
+                    delta["usage"] = _usage(prompt_tokens, cursor.sent[c.index][1])
+                yield delta
+        if final_usage:
             yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, cursor.completion_tokens)}
 
     # tokens -----------------------------------------------------------------------------------------
