@@ -227,6 +227,9 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_interval": 0}, 400, "stream_interval"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream=True"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format is not"),
+    ({"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 6]}, 400, "allowed_token_ids is not"),
+    ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])
 def test_errors_in_openai_shape(server, body, status, message):
@@ -235,6 +238,21 @@ def test_errors_in_openai_shape(server, body, status, message):
     assert r.status_code == status
     error = r.json()
     assert error["object"] == "error" and error["code"] == status and message in error["message"]
+
+
+def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, client):
+    """Structured outputs, token constraints and tool choice change what a request may generate: a request
+    asking for them gets a 400 naming the field, not an unconstrained answer. Their defaults still pass."""
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
+                   json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "tool_choice": "auto",
+                         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
+    assert r.status_code == 400 and r.json()["param"] == "tool_choice"
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
+                   json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "guided_choice": ["a", "b"]})
+    assert r.status_code == 400 and r.json()["param"] == "guided_choice"
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
+                                         response_format={"type": "text"}, tool_choice="none")
+    assert got.choices[0].finish_reason == "length"
 
 
 def test_api_key_required(server):

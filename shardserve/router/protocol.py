@@ -49,6 +49,27 @@ class SamplingRequest(OpenAIBase):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     stream_interval: int | None = None   # raises the server's --stream-interval for this (streamed) request
+    # vLLM's fields this server does not implement: declared so that a request using one is refused
+    # (`unsupported`), not answered as if the constraint had been applied.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set that would change the output in a way this server cannot honour."""
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "allowed_token_ids", "bad_words", "logits_processors"):
+            if getattr(self, name):
+                return name
+        return None
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, stream: bool) -> SamplingParams:
         def given(value, default):
@@ -77,6 +98,11 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    def unsupported(self) -> str | None:
+        if self.best_of is not None and self.best_of != self.n:  # picking the best of more samples
+            return "best_of"
+        return super().unsupported()
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]]
@@ -85,12 +111,19 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     # vLLM's extras
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
+
+    def unsupported(self) -> str | None:
+        # Tools reach the chat template; choosing or parsing tool calls is not implemented.
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice"
+        return super().unsupported()
 
 
 class TokenizeRequest(OpenAIBase):

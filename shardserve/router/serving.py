@@ -27,6 +27,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+    name = req.unsupported()
+    if name is not None:
+        raise APIError(f"{name} is not supported by this server (structured outputs, token constraints and "
+                       f"tool-call parsing are not implemented).", param=name)
+
+
 def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
     """vLLM's `stream_options`: a last chunk with the usage (`include_usage`), and with it the usage so far in
     every chunk (`continuous_usage_stats`). Options on a request that does not stream are refused."""
@@ -154,6 +161,7 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[dict]:
         """The response body, or (stream=True) an async iterator of chunks. Bad input raises before any
         chunk, so the caller can still answer 400."""
+        _refuse_unsupported(req)
         _stream_usage(req)
         if req.use_beam_search:
             return await self._beam_search(req)
@@ -289,6 +297,7 @@ class OpenAIServing:
     # chat -------------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[dict]:
+        _refuse_unsupported(req)
         _stream_usage(req)
         prompt = self.engine.processor.process_prompt(self._chat_prompt(req))
         top = req.top_logprobs or 0
