@@ -36,13 +36,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None   # only these may be sampled
+    bad_words: list[str] | None = None           # never generated (vLLM's rule: see the model runner)
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # A streamed request's outputs carry this many new tokens at a time (the first and the last come at once);
     # the engine's `stream_interval` is the floor. None: the engine's.
     stream_interval: int | None = None
-    # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on.
+    # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, and each bad
+    # word's token ids (as it starts the text, and after a space).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +96,8 @@ class SamplingParams:
         if self.stream_interval is not None and (not isinstance(self.stream_interval, int)
                                                  or self.stream_interval < 1):
             raise bad("stream_interval", self.stream_interval, "at least 1")
+        if self.allowed_token_ids is not None and len(self.allowed_token_ids) == 0:
+            raise ValueError("allowed_token_ids must not be empty (None allows every token).")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
 
@@ -111,4 +117,5 @@ class SamplingParams:
         params.stop = list(self.stop)
         params.stop_token_ids = list(self.stop_token_ids)
         params.all_stop_token_ids = set(self.all_stop_token_ids)
+        params.bad_words_token_ids = [list(ids) for ids in self.bad_words_token_ids]
         return params

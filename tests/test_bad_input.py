@@ -23,6 +23,7 @@ def llm(model_dirs):
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stop=[""]), "stop"),
     (dict(stream_interval=0), "stream_interval"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"),
 ])
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

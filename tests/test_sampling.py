@@ -132,6 +132,52 @@ def test_presence_and_frequency_penalties_follow_their_definition(llm, hf):
     assert ours != greedy_ids(llm, prompt, 12)  # the penalties changed something
 
 
+def _reference_greedy(hf, prompt: list[int], steps: int, mask) -> list[int]:
+    """Greedy decoding with transformers, `mask(outputs)` giving the token ids to forbid at each step."""
+    seq, outputs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = hf(torch.tensor([seq])).logits[0, -1]
+            logits[mask(outputs)] = float("-inf")
+            outputs.append(int(logits.argmax()))
+            seq.append(outputs[-1])
+    return outputs
+
+
+def test_allowed_token_ids_restrict_every_step(llm, hf):
+    prompt = PROMPTS[1]
+    free = greedy_ids(llm, prompt, 10)
+    allowed = sorted(set(range(300, 340)) | {free[1]})  # the free choice at one step, never at the first
+    ours = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=10, allowed_token_ids=allowed,
+                                            ignore_eos=True, logprobs=2))[0].outputs[0]
+    others = torch.ones(hf.config.vocab_size, dtype=torch.bool)
+    others[allowed] = False
+    assert ours.token_ids == _reference_greedy(hf, prompt, 10, lambda outputs: others)
+    assert set(ours.token_ids) <= set(allowed) and ours.token_ids != free
+    # logprobs stay those of the model, as in vLLM: the restriction acts on sampling only
+    assert max(ours.logprobs[0], key=lambda t: ours.logprobs[0][t].logprob) == free[0]
+
+
+def test_bad_words_are_never_generated(llm, hf):
+    """vLLM's rule: a bad word's last token is banned where the generated tokens end with the rest of it."""
+    prompt = PROMPTS[0]
+    tokenizer = llm.get_tokenizer()
+    free = greedy_ids(llm, prompt, 12)
+    words = [tokenizer.decode(free[2:4]), tokenizer.decode(free[6:7])]
+    params = SamplingParams(temperature=0, max_tokens=12, bad_words=words, ignore_eos=True)
+    ours = gen(llm, [prompt], params)[0].outputs[0].token_ids
+    sequences = llm.llm_engine.processor.validate_params(params).bad_words_token_ids
+    assert sequences and all(len(ids) >= 1 for ids in sequences)
+
+    def banned(outputs):
+        return [ids[-1] for ids in sequences
+                if len(ids) - 1 <= len(outputs) and outputs[len(outputs) - len(ids) + 1:] == ids[:-1]]
+    assert ours == _reference_greedy(hf, prompt, 12, banned)
+    assert ours != free
+    for ids in sequences:  # no bad word anywhere in the output
+        assert all(ours[i:i + len(ids)] != ids for i in range(len(ours)))
+
+
 def test_logit_bias_forces_a_token(llm):
     out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=5, logit_bias={77: 100.0},
                                               ignore_eos=True))[0].outputs[0]

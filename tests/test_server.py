@@ -157,6 +157,17 @@ def test_stream_interval_sends_fewer_larger_chunks(client):
     assert "".join(c.choices[0].delta.content or "" for c in chat) == chat_plain.choices[0].message.content
 
 
+def test_allowed_token_ids_and_bad_words_equal_offline(client, offline):
+    free = offline.generate(PROMPTS[0], greedy(max_tokens=8), use_tqdm=False)[0].outputs[0]
+    constraints = {"allowed_token_ids": list(range(300, 340)),
+                   "bad_words": [offline.get_tokenizer().decode(free.token_ids[1:2])]}
+    for name, value in constraints.items():
+        expected = offline.generate(PROMPTS[0], greedy(max_tokens=8, **{name: value}), use_tqdm=False)[0]
+        got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                        extra_body={name: value})
+        assert got.choices[0].text == expected.outputs[0].text != free.text, name
+
+
 def test_completion_prompt_embeds(client, offline):
     ids = offline.get_tokenizer().encode(PROMPTS[0])
     embeds = offline.llm_engine.executor.worker.model.get_input_embeddings(torch.tensor(ids)).detach()
@@ -228,7 +239,8 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_interval": 0}, 400, "stream_interval"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream=True"),
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format is not"),
-    ({"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 6]}, 400, "allowed_token_ids is not"),
+    ({"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 10**6]}, 400, "out of vocabulary"),
+    ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])

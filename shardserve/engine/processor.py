@@ -99,7 +99,8 @@ class Processor:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"Expected SamplingParams, got {type(params).__name__}.")
         self.require_generation()
-        for token_id in list(params.logit_bias or {}) + list(params.stop_token_ids):
+        for token_id in list(params.logit_bias or {}) + list(params.stop_token_ids) + list(
+                params.allowed_token_ids or []):
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"Token id {token_id} is out of vocabulary (the model's vocab_size is "
                                  f"{self.vocab_size}).")
@@ -108,11 +109,28 @@ class Processor:
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"{name}={value} exceeds the vocabulary size {self.vocab_size}.")
         params = params.clone()
+        params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         if not params.ignore_eos:
             params.all_stop_token_ids = set(self.eos_token_ids)
         else:
             params.all_stop_token_ids = set()
         return params
+
+    def _bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """Each bad word's tokens as it starts the text and, where that tokenizes as other tokens of the same
+        count, after a space (mid-text), as vLLM bans them."""
+        if bad_words and self.tokenizer is None:
+            raise ValueError("bad_words needs the model's tokenizer (skip_tokenizer_init is set).")
+        sequences: list[list[int]] = []
+        for word in bad_words:
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if not alone:
+                raise ValueError(f"bad_words entry {word!r} has no tokens.")
+            sequences.append(alone)
+            if len(spaced) == len(alone) and spaced[0] != alone[0]:
+                sequences.append(spaced)
+        return sequences
 
     def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt,
                       params: SamplingParams) -> list[Request]:

@@ -49,6 +49,8 @@ class SamplingRequest(OpenAIBase):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     stream_interval: int | None = None   # raises the server's --stream-interval for this (streamed) request
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # vLLM's fields this server does not implement: declared so that a request using one is refused
     # (`unsupported`), not answered as if the constraint had been applied.
     response_format: dict[str, Any] | None = None
@@ -57,8 +59,6 @@ class SamplingRequest(OpenAIBase):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
     logits_processors: list[Any] | None = None
 
     def unsupported(self) -> str | None:
@@ -66,7 +66,7 @@ class SamplingRequest(OpenAIBase):
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             return "response_format"
         for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "allowed_token_ids", "bad_words", "logits_processors"):
+                     "logits_processors"):
             if getattr(self, name):
                 return name
         return None
@@ -85,7 +85,8 @@ class SamplingRequest(OpenAIBase):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            stream_interval=self.stream_interval,
+            stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
 
 

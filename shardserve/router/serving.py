@@ -30,7 +30,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     name = req.unsupported()
     if name is not None:
-        raise APIError(f"{name} is not supported by this server (structured outputs, token constraints and "
+        raise APIError(f"{name} is not supported by this server (structured outputs, logits processors and "
                        f"tool-call parsing are not implemented).", param=name)
 
 

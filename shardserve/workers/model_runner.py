@@ -176,7 +176,8 @@ class ModelRunner:
             b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
             b.prompt_mask[self.to_device(prompt_rows), self.to_device(prompt_tokens)] = True
         needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
-                      or len(st.output_token_ids) < st.sampling_params.min_tokens]
+                      or len(st.output_token_ids) < st.sampling_params.min_tokens
+                      or st.sampling_params.allowed_token_ids is not None or st.sampling_params.bad_words_token_ids]
         if needs_bias:
             b.bias = torch.zeros(len(states), V, device=dev)
             for i, st in needs_bias:
@@ -186,6 +187,13 @@ class ModelRunner:
                 if len(st.output_token_ids) < p.min_tokens:
                     banned = [t for t in p.all_stop_token_ids | set(p.stop_token_ids) if 0 <= t < V]
                     b.bias[i, banned] = float("-inf")
+                if p.allowed_token_ids is not None:  # ids checked by the processor
+                    allowed = self.to_device(p.allowed_token_ids)
+                    row = torch.full((V,), float("-inf"), device=dev)
+                    row[allowed] = b.bias[i, allowed]
+                    b.bias[i] = row
+                if p.bad_words_token_ids:
+                    b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, st.output_token_ids)] = float("-inf")
         b.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         return b
 
@@ -279,3 +287,15 @@ class ModelRunner:
         targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
         ids, values, ranks = compute_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs)
         return LogprobsLists(ids.tolist(), values.tolist(), ranks.tolist())
+
+
+def _banned_by_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -> list[int]:
+    """vLLM's rule: a bad word's last token is banned where the tokens generated so far end with the rest of the
+    word (a one-token word is always banned)."""
+    banned = []
+    for ids in sequences:
+        prefix = ids[:-1]
+        if len(prefix) <= len(output_token_ids) and (
+                not prefix or output_token_ids[len(output_token_ids) - len(prefix):] == prefix):
+            banned.append(ids[-1])
+    return banned
