@@ -40,7 +40,10 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[Request]
     detokenizers: dict[str, IncrementalDetokenizer]
-    streamed: dict[str, int] = field(default_factory=dict)   # each completion's tokens in the last output
+    # New tokens per streamed output (0: the final output only); above 1, `streamed` holds each completion's
+    # token count in the last output.
+    stream_interval: int = 1
+    streamed: dict[str, int] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -162,9 +165,12 @@ class LLMEngine:
             return
         # An embeddings prompt has no real token ids to report or to detokenize against.
         prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids
+        params = first.sampling_params
         parent = _Parent(request_id, first.prompt, prompt_ids, children,
                          {c.request_id: IncrementalDetokenizer(self.tokenizer, prompt_ids, c.sampling_params)
-                          for c in children})
+                          for c in children},
+                         stream_interval=0 if params.output_kind == RequestOutputKind.FINAL_ONLY
+                         else max(self.config.stream_interval, params.stream_interval or 1))
         self.parents[request_id] = parent
         for child in children:
             self.child_to_parent[child.request_id] = parent
@@ -247,24 +253,23 @@ class LLMEngine:
         outputs = []
         for parent in touched.values():
             outputs.append(self._make_output(parent))
-            for child in parent.children:
-                parent.streamed[child.request_id] = child.num_output_tokens
+            if parent.stream_interval > 1:
+                for child in parent.children:
+                    parent.streamed[child.request_id] = child.num_output_tokens
             if parent.finished:
                 self.parents.pop(parent.request_id, None)
                 for child in parent.children:
                     self.child_to_parent.pop(child.request_id, None)
         return outputs
 
-    def _stream_due(self, parent: _Parent, req: Request) -> bool:
+    @staticmethod
+    def _stream_due(parent: _Parent, req: Request) -> bool:
         """Whether a streamed completion reports this step: every `stream_interval` new tokens (the engine's, or
         the request's when larger), and at once for its first token and when it finishes (vLLM's rule)."""
-        params = req.sampling_params
-        if params.output_kind == RequestOutputKind.FINAL_ONLY:
-            return False
-        interval = max(self.config.stream_interval, params.stream_interval or 1)
+        if parent.stream_interval <= 1:
+            return parent.stream_interval == 1
         streamed = parent.streamed.get(req.request_id, 0)
-        return (interval == 1 or streamed == 0 or req.is_finished
-                or req.num_output_tokens - streamed >= interval)
+        return streamed == 0 or req.is_finished or req.num_output_tokens - streamed >= parent.stream_interval
 
     def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
         req.append_token(token_id)

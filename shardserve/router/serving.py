@@ -162,7 +162,7 @@ class OpenAIServing:
         """The response body, or (stream=True) an async iterator of chunks. Bad input raises before any
         chunk, so the caller can still answer 400."""
         _refuse_unsupported(req)
-        _stream_usage(req)
+        usage = _stream_usage(req)
         if req.use_beam_search:
             return await self._beam_search(req)
         prompts = self._completion_prompts(req)
@@ -177,7 +177,7 @@ class OpenAIServing:
         first = await self._start(streams)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self._completion_stream(req, first, meta)
+            return self._completion_stream(req, first, meta, usage)
         finals: dict[int, RequestOutput] = {}
         async for i, out in first:
             finals[i] = out
@@ -239,9 +239,9 @@ class OpenAIServing:
         return {**meta, "object": "text_completion", "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
-    async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator,
-                                 meta: dict) -> AsyncIterator[dict]:
-        final_usage, continuous_usage = _stream_usage(req)
+    async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator, meta: dict,
+                                 usage: tuple[bool, bool]) -> AsyncIterator[dict]:
+        final_usage, continuous_usage = usage
         cursor = _StreamCursor()
         prompt_tokens: dict[int, int] = {}
         async for i, out in merged:
@@ -298,7 +298,7 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[dict]:
         _refuse_unsupported(req)
-        _stream_usage(req)
+        usage = _stream_usage(req)
         prompt = self.engine.processor.process_prompt(self._chat_prompt(req))
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -307,7 +307,7 @@ class OpenAIServing:
         merged = await self._start([self.engine.generate(prompt, params, request_id)])
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self._chat_stream(req, merged, meta, len(prompt.token_ids))
+            return self._chat_stream(req, merged, meta, len(prompt.token_ids), usage)
         final = None
         async for _, final in merged:
             pass
@@ -328,8 +328,8 @@ class OpenAIServing:
         return {"content": content}
 
     async def _chat_stream(self, req: ChatCompletionRequest, merged: AsyncIterator, meta: dict,
-                           prompt_tokens: int) -> AsyncIterator[dict]:
-        final_usage, continuous_usage = _stream_usage(req)
+                           prompt_tokens: int, usage: tuple[bool, bool]) -> AsyncIterator[dict]:
+        final_usage, continuous_usage = usage
         chunk = {**meta, "object": "chat.completion.chunk"}
         for i in range(req.n):
             role = {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
