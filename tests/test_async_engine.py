@@ -48,3 +48,32 @@ def test_a_stream_waiting_on_a_hung_step_gets_the_error_once_the_engine_is_found
         engine.engine.step = real_step
         release.set()
         engine.shutdown()
+
+
+def test_a_consumer_that_falls_behind_gets_the_newest_output_not_a_backlog(model_dirs):
+    """Outputs are cumulative: while the consumer is away the engine's newer outputs replace the one it has not
+    taken (vLLM's output collector), so it catches up in one step with the same tokens as one that kept up."""
+    from shardserve import LLM
+    from shardserve.config import EngineConfig
+    from shardserve.engine.async_engine import AsyncLLMEngine
+
+    path = model_dirs("llama")
+    prompt = TokensPrompt(prompt_token_ids=[5, 9, 14])
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    expected = list(LLM(path, dtype="float32").generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids)
+    engine = AsyncLLMEngine(EngineConfig(model=path, dtype="float32"))
+
+    async def slow_consumer():
+        seen = []
+        async for out in engine.generate(prompt, params):
+            seen.append(list(out.outputs[0].token_ids))
+            if len(seen) == 1:  # away until the engine has made every token
+                while engine.engine.has_unfinished_requests():
+                    await asyncio.sleep(0.01)
+        return seen, out.finished
+    try:
+        seen, finished = asyncio.run(slow_consumer())
+    finally:
+        engine.shutdown()
+    assert finished
+    assert seen == [expected[:1], expected]

@@ -2,6 +2,7 @@
 SIGTERM stops it."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -100,8 +101,9 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
             events = [json.loads(line[len("data: "):]) for line in r.iter_lines()
                       if line.startswith("data: {")]
-        # --stream-interval 3: the first token at once, then three at a time
-        assert [len(e["choices"][0]["logprobs"]["tokens"]) for e in events] == [1, 3, 3]
+        # --stream-interval 3: the first token at once, then three at a time (reports a late stream joins)
+        assert set(itertools.accumulate(len(e["choices"][0]["logprobs"]["tokens"]) for e in events)) <= {1, 4, 7}
+        assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 7
 
         started = _descendants(server.pid)
         replicas = [pid for pid, cmd in started.items() if cmd.startswith("ray::ServeReplica")]

@@ -6,7 +6,9 @@ then hand the made requests to the stepping thread, which alone touches the engi
 off the event loop, so the server keeps answering while the model computes. The engine is also built in
 that thread: OpenMP keeps one thread pool per calling thread, and a model that is loaded in one thread
 and run in another computes up to ~2.5x slower on the CPU. A request whose consumer
-goes away (client disconnect, cancelled task) is aborted. If a step fails (a dead worker), every request
+goes away (client disconnect, cancelled task) is aborted. The engine's outputs are cumulative, so a consumer
+that falls behind (a slow client, a busy loop) is handed only the newest output, not a backlog: it catches up
+in one chunk, as with vLLM's output collector. If a step fails (a dead worker), every request
 in flight gets the error and the engine reports itself unhealthy for good; so do the requests waiting on a
 step that hangs, once a health check has found the engine dead (a timer per event loop looks once a second).
 
@@ -60,7 +62,7 @@ class AsyncLLMEngine:
         self._num_threads = num_threads
         self.hand_off = hand_off
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Mailbox]] = {}
         self._watched: set[asyncio.AbstractEventLoop] = set()   # loops with a _watch timer running
         self._ids = itertools.count()
         self.error: BaseException | None = None
@@ -106,11 +108,15 @@ class AsyncLLMEngine:
                 self.error = e  # a replica with a dead worker takes no more requests
                 raise EngineDeadError(f"The engine lost a worker: {e}") from e
 
-    async def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine produces them, the last one with `finished=True`."""
-        async for output in self.add_request(request_id or f"req-{next(self._ids)}", prompt, params):
-            yield output
+    def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine produces them, the last one with `finished=True`. Bad input
+        raises here; the request is queued when the iteration starts, so an iterator never started (a later
+        prompt of the same call failed) leaves nothing behind."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        self.check_health()
+        children = self.engine.processor.make_requests(request_id, prompt, params)
+        return self._stream(request_id, None, ("add", request_id, children))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                     hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
@@ -134,14 +140,18 @@ class AsyncLLMEngine:
             self._commands.put(("release", list(request_ids)))
 
     def _outputs(self, request_id: str, command: tuple) -> AsyncIterator[RequestOutput]:
+        return self._stream(request_id, self._queue(request_id, command))
+
+    def _queue(self, request_id: str, command: tuple) -> _Mailbox:
+        """Queue `command` for the stepping thread, with a mailbox on this loop for the request's outputs."""
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = _Mailbox()
         self._streams[request_id] = (loop, stream)
         if loop not in self._watched:
             self._watched.add(loop)
             loop.call_later(WATCH_INTERVAL_S, self._watch, loop)
         self._commands.put(command)
-        return self._stream(request_id, stream)
+        return stream
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """On `loop`, every WATCH_INTERVAL_S while it has streams: a request never waits on an engine that has
@@ -155,14 +165,22 @@ class AsyncLLMEngine:
             self.check_health()
         except EngineDeadError as e:
             for stream in waiting:
-                stream.put_nowait(e)
+                stream.put(e)
         loop.call_later(WATCH_INTERVAL_S, self._watch, loop)
 
-    async def _stream(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, stream: _Mailbox | None,
+                      command: tuple | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from its mailbox; `command` (no mailbox yet) is queued at the first output
+        asked for."""
+        if stream is None:
+            stream = self._queue(request_id, command)
         finished = False
         try:
             while not finished:
-                item = await stream.get()  # an engine that dies puts its error here (_watch)
+                while stream.item is None:  # an engine that dies puts its error here (_watch)
+                    stream.waiter = asyncio.get_running_loop().create_future()
+                    await stream.waiter
+                item, stream.item = stream.item, None
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -276,9 +294,26 @@ class AsyncLLMEngine:
                 self.hand_off_seconds += time.perf_counter() - waited
 
 
-def _put_all(pairs: list[tuple[asyncio.Queue, object]], passed_on) -> None:
+class _Mailbox:
+    """One request's output not yet taken by its consumer (`_stream`), on the consumer's loop. A newer output
+    replaces an untaken one (outputs are cumulative); an error is kept over anything that comes after it."""
+    __slots__ = ("item", "waiter")
+
+    def __init__(self):
+        self.item: RequestOutput | BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self.item, BaseException):
+            self.item = item
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _put_all(pairs: list[tuple[_Mailbox, object]], passed_on) -> None:
     for stream, item in pairs:
-        stream.put_nowait(item)
+        stream.put(item)
     if passed_on is not None:
         _call_after_passes(passed_on, HAND_OFF_PASSES)
 
