@@ -410,6 +410,7 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         assert r.status_code == 404
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
         assert info["id"] == "solo" and info["num_steps"] > 0 and len(info["worker_pids"]) == 2
+        assert info["gc_frozen"] > 10_000  # start-up's objects are out of the collector's reach
         _abandon_a_stream(f"{server}/solo/v1/completions", "solo", "solo", "model-0")
 
         os.kill(info["worker_pids"][0], signal.SIGKILL)

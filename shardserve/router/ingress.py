@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncGenerator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -58,9 +59,18 @@ async def _parse(request: Request, schema: type[BaseModel]) -> tuple[BaseModel, 
         raise APIError(_validation_message(e)) from None
 
 
-async def _maybe_await(result) -> None:
-    if hasattr(result, "__await__"):
-        await result
+class _EventStream(StreamingResponse):
+    """Server-sent events from the model in this replica, closed once the response ends, whether they ran to
+    the end or the client went away (closing them aborts the request)."""
+
+    def __init__(self, events: AsyncGenerator[str, None]):
+        super().__init__(events, media_type="text/event-stream")
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
@@ -120,15 +130,15 @@ class Router:
         return JSONResponse(answer["body"], status_code=answer["status"])
 
     async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict | BaseModel):
-        if self.local is not None:
-            chunks = self.local.stream(route, body, through_serve=False)
-            cancel = chunks.aclose
-        else:
-            chunks = handle.options(stream=True).stream.remote(route, body)
-            cancel = chunks.cancel
+        if self.local is not None:  # the model's own event stream, each chunk straight to the response
+            head, events = await self.local.open_stream(route, body)
+            if head["status"] != 200:
+                return JSONResponse(head["body"], status_code=head["status"])
+            return _EventStream(events)
+        chunks = handle.options(stream=True).stream.remote(route, body)
         head = await chunks.__anext__()
         if head["status"] != 200:
-            await _maybe_await(cancel())
+            chunks.cancel()
             return JSONResponse(head["body"], status_code=head["status"])
 
         async def events():
@@ -136,7 +146,7 @@ class Router:
                 async for text in chunks:  # server-sent-event text, made by the model's server
                     yield text
             except asyncio.CancelledError:  # the client went away: stop the model's stream too
-                await _maybe_await(cancel())
+                chunks.cancel()
                 raise
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -6,6 +6,7 @@ Streams carry CUMULATIVE outputs from the engine; each chunk sends what is new s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -51,41 +52,41 @@ def _token_str(entry: PositionLogprobs, token_id: int, tokenizer) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
 
 
-async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' output streams as outputs arrive, tagged with the stream's index."""
-    if len(streams) == 1:  # the usual case: no task and queue hop per output
-        try:
-            async for item in streams[0]:
-                yield 0, item
-        finally:
-            await streams[0].aclose()
-        return
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    """Interleave several requests' output streams as outputs arrive."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, stream: AsyncIterator) -> None:
+    async def pump(stream: AsyncIterator) -> None:
         try:
             async for item in stream:
-                await queue.put((i, item))
+                await queue.put(item)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, e))
+            await queue.put(e)
         finally:
-            await queue.put((i, done))
+            await queue.put(done)
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
     remaining = len(tasks)
     try:
         while remaining:
-            i, item = await queue.get()
+            item = await queue.get()
             if item is done:
                 remaining -= 1
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield i, item
+                yield item
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async with contextlib.aclosing(rest):
+        async for item in rest:
+            yield item
 
 
 @dataclass
@@ -170,34 +171,31 @@ class OpenAIServing:
             req.prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
         params = req.to_sampling_params(req.max_tokens, req.logprobs, req.stream)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        # Validate every prompt before any is queued; each generator validates again at its first step.
+        # Validate every prompt before any is queued (a request is queued when its stream is first read).
         processed = [self.engine.processor.process_prompt(p) for p in prompts]
         self.engine.processor.validate_params(params)
-        streams = [self.engine.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(processed)]
-        first = await self._start(streams)
+        prompt_index = {f"{request_id}-{i}": i for i in range(len(processed))}
+        streams = [self.engine.generate(p, params, rid) for rid, p in zip(prompt_index, processed)]
+        first, rest = await self._start(streams)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self._completion_stream(req, first, meta, usage)
+            return self._completion_stream(req, first, rest, prompt_index, meta, usage)
         finals: dict[int, RequestOutput] = {}
-        async for i, out in first:
-            finals[i] = out
+        async for out in _chain(first, rest):
+            finals[prompt_index[out.request_id]] = out
         return self._completion_body(req, [finals[i] for i in range(len(streams))], meta)
 
-    async def _start(self, streams: list[AsyncIterator]) -> AsyncIterator:
-        """Start the merged stream and surface a validation error from any request now, not mid-stream."""
-        merged = _merge(streams)
-        buffered: list = []
+    async def _start(self, streams: list[AsyncIterator[RequestOutput]]) -> tuple[RequestOutput,
+                                                                                  AsyncIterator[RequestOutput]]:
+        """The first output of the call's requests, and the stream of the rest: a request's own stream when
+        there is one (each streamed chunk passes through no more generators than it must). Waiting for the
+        first output surfaces an error from any request now, not mid-stream."""
+        outputs = streams[0] if len(streams) == 1 else _merge(streams)
         try:
-            buffered.append(await merged.__anext__())
-        except StopAsyncIteration:
-            pass
-
-        async def resume():
-            for item in buffered:
-                yield item
-            async for item in merged:
-                yield item
-        return resume()
+            return await outputs.__anext__(), outputs
+        except BaseException:
+            await outputs.aclose()
+            raise
 
     def _completion_logprobs(self, tokens: list[int], entries: list[PositionLogprobs | None], k: int,
                              offset: int) -> dict:
@@ -239,28 +237,34 @@ class OpenAIServing:
         return {**meta, "object": "text_completion", "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
-    async def _completion_stream(self, req: CompletionRequest, merged: AsyncIterator, meta: dict,
+    async def _completion_stream(self, req: CompletionRequest, out: RequestOutput | None,
+                                 rest: AsyncIterator[RequestOutput], prompt_index: dict[str, int], meta: dict,
                                  usage: tuple[bool, bool]) -> AsyncIterator[dict]:
         final_usage, continuous_usage = usage
         cursor = _StreamCursor()
         prompt_tokens: dict[int, int] = {}
-        async for i, out in merged:
-            prompt_tokens[i] = len(out.prompt_token_ids)
-            for c in out.outputs:
-                index = i * req.n + c.index
-                d = cursor.advance(index, c)
-                if d is None:
-                    continue
-                text = out.prompt + d.text if d.first and req.echo and out.prompt is not None else d.text
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset)
-                chunk = {**meta, "object": "text_completion", "choices": [
-                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                     "stop_reason": c.stop_reason}]}
-                if continuous_usage:  # this choice's prompt and its tokens so far, as vLLM counts them
-                    chunk["usage"] = _usage(prompt_tokens[i], cursor.sent[index][1])
-                yield chunk
+        try:
+            while out is not None:
+                i = prompt_index[out.request_id]
+                prompt_tokens[i] = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    index = i * req.n + c.index
+                    d = cursor.advance(index, c)
+                    if d is None:
+                        continue
+                    text = out.prompt + d.text if d.first and req.echo and out.prompt is not None else d.text
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset)
+                    chunk = {**meta, "object": "text_completion", "choices": [
+                        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                         "stop_reason": c.stop_reason}]}
+                    if continuous_usage:  # this choice's prompt and its tokens so far, as vLLM counts them
+                        chunk["usage"] = _usage(prompt_tokens[i], cursor.sent[index][1])
+                    yield chunk
+                out = await anext(rest, None)
+        finally:  # the consumer went away or a request failed: the requests still running are aborted
+            await rest.aclose()
         if final_usage:
             yield {**meta, "object": "text_completion", "choices": [],
                    "usage": _usage(sum(prompt_tokens.values()), cursor.completion_tokens)}
@@ -304,12 +308,11 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        merged = await self._start([self.engine.generate(prompt, params, request_id)])
+        first, rest = await self._start([self.engine.generate(prompt, params, request_id)])
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self._chat_stream(req, merged, meta, len(prompt.token_ids), usage)
-        final = None
-        async for _, final in merged:
+            return self._chat_stream(req, first, rest, meta, len(prompt.token_ids), usage)
+        async for final in _chain(first, rest):
             pass
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top) if req.logprobs else None,
@@ -327,28 +330,34 @@ class OpenAIServing:
             content.append({**item(token_id), "top_logprobs": [item(t) for t, _ in top]})
         return {"content": content}
 
-    async def _chat_stream(self, req: ChatCompletionRequest, merged: AsyncIterator, meta: dict,
-                           prompt_tokens: int, usage: tuple[bool, bool]) -> AsyncIterator[dict]:
+    async def _chat_stream(self, req: ChatCompletionRequest, out: RequestOutput | None,
+                           rest: AsyncIterator[RequestOutput], meta: dict, prompt_tokens: int,
+                           usage: tuple[bool, bool]) -> AsyncIterator[dict]:
         final_usage, continuous_usage = usage
         chunk = {**meta, "object": "chat.completion.chunk"}
-        for i in range(req.n):
-            role = {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
-            yield {**role, "usage": _usage(prompt_tokens, 0)} if continuous_usage else role
         cursor = _StreamCursor()
         top = req.top_logprobs or 0
-        async for _, out in merged:
-            for c in out.outputs:
-                d = cursor.advance(c.index, c)
-                if d is None:
-                    continue
-                logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top) if req.logprobs else None
-                delta = {**chunk, "choices": [{"index": c.index, "delta": {"content": d.text} if d.text else {},
-                                               "logprobs": logprobs, "finish_reason": c.finish_reason,
-                                               "stop_reason": c.stop_reason}]}
-                if continuous_usage:
-                    delta["usage"] = _usage(prompt_tokens, cursor.sent[c.index][1])
-                yield delta
+        try:
+            for i in range(req.n):
+                role = {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]}
+                yield {**role, "usage": _usage(prompt_tokens, 0)} if continuous_usage else role
+            while out is not None:
+                for c in out.outputs:
+                    d = cursor.advance(c.index, c)
+                    if d is None:
+                        continue
+                    logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top) if req.logprobs else None
+                    delta = {**chunk, "choices": [{"index": c.index,
+                                                   "delta": {"content": d.text} if d.text else {},
+                                                   "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                                   "stop_reason": c.stop_reason}]}
+                    if continuous_usage:
+                        delta["usage"] = _usage(prompt_tokens, cursor.sent[c.index][1])
+                    yield delta
+                out = await anext(rest, None)
+        finally:  # the consumer went away or the request failed: a request still running is aborted
+            await rest.aclose()
         if final_usage:
             yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, cursor.completion_tokens)}
 
