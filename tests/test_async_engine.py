@@ -77,3 +77,28 @@ def test_a_consumer_that_falls_behind_gets_the_newest_output_not_a_backlog(model
         engine.shutdown()
     assert finished
     assert seen == [expected[:1], expected]
+
+
+def test_generate_checks_at_once_and_queues_only_what_is_read(model_dirs):
+    """`generate` raises on bad input when called; the request is queued when its stream is first read, so a
+    stream left unread (a later prompt of the same call was refused) costs the engine nothing."""
+    from shardserve.config import EngineConfig
+    from shardserve.engine.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(EngineConfig(model=model_dirs("llama"), dtype="float32", max_model_len=64))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def call():
+        unread = engine.generate(TokensPrompt(prompt_token_ids=[5, 9, 14]), params)
+        with pytest.raises(ValueError):
+            engine.generate(TokensPrompt(prompt_token_ids=[5] * 100), params)  # longer than max_model_len
+        await unread.aclose()
+        read = [out async for out in engine.generate(TokensPrompt(prompt_token_ids=[5, 9, 14]), params)]
+        return read
+    try:
+        read = asyncio.run(call())
+        assert read[-1].finished and len(read[-1].outputs[0].token_ids) == 4
+        assert engine.num_steps == 4  # the read request's steps only: the unread one never ran
+        assert not engine._streams and not engine.engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
