@@ -73,12 +73,18 @@ def _haproxy_configs() -> list[str]:
 def test_haproxy_fronts_the_app_where_it_is_installed(server):
     """As `shardserve serve` starts a cluster: HAProxy listens on the app's port and passes requests to the
     replicas' own HTTP servers, with no Python proxy in between."""
+    import os
+
     from shardserve.cluster.ray_cluster import haproxy_available
     if not haproxy_available():
         pytest.skip("no HAProxy binary here (ray[serve] installs one on Linux): Serve's proxy fronts the app")
     port = server.rsplit(":", 1)[1]
-    binds = [line.split() for path in _haproxy_configs() for line in open(path) if line.strip().startswith("bind")]
-    assert any(b[1].endswith(f":{port}") for b in binds), binds
+    configs = [open(path).read().splitlines() for path in _haproxy_configs()]
+    ours = [lines for lines in configs if any(line.split()[:2] == ["bind", f"127.0.0.1:{port}"] for line in lines)]
+    assert len(ours) == 1, configs
+    # One HAProxy thread per 4 cores (1 to 4): its threads wake once a step on the cores the model runs on.
+    threads = max(1, min(4, len(os.sched_getaffinity(0)) // 4))
+    assert [line.split() for line in ours[0] if line.strip().startswith("nbthread")] == [["nbthread", str(threads)]]
     assert httpx.get(f"{server}/version").json()["version"]
 
 

@@ -52,11 +52,17 @@ def serve_environment() -> dict[str, str]:
       cluster to stop sending to the replica, and here HAProxy is Serve's own, reconfigured by the
       controller when the replica stops (within a second). Without it every app delete, scale-down and
       `shardserve serve` Ctrl-C took over 30 s; in-flight requests are still waited for.
+    - HAProxy on one thread per 4 cores (1 to 4; Serve starts 4 on any node): on a node whose cores run the
+      model, each HAProxy thread with a stream to relay wakes once per engine step. With 32 streams on 2
+      cores one thread used 0.040 of a core against 4 threads' 0.052, in 6 alternating rounds each
+      (benchmarks/RESULTS.md).
     """
     env = {"RAY_worker_niceness": "0"}
     if haproxy_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
-                    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                    "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 4)))})
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
