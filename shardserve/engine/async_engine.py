@@ -114,33 +114,35 @@ class AsyncLLMEngine:
         raises here; the request is queued when the iteration starts, so an iterator never started (a later
         prompt of the same call failed) leaves nothing behind."""
         request_id = request_id or f"req-{next(self._ids)}"
-        self.check_health()
-        children = self.engine.processor.make_requests(request_id, prompt, params)
-        return self._stream(request_id, None, ("add", request_id, children))
+        return self._stream(request_id, self._add_command(request_id, prompt, params, hold_kv=False))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                     hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         """Queue a request now (bad input raises here) and return its outputs, as `generate`. `hold_kv`: as
         `LLMEngine.add_request`, for beams to fork from."""
-        self.check_health()
-        children = self.engine.processor.make_requests(request_id, prompt, params)
-        for child in children:
-            child.hold_kv = hold_kv
-        return self._outputs(request_id, ("add", request_id, children))
+        command = self._add_command(request_id, prompt, params, hold_kv)
+        return self._stream(request_id, self._queue(request_id, command))
 
     def fork_request(self, request_id: str, parent_request_id: str, token_id: int,
                      params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Queue `LLMEngine.fork_request` now and return the fork's outputs."""
         self.check_health()
-        return self._outputs(request_id, ("fork", request_id, parent_request_id, token_id, params))
+        command = ("fork", request_id, parent_request_id, token_id, params)
+        return self._stream(request_id, self._queue(request_id, command))
+
+    def _add_command(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                     hold_kv: bool) -> tuple:
+        """The stepping thread's command that adds the request, made (and so checked) on the caller's thread."""
+        self.check_health()
+        children = self.engine.processor.make_requests(request_id, prompt, params)
+        for child in children:
+            child.hold_kv = hold_kv
+        return ("add", request_id, children)
 
     def release_requests(self, request_ids: list[str]) -> None:
         """`LLMEngine.release_requests`, in order after the commands queued before it."""
         if request_ids:
             self._commands.put(("release", list(request_ids)))
-
-    def _outputs(self, request_id: str, command: tuple) -> AsyncIterator[RequestOutput]:
-        return self._stream(request_id, self._queue(request_id, command))
 
     def _queue(self, request_id: str, command: tuple) -> _Mailbox:
         """Queue `command` for the stepping thread, with a mailbox on this loop for the request's outputs."""
@@ -168,12 +170,10 @@ class AsyncLLMEngine:
                 stream.put(e)
         loop.call_later(WATCH_INTERVAL_S, self._watch, loop)
 
-    async def _stream(self, request_id: str, stream: _Mailbox | None,
-                      command: tuple | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's outputs from its mailbox; `command` (no mailbox yet) is queued at the first output
-        asked for."""
-        if stream is None:
-            stream = self._queue(request_id, command)
+    async def _stream(self, request_id: str, queued: _Mailbox | tuple) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from its mailbox; a command not yet queued (no mailbox) is queued at the first
+        output asked for."""
+        stream = queued if isinstance(queued, _Mailbox) else self._queue(request_id, queued)
         finished = False
         try:
             while not finished:

@@ -63,8 +63,8 @@ class _EventStream(StreamingResponse):
     """Server-sent events from the model in this replica, closed once the response ends, whether they ran to
     the end or the client went away (closing them aborts the request)."""
 
-    def __init__(self, events: AsyncGenerator[str, None]):
-        super().__init__(events, media_type="text/event-stream")
+    media_type = "text/event-stream"
+    body_iterator: AsyncGenerator[str, None]
 
     async def __call__(self, scope, receive, send) -> None:
         try:
