@@ -187,12 +187,13 @@ def _serve_round(spec, prompts: list[list[int]], a) -> dict:
     import ray
     from ray import serve
 
-    from shardserve.cluster.ray_cluster import connect
+    from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
     from shardserve.router.app import build_app
     connect()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         serve.run(build_app([spec]), name="bench", route_prefix="/", blocking=False)
+        idle_bookkeeping()
         handle = serve.get_deployment_handle("model-0", app_name="bench")
         return asyncio.run(online(prompts, a, engine_info=lambda: handle.info.remote()))
     finally:

@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback clusters stay on loopback
     from ray import serve
 
-    from shardserve.cluster.ray_cluster import connect
+    from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
     from shardserve.models.gguf import default_generation_model
     from shardserve.models.source import default_embedding_model
     from shardserve.router.app import build_app
@@ -64,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(specs, args.api_key), name="shardserve", route_prefix="/", blocking=False)
+    idle_bookkeeping()
     base = f"http://{args.host}:{args.port}"
     print(f"shardserve is listening on {base} (models: {', '.join(s.name for s in specs)})", flush=True)
     print(f"  curl {base}/v1/models", flush=True)

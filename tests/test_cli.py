@@ -73,7 +73,8 @@ def _policies(pid: int) -> list[int]:
 
 def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(model_dirs):
     """The cluster `shardserve serve` starts runs SCHED_BATCH, except a CPU replica's engine thread and its
-    OpenMP team; SIGTERM (docker stop, Kubernetes) shuts the app and the cluster down as Ctrl-C does."""
+    OpenMP team, and its bookkeeping (Serve's controller, Ray's agents), which runs SCHED_IDLE; SIGTERM (docker
+    stop, Kubernetes) shuts the app and the cluster down as Ctrl-C does."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the tests'
     # Ports of its own: the test session's cluster may be running beside it.
@@ -111,6 +112,15 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
         assert len(replicas) == 1 and cluster, started
         for pid in cluster:
             assert set(_policies(pid)) == {os.SCHED_BATCH}, started[pid][:100]
+        # Answered above with the bookkeeping idle: it runs only on cores nothing else wants.
+        bookkeeping = [pid for pid, cmd in started.items() if cmd.startswith("ray::ServeController")
+                       or any(w.endswith(("DashboardAgent", "dashboard/agent.py")) for w in cmd.split()[:3])]
+        assert len(bookkeeping) == 2, started
+        for pid in bookkeeping:
+            assert set(_policies(pid)) == {os.SCHED_IDLE}, started[pid][:100]
+        on_path = [pid for pid, cmd in started.items() if "haproxy" in cmd.lower()]  # HAProxy and its manager
+        for pid in on_path:
+            assert os.SCHED_IDLE not in _policies(pid), started[pid][:100]
         replica = _policies(replicas[0])
         # The engine thread and its team (two threads on two cores, one more per extra core) stay SCHED_OTHER.
         assert replica.count(os.SCHED_OTHER) >= 2 and replica.count(os.SCHED_BATCH) > replica.count(os.SCHED_OTHER)

@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from shardserve.workers.cpu_sched import batch_children
+from shardserve.workers.cpu_sched import batch_children, idle_processes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ def serve_environment() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
+_started_cluster = False   # connect() started a local cluster: its processes descend from this one
+
+
 def connect(address: str | None = None) -> None:
+    global _started_cluster
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -80,6 +84,57 @@ def connect(address: str | None = None) -> None:
         with batch_children():
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                      ignore_reinit_error=True, log_to_driver=False)
+        _started_cluster = True
+
+
+# What the command lines of a local cluster's bookkeeping processes hold (their titles once they run): Serve's
+# controller, Ray's dashboard, autoscaler monitor and log monitor, and the node's agents. None is on a request's
+# path or starts a process that is: the raylet (it starts the replicas), the GCS, HAProxy and its manager (it
+# starts HAProxy) stay as they are.
+_BOOKKEEPING = ("ray::ServeController", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "/ray/dashboard/",
+                "/ray/autoscaler/", "/ray/_private/log_monitor.py", "/ray/_private/runtime_env/agent/")
+
+
+def idle_bookkeeping() -> int:
+    """Once Serve runs on the local cluster `connect` started: its bookkeeping processes on SCHED_IDLE
+    (workers/cpu_sched.py), and Serve's own HTTP proxy too where HAProxy carries the requests. Returns how
+    many processes; 0 on a cluster this process did not start (SHARDSERVE_CPU_SCHED_BATCH=0: none moves)."""
+    if not _started_cluster:
+        return 0
+    pids = _bookkeeping(os.getpid())
+    logger.info("Cluster bookkeeping on SCHED_IDLE: %d processes, %d threads", len(pids), idle_processes(pids))
+    return len(pids)
+
+
+def _bookkeeping(root: int) -> list[int]:
+    """The bookkeeping processes descended from `root`, known by their program: a process title, or the
+    interpreter's script (the raylet's own arguments name the agents' scripts too)."""
+    marks = _BOOKKEEPING + (("ray::ProxyActor",) if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else ())
+    return [pid for pid, cmdline in _descendants(root).items()
+            if any(m in word for word in cmdline.split()[:3] for m in marks)]
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process descended from `root`."""
+    parents, cmdlines = {}, {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdlines[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            parents.pop(pid, None)
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid in parents and pid not in seen:
+            seen.add(pid)
+            pid = parents[pid]
+            if pid == root:
+                return True
+        return False
+    return {pid: cmdline for pid, cmdline in cmdlines.items() if pid in parents and descends(pid)}
 
 
 @dataclass
