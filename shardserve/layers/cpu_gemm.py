@@ -9,7 +9,7 @@
   Xeon but slower at prefill sizes, where layers then fall back to `F.linear`. Not measured against
   oneDNN on Intel: this is the choice to try there.
 - `torch`: plain `F.linear`.
-Other devices and dtypes always use `F.linear`.
+Other devices and dtypes always use `F.linear`, and so does bf16 on a CPU without AVX-512 (AVX2 only).
 """
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ KERNELS = ("onednn", "mkl", "torch")
 
 def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_bf16_available() -> bool:
+    """oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; on an AVX2-only CPU its reorder fails."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is not None and bool(supported())
 
 
 def _mkl_available() -> bool:
@@ -46,7 +52,8 @@ def gemm_kernel() -> str:
 
 def packed_gemm_supported(weight: torch.Tensor, kernel: str | None = None) -> bool:
     kernel = kernel or gemm_kernel()
-    dtypes = {"onednn": (torch.float32, torch.bfloat16), "mkl": (torch.float32,)}.get(kernel, ())
+    onednn = (torch.float32, torch.bfloat16) if _onednn_bf16_available() else (torch.float32,)
+    dtypes = {"onednn": onednn, "mkl": (torch.float32,)}.get(kernel, ())
     return weight.device.type == "cpu" and weight.dtype in dtypes
 
 
