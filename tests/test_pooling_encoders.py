@@ -92,7 +92,10 @@ def test_bert_token_types_matter(encoder_dirs):
     llm = LLM(encoder_dirs("bert", "classify", num_labels=1))
     (pair,) = llm.score("hello world", "the quick fox", use_tqdm=False)
     (flat,) = llm.encode({"prompt_token_ids": pair.prompt_token_ids}, pooling_task="score", use_tqdm=False)
-    assert abs(pair.outputs.score - flat.outputs.data.item()) > 1e-4
+    # How far the types move a random model's score varies with the session's tokenizer and weights: 0.02 in one
+    # run, 1.4e-5 in another (the widened weights can saturate the pooler's tanh). The same tokens scored in
+    # another batch differ by 0.0, so anything clearly above rounding shows the types are used.
+    assert abs(pair.outputs.score - flat.outputs.data.item()) > 2e-6
 
 
 def test_roberta_positions_fill_the_table(encoder_dirs):
