@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -184,6 +185,14 @@ def run_shardserve(model_dir: Path, prompts: list[list[int]], a) -> dict:
 
 def _serve_round(spec, prompts: list[list[int]], a) -> dict:
     """A local Ray cluster, as `shardserve serve` starts it, serving the app for one online run."""
+    with serving(spec) as engine_info:
+        return asyncio.run(online(prompts, a, engine_info=engine_info))
+
+
+@contextlib.contextmanager
+def serving(spec):
+    """A local Ray cluster serving the app of `spec` on PORT, as `shardserve serve` starts it, stopped on exit.
+    Yields an async callable returning the replica's engine counters (`info`)."""
     import ray
     from ray import serve
 
@@ -195,7 +204,7 @@ def _serve_round(spec, prompts: list[list[int]], a) -> dict:
         serve.run(build_app([spec]), name="bench", route_prefix="/", blocking=False)
         idle_bookkeeping()
         handle = serve.get_deployment_handle("model-0", app_name="bench")
-        return asyncio.run(online(prompts, a, engine_info=lambda: handle.info.remote()))
+        yield lambda: handle.info.remote()
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import PORT, online  # noqa: E402
+from serve import online, serving  # noqa: E402
 from throughput import build_model, make_prompts  # noqa: E402
 
 
@@ -43,34 +43,21 @@ def main() -> None:
     model_dir = build_model(a.model_preset)
     prompts = make_prompts(model_dir, 1, a.num_prompts, a.input_len)[0]
 
-    import ray
-    from ray import serve
-
-    from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
-    from shardserve.router.app import build_app
     from shardserve.router.spec import ModelSpec
     spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
                      num_cpus=os.cpu_count())
     env = dict(os.environ, SHARDSERVE_BENCH_DRIVER_PID=str(os.getpid()))
     tok_s: dict[str, list[float]] = {"A": [], "B": []}
-    connect()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app([spec]), name="bench", route_prefix="/", blocking=False)
-        idle_bookkeeping()
-        handle = serve.get_deployment_handle("model-0", app_name="bench")
+    with serving(spec) as engine_info:
         for i in range(a.pairs):
             for arm in ("A", "B") if i % 2 == 0 else ("B", "A"):
                 subprocess.run(a.a if arm == "A" else a.b, shell=True, check=True, env=env)
-                r = asyncio.run(online(prompts, a, engine_info=lambda: handle.info.remote()))
+                r = asyncio.run(online(prompts, a, engine_info=engine_info))
                 tok_s[arm].append(r["tok_s"])
                 cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items(), key=lambda kv: -kv[1]))
                 print(f"{arm}: {r['tok_s']:7.1f} tok/s, ITL p50 {1e3 * r['itl_p50']:.1f} ms, p99 "
                       f"{1e3 * r['itl_p99']:.0f} ms; {r['replica']}; cores: {cores}", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     ratios = [b / a_ for a_, b in zip(tok_s["A"], tok_s["B"])]
     print(f"\nB/A per pair: {' / '.join(f'{x:.3f}' for x in ratios)}")
     print(f"mean B/A {statistics.mean(ratios):.3f}; tok/s means: A {statistics.mean(tok_s['A']):.1f}, "
