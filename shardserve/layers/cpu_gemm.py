@@ -52,9 +52,10 @@ def gemm_kernel() -> str:
 
 def packed_gemm_supported(weight: torch.Tensor, kernel: str | None = None) -> bool:
     kernel = kernel or gemm_kernel()
-    onednn = (torch.float32, torch.bfloat16) if _onednn_bf16_available() else (torch.float32,)
-    dtypes = {"onednn": onednn, "mkl": (torch.float32,)}.get(kernel, ())
-    return weight.device.type == "cpu" and weight.dtype in dtypes
+    if weight.device.type != "cpu" or kernel not in ("onednn", "mkl"):
+        return False
+    return weight.dtype == torch.float32 or (kernel == "onednn" and weight.dtype == torch.bfloat16
+                                             and _onednn_bf16_available())
 
 
 class PackedWeight:
