@@ -5,7 +5,9 @@ For each peer, in each of `--rounds` rounds: its offline `LLM.generate` on the p
 concurrent streaming clients (`/v1/completions`, `stream=True`, aiohttp) against its server with the same
 prompts. The server (and for shardserve its Ray cluster) is started after the offline run and stopped before
 the next, so the two never share the CPU. A shared 2-core VM drifts by tens of percent over minutes, so each
-round's ratio pairs runs a few seconds apart and the summary is the median round.
+round's ratio pairs runs a few seconds apart and the summary is the median round. Each round times its own
+prompts, and the warm-ups and probes take sets of their own (`Work`), so no run finds its prompts in a prefix
+cache that an earlier run filled: the offline engine lives across rounds and the online servers do not.
 
 Peers: shardserve (the Serve app on a local Ray cluster, as `shardserve serve` starts it) and, with
 `--peers shardserve,vllm`, vLLM (its OpenAI server and its offline `LLM` from .venv-vllm, at its best on this
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback (MACHINE-NOTES)
@@ -93,13 +96,29 @@ def cpu_shares(before: dict, after: dict, seconds: float) -> dict[str, float]:
     return shares
 
 
-async def online(prompts: list[list[int]], a, engine_info=None) -> dict:
+@dataclass
+class Work:
+    """One timed run's prompts: `timed` for the concurrent run, `probe` for the one-token requests after it, and
+    `warm` for warming up (its first prompt online; offline, its first `concurrency`)."""
+    timed: list[list[int]]
+    probe: list[list[int]]
+    warm: list[list[int]]
+
+
+def make_work(model_dir: Path, a, runs: int) -> list[Work]:
+    """`runs` runs' prompts, each its own random sets (the warm-up set shared)."""
+    n = a.num_prompts or 2 * a.concurrency
+    sets = make_prompts(model_dir, 1 + 2 * runs, n, a.input_len)
+    return [Work(timed=sets[1 + 2 * i], probe=sets[2 + 2 * i][:a.probe], warm=sets[0]) for i in range(runs)]
+
+
+async def online(work: Work, a, engine_info=None) -> dict:
     """The timed concurrent run, then the one-token probe. `engine_info`: an async callable returning the
     server engine's counters (shardserve's replica `info`), read around the timed run only."""
     import aiohttp  # as vLLM's serving benchmark: a lighter client than httpx, so it takes less of the CPU
     connector = aiohttp.TCPConnector(limit=a.concurrency + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
-        await stream_one(http, prompts[0], a)  # warm-up
+        await stream_one(http, work.warm[0], a)  # warm-up
         sem = asyncio.Semaphore(a.concurrency)
 
         async def run(p):
@@ -108,13 +127,13 @@ async def online(prompts: list[list[int]], a, engine_info=None) -> dict:
         before = await engine_info() if engine_info else None
         ticks = cpu_ticks()
         start = time.perf_counter()
-        results = await asyncio.gather(*(run(p) for p in prompts))
+        results = await asyncio.gather(*(run(p) for p in work.timed))
         elapsed = time.perf_counter() - start
         cores = cpu_shares(ticks, cpu_ticks(), elapsed)
         after = await engine_info() if engine_info else None
         # Router overhead probe: sequential one-token requests.
         one = []
-        for p in prompts[:a.probe]:
+        for p in work.probe:
             t = time.perf_counter()
             async with http.post(f"http://127.0.0.1:{PORT}/v1/completions",
                                  json={"model": "bench", "prompt": p, "max_tokens": 1, "temperature": 0.0}) as r:
@@ -136,22 +155,22 @@ async def online(prompts: list[list[int]], a, engine_info=None) -> dict:
 class Offline:
     """shardserve's offline `LLM`, built and warmed up once, timed once per round."""
 
-    def __init__(self, model_dir: Path, prompts: list[list[int]], a):
+    def __init__(self, model_dir: Path, warm: list[list[int]], a):
         from shardserve import LLM, SamplingParams
-        from shardserve.inputs import TokensPrompt
-        self.prompts, self.a = [TokensPrompt(prompt_token_ids=p) for p in prompts], a
+        self.a = a
         self.llm = LLM(str(model_dir), dtype="float32", max_num_seqs=a.concurrency,
                        max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30)
         self.params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.output_len)
         self.one_token = SamplingParams(temperature=0.0, max_tokens=1)
-        self.llm.generate(self.prompts[:a.concurrency], self.params, use_tqdm=False)  # warm-up
+        self.llm.generate(_tokens_prompts(warm[:a.concurrency]), self.params, use_tqdm=False)  # warm-up
 
-    def run(self) -> dict:
+    def run(self, work: Work) -> dict:
+        prompts = _tokens_prompts(work.timed)
         start = time.perf_counter()
-        outs = self.llm.generate(self.prompts, self.params, use_tqdm=False)
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         one = []
-        for p in self.prompts[:self.a.probe]:
+        for p in _tokens_prompts(work.probe):
             t = time.perf_counter()
             self.llm.generate([p], self.one_token, use_tqdm=False)
             one.append(time.perf_counter() - t)
@@ -164,29 +183,34 @@ class Offline:
         gc.collect()
 
 
-def run_shardserve(model_dir: Path, prompts: list[list[int]], a) -> dict:
+def _tokens_prompts(prompts: list[list[int]]) -> list:
+    from shardserve.inputs import TokensPrompt
+    return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+
+
+def run_shardserve(model_dir: Path, works: list[Work], a) -> dict:
     from shardserve.router.spec import ModelSpec
     if a.ingress != "default":  # read when the cluster starts
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if a.ingress == "haproxy" else "0"
     spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
                      num_cpus=a.replica_cpus, stream_interval=a.stream_interval, stream_interval_s=a.stream_interval_s)
-    offline = Offline(model_dir, prompts, a)
+    offline = Offline(model_dir, works[0].warm, a)
     rounds = []
     try:
-        for _ in range(a.rounds):
-            off = offline.run()  # while no cluster runs on the machine
-            rounds.append({"offline": off, "online": _serve_round(spec, prompts, a)})
+        for work in works:
+            off = offline.run(work)  # while no cluster runs on the machine
+            rounds.append({"offline": off, "online": _serve_round(spec, work, a)})
     finally:
         offline.shutdown()
     ingress = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's proxy"
     return {"name": f"shardserve (ingress: {ingress})", "rounds": rounds}
 
 
-def _serve_round(spec, prompts: list[list[int]], a) -> dict:
+def _serve_round(spec, work: Work, a) -> dict:
     """A local Ray cluster, as `shardserve serve` starts it, serving the app for one online run."""
     with serving(spec) as engine_info:
-        return asyncio.run(online(prompts, a, engine_info=engine_info))
+        return asyncio.run(online(work, a, engine_info=engine_info))
 
 
 @contextlib.contextmanager
@@ -210,27 +234,27 @@ def serving(spec):
         ray.shutdown()
 
 
-def run_vllm(model_dir: Path, prompts: list[list[int]], a) -> dict:
+def run_vllm(model_dir: Path, works: list[Work], a) -> dict:
     """vLLM at its best on this CPU, as throughput.py runs it (both cores, tcmalloc, Intel OpenMP): in each
     round its offline `LLM.generate` in a subprocess, then its OpenAI server with the same engine settings."""
     from throughput import CACHE_DIR, run_peer
     threads = os.cpu_count()
     prompts_file = CACHE_DIR / "serve-prompts.json"
-    prompts_file.write_text(json.dumps([prompts[:a.concurrency], prompts]))  # warm-up, timed
     rounds = []
-    for _ in range(a.rounds):
+    for work in works:
+        prompts_file.write_text(json.dumps([work.warm[:a.concurrency], work.timed]))  # warm-up, timed
         off = run_peer("vllm", argparse.Namespace(model=model_dir, batch=a.concurrency, input_len=a.input_len,
                                                   output_len=a.output_len, threads=threads, repeat=1), prompts_file)
         if "error" in off:
             return {"name": "vLLM", "error": f"offline: {off['error']} (log {off['log']})"}
-        on = _vllm_server_round(model_dir, prompts, a, threads)
+        on = _vllm_server_round(model_dir, work, a, threads)
         if "error" in on:
             return {"name": "vLLM", "error": on["error"]}
         rounds.append({"offline": {"tok_s": off["tok_s"], "elapsed": off["seconds"]}, "online": on})
     return {"name": "vLLM (its OpenAI API server)", "rounds": rounds}
 
 
-def _vllm_server_round(model_dir: Path, prompts: list[list[int]], a, threads: int) -> dict:
+def _vllm_server_round(model_dir: Path, work: Work, a, threads: int) -> dict:
     import urllib.request
 
     from throughput import CACHE_DIR, VLLM_VENV, vllm_preload
@@ -259,7 +283,7 @@ def _vllm_server_round(model_dir: Path, prompts: list[list[int]], a, threads: in
                 if time.monotonic() > deadline:
                     return {"error": f"vllm serve not up in 600 s (log {log})"}
                 time.sleep(2)
-            return asyncio.run(online(prompts, a))
+            return asyncio.run(online(work, a))
         finally:
             _stop(server)
 
@@ -333,12 +357,12 @@ def main() -> None:
         raise SystemExit(f"unknown peers {sorted(bad)}")
     n = a.num_prompts or 2 * a.concurrency
     model_dir = build_model(a.model_preset)
-    prompts = make_prompts(model_dir, 1, n, a.input_len)[0]
+    works = make_work(model_dir, a, a.rounds)  # the same prompts for every peer
     results = []
     if "shardserve" in peers:
-        results.append(run_shardserve(model_dir, prompts, a))
+        results.append(run_shardserve(model_dir, works, a))
     if "vllm" in peers:
-        results.append(run_vllm(model_dir, prompts, a))
+        results.append(run_vllm(model_dir, works, a))
 
     print(f"\nmodel {a.model_preset}, {n} prompts, concurrency {a.concurrency}, {a.input_len} in / {a.output_len} out")
     for r in results:

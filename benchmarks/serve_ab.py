@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import online, serving  # noqa: E402
-from throughput import build_model, make_prompts  # noqa: E402
+from serve import make_work, online, serving  # noqa: E402
+from throughput import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     a = p.parse_args()
     a.probe, a.stream_interval = 3, 1  # what serve.online reads besides the above
     model_dir = build_model(a.model_preset)
-    prompts = make_prompts(model_dir, 1, a.num_prompts, a.input_len)[0]
+    works = iter(make_work(model_dir, a, 2 * a.pairs))  # each run its own prompts: none in the prefix cache
 
     from shardserve.router.spec import ModelSpec
     spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
@@ -53,7 +53,7 @@ def main() -> None:
         for i in range(a.pairs):
             for arm in ("A", "B") if i % 2 == 0 else ("B", "A"):
                 subprocess.run(a.a if arm == "A" else a.b, shell=True, check=True, env=env)
-                r = asyncio.run(online(prompts, a, engine_info=engine_info))
+                r = asyncio.run(online(next(works), a, engine_info=engine_info))
                 tok_s[arm].append(r["tok_s"])
                 cores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items(), key=lambda kv: -kv[1]))
                 print(f"{arm}: {r['tok_s']:7.1f} tok/s, ITL p50 {1e3 * r['itl_p50']:.1f} ms, p99 "
