@@ -355,7 +355,6 @@ def main() -> None:
     peers = [x.strip() for x in a.peers.split(",") if x.strip()]
     if bad := set(peers) - {"shardserve", "vllm"}:
         raise SystemExit(f"unknown peers {sorted(bad)}")
-    n = a.num_prompts or 2 * a.concurrency
     model_dir = build_model(a.model_preset)
     works = make_work(model_dir, a, a.rounds)  # the same prompts for every peer
     results = []
@@ -364,7 +363,7 @@ def main() -> None:
     if "vllm" in peers:
         results.append(run_vllm(model_dir, works, a))
 
-    print(f"\nmodel {a.model_preset}, {n} prompts, concurrency {a.concurrency}, {a.input_len} in / {a.output_len} out")
+    print(f"\nmodel {a.model_preset}, {len(works[0].timed)} prompts, concurrency {a.concurrency}, {a.input_len} in / {a.output_len} out")
     for r in results:
         report(r)
 
