@@ -363,7 +363,8 @@ def main() -> None:
     if "vllm" in peers:
         results.append(run_vllm(model_dir, works, a))
 
-    print(f"\nmodel {a.model_preset}, {len(works[0].timed)} prompts, concurrency {a.concurrency}, {a.input_len} in / {a.output_len} out")
+    print(f"\nmodel {a.model_preset}, {len(works[0].timed)} prompts, concurrency {a.concurrency}, "
+          f"{a.input_len} in / {a.output_len} out")
     for r in results:
         report(r)
 
