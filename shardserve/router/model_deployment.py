@@ -132,11 +132,12 @@ class ModelServer:
                 yield text
 
 
-async def _sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def _sse_events(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events of a stream's chunks (JSON text)."""
     async with contextlib.aclosing(chunks):
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {chunk}\n\n"
         except Exception as e:  # mid-stream failure: an error event, then the stream ends
             yield f"data: {json.dumps({'error': to_api_error(e).body()})}\n\n"
     yield "data: [DONE]\n\n"
