@@ -7,7 +7,8 @@ import pytest
 from shardserve.router.serving import _ChunkEncoder
 
 META = {"id": "cmpl-\"quoted\"\\", "created": 1700000000, "model": "m/ü"}
-TEXTS = ["", " plain", 'a "quote" and a \\ backslash', "new\nline\ttab\r", "ü é 中文 🙂", "\x00\x1f\u2028", "\ud800"]
+TEXTS = ["", " plain", 'a "quote" and a \\ backslash', "new\nline\ttab\r", "ü é 中文 🙂", "\x00\x1f\u2028",
+         "\ud800"]
 
 
 @pytest.mark.parametrize("text", TEXTS)
