@@ -137,16 +137,11 @@ class _ChunkEncoder:
     def __init__(self, meta: dict, object_: str):
         self._head = json.dumps({**meta, "object": object_})[:-1] + ', "choices": ['
 
-    def completion(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None,
-                   stop_reason: int | str | None, usage: dict | None = None) -> str:
-        return self._chunk('{"index": %d, "text": %s, "logprobs": %s, "finish_reason": %s, "stop_reason": %s}' % (
-            index, _json_str(text), _json(logprobs), _json(finish_reason), _json(stop_reason)), usage)
-
-    def chat(self, index: int, delta: str, logprobs: dict | None, finish_reason: str | None,
-             stop_reason: int | str | None, usage: dict | None = None) -> str:
-        """`delta`: the choice's delta, as JSON."""
-        return self._chunk('{"index": %d, "delta": %s, "logprobs": %s, "finish_reason": %s, "stop_reason": %s}' % (
-            index, delta, _json(logprobs), _json(finish_reason), _json(stop_reason)), usage)
+    def choice(self, index: int, field: str, value: str, logprobs: dict | None, finish_reason: str | None,
+               stop_reason: int | str | None, usage: dict | None = None) -> str:
+        """A chunk of one choice whose `field` ("text" of a completion, "delta" of a chat) is `value`, as JSON."""
+        return self._chunk('{"index": %d, "%s": %s, "logprobs": %s, "finish_reason": %s, "stop_reason": %s}' % (
+            index, field, value, _json(logprobs), _json(finish_reason), _json(stop_reason)), usage)
 
     def usage(self, usage: dict) -> str:
         """The last chunk, with no choices."""
@@ -298,9 +293,8 @@ class OpenAIServing:
                     if req.logprobs is not None:
                         logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset)
                     # with continuous usage: this choice's prompt and its tokens so far, as vLLM counts them
-                    yield encoder.completion(index, text, logprobs, c.finish_reason, c.stop_reason,
-                                             _usage(prompt_tokens[i], cursor.sent[index][1]) if continuous_usage
-                                             else None)
+                    yield encoder.choice(index, "text", _json_str(text), logprobs, c.finish_reason, c.stop_reason,
+                                         _usage(prompt_tokens[i], cursor.sent[index][1]) if continuous_usage else None)
                 out = await anext(rest, None)
         finally:  # the consumer went away or a request failed: the requests still running are aborted
             await rest.aclose()
@@ -377,17 +371,17 @@ class OpenAIServing:
         top = req.top_logprobs or 0
         try:
             for i in range(req.n):
-                yield encoder.chat(i, '{"role": "assistant", "content": ""}', None, None, None,
-                                   _usage(prompt_tokens, 0) if continuous_usage else None)
+                yield encoder.choice(i, "delta", '{"role": "assistant", "content": ""}', None, None, None,
+                                     _usage(prompt_tokens, 0) if continuous_usage else None)
             while out is not None:
                 for c in out.outputs:
                     d = cursor.advance(c.index, c)
                     if d is None:
                         continue
                     logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top) if req.logprobs else None
-                    yield encoder.chat(c.index, '{"content": %s}' % _json_str(d.text) if d.text else "{}", logprobs,
-                                       c.finish_reason, c.stop_reason,
-                                       _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None)
+                    delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
+                    yield encoder.choice(c.index, "delta", delta, logprobs, c.finish_reason, c.stop_reason,
+                                         _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None)
                 out = await anext(rest, None)
         finally:  # the consumer went away or the request failed: a request still running is aborted
             await rest.aclose()
