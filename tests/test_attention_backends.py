@@ -44,6 +44,22 @@ def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("num_kv_heads, lens", [(1, [200]), (2, [40, 1, 77])])
+def test_cpu_paged_decode_splits_its_items_across_any_team(threads, num_kv_heads, lens):
+    # Each thread takes a run of (sequence, kv head) items and prefetches into the next one: a team larger
+    # than the items (threads with none), and runs that end mid-sequence, must not change a value.
+    q, cache, meta = _decode_case(2 * num_kv_heads, num_kv_heads, 64, lens=lens, num_blocks=64)
+    ref = TorchAttentionBackend().decode(q, cache, meta, 0.125)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
 def test_auto_backend_prefers_the_compiled_cpu_kernel():
     expected = "cpu" if cpu_kernels.available() else "torch"
     assert get_attention_backend("auto").name == expected

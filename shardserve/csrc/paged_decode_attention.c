@@ -5,6 +5,7 @@
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
 // token.
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -13,14 +14,25 @@
 #define CHUNK 16  // keys attended at a time: one AVX-512 vector of scores
 
 // Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head's rows in a block are one
-// contiguous run. Blocks are scattered, so each loop prefetches the start of the next block itself.
+// contiguous run (4 KB at 16 x 64 floats). Blocks are scattered, so the hardware's stream prefetchers lose the
+// trail at every block: the loop prefetches its keys and values itself, PREFETCH_BLOCKS blocks ahead and on
+// into the next (sequence, kv head) item, into L2 rather than L1 (a block's lines would crowd out the
+// accumulators, and L1 tracks too few misses at a time). From DRAM that read 26 GB/s on a 2-core EPYC VM where
+// one block ahead into L1 read 15 (benchmarks/RESULTS.md).
+#define PREFETCH_BLOCKS 2
+
 static inline const float *head_block(const float *cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
                                       int64_t block_size, int64_t head_dim) {
   return cache + (block * num_kv_heads + kvh) * block_size * head_dim;
 }
 
-static inline void prefetch_block(const float *p, int64_t n_floats) {
-  for (int64_t i = 0; i < n_floats; i += 16) __builtin_prefetch(p + i, 0, 3);
+// One kv head's keys and values in one block, into L2 (prefetcht1).
+static inline void prefetch_head_block(const float *k_cache, const float *v_cache, int64_t block,
+                                       int64_t num_kv_heads, int64_t kvh, int64_t block_size, int64_t head_dim) {
+  const float *k = head_block(k_cache, block, num_kv_heads, kvh, block_size, head_dim);
+  const float *v = head_block(v_cache, block, num_kv_heads, kvh, block_size, head_dim);
+  for (int64_t i = 0; i < block_size * head_dim; i += 16) __builtin_prefetch(k + i, 0, 2);
+  for (int64_t i = 0; i < block_size * head_dim; i += 16) __builtin_prefetch(v + i, 0, 2);
 }
 
 // One query head against m <= CHUNK keys k[i] = k0 + i * head_dim (values likewise): raises the running
@@ -104,14 +116,24 @@ void paged_decode_attention_f32(
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t block_floats = block_size * head_dim;
   const int64_t width = (head_dim + 15) / 16 * 16;  // a head's accumulator, padded to whole vectors
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
-  for (int64_t s = 0; s < num_seqs; s++) {
-    for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
+  const int64_t num_items = num_seqs * num_kv_heads;  // (sequence, kv head) pairs, in equal runs per thread
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t first = num_items * t / threads, end = num_items * (t + 1) / threads;
+    for (int64_t item = first; item < end; item++) {
+      const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t len = seq_lens[s];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t *table = block_tables + s * max_blocks;
+      // The blocks prefetched ahead of block b: this item's, then the next item's first ones.
+      const int64_t next_s = (item + 1) / num_kv_heads, next_kvh = (item + 1) % num_kv_heads;
+      const int64_t next_blocks = item + 1 < end ? (seq_lens[next_s] + block_size - 1) / block_size : 0;
+      const int64_t *next_table = block_tables + next_s * max_blocks;
+      if (item == first)
+        for (int64_t b = 0; b < PREFETCH_BLOCKS && b < num_blocks; b++)
+          prefetch_head_block(k_cache, v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
       const float *qh = q + s * stride_q + kvh * group * head_dim;
       float acc[group * width];  // [group, width]
       float maxv[group], sum[group];
@@ -121,10 +143,12 @@ void paged_decode_attention_f32(
         sum[g] = 0.f;
       }
       for (int64_t b = 0; b < num_blocks; b++) {
-        if (b + 1 < num_blocks) {
-          prefetch_block(head_block(k_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-          prefetch_block(head_block(v_cache, table[b + 1], num_kv_heads, kvh, block_size, head_dim), block_floats);
-        }
+        const int64_t ahead = b + PREFETCH_BLOCKS;
+        if (ahead < num_blocks)
+          prefetch_head_block(k_cache, v_cache, table[ahead], num_kv_heads, kvh, block_size, head_dim);
+        else if (ahead - num_blocks < next_blocks)
+          prefetch_head_block(k_cache, v_cache, next_table[ahead - num_blocks], num_kv_heads, next_kvh, block_size,
+                              head_dim);
         const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
         const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
         const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
