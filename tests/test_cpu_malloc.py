@@ -1,5 +1,5 @@
-"""The CPU worker keeps freed memory in the process: a step's large activations reuse pages instead of
-page-faulting fresh ones from the kernel every step."""
+"""The CPU worker's memory: freed memory kept in the process (a step's large activations reuse pages instead of
+page-faulting fresh ones from the kernel every step), and the KV cache on huge pages."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from shardserve.workers.cpu_malloc import zeros_on_huge_pages
 
 # A prefill-shaped round of large temporaries (6 to 36 MiB), repeated; prints the fewest and the most page faults
 # of the last three rounds. Kept memory can still grow now and then (a round in 20 or so faulted 7-10k pages, the
@@ -47,3 +50,41 @@ def test_large_temporaries_stop_page_faulting_once_memory_is_kept():
     assert tuned and faults < 1000
     untuned, _, faults_untuned = _faults_of_later_rounds("0")
     assert not untuned and faults_untuned > 10 * max(faults, 100)  # what the setting saves: most pages
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_memory_is_zeroed_and_asks_for_huge_pages(dtype):
+    shape = (2, 64, 4, 16, 64)
+    cache = zeros_on_huge_pages(shape, dtype)
+    assert cache.shape == shape and cache.dtype == dtype and cache.is_contiguous()
+    assert not cache.any()
+    cache[1, 63, 3, 15, 63] = 1  # writable to the last element, and the mapping outlives the call that made it
+    assert cache.sum().item() == 1
+    if platform.system() == "Linux":
+        assert "hg" in _vm_flags(cache.data_ptr())  # MADV_HUGEPAGE: the kernel backs it with 2 MiB pages if it can
+
+
+def test_the_worker_puts_its_cpu_kv_cache_on_huge_pages(model_dirs):
+    from shardserve import LLM
+    llm = LLM(model_dirs("llama"), dtype="float32", max_model_len=64, kv_cache_memory_bytes=8 << 20)
+    try:
+        caches = llm.llm_engine.executor.worker.kv_caches
+        assert caches and all(not c.any() for c in caches)
+        if platform.system() == "Linux":
+            assert all("hg" in _vm_flags(c.data_ptr()) for c in caches)
+    finally:
+        llm.shutdown()

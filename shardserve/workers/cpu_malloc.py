@@ -1,5 +1,6 @@
-"""Keep freed memory in the process on CPUs, so a step's large activations reuse pages instead of faulting in
-fresh ones.
+"""Memory for CPU workers: freed memory kept in the process, and the KV cache on huge pages.
+
+Freed memory is kept, so a step's large activations reuse pages instead of faulting in fresh ones.
 
 glibc maps allocations above its mmap threshold (128 KiB to 32 MiB, adjusted as the program runs) afresh
 from the kernel and returns freed heap tops to it. A prefill step of a 12-layer model allocates and frees
@@ -7,13 +8,22 @@ about 1.7 GiB of activations, so every such step page-faulted ~95,000 times, the
 about 8% of the step here (benchmarks/RESULTS.md). vLLM's CPU guide preloads tcmalloc for the same reason;
 that must be set before the process starts, while glibc's thresholds can be raised at any time. The cost:
 the process keeps the heap it peaked at instead of shrinking back.
+
+The KV cache is read by the decode attention kernel in 4 KiB runs (one head's block) scattered over GiBs: on
+4 KiB pages nearly every run misses the TLB, and in a VM each miss walks two levels of page tables. On 2 MiB
+pages the kernel read 5-20% faster from DRAM (benchmarks/RESULTS.md). Transparent huge pages are commonly
+enabled only where asked for (`madvise`), so the cache asks.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import math
+import mmap
 import os
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -41,3 +51,17 @@ def keep_freed_memory() -> bool:
         logger.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", _MMAP_THRESHOLD >> 20,
                      _TRIM_THRESHOLD >> 20)
     return _done
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in its own anonymous mapping, which the kernel backs with transparent huge pages
+    where it has them (Linux; elsewhere, or with THP off, ordinary pages). Its pages are touched here, as
+    `torch.zeros` would, so the memory is committed now rather than in the middle of a step."""
+    mapping = mmap.mmap(-1, max(1, math.prod(shape) * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel built without THP
+            pass
+    tensor = torch.frombuffer(mapping, dtype=dtype, count=math.prod(shape)).view(shape)  # holds the mapping
+    return tensor.zero_()

@@ -17,7 +17,7 @@ from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
-from shardserve.workers.cpu_malloc import keep_freed_memory
+from shardserve.workers.cpu_malloc import keep_freed_memory, zeros_on_huge_pages
 from shardserve.workers.cuda_graph import CudaGraphRunner, default_graph_sizes
 from shardserve.workers.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -108,8 +108,9 @@ class Worker:
         bs = self.config.block_size
         self.kv_caches = []
         for attn in self.attention_layers:
-            cache = torch.zeros(2, num_blocks, attn.num_kv_heads, bs, attn.head_dim, dtype=self.dtype,
-                                device=self.device)
+            shape = (2, num_blocks, attn.num_kv_heads, bs, attn.head_dim)
+            cache = zeros_on_huge_pages(shape, self.dtype) if self.device.type == "cpu" else \
+                torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.kv_cache = cache
             self.kv_caches.append(cache)
         logger.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
