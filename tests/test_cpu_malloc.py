@@ -76,6 +76,8 @@ def test_kv_cache_memory_is_zeroed_and_asks_for_huge_pages(dtype):
     assert cache.sum().item() == 1
     if platform.system() == "Linux":
         assert "hg" in _vm_flags(cache.data_ptr())  # MADV_HUGEPAGE: the kernel backs it with 2 MiB pages if it can
+    empty = zeros_on_huge_pages((2, 0, 4, 16, 64), dtype)  # a pooling model's cache: no blocks
+    assert empty.shape == (2, 0, 4, 16, 64) and empty.dtype == dtype
 
 
 def test_the_worker_puts_its_cpu_kv_cache_on_huge_pages(model_dirs):

@@ -57,11 +57,14 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     """A zeroed CPU tensor in its own anonymous mapping, which the kernel backs with transparent huge pages
     where it has them (Linux; elsewhere, or with THP off, ordinary pages). Its pages are touched here, as
     `torch.zeros` would, so the memory is committed now rather than in the middle of a step."""
-    mapping = mmap.mmap(-1, max(1, math.prod(shape) * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    numel = math.prod(shape)
+    if numel == 0:  # a pooling model's cache has no blocks, and a mapping no length
+        return torch.zeros(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # a kernel built without THP
             pass
-    tensor = torch.frombuffer(mapping, dtype=dtype, count=math.prod(shape)).view(shape)  # holds the mapping
+    tensor = torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)  # holds the mapping
     return tensor.zero_()
