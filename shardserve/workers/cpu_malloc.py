@@ -61,7 +61,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     if numel == 0:  # a pooling model's cache has no blocks, and a mapping no length
         return torch.zeros(shape, dtype=dtype)
     mapping = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # defined only where the platform has it (Linux)
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # a kernel built without THP
