@@ -13,7 +13,10 @@ Peers: shardserve (the Serve app on a local Ray cluster, as `shardserve serve` s
 `--peers shardserve,vllm`, vLLM (its OpenAI server and its offline `LLM` from .venv-vllm, at its best on this
 CPU as in throughput.py). Reports output tokens/s of both and their ratio, TTFT and ITL (between chunks)
 percentiles of the online run, the cores each kind of process used during it, and the router's added latency:
-the p50 of one-token requests over HTTP minus the p50 of the same request offline.
+the p50 of one-token requests over HTTP minus the p50 of the same request offline, and (shardserve) the p50 of
+each request's HTTP time minus the replica's own step time for it. The first also holds what the idle cluster beside
+the engine costs its forward pass (up to ~10% on two cores, benchmarks/RESULTS.md): on a model whose prefill takes
+100+ ms that is most of it.
 
 Usage: python benchmarks/serve.py [--peers shardserve,vllm] [--rounds 3] [--concurrency 32] [--num-prompts 64]
                                   [--model-preset small] [--input-len 128] [--output-len 128] [--stream-interval 1]
@@ -131,19 +134,25 @@ async def online(work: Work, a, engine_info=None) -> dict:
         elapsed = time.perf_counter() - start
         cores = cpu_shares(ticks, cpu_ticks(), elapsed)
         after = await engine_info() if engine_info else None
-        # Router overhead probe: sequential one-token requests.
-        one = []
+        # Router overhead probe: sequential one-token requests, each also against the replica's own step time
+        # for it (the rest is the HTTP path, the router and the async engine).
+        one, beside_step = [], []
         for p in work.probe:
+            step_before = (await engine_info())["step_seconds"] if engine_info else None
             t = time.perf_counter()
             async with http.post(f"http://127.0.0.1:{PORT}/v1/completions",
                                  json={"model": "bench", "prompt": p, "max_tokens": 1, "temperature": 0.0}) as r:
                 r.raise_for_status()
                 await r.read()
             one.append(time.perf_counter() - t)
+            if engine_info:
+                beside_step.append(one[-1] - ((await engine_info())["step_seconds"] - step_before))
     itl = [x for r in results for x in r["itl"]]
     out = {"tok_s": sum(r["tokens"] for r in results) / elapsed, "elapsed": elapsed, "cores": cores,
            "ttft_p50": pct([r["ttft"] for r in results], 0.5), "ttft_p99": pct([r["ttft"] for r in results], 0.99),
            "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99), "one_token_p50": statistics.median(one)}
+    if beside_step:
+        out["one_token_beside_step_p50"] = statistics.median(beside_step)
     if before is not None:
         steps = after["num_steps"] - before["num_steps"]
         per_step = lambda key: 1e3 * (after[key] - before[key]) / max(steps, 1)  # noqa: E731
@@ -320,7 +329,9 @@ def report(r: dict) -> None:
         if "one_token_p50" in off:  # the offline probe runs for shardserve's engine
             print(f"    one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms, offline "
                   f"{1e3 * off['one_token_p50']:.1f} ms  -> router/HTTP adds "
-                  f"{1e3 * (on['one_token_p50'] - off['one_token_p50']):.1f} ms")
+                  f"{1e3 * (on['one_token_p50'] - off['one_token_p50']):.1f} ms"
+                  + (f"; beside the replica's own step {1e3 * on['one_token_beside_step_p50']:.1f} ms"
+                     if "one_token_beside_step_p50" in on else ""))
         else:
             print(f"    one-token request p50: HTTP {1e3 * on['one_token_p50']:.1f} ms")
     ratios = [rnd["online"]["tok_s"] / rnd["offline"]["tok_s"] for rnd in r["rounds"]]
@@ -328,6 +339,9 @@ def report(r: dict) -> None:
     if all("one_token_p50" in rnd["offline"] for rnd in r["rounds"]):
         added = [rnd["online"]["one_token_p50"] - rnd["offline"]["one_token_p50"] for rnd in r["rounds"]]
         line += f", router/HTTP adds {1e3 * statistics.median(added):.1f} ms"
+    if all("one_token_beside_step_p50" in rnd["online"] for rnd in r["rounds"]):
+        beside = [rnd["online"]["one_token_beside_step_p50"] for rnd in r["rounds"]]
+        line += f" ({1e3 * statistics.median(beside):.1f} ms beside the replica's own step)"
     print(line)
 
 

@@ -44,6 +44,9 @@ PRESETS = {
                   num_key_value_heads=4, intermediate_size=688, vocab_size=32000),
     "medium": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                    num_key_value_heads=12, intermediate_size=2048, vocab_size=32000),
+    # the shape of SmolLM2-135M-Instruct, the generation model `shardserve serve` starts with by default
+    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
     # big enough that a tensor-parallel split has work to split (benchmarks/parallel.py)
     "large": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=8, intermediate_size=2816, vocab_size=32000),
@@ -61,8 +64,8 @@ def build_model(preset: str) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    cfg = dict(PRESETS[preset], max_position_embeddings=4096, bos_token_id=1,
-               eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = dict(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               tie_word_embeddings=False) | PRESETS[preset]
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
     specials = ["<unk>", "<s>", "</s>"]
