@@ -1,0 +1,169 @@
+"""Every Triton kernel compiled ahead of time for a Hopper GPU (sm_90, the H100/H200) at the real shapes of
+the GPU issue's models, on a machine without one.
+
+The interpreter tests check what the kernels compute; only Triton's compiler (down to ptxas, which the
+triton wheel ships) says whether they lower at all for the GPU, with the tile sizes the wrappers choose
+there, and how much shared memory each launch asks for: a launch past the chip's limit fails at run time.
+The wrappers are called as the engine calls them, with their launches recorded instead of run, in a child
+process without TRITON_INTERPRET (under it `triton.jit` gives interpreter functions, which don't compile).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shardserve.layers.attention import triton_backend
+
+pytestmark = pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
+
+# (name, hidden size, query heads, KV heads, head dim): the GPU issue's benchmark models.
+MODELS = [("qwen3-0.6b", 1024, 16, 8, 128), ("llama-3.2-1b", 2048, 32, 8, 64)]
+DTYPES = ["bfloat16", "float32"]
+ARCH = 90
+# The most shared memory one block of an sm_90 kernel may ask for (227 KiB, CUDA's opt-in maximum).
+MAX_SHARED_BYTES = 227 * 1024
+
+
+def _launches(hidden, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
+    """Calls each kernel wrapper the way the engine does for this model; yields (what, launches)."""
+    import torch
+    import triton
+
+    from shardserve.layers import fused_kernels
+    from shardserve.layers.attention import triton_kernels
+
+    dtype = getattr(torch, dtype)
+    recorded = []
+
+    def recorder(kernel):  # stands in for JITFunction.run, which `kernel[grid](...)` calls
+        return lambda *args, grid, warmup, **kwargs: recorded.append((kernel, args, kwargs))
+
+    for module in (triton_kernels, fused_kernels):
+        for value in vars(module).values():
+            if isinstance(value, triton.runtime.JITFunction):
+                value.run = recorder(value)
+    fused_kernels._use_c = lambda x: False  # fp32 on a CPU would take the C kernels
+
+    def take(what, call):
+        recorded.clear()
+        call()
+        return what, list(recorded)
+
+    blocks = 64
+    cache = torch.zeros(2, blocks, num_kv_heads, block_size, head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+
+    def decode(batch, context):
+        width = -(-context // block_size)
+        q = torch.zeros(batch, num_heads, head_dim, dtype=dtype)
+        tables = torch.zeros(batch, width, dtype=torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32)
+        return lambda: triton_kernels.paged_decode(q, cache, tables, lens, scale)
+
+    def prefill(seqs, query_len):
+        q = torch.zeros(seqs * query_len, num_heads, head_dim, dtype=dtype)
+        tables = torch.zeros(seqs, -(-query_len // block_size), dtype=torch.long)
+        starts = torch.arange(seqs) * query_len
+        lens, contexts = torch.full((seqs,), query_len), torch.zeros(seqs, dtype=torch.long)
+        return lambda: triton_kernels.paged_prefill(q, cache, tables, starts, lens, contexts, query_len, scale,
+                                                    torch.empty_like(q))
+
+    qkv = torch.zeros(256, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k, v = q.view(256, num_heads, head_dim), k.view(256, -1, head_dim), v.view(256, -1, head_dim)
+    cos_sin = torch.zeros(256, 1, head_dim // 2, dtype=dtype)
+    x, weight = torch.zeros(256, hidden, dtype=dtype), torch.ones(hidden, dtype=dtype)
+    yield take("store_kv", lambda: triton_kernels.store_kv(k, v, cache, torch.zeros(256, dtype=torch.long)))
+    yield take("decode, 256 sequences of 256 tokens", decode(256, 256))
+    yield take("decode, 1 sequence of 2,048 tokens (split)", decode(1, 2048))
+    yield take("decode, 1 sequence of 32,768 tokens (most splits)", decode(1, 32768))
+    yield take("prefill, 8 sequences of 128 tokens", prefill(8, 128))
+    yield take("rms_norm", lambda: fused_kernels.rms_norm(x, weight, 1e-6))
+    yield take("rms_norm with residual", lambda: fused_kernels.rms_norm(x, weight, 1e-6, x))
+    yield take("rms_norm over heads (q/k norm)",
+               lambda: fused_kernels.rms_norm(x[:, :head_dim], weight[:head_dim], 1e-6))
+    yield take("rotary", lambda: fused_kernels.rotary_(q, k, cos_sin, cos_sin))
+
+
+def _signature(kernel, args, kwargs):
+    """Triton's signature and constexprs for one recorded launch (args by position, then keywords)."""
+    import torch
+
+    types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+             torch.int64: "i64"}
+    values = dict(zip(kernel.arg_names, args)) | kwargs
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + types[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        else:
+            signature[param.name] = "fp32"
+    return signature, constexprs
+
+
+def _compile_all() -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = []
+    for name, hidden, num_heads, num_kv_heads, head_dim in MODELS:
+        for dtype in DTYPES:
+            for what, launches in _launches(hidden, num_heads, num_kv_heads, head_dim, dtype):
+                result = {"model": name, "dtype": dtype, "what": what, "kernels": []}
+                results.append(result)
+                for kernel, args, kwargs in launches:
+                    signature, constexprs = _signature(kernel, args, kwargs)
+                    try:
+                        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                                  target=GPUTarget("cuda", ARCH, 32))
+                        result["kernels"].append({"name": kernel.__name__, "shared": compiled.metadata.shared,
+                                                  "num_warps": compiled.metadata.num_warps})
+                    except Exception as error:  # reported to the test, which fails on it
+                        result["kernels"].append({"name": kernel.__name__, "error": f"{type(error).__name__}: "
+                                                                                    f"{error}"[-2000:]})
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile, don't reuse
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, said aloud (3.9 warns otherwise)
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return {(r["model"], r["dtype"], r["what"]): r["kernels"] for r in map(json.loads, run.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("model", [m[0] for m in MODELS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_compile_for_hopper(compiled, model, dtype):
+    cases = {what: kernels for (m, d, what), kernels in compiled.items() if (m, d) == (model, dtype)}
+    assert len(cases) == 9, sorted(cases)
+    for what, kernels in cases.items():
+        assert kernels, f"{what}: launched no kernel"
+        for kernel in kernels:
+            assert "error" not in kernel, f"{what}: {kernel['name']} does not compile for sm_{ARCH}: {kernel['error']}"
+            assert kernel["shared"] <= MAX_SHARED_BYTES, \
+                f"{what}: {kernel['name']} asks for {kernel['shared']} bytes of shared memory"
+    names = {kernel["name"] for kernels in cases.values() for kernel in kernels}
+    assert {"_store_kv_kernel", "_paged_decode_kernel", "_join_splits_kernel", "_paged_prefill_kernel",
+            "_rms_norm_kernel", "_rotary_kernel"} <= names
+
+
+if __name__ == "__main__":
+    for line in _compile_all():
+        print(json.dumps(line), flush=True)
