@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -33,14 +34,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback clusters stay on loopback
-    from ray import serve
-
-    from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
+def model_specs(args: argparse.Namespace) -> list:
+    """One `ModelSpec` per model on the command line: the flags that name a spec field (absent ones keep the
+    spec's defaults, the only defaults there are) apply to every model."""
     from shardserve.models.gguf import default_generation_model
     from shardserve.models.source import default_embedding_model
-    from shardserve.router.app import build_app
     from shardserve.router.spec import ModelSpec
 
     # The default app: SmolLM2 for completions and chat, all-MiniLM-L6-v2 for embeddings, both shipped in
@@ -49,18 +47,24 @@ def _serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or ([] if args.model else ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"])
     if len(names) > len(models):
         raise SystemExit("--served-model-name was given more times than there are models.")
-    common = dict(tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-                  tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-                  enable_prompt_embeds=args.enable_prompt_embeds, chat_template=args.chat_template,
-                  hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else {},
-                  num_replicas=args.num_replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                  max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus, stream_interval=args.stream_interval,
-                  stream_interval_s=args.stream_interval_s,
-                  runner=args.runner, convert=args.convert, pooler_config=args.pooler_config, device=args.device,
-                  gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-                  enforce_eager=args.enforce_eager)
-    specs = [ModelSpec(model=m, served_model_name=names[i] if i < len(names) else None, **common)
-             for i, m in enumerate(models)]
+    common = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelSpec)
+              if f.name not in ("model", "served_model_name") and hasattr(args, f.name)}
+    return [ModelSpec(model=m, served_model_name=names[i] if i < len(names) else None, **common)
+            for i, m in enumerate(models)]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback clusters stay on loopback
+    from ray import serve
+
+    from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
+    from shardserve.models.source import default_embedding_model
+    from shardserve.router.app import build_app
+
+    try:
+        specs = model_specs(args)
+    except (TypeError, ValueError) as e:  # a flag the engine refuses: said before a cluster starts
+        raise SystemExit(f"shardserve serve: error: {e}") from None
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(specs, args.api_key), name="shardserve", route_prefix="/", blocking=False)
@@ -97,43 +101,83 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+def _spec_flag(group, *flags: str, help: str | None = None, **kwargs) -> None:
+    """A flag for the ModelSpec field of its name; its help ends with the field's default (the only one)."""
+    from shardserve.router.spec import ModelSpec
+
+    field = next(f for f in dataclasses.fields(ModelSpec) if f.name == flags[0][2:].replace("-", "_"))
+    if all(field.default is not v for v in (None, False, dataclasses.MISSING)) and "default" not in (help or ""):
+        help = f"{help} (default: {field.default})" if help else f"default: {field.default}"
+    group.add_argument(*flags, help=help, **kwargs)
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    srv = sub.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve")
-    srv.add_argument("model", nargs="*", help="HF model directories, hub ids or .gguf files (default: SmolLM2)")
-    srv.add_argument("--served-model-name", action="append", help="the API name of each model, in order")
+    # Flags named after a ModelSpec field and left out keep the spec's default (argument_default).
+    srv = sub.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve",
+                         argument_default=argparse.SUPPRESS)
+    srv.add_argument("model", nargs="*", default=[], help="HF model directories, hub ids or .gguf files "
+                                                          "(default: SmolLM2 and all-MiniLM-L6-v2)")
+    srv.add_argument("--served-model-name", action="append", default=None,
+                     help="the API name of each model, in order")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--tokenizer")
-    srv.add_argument("--dtype", default="auto")
-    srv.add_argument("--max-model-len", type=int)
-    srv.add_argument("--max-num-seqs", type=int, default=256)
-    srv.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                     help="auto: cuda when the Ray cluster has GPUs")
-    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                     help="the fraction of each GPU's memory the engine may use (weights, activations, KV cache)")
-    srv.add_argument("--attention-backend", choices=["auto", "torch", "cpu", "triton", "flash_attn"])
-    srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    srv.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    srv.add_argument("--enable-prompt-embeds", action="store_true")
-    srv.add_argument("--chat-template", help="a Jinja template, or a path to one")
-    srv.add_argument("--hf-overrides", help="JSON object of config overrides")
-    srv.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"])
-    srv.add_argument("--convert", default="auto", choices=["auto", "embed", "classify", "reward"])
-    srv.add_argument("--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")
     srv.add_argument("--api-key", default=os.environ.get("SHARDSERVE_API_KEY"))
-    srv.add_argument("--num-replicas", type=int, default=1)
-    srv.add_argument("--min-replicas", type=int)
-    srv.add_argument("--max-replicas", type=int)
-    srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves for each model replica")
-    srv.add_argument("--stream-interval", type=int, default=1,
-                     help="vLLM's: a streamed request gets a chunk every this many tokens (the first and the last "
-                          "at once); larger values send fewer, larger chunks and leave more of the CPU to the model")
-    srv.add_argument("--stream-interval-s", type=float, default=0.0,
-                     help="send streamed tokens at most this often per request (fewer, larger chunks under load)")
-    srv.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
+    srv.add_argument("--address", default=None,
+                     help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
+    model = srv.add_argument_group("the model and its engine (vLLM's flags)")
+    _spec_flag(model, "--tokenizer")
+    _spec_flag(model, "--revision")
+    _spec_flag(model, "--trust-remote-code", action="store_true")
+    _spec_flag(model, "--dtype", help="auto, float32, bfloat16 or float16")
+    _spec_flag(model, "--hf-overrides", type=_json_object, help="JSON object of config overrides")
+    _spec_flag(model, "--seed", type=int)
+    _spec_flag(model, "--max-model-len", type=int, help="default: the model's")
+    _spec_flag(model, "--max-num-seqs", type=int, help="most requests in one step")
+    _spec_flag(model, "--max-num-batched-tokens", type=int,
+               help="most tokens in one step; longer prompts are prefilled in chunks (default: max_model_len, "
+                    "at least 2048). Smaller: shorter gaps between a stream's tokens while others prefill, later "
+                    "first tokens")
+    _spec_flag(model, "--block-size", type=int, help="tokens per KV-cache block")
+    _spec_flag(model, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+               help="reuse the KV blocks of a shared prompt prefix (default: on)")
+    _spec_flag(model, "--kv-cache-memory-bytes", type=int,
+               help="the KV cache's size on a CPU (default: SHARDSERVE_CPU_KVCACHE_SPACE GiB, else 4 GiB)")
+    _spec_flag(model, "--device", choices=["auto", "cuda", "cpu"], help="auto: cuda when the Ray cluster has GPUs")
+    _spec_flag(model, "--gpu-memory-utilization", type=float,
+               help="the fraction of each GPU's memory the engine may use: weights, activations, KV cache")
+    _spec_flag(model, "--attention-backend", choices=["auto", "torch", "cpu", "triton", "flash_attn"])
+    _spec_flag(model, "--enforce-eager", action="store_true", help="no CUDA graphs")
+    _spec_flag(model, "--cuda-graph-sizes", type=int, nargs="+",
+               help="decode batch sizes to capture (default: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs)")
+    _spec_flag(model, "--tensor-parallel-size", "-tp", type=int)
+    _spec_flag(model, "--pipeline-parallel-size", "-pp", type=int)
+    _spec_flag(model, "--enable-prompt-embeds", action="store_true")
+    _spec_flag(model, "--chat-template", help="a Jinja template, or a path to one")
+    _spec_flag(model, "--runner", choices=["auto", "generate", "pooling"])
+    _spec_flag(model, "--convert", choices=["auto", "embed", "classify", "reward"])
+    _spec_flag(model, "--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")
+    _spec_flag(model, "--stream-interval", type=int,
+               help="vLLM's: a streamed request gets a chunk every this many tokens (the first and the last at "
+                    "once); larger values send fewer, larger chunks and leave more of the CPU to the model")
+    _spec_flag(model, "--stream-interval-s", type=float,
+               help="send streamed tokens at most this often per request (fewer, larger chunks under load)")
+    replicas = srv.add_argument_group("Serve: replicas and their resources")
+    _spec_flag(replicas, "--num-replicas", type=int)
+    _spec_flag(replicas, "--min-replicas", type=int, help="with --max-replicas: autoscale between them")
+    _spec_flag(replicas, "--max-replicas", type=int)
+    _spec_flag(replicas, "--max-ongoing-requests", type=int, help="per replica")
+    _spec_flag(replicas, "--num-cpus", type=float, help="CPUs Ray reserves for each model replica")
+    _spec_flag(replicas, "--num-cpus-per-worker", type=float,
+               help="CPUs of each tensor/pipeline-parallel worker, and its threads")
     srv.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="offline generation (default model: SmolLM2-135M-Instruct GGUF)")
     gen.add_argument("--model", help="HF model directory, hub id or .gguf file")
@@ -146,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.set_defaults(func=_generate)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

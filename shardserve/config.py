@@ -103,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.cuda_graph_sizes is not None and any(not isinstance(n, int) or n < 1 for n in self.cuda_graph_sizes):

@@ -14,6 +14,12 @@ import time
 import httpx
 import pytest
 
+from shardserve import LLM, SamplingParams
+from shardserve.cli import build_parser, main, model_specs
+from shardserve.router.spec import ModelSpec
+
+PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and of Italy, Rome."
+
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux: /proc and SCHED_BATCH")]
 
@@ -71,6 +77,32 @@ def _policies(pid: int) -> list[int]:
     return policies
 
 
+def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_starts(monkeypatch):
+    """Each engine flag lands in the replica's engine config; a flag left out keeps ModelSpec's default (the
+    CLI has none of its own); a value the engine refuses ends the command before Ray is started."""
+    flags = ["--max-num-batched-tokens", "64", "--block-size", "32", "--no-enable-prefix-caching", "--seed", "3",
+             "--revision", "r1", "--trust-remote-code", "--kv-cache-memory-bytes", "1000000",
+             "--cuda-graph-sizes", "1", "2", "--hf-overrides", '{"rope_theta": 5.0}', "--max-num-seqs", "7",
+             "--num-cpus-per-worker", "2"]
+    specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
+    assert [s.name for s in specs] == ["x", "b"]
+    config = specs[1].engine_config()
+    assert (config.max_num_batched_tokens, config.block_size, config.enable_prefix_caching, config.seed) == \
+        (64, 32, False, 3)
+    assert (config.revision, config.trust_remote_code, config.kv_cache_memory_bytes) == ("r1", True, 1000000)
+    assert (config.cuda_graph_sizes, config.hf_overrides, config.max_num_seqs, config.num_cpus_per_worker) == \
+        ([1, 2], {"rope_theta": 5.0}, 7, 2.0)
+    (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
+    assert plain == ModelSpec(model="a")
+
+    monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))
+    for bad in (["--max-num-batched-tokens", "0"], ["--block-size", "0"], ["--tensor-parallel-size", "0"]):
+        with pytest.raises(SystemExit, match=r"shardserve serve: error: .*must be"):
+            main(["serve", "a", *bad])
+    with pytest.raises(SystemExit):  # argparse's own: not a JSON object
+        main(["serve", "a", "--hf-overrides", "[1]"])
+
+
 def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(model_dirs):
     """The cluster `shardserve serve` starts runs SCHED_BATCH, except a CPU replica's engine thread and its
     OpenMP team, and its bookkeeping (Serve's controller, Ray's agents), which runs SCHED_IDLE; SIGTERM (docker
@@ -84,7 +116,7 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
     server = subprocess.Popen(
         [sys.executable, "-m", "shardserve", "serve", model_dirs("llama"), "--served-model-name", "cli",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
-         "--stream-interval", "3",
+         "--stream-interval", "3", "--max-num-batched-tokens", "8", "--block-size", "32", "--no-enable-prefix-caching",
          "--num-cpus", str(len(os.sched_getaffinity(0)))],  # the model on every core: a hand-off replica
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -94,9 +126,15 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
             if line.startswith("shardserve is listening"):
                 break
         assert server.poll() is None, "".join(output)
+        # A prompt of several 8-token chunks (--max-num-batched-tokens 8) answers as the offline engine does.
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": "cli", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+                       json={"model": "cli", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert r.json()["usage"]["prompt_tokens"] > 3 * 8
+        offline = LLM(model_dirs("llama"), dtype="float32", max_model_len=128)
+        expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].text
+        assert r.json()["choices"][0]["text"] == expected
         body = {"model": "cli", "prompt": "Hello", "max_tokens": 7, "temperature": 0, "ignore_eos": True,
                 "logprobs": 1, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:

@@ -23,12 +23,18 @@ class ModelSpec:
     runner: str = "auto"
     convert: str = "auto"
     pooler_config: dict[str, Any] | str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
     seed: int = 0
     max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
     # Serve
     num_replicas: int = 1
     min_replicas: int | None = None
@@ -38,6 +44,9 @@ class ModelSpec:
     num_cpus_per_worker: float = 1.0   # each TP/PP worker's bundle
     stream_interval: int = 1           # vLLM's --stream-interval: tokens per streamed output (EngineConfig)
     stream_interval_s: float = 0.0     # at most one streamed batch of tokens per interval (0: every step)
+
+    def __post_init__(self) -> None:
+        self.engine_config()  # the engine's own checks, where the spec is made (the CLI, a Serve config)
 
     @property
     def name(self) -> str:
@@ -50,13 +59,16 @@ class ModelSpec:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model, served_model_name=self.name, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed,
-            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            revision=self.revision, trust_remote_code=self.trust_remote_code, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker,
             runner=self.runner, convert=self.convert, pooler_config=self.pooler_config,
             gpu_memory_utilization=self.gpu_memory_utilization, attention_backend=self.attention_backend,
-            enforce_eager=self.enforce_eager, stream_interval=self.stream_interval, device=self.resolved_device())
+            enforce_eager=self.enforce_eager, cuda_graph_sizes=self.cuda_graph_sizes,
+            stream_interval=self.stream_interval, device=self.resolved_device())
 
     def deployment_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}
