@@ -168,6 +168,7 @@ class Offline:
         from shardserve import LLM, SamplingParams
         self.a = a
         self.llm = LLM(str(model_dir), dtype="float32", max_num_seqs=a.concurrency,
+                       max_num_batched_tokens=a.max_num_batched_tokens,
                        max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30)
         self.params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.output_len)
         self.one_token = SamplingParams(temperature=0.0, max_tokens=1)
@@ -202,6 +203,7 @@ def run_shardserve(model_dir: Path, works: list[Work], a) -> dict:
     if a.ingress != "default":  # read when the cluster starts
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if a.ingress == "haproxy" else "0"
     spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
+                     max_num_batched_tokens=a.max_num_batched_tokens,
                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
                      num_cpus=a.replica_cpus, stream_interval=a.stream_interval, stream_interval_s=a.stream_interval_s)
     offline = Offline(model_dir, works[0].warm, a)
@@ -276,6 +278,8 @@ def _vllm_server_round(model_dir: Path, work: Work, a, threads: int) -> dict:
            "--served-model-name", "bench", "--dtype", "float32", "--max-num-seqs", str(a.concurrency),
            "--max-model-len", str(a.input_len + a.output_len), "--kv-cache-memory-bytes", str(2 << 30),
            "--seed", "0", "--uvicorn-log-level", "warning", "--stream-interval", str(a.stream_interval)]
+    if a.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -356,6 +360,9 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="default: 2 x concurrency")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="the step's token budget of both servers and of shardserve's offline engine (default: each "
+                        "engine's own, 2048 for both servers at these lengths)")
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count(),
                    help="CPUs (and so engine threads) of the model replica; default all, as offline")
     p.add_argument("--stream-interval", type=int, default=1, help="vLLM's --stream-interval, for both servers: "
