@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--max-num-seqs", type=int, help="most requests in one step")
     _spec_flag(model, "--max-num-batched-tokens", type=int,
                help="most tokens in one step; longer prompts are prefilled in chunks (default: max_model_len, "
-                    "at least 2048). Smaller: shorter gaps between a stream's tokens while others prefill, later "
-                    "first tokens")
+                    "at least 2048). Smaller: a burst of prompts gets its first tokens sooner, and the streams "
+                    "already running wait through more, shorter prefill steps (benchmarks/RESULTS.md)")
     _spec_flag(model, "--block-size", type=int, help="tokens per KV-cache block")
     _spec_flag(model, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                help="reuse the KV blocks of a shared prompt prefix (default: on)")
