@@ -8,6 +8,10 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shardserve.router.spec import ModelSpec
 
 DEFAULT_PROMPTS = ["The capital of France is", "The three primary colors are", "def fibonacci(n):"]
 
@@ -34,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_specs(args: argparse.Namespace) -> list:
+def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """One `ModelSpec` per model on the command line: the flags that name a spec field (absent ones keep the
     spec's defaults, the only defaults there are) apply to every model."""
     from shardserve.models.gguf import default_generation_model
