@@ -385,20 +385,24 @@ def test_a_client_that_goes_away_aborts_its_request(server):
 
 def test_single_model_app_serves_from_its_router_replicas(server, offline, model_dir):
     """An app of one model has no separate model deployment: the ingress replicas hold the engine (here with
-    two tensor-parallel workers in the replica's placement group). A killed worker turns its /health red and
-    Serve replaces the replica."""
+    two tensor-parallel workers in the replica's placement group). It is built as a Serve config builds it
+    (`app_builder`), engine settings included. A killed worker turns its /health red and Serve replaces the
+    replica."""
     import os
     import signal
     import time
 
     from ray import serve
 
-    from shardserve.router.app import build_app
-    from shardserve.router.spec import ModelSpec
+    from shardserve.router.app import app_builder
 
-    spec = ModelSpec(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
-                     tensor_parallel_size=2, num_cpus=0.25, num_cpus_per_worker=0.25, **ENGINE)
-    serve.run(build_app([spec]), name="solo", route_prefix="/solo", blocking=False)
+    # A Serve config's `args`; a step of 8 tokens prefills every prompt here in chunks.
+    args = {"models": [dict(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
+                            tensor_parallel_size=2, num_cpus=0.25, num_cpus_per_worker=0.25,
+                            max_num_batched_tokens=8, block_size=32, enable_prefix_caching=False, **ENGINE)]}
+    with pytest.raises(ValueError, match="block_size must be at least 1"):  # refused before anything starts
+        app_builder({"models": [dict(args["models"][0], block_size=0)]})
+    serve.run(app_builder(args), name="solo", route_prefix="/solo", blocking=False)
     try:
         status = serve.status().applications["solo"]
         assert list(status.deployments) == ["model-0"]  # the router, holding the model
@@ -416,6 +420,7 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         assert r.status_code == 404
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
         assert info["id"] == "solo" and info["num_steps"] > 0 and len(info["worker_pids"]) == 2
+        assert (info["max_num_batched_tokens"], info["block_size"], info["enable_prefix_caching"]) == (8, 32, False)
         assert info["gc_frozen"] > 10_000  # start-up's objects are out of the collector's reach
         _abandon_a_stream(f"{server}/solo/v1/completions", "solo", "solo", "model-0")
 
