@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--dtype", help="auto, float32, bfloat16 or float16")
     _spec_flag(model, "--hf-overrides", type=_json_object, help="JSON object of config overrides")
     _spec_flag(model, "--seed", type=int)
+    _spec_flag(model, "--generation-config",
+               help="sampling defaults for what a request leaves out: auto, the model's generation_config.json; "
+                    "vllm, none; or a folder holding one (default: auto)")
+    _spec_flag(model, "--override-generation-config", type=_json_object,
+               help="JSON object of generation-config fields over those, e.g. '{\"temperature\": 0.5}'")
     _spec_flag(model, "--max-model-len", type=int, help="default: the model's")
     _spec_flag(model, "--max-num-seqs", type=int, help="most requests in one step")
     _spec_flag(model, "--max-num-batched-tokens", type=int,

@@ -58,6 +58,10 @@ class EngineConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     hf_overrides: dict = field(default_factory=dict)
+    # Sampling defaults for what a request leaves out (engine/generation_config.py): "auto", the model's
+    # generation_config.json; "vllm", none; or a folder holding one. The overrides go on top.
+    generation_config: str = "auto"
+    override_generation_config: dict = field(default_factory=dict)
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
     # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.

@@ -18,6 +18,7 @@ from shardserve import LLM, SamplingParams
 from shardserve.cli import build_parser, main, model_specs
 from shardserve.router.spec import ModelSpec
 
+GENERATION_DEFAULTS = {"top_k": 1, "max_new_tokens": 5}
 PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and of Italy, Rome."
 
 pytestmark = [pytest.mark.timeout(300),
@@ -83,7 +84,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     flags = ["--max-num-batched-tokens", "64", "--block-size", "32", "--no-enable-prefix-caching", "--seed", "3",
              "--revision", "r1", "--trust-remote-code", "--kv-cache-memory-bytes", "1000000",
              "--cuda-graph-sizes", "1", "2", "--hf-overrides", '{"rope_theta": 5.0}', "--max-num-seqs", "7",
-             "--num-cpus-per-worker", "2"]
+             "--num-cpus-per-worker", "2", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 3}']
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -92,6 +93,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     assert (config.revision, config.trust_remote_code, config.kv_cache_memory_bytes) == ("r1", True, 1000000)
     assert (config.cuda_graph_sizes, config.hf_overrides, config.max_num_seqs, config.num_cpus_per_worker) == \
         ([1, 2], {"rope_theta": 5.0}, 7, 2.0)
+    assert (config.generation_config, config.override_generation_config) == ("vllm", {"top_k": 3})
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
     assert plain == ModelSpec(model="a")
 
@@ -117,6 +119,7 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
         [sys.executable, "-m", "shardserve", "serve", model_dirs("llama"), "--served-model-name", "cli",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
          "--stream-interval", "3", "--max-num-batched-tokens", "8", "--block-size", "32", "--no-enable-prefix-caching",
+         "--override-generation-config", json.dumps(GENERATION_DEFAULTS),
          "--num-cpus", str(len(os.sched_getaffinity(0)))],  # the model on every core: a hand-off replica
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -131,10 +134,16 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
                        json={"model": "cli", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         assert r.json()["usage"]["prompt_tokens"] > 3 * 8
-        offline = LLM(model_dirs("llama"), dtype="float32", max_model_len=128)
+        offline = LLM(model_dirs("llama"), dtype="float32", max_model_len=128,
+                      override_generation_config=GENERATION_DEFAULTS)
         expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                                     use_tqdm=False)[0].outputs[0].text
         assert r.json()["choices"][0]["text"] == expected
+        # What a request leaves out comes from the generation config (top_k 1: sampled, yet the best token).
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "cli", "prompt": PROMPT, "max_tokens": None})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+        assert r.json()["choices"][0]["text"] == offline.generate(PROMPT, use_tqdm=False)[0].outputs[0].text
         body = {"model": "cli", "prompt": "Hello", "max_tokens": 7, "temperature": 0, "ignore_eos": True,
                 "logprobs": 1, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:

@@ -96,6 +96,10 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def default_sampling_params(self) -> dict:
+        return self.engine.default_sampling_params
+
     def check_health(self, ping_workers: bool = False) -> None:
         if self.error is not None:
             raise EngineDeadError(f"The engine failed: {self.error}")

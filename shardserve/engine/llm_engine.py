@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.detokenizer import IncrementalDetokenizer
+from shardserve.engine.generation_config import load_generation_config, sampling_defaults
 from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler
@@ -85,8 +84,17 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched)
+        generation_config = load_generation_config(self.source.path, config.revision)
+        # What a request leaves out of its sampling parameters, from the model's generation config (vLLM's rule).
+        self.default_sampling_params = sampling_defaults(generation_config, config.generation_config,
+                                                         config.override_generation_config)
+        if self.default_sampling_params and config.generation_config != "vllm":
+            logger.warning("Sampling defaults from %s: %s (generation_config='vllm' leaves vLLM's own)",
+                           "the model's generation_config.json" if config.generation_config == "auto"
+                           else config.generation_config, self.default_sampling_params)
         self.processor = Processor(
-            self.tokenizer, hf_config.vocab_size, self.max_model_len, self._eos_token_ids(hf_config),
+            self.tokenizer, hf_config.vocab_size, self.max_model_len,
+            self._eos_token_ids(hf_config, generation_config),
             # what get_input_embeddings yields: OPT's can be narrower than its hidden size
             embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
             dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
@@ -107,14 +115,12 @@ class LLMEngine:
                              f"max_position_embeddings={limit}.")
         return self.config.max_model_len
 
-    def _eos_token_ids(self, hf_config) -> set[int]:
+    def _eos_token_ids(self, hf_config, generation_config: dict) -> set[int]:
         ids = set()
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
-        gen_path = os.path.join(self.source.path, "generation_config.json")
-        if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                eos = json.load(f).get("eos_token_id")
+        if generation_config:
+            eos = generation_config.get("eos_token_id")
         else:
             eos = getattr(hf_config, "eos_token_id", None) if not ids else None
         if eos is not None:

@@ -56,7 +56,8 @@ class LLM(PoolingMixin):
                  task: str | None = None, pooler_config: PoolerConfig | dict | str | None = None,
                  override_pooler_config: PoolerConfig | dict | str | None = None,
                  attention_backend: str | None = None, enforce_eager: bool = False,
-                 cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1, **kwargs):
+                 cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1,
+                 generation_config: str = "auto", override_generation_config: dict | None = None, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -76,7 +77,8 @@ class LLM(PoolingMixin):
             placement_group_strategy=placement_group_strategy, runner=runner, convert=convert, task=task,
             pooler_config=pooler_config if pooler_config is not None else override_pooler_config,
             attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
-            stream_interval=stream_interval)
+            stream_interval=stream_interval, generation_config=generation_config,
+            override_generation_config=dict(override_generation_config or {}))
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
@@ -87,6 +89,11 @@ class LLM(PoolingMixin):
         """Release the workers now rather than when this object is collected."""
         self.llm_engine.shutdown()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no SamplingParams: vLLM's defaults, with the model's
+        generation config over them (`generation_config=`)."""
+        return SamplingParams(**self.llm_engine.default_sampling_params)
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -94,7 +101,7 @@ class LLM(PoolingMixin):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:

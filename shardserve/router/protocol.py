@@ -71,16 +71,21 @@ class SamplingRequest(OpenAIBase):
                 return name
         return None
 
-    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, stream: bool) -> SamplingParams:
-        def given(value, default):
-            return default if value is None else value
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, stream: bool,
+                           defaults: dict[str, Any]) -> SamplingParams:
+        """`defaults`: the engine's sampling defaults (the model's generation config), for the fields the
+        request leaves out; then vLLM's neutral values."""
+        def given(name, neutral):
+            value = getattr(self, name)
+            return defaults.get(name, neutral) if value is None else value
         return SamplingParams(
-            n=self.n, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
-            top_k=given(self.top_k, 0), min_p=given(self.min_p, 0.0), seed=self.seed, stop=self.stop,
-            stop_token_ids=self.stop_token_ids, presence_penalty=given(self.presence_penalty, 0.0),
-            frequency_penalty=given(self.frequency_penalty, 0.0),
-            repetition_penalty=given(self.repetition_penalty, 1.0), ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+            n=self.n, temperature=given("temperature", 1.0), top_p=given("top_p", 1.0),
+            top_k=given("top_k", 0), min_p=given("min_p", 0.0), seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, presence_penalty=given("presence_penalty", 0.0),
+            frequency_penalty=given("frequency_penalty", 0.0),
+            repetition_penalty=given("repetition_penalty", 1.0), ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
+            min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,

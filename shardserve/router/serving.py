@@ -204,7 +204,8 @@ class OpenAIServing:
         prompts = self._completion_prompts(req)
         if req.echo and req.logprobs is not None and req.prompt_embeds is None:
             req.prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
-        params = req.to_sampling_params(req.max_tokens, req.logprobs, req.stream)
+        params = req.to_sampling_params(req.max_tokens, req.logprobs, req.stream,
+                                        self.engine.default_sampling_params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         # Validate every prompt before any is queued (a request is queued when its stream is first read).
         processed = [self.engine.processor.process_prompt(p) for p in prompts]
@@ -307,8 +308,10 @@ class OpenAIServing:
         prompts = [self.engine.processor.process_prompt(p) for p in self._completion_prompts(req)]
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
+        temperature = self.engine.default_sampling_params.get("temperature", 0.0)
         params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
-                                  temperature=req.temperature or 0.0, length_penalty=req.length_penalty)
+                                  temperature=temperature if req.temperature is None else req.temperature,
+                                  length_penalty=req.length_penalty)
         stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop())
 
         def search():  # on a thread: its steps wait for the engine's outputs, which arrive on this loop
@@ -338,7 +341,8 @@ class OpenAIServing:
         prompt = self.engine.processor.process_prompt(self._chat_prompt(req))
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream)
+        params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream,
+                                        self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, rest = await self._start([self.engine.generate(prompt, params, request_id)])
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}

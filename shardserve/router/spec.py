@@ -25,6 +25,8 @@ class ModelSpec:
     pooler_config: dict[str, Any] | str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    generation_config: str = "auto"    # sampling defaults: the model's (auto), vLLM's own (vllm), or a folder's
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -59,7 +61,8 @@ class ModelSpec:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model, served_model_name=self.name, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed,
-            revision=self.revision, trust_remote_code=self.trust_remote_code, max_model_len=self.max_model_len,
+            revision=self.revision, trust_remote_code=self.trust_remote_code, generation_config=self.generation_config,
+            override_generation_config=dict(self.override_generation_config), max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
