@@ -62,6 +62,8 @@ class EngineConfig:
     # generation_config.json; "vllm", none; or a folder holding one. The overrides go on top.
     generation_config: str = "auto"
     override_generation_config: dict = field(default_factory=dict)
+    # The most logprobs (or prompt logprobs) one request may ask for; -1: the whole vocabulary (vLLM's).
+    max_logprobs: int = 20
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
     # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.
@@ -107,6 +109,8 @@ class EngineConfig:
             raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no cap) or non-negative, got {self.max_logprobs}.")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -91,8 +91,8 @@ class SamplingParams:
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise bad(name, value, "non-negative")
+            if value is not None and value < -1:
+                raise bad(name, value, "-1 (the whole vocabulary) or non-negative")
         if self.stream_interval is not None and (not isinstance(self.stream_interval, int)
                                                  or self.stream_interval < 1):
             raise bad("stream_interval", self.stream_interval, "at least 1")

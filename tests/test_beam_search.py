@@ -159,3 +159,13 @@ async def _drain(engine) -> None:
     """One more request through the engine: every command queued before it has been applied."""
     async for _ in engine.generate(TokensPrompt(prompt_token_ids=[1, 2, 3]), SamplingParams(max_tokens=1)):
         pass
+
+
+def test_beams_wider_than_max_logprobs_allows_are_refused_up_front(llm, path):
+    """A step asks for 2 x beam_width logprobs, which max_logprobs (default 20) caps as for any request."""
+    prompts = [TokensPrompt(prompt_token_ids=PROMPTS[0])]
+    with pytest.raises(ValueError, match="beam_width=11 needs 22 logprobs a step, more than max_logprobs=20"):
+        llm.beam_search(prompts, BeamSearchParams(beam_width=11, max_tokens=2))
+    wide = LLM(path, dtype="float32", block_size=4, max_logprobs=22)
+    (out,) = wide.beam_search(prompts, BeamSearchParams(beam_width=11, max_tokens=2, ignore_eos=True))
+    assert len(out.sequences) == 11

@@ -84,7 +84,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     flags = ["--max-num-batched-tokens", "64", "--block-size", "32", "--no-enable-prefix-caching", "--seed", "3",
              "--revision", "r1", "--trust-remote-code", "--kv-cache-memory-bytes", "1000000",
              "--cuda-graph-sizes", "1", "2", "--hf-overrides", '{"rope_theta": 5.0}', "--max-num-seqs", "7",
-             "--num-cpus-per-worker", "2", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 3}']
+             "--num-cpus-per-worker", "2", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 3}',
+             "--max-logprobs", "-1"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -93,7 +94,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     assert (config.revision, config.trust_remote_code, config.kv_cache_memory_bytes) == ("r1", True, 1000000)
     assert (config.cuda_graph_sizes, config.hf_overrides, config.max_num_seqs, config.num_cpus_per_worker) == \
         ([1, 2], {"rope_theta": 5.0}, 7, 2.0)
-    assert (config.generation_config, config.override_generation_config) == ("vllm", {"top_k": 3})
+    assert (config.generation_config, config.override_generation_config, config.max_logprobs) == \
+        ("vllm", {"top_k": 3}, -1)
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
     assert plain == ModelSpec(model="a")
 

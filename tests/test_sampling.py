@@ -105,6 +105,26 @@ def test_logprobs_match_transformers(llm, hf):
     assert completion.cumulative_logprob == pytest.approx(total, abs=1e-4)
 
 
+def test_max_logprobs_caps_requests_and_minus_one_is_the_whole_vocabulary(llm, path, hf):
+    """vLLM's rule: a request may ask for at most max_logprobs (default 20) logprobs or prompt logprobs; -1
+    asks for the whole vocabulary, which an engine with max_logprobs=-1 gives."""
+    for params, what in ((SamplingParams(logprobs=21), "sample logprobs of 21"),
+                         (SamplingParams(prompt_logprobs=-1), "prompt logprobs of")):
+        with pytest.raises(ValueError, match=f"Requested {what}.*greater than max allowed: 20"):
+            gen(llm, PROMPTS[:1], params)
+    assert gen(llm, PROMPTS[:1], SamplingParams(max_tokens=2, logprobs=20))[0].outputs[0].logprobs
+    whole = LLM(path, dtype="float32", max_logprobs=-1)
+    out = gen(whole, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3, logprobs=-1, prompt_logprobs=-1,
+                                                 ignore_eos=True))[0]
+    vocab = hf.config.vocab_size
+    assert [len(entry) for entry in out.outputs[0].logprobs] == [vocab] * 3
+    assert [len(entry) for entry in out.prompt_logprobs[1:]] == [vocab] * (len(PROMPTS[0]) - 1)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPTS[0]])).logits[0, -1].log_softmax(-1)
+    first = out.outputs[0].logprobs[0]
+    assert max(abs(first[t].logprob - ref[t].item()) for t in range(vocab)) < 1e-4
+
+
 def test_repetition_penalty_matches_transformers(llm, hf):
     prompt = PROMPTS[1]
     ours = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.8,

@@ -99,7 +99,7 @@ class LLMEngine:
             embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
             dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
             enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling, model_name=config.served_model_name or config.model,
-            hf_config=hf_config)
+            hf_config=hf_config, max_logprobs=config.max_logprobs)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 

@@ -28,9 +28,11 @@ class ProcessedPrompt:
 class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int],
                  embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False,
-                 pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None):
+                 pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None,
+                 max_logprobs: int = 20):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.max_logprobs = vocab_size if max_logprobs == -1 else max_logprobs  # vLLM's cap; -1: none
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.embed_dim = embed_dim
@@ -104,17 +106,28 @@ class Processor:
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"Token id {token_id} is out of vocabulary (the model's vocab_size is "
                                  f"{self.vocab_size}).")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > self.vocab_size:
-                raise ValueError(f"{name}={value} exceeds the vocabulary size {self.vocab_size}.")
-        params = params.clone()
+        # -1 asks for the whole vocabulary; the engine's max_logprobs caps what one request may ask for (each
+        # is a sort over the vocabulary and a list per token sent back).
+        counts = {name: self.vocab_size if getattr(params, name) == -1 else getattr(params, name)
+                  for name in ("logprobs", "prompt_logprobs")}
+        for name, what in (("logprobs", "sample logprobs"), ("prompt_logprobs", "prompt logprobs")):
+            if counts[name] is not None and counts[name] > min(self.max_logprobs, self.vocab_size):
+                raise ValueError(f"Requested {what} of {counts[name]}, which is greater than max allowed: "
+                                 f"{min(self.max_logprobs, self.vocab_size)}.")
+        params = params.clone(**counts)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         if not params.ignore_eos:
             params.all_stop_token_ids = set(self.eos_token_ids)
         else:
             params.all_stop_token_ids = set()
         return params
+
+    def validate_beam_width(self, beam_width: int) -> None:
+        """Beam search asks for 2 x beam_width logprobs a step, which max_logprobs caps as for any request."""
+        if 2 * beam_width > self.max_logprobs:
+            raise ValueError(f"beam_width={beam_width} needs {2 * beam_width} logprobs a step, more than "
+                             f"max_logprobs={self.max_logprobs} allows; start the engine with a larger max_logprobs "
+                             f"(-1: no cap).")
 
     def _bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
         """Each bad word's tokens as it starts the text and, where that tokenizes as other tokens of the same

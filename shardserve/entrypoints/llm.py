@@ -57,7 +57,8 @@ class LLM(PoolingMixin):
                  override_pooler_config: PoolerConfig | dict | str | None = None,
                  attention_backend: str | None = None, enforce_eager: bool = False,
                  cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1,
-                 generation_config: str = "auto", override_generation_config: dict | None = None, **kwargs):
+                 generation_config: str = "auto", override_generation_config: dict | None = None,
+                 max_logprobs: int = 20, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -78,7 +79,7 @@ class LLM(PoolingMixin):
             pooler_config=pooler_config if pooler_config is not None else override_pooler_config,
             attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
             stream_interval=stream_interval, generation_config=generation_config,
-            override_generation_config=dict(override_generation_config or {}))
+            override_generation_config=dict(override_generation_config or {}), max_logprobs=max_logprobs)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
@@ -167,6 +168,7 @@ class LLM(PoolingMixin):
         processed = [processor.process_prompt(p) for p in prompts]
         if any(p.embeds is not None for p in processed):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
+        processor.validate_beam_width(params.beam_width)
         stepper = EngineBeamStepper(self.llm_engine)
         try:
             with heap_out_of_collection():

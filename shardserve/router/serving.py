@@ -308,6 +308,7 @@ class OpenAIServing:
         prompts = [self.engine.processor.process_prompt(p) for p in self._completion_prompts(req)]
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
+        self.engine.processor.validate_beam_width(req.n)
         temperature = self.engine.default_sampling_params.get("temperature", 0.0)
         params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
                                   temperature=temperature if req.temperature is None else req.temperature,

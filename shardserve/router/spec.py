@@ -27,6 +27,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     generation_config: str = "auto"    # sampling defaults: the model's (auto), vLLM's own (vllm), or a folder's
     override_generation_config: dict[str, Any] = field(default_factory=dict)
+    max_logprobs: int = 20
     seed: int = 0
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -62,7 +63,8 @@ class ModelSpec:
         return EngineConfig(
             model=self.model, served_model_name=self.name, tokenizer=self.tokenizer, dtype=self.dtype, seed=self.seed,
             revision=self.revision, trust_remote_code=self.trust_remote_code, generation_config=self.generation_config,
-            override_generation_config=dict(self.override_generation_config), max_model_len=self.max_model_len,
+            override_generation_config=dict(self.override_generation_config), max_logprobs=self.max_logprobs,
+            max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
