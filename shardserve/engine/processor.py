@@ -32,7 +32,8 @@ class Processor:
                  max_logprobs: int = 20):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.max_logprobs = vocab_size if max_logprobs == -1 else max_logprobs  # vLLM's cap; -1: none
+        # vLLM's cap on the logprobs one request asks for; -1: none (the whole vocabulary)
+        self.max_logprobs = vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.embed_dim = embed_dim
@@ -111,9 +112,9 @@ class Processor:
         counts = {name: self.vocab_size if getattr(params, name) == -1 else getattr(params, name)
                   for name in ("logprobs", "prompt_logprobs")}
         for name, what in (("logprobs", "sample logprobs"), ("prompt_logprobs", "prompt logprobs")):
-            if counts[name] is not None and counts[name] > min(self.max_logprobs, self.vocab_size):
+            if counts[name] is not None and counts[name] > self.max_logprobs:
                 raise ValueError(f"Requested {what} of {counts[name]}, which is greater than max allowed: "
-                                 f"{min(self.max_logprobs, self.vocab_size)}.")
+                                 f"{self.max_logprobs}.")
         params = params.clone(**counts)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         if not params.ignore_eos:
