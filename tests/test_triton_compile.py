@@ -126,8 +126,9 @@ def _compile_all() -> list[dict]:
                 for kernel, args, kwargs in launches:
                     signature, constexprs = _signature(kernel, args, kwargs)
                     try:
+                        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
                         compiled = triton.compile(ASTSource(kernel, signature, constexprs),
-                                                  target=GPUTarget("cuda", ARCH, 32))
+                                                  target=GPUTarget("cuda", ARCH, 32), options=options)
                         result["kernels"].append({"name": kernel.__name__, "shared": compiled.metadata.shared,
                                                   "num_warps": compiled.metadata.num_warps})
                     except Exception as error:  # reported to the test, which fails on it

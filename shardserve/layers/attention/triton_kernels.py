@@ -164,16 +164,18 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_len: int, block_n: int) 
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                 scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
+                 block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] (int32/int64); seq_lens: [B], each >= 1. -> [B, H, D].
-    The grid depends on B and the table's width only."""
+    The grid depends on B and the table's width only. `block_n` (keys per tile) and `num_warps` are the
+    tuning knobs benchmarks/gpu_kernels.py sweeps."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     assert q.stride(-1) == 1 and kv_cache.is_contiguous() and block_tables.stride(-1) == 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     assert out.stride(-1) == 1
-    block_n = 16 if _interpreting() else 64
+    block_n = block_n or (16 if _interpreting() else 64)
     max_len = block_tables.shape[1] * block_size
     splits = num_splits or decode_splits(num_seqs, num_kv_heads, max_len, block_n)
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
@@ -187,7 +189,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), tokens_per_split,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32)
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps)
     if splits > 1:
         _join_splits_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
@@ -240,18 +243,19 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_sta
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_starts: torch.Tensor,
                   query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
-                  out: torch.Tensor, causal: bool = True) -> torch.Tensor:
+                  out: torch.Tensor, causal: bool = True, block: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """q, out: [T, H, D] rows of the whole step; each sequence's rows are query_starts[i] ..
-    + query_lens[i], its keys (context then query, all stored) found through block_tables[i]."""
+    + query_lens[i], its keys (context then query, all stored) found through block_tables[i]. `block` (the
+    query and key tile) and `num_warps`: as paged_decode's knobs."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
-    block = 16 if _interpreting() else (64 if head_dim <= 128 else 32)
+    block = block or (16 if _interpreting() else (64 if head_dim <= 128 else 32))
     _paged_prefill_kernel[(triton.cdiv(max_query_len, block), len(query_lens), num_heads)](
         q, kv_cache[0], kv_cache[1], block_tables, query_starts, query_lens, context_lens, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=causal,
-        IEEE=q.dtype == torch.float32)
+        IEEE=q.dtype == torch.float32, num_warps=num_warps)
     return out
 
 
