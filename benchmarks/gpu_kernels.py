@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpu import SHAPES  # noqa: E402  (the models gpu.py builds)
+from gpu import SHAPES, work_bandwidth  # noqa: E402  (the models gpu.py builds, its bandwidth measurement)
 
 ENGINE = {"decode": {"block_n": 64, "num_warps": 4}, "prefill": {"block": 64, "num_warps": 4}}
 DECODE_CONFIGS = [{"block_n": n, "num_warps": w} for n in (32, 64, 128) for w in (4, 8)]
@@ -37,15 +37,6 @@ def bench(fn, device: str) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
-
-
-def copy_bandwidth(device: str) -> float:
-    """Device-to-device copy, read + write bytes per second (GB/s)."""
-    import torch
-    n = (1 << 30) // 2 if device == "cuda" else 1 << 20
-    src = torch.ones(n, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / bench(lambda: dst.copy_(src), device) / 1e6
 
 
 def cases(smoke: bool):
@@ -113,7 +104,7 @@ def main() -> None:
     import torch
     device = "cpu" if a.smoke else "cuda"
     dtype = torch.float32 if a.smoke else getattr(torch, a.dtype)
-    bandwidth = copy_bandwidth(device)
+    bandwidth = work_bandwidth(argparse.Namespace(device=device))["bandwidth_gbs"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     print(f"{name}: copy bandwidth {bandwidth:,.0f} GB/s; engine config {json.dumps(ENGINE)}")
     report = {"device": name, "bandwidth_gbs": bandwidth, "cases": []}

@@ -137,8 +137,8 @@ async def online(work: Work, a, engine_info=None) -> dict:
         # Router overhead probe: sequential one-token requests, each also against the replica's own step time
         # for it (the rest is the HTTP path, the router and the async engine).
         one, beside_step = [], []
+        step_before = (await engine_info())["step_seconds"] if engine_info else None
         for p in work.probe:
-            step_before = (await engine_info())["step_seconds"] if engine_info else None
             t = time.perf_counter()
             async with http.post(f"http://127.0.0.1:{PORT}/v1/completions",
                                  json={"model": "bench", "prompt": p, "max_tokens": 1, "temperature": 0.0}) as r:
@@ -146,7 +146,9 @@ async def online(work: Work, a, engine_info=None) -> dict:
                 await r.read()
             one.append(time.perf_counter() - t)
             if engine_info:
-                beside_step.append(one[-1] - ((await engine_info())["step_seconds"] - step_before))
+                step_after = (await engine_info())["step_seconds"]
+                beside_step.append(one[-1] - (step_after - step_before))
+                step_before = step_after
     itl = [x for r in results for x in r["itl"]]
     out = {"tok_s": sum(r["tokens"] for r in results) / elapsed, "elapsed": elapsed, "cores": cores,
            "ttft_p50": pct([r["ttft"] for r in results], 0.5), "ttft_p99": pct([r["ttft"] for r in results], 0.99),

@@ -6,6 +6,7 @@ online APIs refuse the same things with the same words.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,10 @@ class OpenAIBase(BaseModel):
 class StreamOptions(OpenAIBase):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+# vLLM's neutral value of each sampling field: SamplingParams' own default.
+_NEUTRAL = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
 
 class SamplingRequest(OpenAIBase):
@@ -75,15 +80,14 @@ class SamplingRequest(OpenAIBase):
                            defaults: dict[str, Any]) -> SamplingParams:
         """`defaults`: the engine's sampling defaults (the model's generation config), for the fields the
         request leaves out; then vLLM's neutral values."""
-        def given(name, neutral):
+        def given(name):
             value = getattr(self, name)
-            return defaults.get(name, neutral) if value is None else value
+            return defaults.get(name, _NEUTRAL[name]) if value is None else value
         return SamplingParams(
-            n=self.n, temperature=given("temperature", 1.0), top_p=given("top_p", 1.0),
-            top_k=given("top_k", 0), min_p=given("min_p", 0.0), seed=self.seed, stop=self.stop,
-            stop_token_ids=self.stop_token_ids, presence_penalty=given("presence_penalty", 0.0),
-            frequency_penalty=given("frequency_penalty", 0.0),
-            repetition_penalty=given("repetition_penalty", 1.0), ignore_eos=self.ignore_eos,
+            n=self.n, temperature=given("temperature"), top_p=given("top_p"), top_k=given("top_k"),
+            min_p=given("min_p"), seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            presence_penalty=given("presence_penalty"), frequency_penalty=given("frequency_penalty"),
+            repetition_penalty=given("repetition_penalty"), ignore_eos=self.ignore_eos,
             max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
             min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
