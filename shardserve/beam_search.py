@@ -88,10 +88,11 @@ BeamStep = Callable[[list[BeamSearchSequence], SamplingParams], list[PositionLog
 
 class EngineBeamStepper:
     """Steps beams on an `LLMEngine` that keeps each beam's KV blocks (`hold_kv`) after its step, forking
-    every extension from them; `close` frees what the last step held."""
+    every extension from them; `close` frees what the last step held. The beams have the search's `priority`."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, priority: int = 0):
         self.engine = engine
+        self.priority = priority
         self.held: list[str] = []
         self._prefix = f"beam-{uuid.uuid4().hex[:8]}"
         self._ids = itertools.count()
@@ -104,7 +105,7 @@ class EngineBeamStepper:
             request_id = f"{self._prefix}-{next(self._ids)}"
             if beam.parent is None:
                 handles.append(self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=beam.tokens),
-                                                       params, hold_kv=True))
+                                                       params, hold_kv=True, priority=self.priority))
             else:
                 handles.append(self.engine.fork_request(request_id, beam.parent.request_id, beam.tokens[-1],
                                                         params))
@@ -131,8 +132,8 @@ class AsyncEngineBeamStepper(EngineBeamStepper):
     """The same steps on an `AsyncLLMEngine` (the server), called from the thread that runs the search while
     the engine's outputs arrive on `loop`."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop):
-        super().__init__(engine)
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, priority: int = 0):
+        super().__init__(engine, priority)
         self.loop = loop
 
     def __call__(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="most tokens in one step; longer prompts are prefilled in chunks (default: max_model_len, "
                     "at least 2048). Smaller: a burst of prompts gets its first tokens sooner, and the streams "
                     "already running wait through more, shorter prefill steps (benchmarks/RESULTS.md)")
+    _spec_flag(model, "--scheduling-policy", choices=["fcfs", "priority"],
+               help="fcfs: in arrival order; priority: by each request's `priority` (lower first; arrival breaks "
+                    "ties), preempting the least urgent when the KV cache is full")
     _spec_flag(model, "--block-size", type=int, help="tokens per KV-cache block")
     _spec_flag(model, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                help="reuse the KV blocks of a shared prompt prefix (default: on)")

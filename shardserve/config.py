@@ -41,6 +41,9 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    # vLLM's scheduling policy: "fcfs" serves requests in arrival order; "priority" by each request's
+    # priority (lower first), arrival breaking ties, and under KV pressure preempts the lowest-priority one.
+    scheduling_policy: str = "fcfs"
     block_size: int = 16
     enable_prefix_caching: bool = True
     # KV-cache budget: on CPU a byte budget, on GPU a fraction of free memory.
@@ -107,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
         if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
             raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if self.max_logprobs < -1:

@@ -37,6 +37,41 @@ def test_step_loop_streams_partial_outputs_and_abort_frees_blocks(llm):
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
+def test_priority_policy_serves_the_most_urgent_first(model_dirs, llm):
+    """vLLM's scheduling_policy="priority": lower priority values run first, arrival breaking ties; a
+    request's text is what it would be in any order."""
+    prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 10], [1, 11, 12, 13, 14]]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    priorities = [2, -1, 0, -1]
+    ordered = LLM(model_dirs("llama"), dtype="float32", scheduling_policy="priority", max_num_seqs=1)
+    engine = ordered.llm_engine
+    for i, (prompt, priority) in enumerate(zip(prompts, priorities)):
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params, priority=priority)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [out.request_id for out in engine.step() if out.finished]
+    assert finished == ["1", "3", "2", "0"]
+    tokens = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    by_priority = ordered.generate(tokens, params, use_tqdm=False, priority=priorities)
+    in_order = llm.generate(tokens, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in by_priority] == [o.outputs[0].token_ids for o in in_order]
+
+
+def test_priority_needs_the_priority_policy(model_dirs, llm):
+    """Under fcfs a priority would be ignored: any but 0 is refused, before anything is queued."""
+    with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+        llm.generate(["a", "b"], priority=[0, 1], use_tqdm=False)
+    with pytest.raises(ValueError, match="Got 2 priorities for 1 prompts"):
+        llm.generate("a", priority=[0, 0], use_tqdm=False)
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        llm.chat([{"role": "user", "content": "hi"}], chat_template="{{ messages[0]['content'] }}", priority=0.5,
+                 use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(llm.generate("a", SamplingParams(max_tokens=2), priority=0, use_tqdm=False)) == 1
+    with pytest.raises(ValueError, match="scheduling_policy must be 'fcfs' or 'priority'"):
+        LLM(model_dirs("llama"), scheduling_policy="lifo")
+
+
 def test_stream_interval_batches_tokens_into_fewer_outputs(model_dirs, llm):
     """vLLM's --stream-interval: a streamed request reports its first token at once, then every `interval` new
     tokens (the engine's, raised by the request's own), and when it finishes; the tokens and text are those of

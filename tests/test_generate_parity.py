@@ -93,10 +93,14 @@ def test_greedy_same_under_prefix_cache_chunking_and_preemption(arch, references
         "chunked-prefill": dict(max_num_batched_tokens=8),
         # 9 blocks of 16 tokens cannot hold the three sequences (3 + 4 + 5 blocks at the end): someone is preempted.
         "preemption": dict(num_gpu_blocks_override=9, max_model_len=128),
+        # The same, with the first (shortest) prompt the least urgent: it gives way, not the last admitted.
+        "priority-preemption": dict(num_gpu_blocks_override=9, max_model_len=128, scheduling_policy="priority"),
     }
     for name, kwargs in variants.items():
         llm = LLM(path, dtype="float32", block_size=16, **kwargs)
-        outs = _generate(llm, prompts)
+        priority = [2, 0, 1] if name == "priority-preemption" else None
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False,
+                            priority=priority)
         assert [o.outputs[0].token_ids for o in outs] == greedy, name
         if name == "prefix-cache":
             first = _generate(llm, [shared + [5, 6, 7]])[0]
@@ -104,7 +108,7 @@ def test_greedy_same_under_prefix_cache_chunking_and_preemption(arch, references
             assert again.num_cached_tokens == 32
             assert llm.llm_engine.scheduler.block_manager.stats.hits >= 32
             assert first.outputs[0].token_ids  # the first one computed everything itself
-        if name == "preemption":
+        if name.endswith("preemption"):
             assert llm.llm_engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
 
 

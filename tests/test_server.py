@@ -257,6 +257,8 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "greater than max allowed: 20"),
+    ({"model": "tiny", "prompt": "x", "priority": 3}, 400, "priority scheduling is not enabled"),
+    ({"model": "tiny", "prompt": "x", "use_beam_search": True, "n": 2, "priority": 1}, 400, "--scheduling-policy"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])
 def test_errors_in_openai_shape(server, body, status, message):
@@ -400,7 +402,8 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
     # A Serve config's `args`; a step of 8 tokens prefills every prompt here in chunks.
     args = {"models": [dict(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
                             tensor_parallel_size=2, num_cpus=0.25, num_cpus_per_worker=0.25,
-                            max_num_batched_tokens=8, block_size=32, enable_prefix_caching=False, **ENGINE)]}
+                            max_num_batched_tokens=8, block_size=32, enable_prefix_caching=False,
+                            scheduling_policy="priority", **ENGINE)]}
     with pytest.raises(ValueError, match="block_size must be at least 1"):  # refused before anything starts
         app_builder({"models": [dict(args["models"][0], block_size=0)]})
     serve.run(app_builder(args), name="solo", route_prefix="/solo", blocking=False)
@@ -409,7 +412,8 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         assert list(status.deployments) == ["model-0"]  # the router, holding the model
         solo = OpenAI(base_url=f"{server}/solo/v1", api_key="unused", max_retries=0)
         expected = offline.generate(PROMPTS, greedy(max_tokens=10), use_tqdm=False)
-        got = solo.completions.create(model="solo", prompt=PROMPTS, max_tokens=10, temperature=0)
+        got = solo.completions.create(model="solo", prompt=PROMPTS, max_tokens=10, temperature=0,
+                                      extra_body={"priority": -5})  # the priority policy takes any priority
         assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected]
         chunks = list(solo.chat.completions.create(model="solo", messages=MESSAGES, max_tokens=8, temperature=0,
                                                    stream=True))
@@ -421,7 +425,8 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         assert r.status_code == 404
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
         assert info["id"] == "solo" and info["num_steps"] > 0 and len(info["worker_pids"]) == 2
-        assert (info["max_num_batched_tokens"], info["block_size"], info["enable_prefix_caching"]) == (8, 32, False)
+        assert (info["max_num_batched_tokens"], info["block_size"], info["enable_prefix_caching"],
+                info["scheduling_policy"]) == (8, 32, False, "priority")
         assert info["gc_frozen"] > 10_000  # start-up's objects are out of the collector's reach
         _abandon_a_stream(f"{server}/solo/v1/completions", "solo", "solo", "model-0")
 

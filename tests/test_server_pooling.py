@@ -229,6 +229,8 @@ def test_cohere_client_reranks(co, minilm):
     ("/rerank", {"model": "tiny", "query": "a", "documents": ["b"]}, "'generate' runner"),
     ("/pooling", {"model": "minilm", "input": "x", "task": "classify"}, "does not serve the 'classify'"),
     ("/pooling", {"model": "minilm", "input": "x", "truncation_side": "middle"}, "truncation_side"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["x", "y"], "priority": 1}, "priority scheduling is not enabled"),
+    ("/rerank", {"model": "cross", "query": "a", "documents": ["b"], "priority": -1}, "--scheduling-policy priority"),
 ])
 def test_pooling_route_errors(server, route, body, message):
     r = post(server, route, body)

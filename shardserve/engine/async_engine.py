@@ -113,18 +113,18 @@ class AsyncLLMEngine:
                 raise EngineDeadError(f"The engine lost a worker: {e}") from e
 
     def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                 request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, the last one with `finished=True`. Bad input
         raises here; the request is queued when the iteration starts, so an iterator never started (a later
-        prompt of the same call failed) leaves nothing behind."""
+        prompt of the same call failed) leaves nothing behind. `priority`: as `LLMEngine.add_request`."""
         request_id = request_id or f"req-{next(self._ids)}"
-        return self._stream(request_id, self._add_command(request_id, prompt, params, hold_kv=False))
+        return self._stream(request_id, self._add_command(request_id, prompt, params, False, priority))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                    hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+                    hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Queue a request now (bad input raises here) and return its outputs, as `generate`. `hold_kv`: as
         `LLMEngine.add_request`, for beams to fork from."""
-        command = self._add_command(request_id, prompt, params, hold_kv)
+        command = self._add_command(request_id, prompt, params, hold_kv, priority)
         return self._stream(request_id, self._queue(request_id, command))
 
     def fork_request(self, request_id: str, parent_request_id: str, token_id: int,
@@ -135,10 +135,10 @@ class AsyncLLMEngine:
         return self._stream(request_id, self._queue(request_id, command))
 
     def _add_command(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                     hold_kv: bool) -> tuple:
+                     hold_kv: bool, priority: int) -> tuple:
         """The stepping thread's command that adds the request, made (and so checked) on the caller's thread."""
         self.check_health()
-        children = self.engine.processor.make_requests(request_id, prompt, params)
+        children = self.engine.processor.make_requests(request_id, prompt, params, priority)
         for child in children:
             child.hold_kv = hold_kv
         return ("add", request_id, children)

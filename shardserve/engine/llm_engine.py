@@ -83,7 +83,7 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
-                                   config.max_num_seqs, max_batched)
+                                   config.max_num_seqs, max_batched, config.scheduling_policy)
         generation_config = load_generation_config(self.source.path, config.revision)
         # What a request leaves out of its sampling parameters, from the model's generation config (vLLM's rule).
         self.default_sampling_params = sampling_defaults(generation_config, config.generation_config,
@@ -99,7 +99,7 @@ class LLMEngine:
             embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
             dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
             enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling, model_name=config.served_model_name or config.model,
-            hf_config=hf_config, max_logprobs=config.max_logprobs)
+            hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 
@@ -130,19 +130,22 @@ class LLMEngine:
     # requests ---------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
-                    params: SamplingParams | PoolingParams | None = None, hold_kv: bool = False) -> None:
+                    params: SamplingParams | PoolingParams | None = None, hold_kv: bool = False,
+                    priority: int = 0) -> None:
         """Queue a prompt: with SamplingParams to generate, with PoolingParams for a pooling model.
-        `hold_kv`: keep the finished request's KV blocks for `fork_request` until `release_requests`."""
+        `hold_kv`: keep the finished request's KV blocks for `fork_request` until `release_requests`.
+        `priority`: under scheduling_policy="priority", lower is served first."""
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        children = self.processor.make_requests(request_id, prompt, params or SamplingParams())
+        children = self.processor.make_requests(request_id, prompt, params or SamplingParams(), priority)
         for child in children:
             child.hold_kv = hold_kv
         self.add_processed_request(request_id, children)
 
     def fork_request(self, request_id: str, parent_request_id: str, token_id: int, params: SamplingParams) -> None:
         """Queue the tokens a finished `hold_kv` request computed, plus `token_id`, reusing that request's KV
-        blocks (beam search's extensions): only the new token is computed. The new request holds its KV too."""
+        blocks (beam search's extensions): only the new token is computed. The new request holds its KV too, and
+        has the parent's priority."""
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         parent = self.scheduler.held.get(parent_request_id)
@@ -150,7 +153,7 @@ class LLMEngine:
             raise ValueError(f"Request {parent_request_id!r} holds no KV blocks to fork from.")
         (token_id,) = self.processor.validate_token_ids([token_id])
         tokens = parent.all_token_ids[:parent.num_computed_tokens] + [token_id]
-        child = Request(request_id, tokens, params, hold_kv=True)
+        child = Request(request_id, tokens, params, hold_kv=True, priority=parent.priority)
         self.scheduler.prepare_fork(parent_request_id, child)
         self.add_processed_request(request_id, [child])
 

@@ -29,7 +29,7 @@ class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int],
                  embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False,
                  pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None,
-                 max_logprobs: int = 20):
+                 max_logprobs: int = 20, scheduling_policy: str = "fcfs"):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         # vLLM's cap on the logprobs one request asks for; -1: none (the whole vocabulary)
@@ -42,6 +42,7 @@ class Processor:
         self.pooling = pooling        # None: a generation model
         self.model_name = model_name  # as the user named it, for messages
         self.hf_config = hf_config
+        self.scheduling_policy = scheduling_policy
 
     def process_prompt(self, prompt: PromptType | ProcessedPrompt) -> ProcessedPrompt:
         if isinstance(prompt, ProcessedPrompt):
@@ -146,15 +147,26 @@ class Processor:
                 sequences.append(spaced)
         return sequences
 
+    def check_priority(self, priority: int) -> int:
+        """A request's priority: any integer under the priority policy, else only 0 (vLLM's documented rule:
+        a priority the scheduler would ignore is refused, not silently dropped)."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(f"Got priority {priority}, but priority scheduling is not enabled: start the engine "
+                             f"with scheduling_policy='priority' (--scheduling-policy priority).")
+        return priority
+
     def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt,
-                      params: SamplingParams) -> list[Request]:
+                      params: SamplingParams, priority: int = 0) -> list[Request]:
         """One request per completion: n > 1 fans out into n requests sharing the prompt (and so, through
-        the prefix cache, its KV blocks). A pooling request is one request."""
+        the prefix cache, its KV blocks), and the priority. A pooling request is one request."""
+        priority = self.check_priority(priority)
         if isinstance(params, PoolingParams):
             params = self.verify_pooling_params(params)
             prompt = self.process_pooling_prompt(prompt, params)
             return [Request(request_id, prompt.token_ids, None, prompt=prompt.text, pooling_params=params,
-                            token_type_ids=prompt.token_type_ids)]
+                            token_type_ids=prompt.token_type_ids, priority=priority)]
         prompt = self.process_prompt(prompt)
         params = self.validate_params(params)
         if prompt.embeds is not None and params.prompt_logprobs is not None:
@@ -163,12 +175,13 @@ class Processor:
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
         if params.n == 1:
-            return [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds)]
+            return [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds,
+                            priority=priority)]
         children = []
         for i in range(params.n):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
-                                    parent_id=request_id, prompt_embeds=prompt.embeds))
+                                    parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority))
         return children
 
     # pooling ----------------------------------------------------------------------------------------

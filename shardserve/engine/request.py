@@ -43,6 +43,7 @@ class Request:
     # Prompt embeddings in place of the prompt's tokens (whose ids are then placeholders).
     prompt_embeds: torch.Tensor | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0   # under the priority policy: lower runs first (the scheduler's order)
     # Which completion of its parent this is (n > 1 fans a prompt out into n requests).
     index: int = 0
     parent_id: str | None = None

@@ -2,8 +2,16 @@
 
 Each step hands out token counts: running requests first (a decode wants one token, an unfinished
 prefill the rest of its prompt), then waiting requests, all within `max_num_batched_tokens` and
-`max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the most
-recently admitted running request is preempted: its blocks are freed and it recomputes later.
+`max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the last running
+request is preempted: its blocks are freed and it recomputes later.
+
+The policy orders both queues. "fcfs": arrival order, and running in admission order, so the victim is the
+most recently admitted request, and a preempted request waits at the head of the queue. "priority" (vLLM's
+`--scheduling-policy priority`): both queues sorted by (priority, arrival), lower first, so the waiting
+request admitted next is the most urgent, running requests take the step's budget most urgent first, and
+the victim is the least urgent running request; a preempted request waits in its place by priority. The
+victim is always one not yet scheduled this step (it sorts after every request before it), so no step
+ever takes back work it handed out.
 
 A finished request marked `hold_kv` keeps its blocks until released: beam search forks each extension
 from it (`prepare_fork`), sharing its full blocks and copying a partial last block, and the copy travels to
@@ -16,6 +24,7 @@ finished by the engine after the step that computes it, so it never joins `runni
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -64,11 +73,17 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def _urgency(req: Request) -> tuple[int, float]:
+    return req.priority, req.arrival_time
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.by_priority = policy == "priority"
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -80,7 +95,16 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(self.waiting, request)
+
+    def _enqueue(self, queue: deque[Request] | list[Request], req: Request, front: bool = False) -> None:
+        """Put `req` into `queue` in the policy's order: by urgency, else at the back (or `front`)."""
+        if self.by_priority:
+            bisect.insort(queue, req, key=_urgency)
+        elif front:
+            queue.appendleft(req)
+        else:
+            queue.append(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -99,7 +123,7 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(req, num_new):
-                victim = self.running.pop()
+                victim = self.running.pop()  # the least urgent (the policy's order): not yet scheduled
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -134,7 +158,7 @@ class Scheduler:
                 req.num_cached_tokens = num_cached_tokens
             req.num_computed_tokens += num_cached_tokens
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._enqueue(self.running, req)
             out.scheduled.append(self._schedule(req, num_new, new=True))
             budget -= num_new
         if out.scheduled and self._pending_copies:  # before the forward that first reads the copies
@@ -180,7 +204,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(self.waiting, req, front=True)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Retire a request (stopped, out of length, or aborted) and free its blocks (or, with `hold_kv`

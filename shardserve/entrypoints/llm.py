@@ -58,7 +58,7 @@ class LLM(PoolingMixin):
                  attention_backend: str | None = None, enforce_eager: bool = False,
                  cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1,
                  generation_config: str = "auto", override_generation_config: dict | None = None,
-                 max_logprobs: int = 20, **kwargs):
+                 max_logprobs: int = 20, scheduling_policy: str = "fcfs", **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -79,7 +79,8 @@ class LLM(PoolingMixin):
             pooler_config=pooler_config if pooler_config is not None else override_pooler_config,
             attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
             stream_interval=stream_interval, generation_config=generation_config,
-            override_generation_config=dict(override_generation_config or {}), max_logprobs=max_logprobs)
+            override_generation_config=dict(override_generation_config or {}), max_logprobs=max_logprobs,
+            scheduling_policy=scheduling_policy)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
@@ -97,7 +98,9 @@ class LLM(PoolingMixin):
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, *, priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
+        """`priority`: one for all prompts or one each; lower is served first under scheduling_policy="priority"
+        (any other policy takes only 0)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -110,22 +113,32 @@ class LLM(PoolingMixin):
             if len(params) != len(prompts):
                 raise ValueError(f"Got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, "
                                  f"or one per prompt.")
+        if not isinstance(priority, (list, tuple)):  # one for every prompt (checked below)
+            priorities = [0 if priority is None else priority] * len(prompts)
+        else:
+            priorities = list(priority)
+            if len(priorities) != len(prompts):
+                raise ValueError(f"Got {len(priorities)} priorities for {len(prompts)} prompts; pass one, or one per "
+                                 f"prompt.")
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
-        processed = [self.llm_engine.processor.process_prompt(p) for p in prompts]
+        processor = self.llm_engine.processor
+        processed = [processor.process_prompt(p) for p in prompts]
         for p in params:
-            self.llm_engine.processor.validate_params(p)
+            processor.validate_params(p)
+        for p in priorities:
+            processor.check_priority(p)
         # Offline callers see only finished outputs: the engine need not build one per step.
         params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
-        return self._run_requests(processed, params, use_tqdm)
+        return self._run_requests(processed, params, use_tqdm, priorities)
 
-    def _run_requests(self, prompts: list, params: list[SamplingParams | PoolingParams],
-                      use_tqdm: bool) -> list[RequestOutput | PoolingRequestOutput]:
+    def _run_requests(self, prompts: list, params: list[SamplingParams | PoolingParams], use_tqdm: bool,
+                      priorities: list[int] | None = None) -> list[RequestOutput | PoolingRequestOutput]:
         """Queue validated prompts and run the engine until they finish; outputs in input order."""
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
                 request_id = str(next(self._request_counter))
-                self.llm_engine.add_request(request_id, prompt, p)
+                self.llm_engine.add_request(request_id, prompt, p, priority=priorities[i] if priorities else 0)
                 ids.append(request_id)
             return self._run_engine(ids, use_tqdm)
         except BaseException:
@@ -136,7 +149,8 @@ class LLM(PoolingMixin):
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None, *,
+             priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
         each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
         tokenizer's) and then generated as by `generate`."""
@@ -156,7 +170,7 @@ class LLM(PoolingMixin):
             # The template writes its own special tokens (BOS included): the tokenizer must add none.
             ids = tokenizer.encode(text, add_special_tokens=False)
             prompts.append(TokensPrompt(prompt_token_ids=ids, prompt=text))
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:

@@ -66,6 +66,7 @@ class ModelServer:
         return {"id": self.spec.name, "root": self.spec.model, "max_model_len": self.engine.max_model_len,
                 "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
                 "block_size": config.block_size, "enable_prefix_caching": config.enable_prefix_caching,
+                "scheduling_policy": config.scheduling_policy,
                 "runner": self.runner, "replica_pid": os.getpid(),
                 "worker_pids": [i["pid"] for i in getattr(executor, "node_info", [])],
                 "num_steps": self.engine.num_steps, "step_seconds": self.engine.step_seconds,

@@ -56,6 +56,7 @@ class SamplingRequest(OpenAIBase):
     stream_interval: int | None = None   # raises the server's --stream-interval for this (streamed) request
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    priority: int = 0   # lower is served first, with --scheduling-policy priority (else only 0 is taken)
     # vLLM's fields this server does not implement: declared so that a request using one is refused
     # (`unsupported`), not answered as if the constraint had been applied.
     response_format: dict[str, Any] | None = None

@@ -16,6 +16,7 @@ class PoolingBaseRequest(OpenAIBase):
     truncate_prompt_tokens: int | None = None
     truncation_side: Literal["left", "right"] | None = None   # "left" keeps the last tokens
     use_activation: bool | None = None
+    priority: int = 0   # as the completion routes' (protocol.SamplingRequest)
 
     def to_pooling_params(self, task: str | None, **fields) -> PoolingParams:
         return PoolingParams(task=task, truncate_prompt_tokens=self.truncate_prompt_tokens,

@@ -211,7 +211,7 @@ class OpenAIServing:
         processed = [self.engine.processor.process_prompt(p) for p in prompts]
         self.engine.processor.validate_params(params)
         prompt_index = {f"{request_id}-{i}": i for i in range(len(processed))}
-        streams = [self.engine.generate(p, params, rid) for rid, p in zip(prompt_index, processed)]
+        streams = [self.engine.generate(p, params, rid, req.priority) for rid, p in zip(prompt_index, processed)]
         first, rest = await self._start(streams)
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
@@ -309,11 +309,12 @@ class OpenAIServing:
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
         self.engine.processor.validate_beam_width(req.n)
+        self.engine.processor.check_priority(req.priority)
         temperature = self.engine.default_sampling_params.get("temperature", 0.0)
         params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
                                   temperature=temperature if req.temperature is None else req.temperature,
                                   length_penalty=req.length_penalty)
-        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop())
+        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop(), req.priority)
 
         def search():  # on a thread: its steps wait for the engine's outputs, which arrive on this loop
             try:
@@ -345,7 +346,7 @@ class OpenAIServing:
         params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        first, rest = await self._start([self.engine.generate(prompt, params, request_id)])
+        first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority)])
         meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
             return self._chat_stream(req, first, rest, meta, len(prompt.token_ids), usage)

@@ -74,19 +74,21 @@ class PoolingServing:
             return [TokensPrompt(prompt_token_ids=list(x))]
         return [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in x]
 
-    async def _pool(self, prompts: list, params: PoolingParams,
-                    prompt_name: str | None = None) -> list[PoolingRequestOutput]:
+    async def _pool(self, prompts: list, params: PoolingParams, prompt_name: str | None = None,
+                    priority: int = 0) -> list[PoolingRequestOutput]:
         params = self.processor.verify_pooling_params(params)
         # every prompt tokenized and checked before any is queued
         processed = self.processor.process_pooling_prompts(prompts, [params] * len(prompts), prompt_name)
-        return await self._run(processed, params)
+        return await self._run(processed, params, priority)
 
-    async def _run(self, processed: list[ProcessedPrompt], params: PoolingParams) -> list[PoolingRequestOutput]:
+    async def _run(self, processed: list[ProcessedPrompt], params: PoolingParams,
+                   priority: int) -> list[PoolingRequestOutput]:
         request_id = uuid.uuid4().hex
+        self.processor.check_priority(priority)  # before any prompt is queued
 
         async def one(i: int, prompt: ProcessedPrompt):
             final = None
-            async for final in self.engine.generate(prompt, params, f"pool-{request_id}-{i}"):
+            async for final in self.engine.generate(prompt, params, f"pool-{request_id}-{i}", priority):
                 pass
             return final
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(processed)))
@@ -101,7 +103,8 @@ class PoolingServing:
     # routes -------------------------------------------------------------------------------------------
 
     async def embeddings(self, req: EmbeddingRequest) -> dict:
-        outputs = await self._pool(self._prompts(req), req.to_pooling_params("embed", dimensions=req.dimensions))
+        outputs = await self._pool(self._prompts(req), req.to_pooling_params("embed", dimensions=req.dimensions),
+                                   priority=req.priority)
         data = [{"object": "embedding", "index": i,
                  "embedding": encode_vector(o.outputs.data.reshape(-1), req.encoding_format)}
                 for i, o in enumerate(outputs)]
@@ -109,13 +112,14 @@ class PoolingServing:
 
     async def pooling(self, req: PoolingRequest) -> dict:
         """The raw pooler output of the task (one vector, or one per token for token_* tasks)."""
-        outputs = await self._pool(self._prompts(req), req.to_pooling_params(req.task, dimensions=req.dimensions))
+        outputs = await self._pool(self._prompts(req), req.to_pooling_params(req.task, dimensions=req.dimensions),
+                                   priority=req.priority)
         data = [{"object": "pooling", "index": i, "data": encode_vector(o.outputs.data, req.encoding_format)}
                 for i, o in enumerate(outputs)]
         return self._listing("pool", data, outputs)
 
     async def classify(self, req: ClassificationRequest) -> dict:
-        outputs = await self._pool(self._prompts(req), req.to_pooling_params("classify"))
+        outputs = await self._pool(self._prompts(req), req.to_pooling_params("classify"), priority=req.priority)
         labels = getattr(self.processor.hf_config, "id2label", None) or {}
         data = []
         for i, o in enumerate(outputs):
@@ -130,7 +134,7 @@ class PoolingServing:
         data_1, data_2 = score_inputs(data_1, data_2)
         params = self.processor.verify_pooling_params(req.to_pooling_params(score_task(self.processor)))
         plan = plan_scores(self.processor, data_1, data_2, params)
-        outputs = await self._run(plan.prompts, params)
+        outputs = await self._run(plan.prompts, params, req.priority)
         return [r.outputs.score for r in plan.results(outputs)], sum(len(o.prompt_token_ids) for o in outputs)
 
     async def score(self, req: ScoreRequest) -> dict:
@@ -167,7 +171,7 @@ class PoolingServing:
                      "it defines no prompts (config_sentence_transformers.json or task_instructions)")
             raise APIError(f"input_type {req.input_type!r} is not supported by the model "
                            f"`{self.serving.model_name}`: {known}.", param="input_type")
-        outputs = await self._pool(texts, params, req.input_type)
+        outputs = await self._pool(texts, params, req.input_type)  # Cohere's API has no priority
         if req.truncate == "NONE" and req.max_tokens is not None:
             longest = max(len(o.prompt_token_ids) for o in outputs)
             if longest > req.max_tokens:

@@ -31,6 +31,7 @@ class ModelSpec:
     seed: int = 0
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    scheduling_policy: str = "fcfs"
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None
@@ -66,6 +67,7 @@ class ModelSpec:
             override_generation_config=dict(self.override_generation_config), max_logprobs=self.max_logprobs,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            scheduling_policy=self.scheduling_policy,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,
