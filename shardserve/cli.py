@@ -64,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
     from shardserve.models.source import default_embedding_model
     from shardserve.router.app import build_app
+    from shardserve.router.ingress import CORSOptions
 
     try:
         specs = model_specs(args)
@@ -71,7 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"shardserve serve: error: {e}") from None
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(specs, args.api_key), name="shardserve", route_prefix="/", blocking=False)
+    cors = CORSOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CORSOptions) if f.name in args})
+    serve.run(build_app(specs, args.api_key, cors), name="shardserve", route_prefix="/", blocking=False)
     idle_bookkeeping()
     base = f"http://{args.host}:{args.port}"
     print(f"shardserve is listening on {base} (models: {', '.join(s.name for s in specs)})", flush=True)
@@ -122,6 +124,13 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _json_list(text: str) -> list[str]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("SHARDSERVE_API_KEY"))
+    # vLLM's CORS flags (the ingress's CORSOptions); left out, any web page may call the API, as in vLLM
+    srv.add_argument("--allowed-origins", type=_json_list, help='JSON list of origins, e.g. \'["https://a.example"]\' '
+                                                              '(default: ["*"])')
+    srv.add_argument("--allowed-credentials", action="store_true", help="let browsers send cookies and credentials")
+    srv.add_argument("--allowed-methods", type=_json_list, help='JSON list of HTTP methods (default: ["*"])')
+    srv.add_argument("--allowed-headers", type=_json_list, help='JSON list of request headers (default: ["*"])')
     srv.add_argument("--address", default=None,
                      help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
     model = srv.add_argument_group("the model and its engine (vLLM's flags)")

@@ -85,7 +85,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--revision", "r1", "--trust-remote-code", "--kv-cache-memory-bytes", "1000000",
              "--cuda-graph-sizes", "1", "2", "--hf-overrides", '{"rope_theta": 5.0}', "--max-num-seqs", "7",
              "--num-cpus-per-worker", "2", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 3}',
-             "--max-logprobs", "-1"]
+             "--max-logprobs", "-1", "--scheduling-policy", "priority"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -96,6 +96,9 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
         ([1, 2], {"rope_theta": 5.0}, 7, 2.0)
     assert (config.generation_config, config.override_generation_config, config.max_logprobs) == \
         ("vllm", {"top_k": 3}, -1)
+    assert config.scheduling_policy == "priority"
+    args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
+    assert (args.allowed_origins, args.allowed_credentials) == (["https://a.example"], True)
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
     assert plain == ModelSpec(model="a")
 
@@ -103,8 +106,9 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     for bad in (["--max-num-batched-tokens", "0"], ["--block-size", "0"], ["--tensor-parallel-size", "0"]):
         with pytest.raises(SystemExit, match=r"shardserve serve: error: .*must be"):
             main(["serve", "a", *bad])
-    with pytest.raises(SystemExit):  # argparse's own: not a JSON object
-        main(["serve", "a", "--hf-overrides", "[1]"])
+    for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"]):
+        with pytest.raises(SystemExit):  # argparse's own: not a JSON object / list, not a choice
+            main(["serve", "a", *bad])
 
 
 def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(model_dirs):

@@ -284,6 +284,25 @@ def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, cli
     assert got.choices[0].finish_reason == "length"
 
 
+def test_browsers_may_call_the_api_from_any_origin_by_default(server):
+    """vLLM's CORS defaults: a preflight from any page is allowed (before the API key is checked: browsers
+    send none with it), and answers carry Access-Control-Allow-Origin, streamed ones too."""
+    origin = {"Origin": "http://page.example"}
+    r = httpx.options(f"{server}/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.post(f"{server}/v1/completions", headers={**_headers(), **origin},
+                   json={"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert r.text.rstrip().endswith("data: [DONE]")
+    r = httpx.post(f"{server}/v1/completions", headers=origin, json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"  # the page can read why
+
+
 def test_api_key_required(server):
     r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert r.status_code == 401 and r.json()["type"] == "AuthenticationError"
@@ -403,7 +422,8 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
     args = {"models": [dict(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
                             tensor_parallel_size=2, num_cpus=0.25, num_cpus_per_worker=0.25,
                             max_num_batched_tokens=8, block_size=32, enable_prefix_caching=False,
-                            scheduling_policy="priority", **ENGINE)]}
+                            scheduling_policy="priority", **ENGINE)],
+            "allowed_origins": ["http://good.example"], "allowed_credentials": True}
     with pytest.raises(ValueError, match="block_size must be at least 1"):  # refused before anything starts
         app_builder({"models": [dict(args["models"][0], block_size=0)]})
     serve.run(app_builder(args), name="solo", route_prefix="/solo", blocking=False)
@@ -421,6 +441,12 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
             offline.chat(MESSAGES, greedy(max_tokens=8), use_tqdm=False)[0].outputs[0].text
         assert [m.id for m in solo.models.list().data] == ["solo"]
         assert httpx.get(f"{server}/solo/health").status_code == 200
+        for origin, allowed in [("http://good.example", True), ("http://evil.example", False)]:  # the config's CORS
+            r = httpx.options(f"{server}/solo/v1/models",
+                              headers={"Origin": origin, "Access-Control-Request-Method": "GET"})
+            assert r.status_code == (200 if allowed else 400)
+            assert r.headers.get("access-control-allow-origin") == (origin if allowed else None)
+            assert not allowed or r.headers["access-control-allow-credentials"] == "true"
         r = httpx.post(f"{server}/solo/v1/completions", json={"model": "other", "prompt": "x"})
         assert r.status_code == 404
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()

@@ -2,32 +2,35 @@
 the ingress alone, its replicas holding the model (one Serve hop fewer per request and streamed chunk).
 
 `build_app` takes `ModelSpec`s (the CLI); `app_builder` takes a Serve config's `args`
-(`import_path: shardserve.router.app:app_builder`, `args: {models: [{model: ..., ...}], api_key: ...}`).
+(`import_path: shardserve.router.app:app_builder`, `args: {models: [{model: ..., ...}], api_key: ...}`, and
+vLLM's CORS settings as `allowed_origins`, `allowed_credentials`, `allowed_methods`, `allowed_headers`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ray.serve import Application
 
-from shardserve.router.ingress import Router
+from shardserve.router.ingress import CORSOptions, Router
 from shardserve.router.model_deployment import ModelDeployment
 from shardserve.router.spec import ModelSpec
 
 
-def build_app(specs: list[ModelSpec], api_key: str | None = None) -> Application:
+def build_app(specs: list[ModelSpec], api_key: str | None = None, cors: CORSOptions | None = None) -> Application:
     if not specs:
         raise ValueError("An app serves at least one model.")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"Served model names must be unique, got {names}.")
     if len(specs) == 1:
-        return Router.options(**specs[0].deployment_options(0)).bind({}, api_key, specs[0])
+        return Router.options(**specs[0].deployment_options(0)).bind({}, api_key, specs[0], cors)
     models = {spec.name: ModelDeployment.options(**spec.deployment_options(i)).bind(spec)
               for i, spec in enumerate(specs)}
-    return Router.bind(models, api_key)
+    return Router.bind(models, api_key, None, cors)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     specs = [ModelSpec(**m) if isinstance(m, dict) else ModelSpec(model=m) for m in args.get("models", [])]
-    return build_app(specs, args.get("api_key"))
+    cors = CORSOptions(**{f.name: args[f.name] for f in dataclasses.fields(CORSOptions) if f.name in args})
+    return build_app(specs, args.get("api_key"), cors)

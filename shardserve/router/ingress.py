@@ -11,12 +11,14 @@ and per streamed chunk.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -32,6 +34,34 @@ from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmb
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="shardserve")
+
+
+@dataclasses.dataclass
+class CORSOptions:
+    """Which web pages may call the API from a browser (vLLM's --allowed-origins, --allowed-credentials,
+    --allowed-methods, --allowed-headers, with its defaults: any origin, method and header)."""
+    allowed_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allowed_credentials: bool = False
+    allowed_methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+
+
+class _ReplicaCORS:
+    """Starlette's CORSMiddleware with the options of the Router in this process. Serve serves a copy of `app`
+    pickled when this module is imported, before any options are known; the middleware stack is built at the
+    first request, after the Router (one per replica process) has set `options`."""
+    options = CORSOptions()
+
+    def __init__(self, app):
+        o = self.options
+        self.cors = CORSMiddleware(app, allow_origins=o.allowed_origins, allow_credentials=o.allowed_credentials,
+                                   allow_methods=o.allowed_methods, allow_headers=o.allowed_headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.cors(scope, receive, send)
+
+
+app.add_middleware(_ReplicaCORS)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -76,9 +106,11 @@ class _EventStream(StreamingResponse):
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Router:
-    def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None, local=None):
+    def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None, local=None,
+                 cors: CORSOptions | None = None):
         """`models`: each served name's deployment; or `local`, the ModelSpec of the app's one model, which
         this replica then serves itself."""
+        _ReplicaCORS.options = cors or CORSOptions()
         if local is not None:  # imported here: a router in front of model deployments needs no engine
             from shardserve.router.model_deployment import ModelServer
             self.local = ModelServer(local)
