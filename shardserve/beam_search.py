@@ -88,11 +88,13 @@ BeamStep = Callable[[list[BeamSearchSequence], SamplingParams], list[PositionLog
 
 class EngineBeamStepper:
     """Steps beams on an `LLMEngine` that keeps each beam's KV blocks (`hold_kv`) after its step, forking
-    every extension from them; `close` frees what the last step held. The beams have the search's `priority`."""
+    every extension from them; `close` frees what the last step held. The beams have the search's `priority`
+    and `cache_salt`."""
 
-    def __init__(self, engine, priority: int = 0):
+    def __init__(self, engine, priority: int = 0, cache_salt: str | None = None):
         self.engine = engine
         self.priority = priority
+        self.salt = {"cache_salt": cache_salt} if cache_salt is not None else {}
         self.held: list[str] = []
         self._prefix = f"beam-{uuid.uuid4().hex[:8]}"
         self._ids = itertools.count()
@@ -104,8 +106,9 @@ class EngineBeamStepper:
         for beam in beams:
             request_id = f"{self._prefix}-{next(self._ids)}"
             if beam.parent is None:
-                handles.append(self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=beam.tokens),
-                                                       params, hold_kv=True, priority=self.priority))
+                prompt = TokensPrompt(prompt_token_ids=beam.tokens, **self.salt)
+                handles.append(self.engine.add_request(request_id, prompt, params, hold_kv=True,
+                                                       priority=self.priority))
             else:
                 handles.append(self.engine.fork_request(request_id, beam.parent.request_id, beam.tokens[-1],
                                                         params))
@@ -132,8 +135,8 @@ class AsyncEngineBeamStepper(EngineBeamStepper):
     """The same steps on an `AsyncLLMEngine` (the server), called from the thread that runs the search while
     the engine's outputs arrive on `loop`."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, priority: int = 0):
-        super().__init__(engine, priority)
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, priority: int = 0, cache_salt: str | None = None):
+        super().__init__(engine, priority, cache_salt)
         self.loop = loop
 
     def __call__(self, beams: list[BeamSearchSequence], params: SamplingParams) -> list[PositionLogprobs]:

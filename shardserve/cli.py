@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--pipeline-parallel-size", "-pp", type=int)
     _spec_flag(model, "--enable-prompt-embeds", action="store_true")
     _spec_flag(model, "--chat-template", help="a Jinja template, or a path to one")
+    _spec_flag(model, "--enable-prompt-tokens-details", action="store_true",
+               help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served")
     _spec_flag(model, "--runner", choices=["auto", "generate", "pooling"])
     _spec_flag(model, "--convert", choices=["auto", "embed", "classify", "reward"])
     _spec_flag(model, "--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")

@@ -9,11 +9,13 @@ from typing_extensions import NotRequired
 
 class TextPrompt(TypedDict):
     prompt: str
+    cache_salt: NotRequired[str]   # prefix-cache blocks shared only between prompts of the same salt
 
 
 class TokensPrompt(TypedDict):
     prompt_token_ids: list[int]
     prompt: NotRequired[str]
+    cache_salt: NotRequired[str]
 
 
 class EmbedsPrompt(TypedDict):

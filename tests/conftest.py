@@ -273,7 +273,7 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     port = _free_port()
     common = dict(model=model_dirs("llama"), chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32",
                   num_cpus=0.5, num_cpus_per_worker=0.5, **ENGINE)
-    specs = [ModelSpec(served_model_name="tiny", **common),
+    specs = [ModelSpec(served_model_name="tiny", enable_prompt_tokens_details=True, **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
              ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),

@@ -72,6 +72,58 @@ def test_priority_needs_the_priority_policy(model_dirs, llm):
         LLM(model_dirs("llama"), scheduling_policy="lifo")
 
 
+def test_tokenization_kwargs_truncate_and_leave_out_special_tokens(llm):
+    """vLLM's tokenization_kwargs: truncate_prompt_tokens keeps that many of the prompt's tokens, from the side
+    truncation_side says (-1: the model's length less one); add_special_tokens=False leaves out the BOS. The
+    truncated prompt generates what those tokens alone generate."""
+    tokenizer = llm.get_tokenizer()
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    ids = tokenizer.encode(text)
+    assert ids[0] == tokenizer.bos_token_id
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def run(prompt, **kwargs):
+        return llm.generate(prompt, greedy, use_tqdm=False, tokenization_kwargs=kwargs)[0]
+    for side, kept in [("left", ids[-7:]), ("right", ids[:7])]:
+        out = run(text, truncate_prompt_tokens=7, truncation_side=side)
+        assert out.prompt_token_ids == kept and out.prompt == tokenizer.decode(kept)
+        assert out.outputs[0].token_ids == run(TokensPrompt(prompt_token_ids=kept)).outputs[0].token_ids
+    assert run(TokensPrompt(prompt_token_ids=ids), truncate_prompt_tokens=3).prompt_token_ids == ids[:3]
+    assert run(text, truncate_prompt_tokens=len(ids) + 5).prompt_token_ids == ids   # nothing to cut
+    assert run(text, add_special_tokens=False).prompt_token_ids == ids[1:]
+    max_len = llm.llm_engine.max_model_len
+    too_long = TokensPrompt(prompt_token_ids=[5] * (max_len + 10))
+    assert len(run(too_long, truncate_prompt_tokens=-1).prompt_token_ids) == max_len - 1
+    with pytest.raises(ValueError, match="greater than the maximum model length"):
+        run(text, truncate_prompt_tokens=max_len + 1)
+    with pytest.raises(ValueError, match="truncation_side must be"):
+        run(text, truncate_prompt_tokens=3, truncation_side="middle")
+    with pytest.raises(TypeError):
+        run(text, max_length=3)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_cache_salt_keeps_prefix_cache_within_its_salt(llm):
+    """vLLM's cache_salt: a prompt finds cached blocks only of prompts with the same salt (no salt is a salt of
+    its own), so a tenant cannot learn by timing what another asked. Outputs do not change."""
+    ids = [1] + list(range(10, 60))  # three full blocks of 16 and more
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    def run(salt=None):
+        prompt = TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {}))
+        return llm.generate(prompt, greedy, use_tqdm=False)[0]
+    first = run("tenant-a")
+    assert first.num_cached_tokens == 0
+    again = run("tenant-a")
+    assert again.num_cached_tokens == 48 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    for other in ("tenant-b", None):
+        out = run(other)
+        assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == first.outputs[0].token_ids
+    assert run(None).num_cached_tokens == 48   # the unsalted prompt's own blocks
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        llm.generate({"prompt": "hi", "cache_salt": ""}, greedy, use_tqdm=False)
+
+
 def test_stream_interval_batches_tokens_into_fewer_outputs(model_dirs, llm):
     """vLLM's --stream-interval: a streamed request reports its first token at once, then every `interval` new
     tokens (the engine's, raised by the request's own), and when it finishes; the tokens and text are those of

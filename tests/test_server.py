@@ -201,6 +201,61 @@ def test_completion_beam_search(client, offline):
                                              for s in expected.sequences]
 
 
+def test_vllm_prompt_and_response_extras_equal_offline(client, offline):
+    """vLLM's extra fields: truncate_prompt_tokens / truncation_side / add_special_tokens shape the prompt as
+    tokenization_kwargs do offline; return_token_ids puts the prompt's and the completion's ids in the response
+    (streamed: the prompt's with the first chunk, then each chunk's new ids); return_tokens_as_token_ids names
+    logprob tokens by id; request_id names the response."""
+    shaping = {"truncate_prompt_tokens": 4, "truncation_side": "left", "add_special_tokens": False}
+    expected = offline.generate(PROMPTS[1], greedy(max_tokens=6), use_tqdm=False, tokenization_kwargs=shaping)[0]
+    assert len(expected.prompt_token_ids) == 4
+    got = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=1,
+                                    extra_body={**shaping, "return_token_ids": True, "request_id": "abc",
+                                                "return_tokens_as_token_ids": True})
+    choice = got.choices[0]
+    assert got.id == "cmpl-abc" and got.usage.prompt_tokens == 4
+    assert (choice.prompt_token_ids, choice.token_ids) == (expected.prompt_token_ids, expected.outputs[0].token_ids)
+    assert choice.text == expected.outputs[0].text
+    assert choice.logprobs.tokens == [f"token_id:{t}" for t in expected.outputs[0].token_ids]
+    chunks = [c.choices[0] for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, stream=True,
+        extra_body={**shaping, "return_token_ids": True}) if c.choices]
+    assert chunks[0].prompt_token_ids == expected.prompt_token_ids
+    assert all(getattr(c, "prompt_token_ids", None) is None for c in chunks[1:])
+    assert sum((c.token_ids for c in chunks), []) == expected.outputs[0].token_ids
+
+    shaping = {"truncate_prompt_tokens": 9, "truncation_side": "left"}
+    expected = offline.chat(MESSAGES, greedy(max_tokens=5), use_tqdm=False, tokenization_kwargs=shaping)[0]
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                         extra_body={**shaping, "return_token_ids": True, "request_id": "xyz"})
+    assert got.id == "chatcmpl-xyz" and got.prompt_token_ids == expected.prompt_token_ids
+    assert got.choices[0].token_ids == expected.outputs[0].token_ids
+    assert got.choices[0].message.content == expected.outputs[0].text
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                                 stream=True, extra_body={**shaping, "return_token_ids": True}))
+    assert chunks[0].prompt_token_ids == expected.prompt_token_ids
+    assert sum((c.choices[0].token_ids for c in chunks[1:]), []) == expected.outputs[0].token_ids
+
+
+def test_cache_salt_and_cached_token_counts(client):
+    """--enable-prompt-tokens-details (on for "tiny"): usage says how many prompt tokens the prefix cache
+    served; a request's cache_salt lets it find only blocks cached under the same salt."""
+    prompt = "cache salt " * 12  # more than two full blocks of 16 tokens
+
+    def cached(model="tiny", **extra):
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=1, extra_body=extra)
+        details = got.usage.prompt_tokens_details
+        return details.cached_tokens if details is not None else None
+    assert cached(cache_salt="a-secret") == 0
+    assert cached(cache_salt="a-secret") >= 32
+    assert cached(cache_salt="another") == 0 and cached() == 0
+    assert cached() >= 32
+    assert cached(model="tiny-tp2") is None   # not asked for there
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 32
+
+
 # chat -------------------------------------------------------------------------------------------------
 
 def test_chat_equals_offline(client, offline):
@@ -258,6 +313,9 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "greater than max allowed: 20"),
     ({"model": "tiny", "prompt": "x", "priority": 3}, 400, "priority scheduling is not enabled"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 300}, 400, "greater than the maximum model length"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+    ({"model": "tiny", "prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"model": "tiny", "prompt": "x", "use_beam_search": True, "n": 2, "priority": 1}, 400, "--scheduling-policy"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])

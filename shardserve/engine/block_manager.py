@@ -1,6 +1,8 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, per-request block tables, reference counts, prefix caching.
 
-A full block's identity is the hash chain of its tokens (parent hash, its tokens). A freed block keeps its
+A full block's identity is the hash chain of its tokens (parent hash, its tokens), which starts from the
+request's `cache_salt` (vLLM's: requests of other salts, or none, cannot find its blocks, so cannot learn by
+timing what others asked). A freed block keeps its
 hash and stays findable until it is handed out again: free blocks are reused least-recently-freed first,
 so recently used prefixes survive longest.
 """
@@ -59,7 +61,7 @@ class BlockManager:
         bs, tokens = self.block_size, request.all_token_ids
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else request.cache_salt  # a salted chain matches only its own salt
             hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]))))
         return hashes
 

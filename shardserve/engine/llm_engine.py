@@ -98,7 +98,8 @@ class LLMEngine:
             # what get_input_embeddings yields: OPT's can be narrower than its hidden size
             embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
             dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
-            enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling, model_name=config.served_model_name or config.model,
+            enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling,
+            model_name=config.served_model_name or config.model,
             hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}

@@ -23,6 +23,23 @@ class ProcessedPrompt:
     token_ids: list[int]
     embeds: torch.Tensor | None = None
     token_type_ids: list[int] | None = None  # sentence pairs for encoders with token types; None = all 0
+    cache_salt: str | None = None            # the prompt's prefix-cache blocks are shared only under this salt
+
+
+@dataclass(frozen=True)
+class TokenizationParams:
+    """How a generation prompt becomes its tokens (vLLM's `tokenization_kwargs`, and the request fields of the
+    same names online)."""
+    add_special_tokens: bool = True            # a text prompt gets the tokenizer's special tokens (BOS)
+    truncate_prompt_tokens: int | None = None  # keep this many tokens; -1: max_model_len - 1 (room to generate)
+    truncation_side: str | None = None         # "left" keeps the last tokens, "right" the first; None: the tokenizer's
+
+    def __post_init__(self) -> None:
+        if self.truncation_side not in (None, "left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}.")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < -1):
+            raise ValueError(f"truncate_prompt_tokens must be -1 or a non-negative integer, got {k!r}.")
 
 
 class Processor:
@@ -44,23 +61,33 @@ class Processor:
         self.hf_config = hf_config
         self.scheduling_policy = scheduling_policy
 
-    def process_prompt(self, prompt: PromptType | ProcessedPrompt) -> ProcessedPrompt:
+    def process_prompt(self, prompt: PromptType | ProcessedPrompt,
+                       tokenization: TokenizationParams | None = None) -> ProcessedPrompt:
         if isinstance(prompt, ProcessedPrompt):
             return prompt
+        tokenization = tokenization or TokenizationParams()
         if isinstance(prompt, dict) and "prompt_embeds" in prompt:
             if not self.enable_prompt_embeds:
                 raise ValueError("Prompt embeddings are disabled: create the LLM with enable_prompt_embeds=True "
                                  "(--enable-prompt-embeds for the server).")
+            if tokenization.truncate_prompt_tokens is not None:
+                raise ValueError("truncate_prompt_tokens applies to text and token prompts, not prompt embeddings.")
             embeds = validate_prompt_embeds(prompt["prompt_embeds"], self.embed_dim, self.max_model_len,
                                             self.dtype, torch.device("cpu"))
-            return ProcessedPrompt(None, [0] * embeds.shape[0], embeds)
-        return ProcessedPrompt(*self.tokenize(prompt))
-
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+            return ProcessedPrompt(None, [0] * embeds.shape[0], embeds)  # never prefix-cached: no salt needed
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError("cache_salt must be a non-empty string.")
         text, ids = self._split_prompt(prompt)
         if ids is None:
-            ids = self.tokenizer.encode(text)
-        return text, self.validate_token_ids(ids)
+            ids = self.tokenizer.encode(text, add_special_tokens=tokenization.add_special_tokens)
+        max_length = self._truncation_length(tokenization.truncate_prompt_tokens, generate=True)
+        if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
+            # vLLM's rule for generation: the token list is cut as it is, special tokens included
+            side = self._truncation_side(tokenization.truncation_side)
+            ids = ids[len(ids) - max_length:] if side == "left" else ids[:max_length]
+            text = self.tokenizer.decode(ids) if self.tokenizer is not None else None  # what is left of it
+        return ProcessedPrompt(text, self.validate_token_ids(ids), cache_salt=salt)
 
     def _split_prompt(self, prompt: PromptType) -> tuple[str | None, list[int] | None]:
         """(text, token ids or None): the prompt's shape checked, and a text to tokenize checked."""
@@ -176,12 +203,13 @@ class Processor:
             params.max_tokens = self.max_model_len - len(ids)
         if params.n == 1:
             return [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds,
-                            priority=priority)]
+                            priority=priority, cache_salt=prompt.cache_salt)]
         children = []
         for i in range(params.n):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
-                                    parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority))
+                                    parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority,
+                                    cache_salt=prompt.cache_salt))
         return children
 
     # pooling ----------------------------------------------------------------------------------------
@@ -224,7 +252,7 @@ class Processor:
                 params.step_tag_id = defaults.step_tag_id if params.step_tag_id is None else params.step_tag_id
                 params.returned_token_ids = defaults.returned_token_ids if params.returned_token_ids is None \
                     else params.returned_token_ids
-        self._truncation_length(params)  # a size beyond the model is refused here, before tokenizing
+        self._truncation_length(params.truncate_prompt_tokens)  # a size beyond the model: refused before tokenizing
         return params
 
     def _check_matryoshka(self, dimensions: int) -> None:
@@ -236,12 +264,13 @@ class Processor:
             raise ValueError(f'Model "{self.model_name}" only supports {list(allowed)} matryoshka dimensions, use '
                              f'other output dimensions will lead to poor results.')
 
-    def _truncation_length(self, params: PoolingParams) -> int | None:
-        k = params.truncate_prompt_tokens
+    def _truncation_length(self, k: int | None, generate: bool = False) -> int | None:
+        """How many tokens `truncate_prompt_tokens=k` keeps: -1, the model's length (less one for a generation
+        prompt, so a token can still be generated, as in vLLM)."""
         if k is None:
             return None
         if k == -1:
-            return self.max_model_len
+            return self.max_model_len - 1 if generate else self.max_model_len
         if k > self.max_model_len:
             raise ValueError(f"truncate_prompt_tokens={k} is greater than the maximum model length "
                              f"({self.max_model_len}); choose a smaller truncation size.")
@@ -290,7 +319,7 @@ class Processor:
             if isinstance(prompt, dict) and "prompt_embeds" in prompt:
                 raise ValueError("Pooling models take text or token prompts, not prompt embeddings.")
             text, ids = self._split_prompt(self.named_prompt(prompt, prompt_name))
-            truncation = (self._truncation_length(p), self._truncation_side(p))
+            truncation = (self._truncation_length(p.truncate_prompt_tokens), self._truncation_side(p.truncation_side))
             if ids is None:
                 texts.setdefault(truncation, []).append((i, text))
                 continue
@@ -313,10 +342,11 @@ class Processor:
         for pair in pairs:
             if not all(isinstance(text, str) and text for text in pair):
                 raise ValueError("A cross-encoder scores pairs of non-empty text prompts.")
-        return self._encode([a for a, _ in pairs], [b for _, b in pairs], self._truncation_length(params))
+        return self._encode([a for a, _ in pairs], [b for _, b in pairs],
+                            self._truncation_length(params.truncate_prompt_tokens))
 
-    def _truncation_side(self, params: PoolingParams) -> str:
-        return params.truncation_side or getattr(self.tokenizer, "truncation_side", None) or "right"
+    def _truncation_side(self, side: str | None) -> str:
+        return side or getattr(self.tokenizer, "truncation_side", None) or "right"
 
     def _encode(self, texts: list[str], text_pairs: list[str] | None, max_length: int | None,
                 side: str = "right") -> list[ProcessedPrompt]:

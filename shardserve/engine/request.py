@@ -44,6 +44,7 @@ class Request:
     prompt_embeds: torch.Tensor | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0   # under the priority policy: lower runs first (the scheduler's order)
+    cache_salt: str | None = None   # starts the hash chain of its KV blocks: shared only with the same salt
     # Which completion of its parent this is (n > 1 fans a prompt out into n requests).
     index: int = 0
     parent_id: str | None = None

@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, EngineBeamStepper, run_beam_search
 from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.processor import TokenizationParams
 from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
 from shardserve.entrypoints.pooling import PoolingMixin
-from shardserve.inputs import PromptType, TokensPrompt
+from shardserve.inputs import PromptType, TextPrompt
 from shardserve.outputs import PoolingRequestOutput, RequestOutput
 from shardserve.pooler_config import PoolerConfig
 from shardserve.pooling_params import PoolingParams
@@ -98,9 +99,11 @@ class LLM(PoolingMixin):
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, *, priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, *, priority: int | Sequence[int] | None = None,
+                 tokenization_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """`priority`: one for all prompts or one each; lower is served first under scheduling_policy="priority"
-        (any other policy takes only 0)."""
+        (any other policy takes only 0). `tokenization_kwargs`: `add_special_tokens`, `truncate_prompt_tokens`,
+        `truncation_side` (engine.processor.TokenizationParams)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -122,7 +125,8 @@ class LLM(PoolingMixin):
                                  f"prompt.")
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         processor = self.llm_engine.processor
-        processed = [processor.process_prompt(p) for p in prompts]
+        tokenization = TokenizationParams(**tokenization_kwargs) if tokenization_kwargs else None
+        processed = [processor.process_prompt(p, tokenization) for p in prompts]
         for p in params:
             processor.validate_params(p)
         for p in priorities:
@@ -149,8 +153,8 @@ class LLM(PoolingMixin):
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None, *,
-             priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None, *, priority: int | Sequence[int] | None = None,
+             tokenization_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
         each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
         tokenizer's) and then generated as by `generate`."""
@@ -167,10 +171,11 @@ class LLM(PoolingMixin):
             text = render_chat(tokenizer, conversation, template, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, tools=tools,
                                chat_template_kwargs=chat_template_kwargs)
-            # The template writes its own special tokens (BOS included): the tokenizer must add none.
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            prompts.append(TokensPrompt(prompt_token_ids=ids, prompt=text))
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
+            prompts.append(TextPrompt(prompt=text))
+        # The template writes its own special tokens (BOS included): the tokenizer adds none unless asked.
+        tokenization_kwargs = {"add_special_tokens": False, **(tokenization_kwargs or {})}
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
+                             tokenization_kwargs=tokenization_kwargs)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:

@@ -7,10 +7,11 @@ online APIs refuse the same things with the same words.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shardserve.engine.processor import TokenizationParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -57,6 +58,14 @@ class SamplingRequest(OpenAIBase):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     priority: int = 0   # lower is served first, with --scheduling-policy priority (else only 0 is taken)
+    # vLLM's prompt and response extras
+    add_special_tokens: bool = True        # a text prompt gets the tokenizer's special tokens (chat: False)
+    truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)  # prefix cache shared only within a salt
+    return_token_ids: bool = False         # the prompt's and the completion's token ids in the response
+    return_tokens_as_token_ids: bool = False   # logprob tokens as "token_id:<id>"
+    request_id: str | None = None          # the response's id (after "cmpl-" / "chatcmpl-"); default: random
     # vLLM's fields this server does not implement: declared so that a request using one is refused
     # (`unsupported`), not answered as if the constraint had been applied.
     response_format: dict[str, Any] | None = None
@@ -76,6 +85,16 @@ class SamplingRequest(OpenAIBase):
             if getattr(self, name):
                 return name
         return None
+
+    def tokenization(self) -> TokenizationParams:
+        return TokenizationParams(self.add_special_tokens, self.truncate_prompt_tokens, self.truncation_side)
+
+    def salted(self, prompt):
+        """`prompt` with the request's cache_salt."""
+        if self.cache_salt is None:
+            return prompt
+        return {"prompt": prompt, "cache_salt": self.cache_salt} if isinstance(prompt, str) else \
+            {**prompt, "cache_salt": self.cache_salt}
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, stream: bool,
                            defaults: dict[str, Any]) -> SamplingParams:
@@ -129,6 +148,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
+    add_special_tokens: bool = False   # the chat template writes its own
 
     def unsupported(self) -> str | None:
         # Tools reach the chat template; choosing or parsing tool calls is not implemented.

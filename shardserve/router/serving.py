@@ -25,9 +25,14 @@ from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest
                                         TokenizeRequest)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage; with `cached_tokens` (--enable-prompt-tokens-details), the prompt tokens the prefix
+    cache served."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
 
 
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
@@ -47,7 +52,10 @@ def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool,
     return final, final and options.continuous_usage_stats
 
 
-def _token_str(entry: PositionLogprobs, token_id: int, tokenizer) -> str:
+def _token_str(entry: PositionLogprobs, token_id: int, tokenizer, as_id: bool = False) -> str:
+    """How a logprob entry names a token: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+    if as_id:
+        return f"token_id:{token_id}"
     lp = entry.get(token_id)
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
@@ -138,24 +146,39 @@ class _ChunkEncoder:
         self._head = json.dumps({**meta, "object": object_})[:-1] + ', "choices": ['
 
     def choice(self, index: int, field: str, value: str, logprobs: dict | None, finish_reason: str | None,
-               stop_reason: int | str | None, usage: dict | None = None) -> str:
-        """A chunk of one choice whose `field` ("text" of a completion, "delta" of a chat) is `value`, as JSON."""
-        return self._chunk('{"index": %d, "%s": %s, "logprobs": %s, "finish_reason": %s, "stop_reason": %s}' % (
-            index, field, value, _json(logprobs), _json(finish_reason), _json(stop_reason)), usage)
+               stop_reason: int | str | None, usage: dict | None = None, extra: dict | None = None,
+               top: dict | None = None) -> str:
+        """A chunk of one choice whose `field` ("text" of a completion, "delta" of a chat) is `value`, as JSON;
+        `extra`: more fields of the choice, `top`: more fields of the chunk."""
+        choice = '{"index": %d, "%s": %s, "logprobs": %s, "finish_reason": %s, "stop_reason": %s%s}' % (
+            index, field, value, _json(logprobs), _json(finish_reason), _json(stop_reason), _fields(extra))
+        return self._chunk(choice, usage, top)
 
     def usage(self, usage: dict) -> str:
         """The last chunk, with no choices."""
         return self._chunk("", usage)
 
-    def _chunk(self, choice: str, usage: dict | None) -> str:
-        return self._head + choice + ("]}" if usage is None else '], "usage": ' + json.dumps(usage) + "}")
+    def _chunk(self, choice: str, usage: dict | None, top: dict | None = None) -> str:
+        tail = "}" if usage is None else ', "usage": ' + json.dumps(usage) + "}"
+        return self._head + choice + "]" + _fields(top) + tail
+
+
+def _fields(fields: dict | None) -> str:
+    """More fields for a JSON object being written, after a comma."""
+    return "".join(f', "{k}": {json.dumps(v)}' for k, v in fields.items()) if fields else ""
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None):
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
+                 prompt_tokens_details: bool = False):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
+        self.prompt_tokens_details = prompt_tokens_details
+
+    def _cached(self, outputs: list[RequestOutput]) -> int | None:
+        """The prompt tokens of `outputs` the prefix cache served, where the usage reports them."""
+        return sum(o.num_cached_tokens for o in outputs) if self.prompt_tokens_details else None
 
     @property
     def tokenizer(self):
@@ -182,15 +205,17 @@ class OpenAIServing:
             prompts.extend(x if isinstance(x, str) else TokensPrompt(prompt_token_ids=list(x)) for x in p)
         return prompts
 
-    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest) -> TokensPrompt:
+    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest,
+                     add_special_tokens: bool = False) -> TokensPrompt:
         if self.tokenizer is None:
             raise APIError("This model has no tokenizer to render chat messages with.")
         text = render_chat(self.tokenizer, req.messages, req.chat_template or self.chat_template,
                            add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message,
                            tools=getattr(req, "tools", None), chat_template_kwargs=req.chat_template_kwargs)
-        # The template writes its own special tokens: the tokenizer adds none.
-        return TokensPrompt(prompt_token_ids=self.tokenizer.encode(text, add_special_tokens=False), prompt=text)
+        # The template writes its own special tokens: the tokenizer adds none unless asked.
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return TokensPrompt(prompt_token_ids=ids, prompt=text)
 
     # completions ------------------------------------------------------------------------------------
 
@@ -208,12 +233,14 @@ class OpenAIServing:
                                         self.engine.default_sampling_params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         # Validate every prompt before any is queued (a request is queued when its stream is first read).
-        processed = [self.engine.processor.process_prompt(p) for p in prompts]
+        tokenization = req.tokenization()
+        processed = [self.engine.processor.process_prompt(req.salted(p), tokenization) for p in prompts]
         self.engine.processor.validate_params(params)
         prompt_index = {f"{request_id}-{i}": i for i in range(len(processed))}
         streams = [self.engine.generate(p, params, rid, req.priority) for rid, p in zip(prompt_index, processed)]
         first, rest = await self._start(streams)
-        meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
+        meta = {"id": f"cmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
+                "model": self.model_name}
         if req.stream:
             return self._completion_stream(req, first, rest, prompt_index, meta, usage)
         finals: dict[int, RequestOutput] = {}
@@ -234,10 +261,10 @@ class OpenAIServing:
             raise
 
     def _completion_logprobs(self, tokens: list[int], entries: list[PositionLogprobs | None], k: int,
-                             offset: int) -> dict:
+                             offset: int, as_ids: bool) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, entry in zip(tokens, entries):
-            token = _token_str(entry or {}, token_id, self.tokenizer)
+            token = _token_str(entry or {}, token_id, self.tokenizer, as_ids)
             out["tokens"].append(token)
             out["text_offset"].append(offset)
             offset += len(token)
@@ -248,7 +275,7 @@ class OpenAIServing:
             out["token_logprobs"].append(entry[token_id].logprob)
             top: dict[str, float] = {}
             for t, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]:
-                top.setdefault(_token_str(entry, t, self.tokenizer), lp.logprob)  # ids that decode alike: the best
+                top.setdefault(_token_str(entry, t, self.tokenizer, as_ids), lp.logprob)  # alike: the best
             out["top_logprobs"].append(top)
         return out
 
@@ -260,8 +287,11 @@ class OpenAIServing:
             tokens, entries = list(c.token_ids), list(c.logprobs or [])
             if req.echo and out.prompt_logprobs is not None:
                 tokens, entries = list(out.prompt_token_ids) + tokens, list(out.prompt_logprobs) + entries
-            logprobs = self._completion_logprobs(tokens, entries, req.logprobs, 0)
-        return {"text": text, "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            logprobs = self._completion_logprobs(tokens, entries, req.logprobs, 0, req.return_tokens_as_token_ids)
+        choice = {"text": text, "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if req.return_token_ids:
+            choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids))
+        return choice
 
     def _completion_body(self, req: CompletionRequest, outputs: list[RequestOutput], meta: dict) -> dict:
         choices = []
@@ -271,7 +301,7 @@ class OpenAIServing:
         prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
         completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         return {**meta, "object": "text_completion", "choices": choices,
-                "usage": _usage(prompt_tokens, completion_tokens)}
+                "usage": _usage(prompt_tokens, completion_tokens, self._cached(outputs))}
 
     async def _completion_stream(self, req: CompletionRequest, out: RequestOutput | None,
                                  rest: AsyncIterator[RequestOutput], prompt_index: dict[str, int], meta: dict,
@@ -280,10 +310,11 @@ class OpenAIServing:
         encoder = _ChunkEncoder(meta, "text_completion")
         cursor = _StreamCursor()
         prompt_tokens: dict[int, int] = {}
+        last: dict[int, RequestOutput] = {}   # each prompt's latest output, for the final usage
         try:
             while out is not None:
                 i = prompt_index[out.request_id]
-                prompt_tokens[i] = len(out.prompt_token_ids)
+                prompt_tokens[i], last[i] = len(out.prompt_token_ids), out
                 for c in out.outputs:
                     index = i * req.n + c.index
                     d = cursor.advance(index, c)
@@ -292,20 +323,28 @@ class OpenAIServing:
                     text = out.prompt + d.text if d.first and req.echo and out.prompt is not None else d.text
                     logprobs = None
                     if req.logprobs is not None:
-                        logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset)
+                        logprobs = self._completion_logprobs(d.token_ids, d.logprobs, req.logprobs, d.text_offset,
+                                                             req.return_tokens_as_token_ids)
+                    extra = None
+                    if req.return_token_ids:  # the prompt's ids with the choice's first chunk, then new ids
+                        extra = {"prompt_token_ids": list(out.prompt_token_ids)} if d.first else {}
+                        extra["token_ids"] = d.token_ids
                     # with continuous usage: this choice's prompt and its tokens so far, as vLLM counts them
                     yield encoder.choice(index, "text", _json_str(text), logprobs, c.finish_reason, c.stop_reason,
-                                         _usage(prompt_tokens[i], cursor.sent[index][1]) if continuous_usage else None)
+                                         _usage(prompt_tokens[i], cursor.sent[index][1]) if continuous_usage else None,
+                                         extra)
                 out = await anext(rest, None)
         finally:  # the consumer went away or a request failed: the requests still running are aborted
             await rest.aclose()
         if final_usage:
-            yield encoder.usage(_usage(sum(prompt_tokens.values()), cursor.completion_tokens))
+            yield encoder.usage(_usage(sum(prompt_tokens.values()), cursor.completion_tokens,
+                                       self._cached(list(last.values()))))
 
     async def _beam_search(self, req: CompletionRequest) -> dict:
         if req.stream:
             raise APIError("use_beam_search does not stream.", param="stream")
-        prompts = [self.engine.processor.process_prompt(p) for p in self._completion_prompts(req)]
+        tokenization = req.tokenization()
+        prompts = [self.engine.processor.process_prompt(p, tokenization) for p in self._completion_prompts(req)]
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
         self.engine.processor.validate_beam_width(req.n)
@@ -314,7 +353,7 @@ class OpenAIServing:
         params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
                                   temperature=temperature if req.temperature is None else req.temperature,
                                   length_penalty=req.length_penalty)
-        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop(), req.priority)
+        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop(), req.priority, req.cache_salt)
 
         def search():  # on a thread: its steps wait for the engine's outputs, which arrive on this loop
             try:
@@ -331,7 +370,8 @@ class OpenAIServing:
                 text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
                 choices.append({"index": i * req.n + j, "text": text, "logprobs": None,
                                 "finish_reason": seq.finish_reason, "stop_reason": None})
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        return {"id": f"cmpl-{req.request_id or uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": _usage(sum(len(p.token_ids) for p in prompts), completion_tokens)}
 
@@ -340,59 +380,72 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         _refuse_unsupported(req)
         usage = _stream_usage(req)
-        prompt = self.engine.processor.process_prompt(self._chat_prompt(req))
+        prompt = self.engine.processor.process_prompt(req.salted(self._chat_prompt(req, req.add_special_tokens)),
+                                                      req.tokenization())
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority)])
-        meta = {"id": request_id, "created": int(time.time()), "model": self.model_name}
+        meta = {"id": f"chatcmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
+                "model": self.model_name}
         if req.stream:
-            return self._chat_stream(req, first, rest, meta, len(prompt.token_ids), usage)
+            return self._chat_stream(req, first, rest, meta, prompt.token_ids, usage)
         async for final in _chain(first, rest):
             pass
+        as_ids = req.return_tokens_as_token_ids
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top) if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
-        return {**meta, "object": "chat.completion", "choices": choices,
-                "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs))}
+                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if req.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})} for c in final.outputs]
+        body = {**meta, "object": "chat.completion", "choices": choices,
+                "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
+                                self._cached([final]))}
+        if req.return_token_ids:
+            body["prompt_token_ids"] = list(final.prompt_token_ids)
+        return body
 
-    def _chat_logprobs(self, tokens: list[int], entries: list[PositionLogprobs] | None, k: int) -> dict:
+    def _chat_logprobs(self, tokens: list[int], entries: list[PositionLogprobs] | None, k: int,
+                       as_ids: bool) -> dict:
         content = []
         for token_id, entry in zip(tokens, entries or []):
             def item(t: int) -> dict:
-                s = _token_str(entry, t, self.tokenizer)
+                s = _token_str(entry, t, self.tokenizer, as_ids)
                 return {"token": s, "logprob": entry[t].logprob, "bytes": list(s.encode("utf-8"))}
             top = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
             content.append({**item(token_id), "top_logprobs": [item(t) for t, _ in top]})
         return {"content": content}
 
     async def _chat_stream(self, req: ChatCompletionRequest, out: RequestOutput | None,
-                           rest: AsyncIterator[RequestOutput], meta: dict, prompt_tokens: int,
+                           rest: AsyncIterator[RequestOutput], meta: dict, prompt_token_ids: list[int],
                            usage: tuple[bool, bool]) -> AsyncIterator[str]:
         final_usage, continuous_usage = usage
         encoder = _ChunkEncoder(meta, "chat.completion.chunk")
         cursor = _StreamCursor()
-        top = req.top_logprobs or 0
+        top, prompt_tokens, ids = req.top_logprobs or 0, len(prompt_token_ids), req.return_token_ids
+        last = out
         try:
-            for i in range(req.n):
+            for i in range(req.n):  # the first chunk ever has the prompt's token ids (return_token_ids)
                 yield encoder.choice(i, "delta", '{"role": "assistant", "content": ""}', None, None, None,
-                                     _usage(prompt_tokens, 0) if continuous_usage else None)
+                                     _usage(prompt_tokens, 0) if continuous_usage else None,
+                                     top={"prompt_token_ids": list(prompt_token_ids)} if ids and i == 0 else None)
             while out is not None:
                 for c in out.outputs:
                     d = cursor.advance(c.index, c)
                     if d is None:
                         continue
-                    logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top) if req.logprobs else None
+                    logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top, req.return_tokens_as_token_ids) \
+                        if req.logprobs else None
                     delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
                     yield encoder.choice(c.index, "delta", delta, logprobs, c.finish_reason, c.stop_reason,
-                                         _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None)
-                out = await anext(rest, None)
+                                         _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None,
+                                         {"token_ids": d.token_ids} if ids else None)
+                last, out = out, await anext(rest, None)
         finally:  # the consumer went away or the request failed: a request still running is aborted
             await rest.aclose()
         if final_usage:
-            yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens))
+            yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens, self._cached([last])))
 
     # tokens -----------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ class ModelSpec:
     pipeline_parallel_size: int = 1
     enable_prompt_embeds: bool = False
     chat_template: str | None = None
+    enable_prompt_tokens_details: bool = False   # usage reports the prompt tokens the prefix cache served
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     runner: str = "auto"
     convert: str = "auto"
