@@ -103,9 +103,10 @@ def test_tokenization_kwargs_truncate_and_leave_out_special_tokens(llm):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-def test_cache_salt_keeps_prefix_cache_within_its_salt(llm):
+def test_cache_salt_keeps_prefix_cache_within_its_salt_and_reset_empties_it(llm):
     """vLLM's cache_salt: a prompt finds cached blocks only of prompts with the same salt (no salt is a salt of
-    its own), so a tenant cannot learn by timing what another asked. Outputs do not change."""
+    its own), so a tenant cannot learn by timing what another asked. Outputs do not change.
+    `reset_prefix_cache` empties the cache once no request holds blocks."""
     ids = [1] + list(range(10, 60))  # three full blocks of 16 and more
     greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
 
@@ -120,6 +121,13 @@ def test_cache_salt_keeps_prefix_cache_within_its_salt(llm):
         out = run(other)
         assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == first.outputs[0].token_ids
     assert run(None).num_cached_tokens == 48   # the unsalted prompt's own blocks
+    engine = llm.llm_engine
+    engine.add_request("holder", TokensPrompt(prompt_token_ids=ids), greedy)
+    engine.step()
+    assert not llm.reset_prefix_cache()        # a running request holds blocks: refused, as in vLLM
+    engine.abort_request("holder")
+    assert llm.reset_prefix_cache()
+    assert run(None).num_cached_tokens == 0 and run("tenant-a").num_cached_tokens == 0
     with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
         llm.generate({"prompt": "hi", "cache_salt": ""}, greedy, use_tqdm=False)
 

@@ -174,6 +174,17 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (after the weights change, or between benchmark runs), if no request holds
+        one; True if done (vLLM's rule)."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        self.cached.clear()
+        for block in self.blocks:
+            block.block_hash = block.token_ids = None
+        self.stats = PrefixCacheStats()
+        return True
+
     def forget(self, request: Request) -> None:
         """Drop per-request memo (hashes) once the request is finished for good."""
         self.req_hashes.pop(request.request_id, None)

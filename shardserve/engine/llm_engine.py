@@ -158,6 +158,13 @@ class LLMEngine:
         self.scheduler.prepare_fork(parent_request_id, child)
         self.add_processed_request(request_id, [child])
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache; refused (False) while a request holds KV blocks."""
+        if self.scheduler.block_manager.reset_prefix_cache():
+            return True
+        logger.warning("The prefix cache was not reset: requests still hold KV blocks.")
+        return False
+
     def release_requests(self, request_ids: list[str]) -> None:
         """Free the KV blocks finished `hold_kv` requests kept."""
         for request_id in request_ids:

@@ -92,6 +92,10 @@ class LLM(PoolingMixin):
         """Release the workers now rather than when this object is collected."""
         self.llm_engine.shutdown()
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (vLLM's: after a weight update, or so a benchmark's runs start alike)."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: vLLM's defaults, with the model's
         generation config over them (`generation_config=`)."""
