@@ -11,12 +11,12 @@ from shardserve.outputs import (ClassificationOutput, ClassificationRequestOutpu
                                 ScoringOutput, ScoringRequestOutput)
 from shardserve.pooler_config import PoolerConfig
 from shardserve.pooling_params import PoolingParams
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt",
-           "TokensPrompt", "EmbedsPrompt", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "TextPrompt", "TokensPrompt", "EmbedsPrompt", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
            "PoolingParams", "PoolerConfig", "PoolingOutput", "PoolingRequestOutput", "EmbeddingOutput",
            "EmbeddingRequestOutput", "ClassificationOutput", "ClassificationRequestOutput", "ScoringOutput",
            "ScoringRequestOutput", "__version__"]

@@ -15,6 +15,31 @@ class RequestOutputKind(enum.Enum):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """vLLM's constraints on what a request may generate. `choice` is implemented: the output is exactly one of
+    the strings (as the tokenizer writes each on its own), then the end of sequence. The others (json, regex,
+    grammar, json_object, structural_tag) need a grammar engine and are refused, never ignored."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"Give one kind of structured output, got {', '.join(given)}.")
+        unsupported = [name for name in given if name != "choice"]
+        if unsupported:
+            raise ValueError(f"structured_outputs.{unsupported[0]} is not supported: of the structured outputs, "
+                             f"only choice is implemented.")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings.")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     presence_penalty: float = 0.0
@@ -38,15 +63,17 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None   # only these may be sampled
     bad_words: list[str] | None = None           # never generated (vLLM's rule: see the model runner)
+    structured_outputs: StructuredOutputsParams | None = None
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # A streamed request's outputs carry this many new tokens at a time (the first and the last come at once);
     # the engine's `stream_interval` is the floor. None: the engine's.
     stream_interval: int | None = None
-    # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, and each bad
-    # word's token ids (as it starts the text, and after a space).
+    # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, each bad
+    # word's token ids (as it starts the text, and after a space), and each structured-output choice's.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    choice_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +87,8 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._verify()
 
     def _verify(self) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shardserve import LLM, SamplingParams, TokensPrompt
+from shardserve import LLM, SamplingParams, StructuredOutputsParams, TokensPrompt
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 100, 200, 150, 7, 9, 33, 21, 17, 5, 6]]
 
@@ -196,6 +196,41 @@ def test_bad_words_are_never_generated(llm, hf):
     assert ours != free
     for ids in sequences:  # no bad word anywhere in the output
         assert all(ours[i:i + len(ids)] != ids for i in range(len(ours)))
+
+
+def test_structured_output_choice_follows_the_model_among_the_choices(llm, hf):
+    """structured_outputs.choice (vLLM's guided choice): greedy takes, step by step, the model's best token of
+    those that continue some choice (transformers with the same mask), ends with EOS after a whole choice, and
+    the text is one of the choices; sampled completions are choices too."""
+    tokenizer = llm.get_tokenizer()
+    choices = ["yes", "no", "maybe later", "maybe not"]
+    ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
+    assert ids[2][0] == ids[3][0]  # two choices share their first token: the constraint follows both
+    eos = tokenizer.eos_token_id
+    structured = StructuredOutputsParams(choice=choices)
+
+    def banned(outputs):
+        mask = torch.ones(hf.config.vocab_size, dtype=torch.bool)
+        mask[[c[len(outputs)] for c in ids if c[:len(outputs)] == outputs and len(c) > len(outputs)]] = False
+        mask[eos] = outputs not in ids
+        return mask
+    texts = set()
+    for prompt in PROMPTS + [[1, 5, 6, 7], [1, 300, 301]]:
+        out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=16, structured_outputs=structured))[0]
+        c = out.outputs[0]
+        assert c.text in choices and c.finish_reason == "stop"
+        assert c.token_ids == _reference_greedy(hf, prompt, len(c.token_ids), banned)
+        texts.add(c.text)
+    assert len(texts) > 1  # the prompts lead to different choices
+    sampled = gen(llm, PROMPTS[:1], SamplingParams(n=8, temperature=1.0, seed=0, max_tokens=16,
+                                                   structured_outputs={"choice": choices}))[0].outputs
+    assert {c.text for c in sampled} <= set(choices) and all(c.finish_reason == "stop" for c in sampled)
+    for bad, message in [({"json": {"type": "object"}}, "structured_outputs.json is not supported"),
+                         ({"choice": []}, "non-empty list"), ({"choice": ["a"], "regex": "a"}, "one kind")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(structured_outputs=bad)
+    with pytest.raises(ValueError, match="cannot be combined with ignore_eos"):
+        gen(llm, PROMPTS[:1], SamplingParams(structured_outputs=structured, ignore_eos=True))
 
 
 def test_logit_bias_forces_a_token(llm):

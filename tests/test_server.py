@@ -316,6 +316,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 300}, 400, "greater than the maximum model length"),
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
     ({"model": "tiny", "prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
+    ({"model": "tiny", "prompt": "x", "guided_choice": ["a"], "ignore_eos": True}, 400, "ignore_eos"),
     ({"model": "tiny", "prompt": "x", "use_beam_search": True, "n": 2, "priority": 1}, 400, "--scheduling-policy"),
     ({"model": "tiny", "prompt": "", "prompt_embeds": base64.b64encode(b"garbage").decode()}, 400, "prompt"),
 ])
@@ -327,16 +328,35 @@ def test_errors_in_openai_shape(server, body, status, message):
     assert error["object"] == "error" and error["code"] == status and message in error["message"]
 
 
+def test_structured_output_choice_equals_offline(client, offline):
+    """vLLM's structured_outputs.choice (and the older guided_choice): the answer is one of the choices, the
+    offline engine's."""
+    choices = ["Paris", "London", "Rome or Madrid"]
+    expected = offline.generate(PROMPTS[0], greedy(max_tokens=12, structured_outputs={"choice": choices}),
+                                use_tqdm=False)[0].outputs[0]
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                    extra_body={"structured_outputs": {"choice": choices}})
+    assert got.choices[0].text == expected.text in choices and got.choices[0].finish_reason == "stop"
+    expected = offline.chat(MESSAGES, greedy(max_tokens=12, structured_outputs={"choice": choices}),
+                            use_tqdm=False)[0].outputs[0]
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                         extra_body={"guided_choice": choices})
+    assert got.choices[0].message.content == expected.text in choices
+
+
 def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, client):
-    """Structured outputs, token constraints and tool choice change what a request may generate: a request
-    asking for them gets a 400 naming the field, not an unconstrained answer. Their defaults still pass."""
+    """Structured outputs other than choice, logits processors and tool choice change what a request may
+    generate: a request asking for them gets a 400 naming the field, not an unconstrained answer. Their
+    defaults still pass."""
     r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
                    json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "tool_choice": "auto",
                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
     assert r.status_code == 400 and r.json()["param"] == "tool_choice"
-    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
-                   json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "guided_choice": ["a", "b"]})
-    assert r.status_code == 400 and r.json()["param"] == "guided_choice"
+    for field, value, param in [("guided_regex", "[a-z]+", "guided_regex"),
+                                ("structured_outputs", {"json": {"type": "object"}}, "structured_outputs.json")]:
+        r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
+                       json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["param"] == param
     got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
                                          response_format={"type": "text"}, tool_choice="none")
     assert got.choices[0].finish_reason == "length"

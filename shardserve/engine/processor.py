@@ -145,6 +145,7 @@ class Processor:
                                  f"{self.max_logprobs}.")
         params = params.clone(**counts)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
+        params.choice_token_ids = self._choice_token_ids(params)
         if not params.ignore_eos:
             params.all_stop_token_ids = set(self.eos_token_ids)
         else:
@@ -173,6 +174,20 @@ class Processor:
             if len(spaced) == len(alone) and spaced[0] != alone[0]:
                 sequences.append(spaced)
         return sequences
+
+    def _choice_token_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each structured-output choice as the tokenizer writes it on its own. The output ends with the model's
+        end-of-sequence token after a whole choice, so the request must stop there."""
+        structured = params.structured_outputs
+        if structured is None or structured.choice is None:
+            return []
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs.choice needs the model's tokenizer (skip_tokenizer_init is set).")
+        if params.ignore_eos or not self.eos_token_ids:
+            raise ValueError("structured_outputs.choice ends the output with the end-of-sequence token: it cannot be "
+                             "combined with ignore_eos" + ("" if self.eos_token_ids else
+                                                           ", and this model has no end-of-sequence token") + ".")
+        return [self.tokenizer.encode(choice, add_special_tokens=False) for choice in structured.choice]
 
     def check_priority(self, priority: int) -> int:
         """A request's priority: any integer under the priority policy, else only 0 (vLLM's documented rule:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shardserve.engine.processor import TokenizationParams
-from shardserve.sampling_params import RequestOutputKind, SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
 class OpenAIBase(BaseModel):
@@ -66,13 +66,14 @@ class SamplingRequest(OpenAIBase):
     return_token_ids: bool = False         # the prompt's and the completion's token ids in the response
     return_tokens_as_token_ids: bool = False   # logprob tokens as "token_id:<id>"
     request_id: str | None = None          # the response's id (after "cmpl-" / "chatcmpl-"); default: random
-    # vLLM's fields this server does not implement: declared so that a request using one is refused
-    # (`unsupported`), not answered as if the constraint had been applied.
-    response_format: dict[str, Any] | None = None
+    # Structured outputs: `choice` (structured_outputs.choice, or the older guided_choice) is implemented.
+    # The rest is declared so that a request using it is refused (`unsupported`), not answered as if the
+    # constraint had been applied.
     structured_outputs: dict[str, Any] | None = None
+    guided_choice: list[str] | None = None
+    response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     logits_processors: list[Any] | None = None
 
@@ -80,11 +81,16 @@ class SamplingRequest(OpenAIBase):
         """The first field set that would change the output in a way this server cannot honour."""
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             return "response_format"
-        for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "logits_processors"):
+        for key, value in (self.structured_outputs or {}).items():
+            if key != "choice" and value:
+                return f"structured_outputs.{key}"
+        for name in ("guided_json", "guided_regex", "guided_grammar", "logits_processors"):
             if getattr(self, name):
                 return name
         return None
+
+    def choice(self) -> list[str] | None:
+        return (self.structured_outputs or {}).get("choice") or self.guided_choice
 
     def tokenization(self) -> TokenizationParams:
         return TokenizationParams(self.add_special_tokens, self.truncate_prompt_tokens, self.truncation_side)
@@ -116,6 +122,7 @@ class SamplingRequest(OpenAIBase):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
+            structured_outputs=StructuredOutputsParams(choice=choice) if (choice := self.choice()) else None,
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
 
 

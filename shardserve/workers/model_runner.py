@@ -177,7 +177,8 @@ class ModelRunner:
             b.prompt_mask[self.to_device(prompt_rows), self.to_device(prompt_tokens)] = True
         needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
                       or len(st.output_token_ids) < st.sampling_params.min_tokens
-                      or st.sampling_params.allowed_token_ids is not None or st.sampling_params.bad_words_token_ids]
+                      or st.sampling_params.allowed_token_ids is not None or st.sampling_params.bad_words_token_ids
+                      or st.sampling_params.choice_token_ids]
         if needs_bias:
             b.bias = torch.zeros(len(states), V, device=dev)
             for i, st in needs_bias:
@@ -194,6 +195,13 @@ class ModelRunner:
                     b.bias[i] = row
                 if p.bad_words_token_ids:
                     b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, st.output_token_ids)] = float("-inf")
+                if p.choice_token_ids:  # last: the structure is kept whatever the other rules ban
+                    allowed = self.to_device(_choice_next_tokens(p.choice_token_ids, st.output_token_ids,
+                                                                 p.all_stop_token_ids))
+                    row = torch.full((V,), float("-inf"), device=dev)
+                    # a token the other rules ban stays possible, far below the rest (no host sync to check)
+                    row[allowed] = b.bias[i, allowed].clamp(min=-1e4)
+                    b.bias[i] = row
         b.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         return b
 
@@ -287,6 +295,17 @@ class ModelRunner:
         targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
         ids, values, ranks = compute_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs)
         return LogprobsLists(ids.tolist(), values.tolist(), ranks.tolist())
+
+
+def _choice_next_tokens(choices: list[list[int]], output_token_ids: list[int], end_token_ids: set[int]) -> list[int]:
+    """The tokens that keep the output on the way to one of `choices` (each as token ids), and where the output is
+    a whole choice, the end-of-sequence tokens."""
+    n = len(output_token_ids)
+    allowed: set[int] = set()
+    for ids in choices:
+        if ids[:n] == output_token_ids:
+            allowed.update([ids[n]] if len(ids) > n else end_token_ids)
+    return sorted(allowed or end_token_ids)
 
 
 def _banned_by_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -> list[int]:
