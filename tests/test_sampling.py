@@ -65,6 +65,16 @@ def test_stop_token_ids(llm):
     first = expected.index(stop)
     assert out.token_ids == expected[:first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    # As vLLM: the stop token is in token_ids, its text is not (unless include_stop_str_in_output), special
+    # or not
+    tokenizer = llm.get_tokenizer()
+    for skip_special in (True, False):
+        out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop],
+                                                  skip_special_tokens=skip_special))[0].outputs[0]
+        assert out.text == tokenizer.decode(expected[:first], skip_special_tokens=skip_special)
+    kept = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop],
+                                               include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == tokenizer.decode(expected[:first + 1])
 
 
 def test_min_tokens_holds_back_stop_tokens(llm):

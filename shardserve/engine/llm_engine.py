@@ -295,14 +295,18 @@ class LLMEngine:
             req.logprobs.append(entry)
             req.cumulative_logprob += entry[token_id].logprob
         params = req.sampling_params
-        # As vLLM: stop strings only count once more than min_tokens tokens exist.
-        stop_str = parent.detokenizers[req.request_id].append(
-            token_id, check_stop=req.num_output_tokens > params.min_tokens)
+        stop_token = req.num_output_tokens >= params.min_tokens and (
+            token_id in params.all_stop_token_ids or token_id in params.stop_token_ids)
+        stop_str = None
+        # As vLLM: a stop token's own text is left out (unless include_stop_str_in_output), and stop strings only
+        # count once more than min_tokens tokens exist.
+        if not stop_token or params.include_stop_str_in_output:
+            stop_str = parent.detokenizers[req.request_id].append(
+                token_id, check_stop=req.num_output_tokens > params.min_tokens)
         status = None
         if stop_str is not None:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        elif req.num_output_tokens >= params.min_tokens and (
-                token_id in params.all_stop_token_ids or token_id in params.stop_token_ids):
+        elif stop_token:
             status = RequestStatus.FINISHED_STOPPED
             # EOS is the natural end (no stop_reason); a user's stop token is reported.
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
