@@ -177,8 +177,6 @@ def run_beam_search(step: BeamStep, prompts: list[list[int]], params: BeamSearch
                 finished[i].extend(ended)
     results = []
     for prompt_beams, done in zip(running, finished):
-        for beam in done + prompt_beams:
-            beam.finish_reason = beam.finish_reason or "length"
         best = sorted(done + prompt_beams, reverse=True,
                       key=lambda b: beam_search_score(b, eos, params.length_penalty))[:params.beam_width]
         for beam in best:

@@ -97,6 +97,8 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", self.n, "at least 1")
+        if self.n > 1 and self.greedy:  # vLLM's rule: n greedy completions would all be the same
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
         if self.temperature < 0.0:
             raise bad("temperature", self.temperature, "non-negative")
         if not 0.0 < self.top_p <= 1.0:

@@ -140,9 +140,9 @@ def test_stream_interval_batches_tokens_into_fewer_outputs(model_dirs, llm):
     every_token = llm.generate(TokensPrompt(prompt_token_ids=[1, 5, 6, 7]),
                                SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     requests = {"engine's": (None, 1), "request's": (5, 1), "below the engine's": (2, 1), "n=2": (None, 2)}
-    for request_id, (interval, n) in requests.items():
+    for request_id, (interval, n) in requests.items():  # top_k=1: greedy, which n > 1 may not say with temperature 0
         engine.add_request(request_id, TokensPrompt(prompt_token_ids=[1, 5, 6, 7]),
-                           SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=n,
+                           SamplingParams(temperature=1.0, top_k=1, max_tokens=10, ignore_eos=True, n=n,
                                           stream_interval=interval))
     seen = {request_id: [] for request_id in requests}
     last = {}

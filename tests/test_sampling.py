@@ -256,6 +256,17 @@ def test_max_tokens_none_runs_to_max_model_len(path):
     assert out.finish_reason == "length"
 
 
+def test_logprob_ranks_count_ties_as_vllm_does():
+    """vLLM's rank: how many tokens are at least as likely, the token itself included."""
+    from shardserve.layers.sampler import compute_logprobs
+    row = torch.tensor([[-0.5, -1.5, -1.5, -2.0, -1.5]])
+    for token, rank in [(0, 1), (1, 4), (2, 4), (3, 5)]:
+        _, _, ranks = compute_logprobs(row, torch.tensor([token]), 0)
+        assert ranks.item() == rank
+    with pytest.raises(ValueError, match="n must be 1 when using greedy sampling"):
+        SamplingParams(n=2, temperature=0)
+
+
 @pytest.mark.parametrize("vocab", [32000, 50257, 1000, 300])
 def test_chunked_argmax_and_topk_equal_torch(vocab):
     from shardserve.layers.sampler import first_argmax, top_k

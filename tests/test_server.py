@@ -103,9 +103,10 @@ def test_completions_equal_offline(client, offline, model):
 def test_completion_token_prompt_n_logprobs_echo(client, offline):
     ids = offline.get_tokenizer().encode(PROMPTS[0])
     expected = offline.generate({"prompt_token_ids": ids}, greedy(max_tokens=6, logprobs=3), use_tqdm=False)[0]
-    got = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=3, n=2)
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=1.0, logprobs=3, n=2,
+                                    extra_body={"top_k": 1})
     assert len(got.choices) == 2
-    for choice in got.choices:  # greedy: both completions are the same
+    for choice in got.choices:  # top_k=1 is greedy (temperature 0 takes only n=1, as in vLLM): the same twice
         assert choice.text == expected.outputs[0].text
         ref = expected.outputs[0].logprobs
         assert choice.logprobs.token_logprobs == pytest.approx(
@@ -131,8 +132,8 @@ def test_continuous_usage_stats_count_each_choice_so_far(client):
     chunk carries one token, or several where the stream fell behind the engine (the logprobs count them)."""
     plain = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0)
     options = {"include_usage": True, "continuous_usage_stats": True}
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, n=2,
-                                            logprobs=1, stream=True, stream_options=options))
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, n=2,
+                                            logprobs=1, stream=True, stream_options=options, extra_body={"top_k": 1}))
     for index in (0, 1):
         choice = [c for c in chunks if c.choices and c.choices[0].index == index]
         sent = list(itertools.accumulate(len(c.choices[0].logprobs.tokens) for c in choice))
@@ -311,6 +312,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 10**6]}, 400, "out of vocabulary"),
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
+    ({"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}, 400, "n must be 1 when using greedy sampling"),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "greater than max allowed: 20"),
     ({"model": "tiny", "prompt": "x", "priority": 3}, 400, "priority scheduling is not enabled"),
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 300}, 400, "greater than the maximum model length"),

@@ -89,13 +89,14 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int, greedy: bool = False):
-    """Top-k of each row plus the given token (first), with 1-based ranks. `greedy`: every given token is
-    its row's first maximum, so its rank is 1 without counting."""
+    """Top-k of each row plus the given token (first), with 1-based ranks: as vLLM, a token's rank counts the
+    tokens at least as likely, itself included (a tie ranks after its equals). `greedy`: every given token is
+    its row's first maximum, so its rank is 1 without counting (a tie for the maximum aside)."""
     chosen = logprobs.gather(-1, token_ids.unsqueeze(-1))
     if greedy:
         chosen_rank = torch.ones_like(token_ids).unsqueeze(-1)
     else:
-        chosen_rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
+        chosen_rank = (logprobs >= chosen).sum(-1, keepdim=True)
     if k > 0:
         top_vals, top_ids = top_k(logprobs, k)
         ranks = torch.arange(1, k + 1, device=logprobs.device).expand(logprobs.size(0), k)

@@ -369,7 +369,7 @@ class OpenAIServing:
                 completion_tokens += len(new)
                 text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
                 choices.append({"index": i * req.n + j, "text": text, "logprobs": None,
-                                "finish_reason": seq.finish_reason, "stop_reason": None})
+                                "finish_reason": seq.finish_reason or "length", "stop_reason": None})
         return {"id": f"cmpl-{req.request_id or uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()),
                 "model": self.model_name, "choices": choices,

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Does shardserve answer as vLLM does? The same offline calls on the same model in both engines, compared.
+
+Each engine runs every scenario (a prompt, the keyword arguments of SamplingParams and of `generate`) in its
+own subprocess (vLLM in .venv-vllm, as benchmarks/throughput.py builds it) and writes what came back: token
+ids, text, finish and stop reasons, logprobs and prompt logprobs (ids, ranks, values), cumulative logprob.
+The driver prints, per scenario, "same" or each field that differs. Greedy only: sampled tokens depend on
+each engine's random numbers. Logprob values count as the same within --atol.
+
+Usage: .venv/bin/python benchmarks/vllm_parity.py [--model-preset small]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import PRESETS, build_model, ensure_vllm_venv, vllm_preload  # noqa: E402
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
+LONG = list(range(20, 84))
+
+
+CHOICES = ["yes", "no", "maybe later", "maybe not"]
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t3{% endif %}"
+
+
+def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
+    """name -> (prompt: token ids, text, or chat messages; SamplingParams kwargs, or BeamSearchParams kwargs
+    for beam search; more keyword arguments of the call). `free`: the greedy continuation of PROMPT (from a
+    first call), so stop tokens and words can be picked from what the model says."""
+    greedy = dict(temperature=0.0, max_tokens=12)
+    eos = tokenizer.eos_token_id
+    text = tokenizer.decode(PROMPT, skip_special_tokens=True)
+    word = tokenizer.decode(free[5:6]).strip() or tokenizer.decode(free[5:7])   # a stop string the model says
+    return {
+        "text prompt": (text, {**greedy, "ignore_eos": True}, {}),
+        "text prompt, no special tokens": (text, {**greedy, "ignore_eos": True},
+                                           {"tokenization_kwargs": {"add_special_tokens": False}}),
+        "chat": ([{"role": "user", "content": text}], {**greedy, "ignore_eos": True}, {"chat_template": TEMPLATE}),
+        "beam search": (PROMPT, {"beam_width": 3, "max_tokens": 6}, {}),
+        "beam search, length penalty": (PROMPT, {"beam_width": 2, "max_tokens": 5, "length_penalty": 0.5}, {}),
+        "stop string over two tokens": (PROMPT, {**greedy, "stop": [tokenizer.decode(free[5:7]).strip()]}, {}),
+        "logprobs 0, prompt logprobs 0": (PROMPT, {**greedy, "logprobs": 0, "prompt_logprobs": 0,
+                                                   "ignore_eos": True}, {}),
+        "greedy": (PROMPT, {**greedy, "ignore_eos": True}, {}),
+        "stop token (not special)": (PROMPT, {**greedy, "stop_token_ids": [free[4]]}, {}),
+        "stop token, kept": (PROMPT, {**greedy, "stop_token_ids": [free[4]], "include_stop_str_in_output": True}, {}),
+        "stop token under min_tokens": (PROMPT, {**greedy, "stop_token_ids": [free[0]], "min_tokens": 3}, {}),
+        "EOS forced by logit_bias": (PROMPT, {**greedy, "logit_bias": {eos: 100.0}, "min_tokens": 2}, {}),
+        "EOS, special tokens kept": (PROMPT, {**greedy, "logit_bias": {eos: 100.0}, "min_tokens": 2,
+                                              "skip_special_tokens": False}, {}),
+        "stop string": (PROMPT, {**greedy, "stop": [word]}, {}),
+        "stop string, kept": (PROMPT, {**greedy, "stop": [word], "include_stop_str_in_output": True}, {}),
+        "logprobs 3": (PROMPT, {**greedy, "logprobs": 3, "ignore_eos": True}, {}),
+        "prompt logprobs 2": (PROMPT, {**greedy, "max_tokens": 2, "prompt_logprobs": 2}, {}),
+        "n=2 greedy (refused)": (PROMPT, {**greedy, "n": 2, "ignore_eos": True}, {}),
+        "n=2, top_k=1": (PROMPT, {**greedy, "temperature": 1.0, "top_k": 1, "n": 2, "ignore_eos": True}, {}),
+        "allowed_token_ids": (PROMPT, {**greedy, "allowed_token_ids": list(range(300, 330)), "ignore_eos": True}, {}),
+        "bad_words": (PROMPT, {**greedy, "bad_words": [tokenizer.decode(free[1:2]).strip()], "ignore_eos": True}, {}),
+        "penalties": (PROMPT, {**greedy, "presence_penalty": 0.8, "frequency_penalty": 0.5,
+                               "repetition_penalty": 1.3, "ignore_eos": True}, {}),
+        "max_tokens None": (LONG[:40], {"temperature": 0.0, "max_tokens": None, "ignore_eos": True}, {}),
+        "detokenize off": (PROMPT, {**greedy, "detokenize": False, "ignore_eos": True}, {}),
+        # where the tokenizer can write the choices (a word-level one cannot)
+        **({"structured choice": (PROMPT, {**greedy, "max_tokens": 16, "structured_outputs": None}, {})}
+           if all(tokenizer.unk_token_id not in tokenizer.encode(c, add_special_tokens=False) for c in CHOICES)
+           else {}),
+        "truncate_prompt_tokens": (LONG, {**greedy, "ignore_eos": True},
+                                   {"tokenization_kwargs": {"truncate_prompt_tokens": 10,
+                                                            "truncation_side": "left"}}),
+    }
+
+
+# Where we answer otherwise on purpose: (scenario prefix, field suffix, why).
+ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says "stop" offline too (vLLM leaves it '
+               'None offline and says "stop" online)')]
+
+
+def run(engine: str, model: str) -> dict:
+    mod = importlib.import_module(engine)
+    tokens_prompt = importlib.import_module(f"{engine}.inputs").TokensPrompt
+    beam_params = getattr(mod, "BeamSearchParams", None) or importlib.import_module(
+        f"{engine}.sampling_params").BeamSearchParams
+    kwargs = dict(dtype="float32", max_model_len=128, seed=0)
+    if engine == "vllm":
+        kwargs["kv_cache_memory_bytes"] = 1 << 28
+    llm = mod.LLM(model=model, **kwargs)
+
+    def generate(prompt, params, extra):
+        if "beam_width" in params:
+            out = llm.beam_search([tokens_prompt(prompt_token_ids=prompt)], beam_params(**params))[0]
+            return {"sequences": [{"tokens": list(b.tokens), "cum_logprob": b.cum_logprob,
+                                   "finish_reason": b.finish_reason} for b in out.sequences]}
+        if isinstance(prompt, list) and isinstance(prompt[0], dict):
+            out = llm.chat(prompt, mod.SamplingParams(**params), use_tqdm=False, **extra)[0]
+        else:
+            out = llm.generate([prompt if isinstance(prompt, str) else tokens_prompt(prompt_token_ids=prompt)],
+                               mod.SamplingParams(**params), use_tqdm=False, **extra)[0]
+        return {"prompt_token_ids": list(out.prompt_token_ids),
+                "prompt_logprobs": _logprobs(out.prompt_logprobs),
+                "completions": [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
+                                 "stop_reason": c.stop_reason, "cumulative_logprob": c.cumulative_logprob,
+                                 "logprobs": _logprobs(c.logprobs)} for c in out.outputs]}
+    free = generate(PROMPT, dict(temperature=0.0, max_tokens=12, ignore_eos=True), {})["completions"][0]["token_ids"]
+    results = {}
+    for name, (prompt, params, extra) in scenarios(free, llm.get_tokenizer()).items():
+        if "structured_outputs" in params:  # each engine's own class, the same choices
+            so = getattr(mod, "StructuredOutputsParams", None) or importlib.import_module(
+                f"{engine}.sampling_params").StructuredOutputsParams
+            params = {**params, "structured_outputs": so(choice=CHOICES)}
+        try:
+            results[name] = generate(prompt, params, extra)
+        except Exception as e:  # noqa: BLE001 - a refusal is an answer too
+            results[name] = {"error": str(e).splitlines()[0][:200]}
+    return results
+
+
+def _logprobs(entries) -> list | None:
+    """Each position's entries as sorted [id, rank, logprob] triples (None where a position has none)."""
+    if entries is None:
+        return None
+    return [None if e is None else sorted([t, lp.rank, lp.logprob] for t, lp in e.items()) for e in entries]
+
+
+def differences(ours, theirs, atol: float, path: str = "") -> list[str]:
+    if isinstance(ours, float) and isinstance(theirs, float):
+        return [] if abs(ours - theirs) <= atol else [f"{path}: {ours:.5f} vs {theirs:.5f}"]
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [d for k in sorted(set(ours) | set(theirs))
+                for d in differences(ours.get(k), theirs.get(k), atol, f"{path}.{k}" if path else k)]
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, atol, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {_short(ours)} vs {_short(theirs)}"]
+
+
+def _on_purpose(scenario: str, difference: str) -> str | None:
+    field = difference.split(":")[0]
+    return next((why for prefix, suffix, why in ON_PURPOSE if scenario.startswith(prefix) and field.endswith(suffix)),
+                None)
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    src.add_argument("--model", help="HF model directory (with tokenizer) instead of a preset")
+    p.add_argument("--atol", type=float, default=1e-3, help="logprob values within this count as the same")
+    p.add_argument("--worker", choices=("shardserve", "vllm"), help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        Path(a.out).write_text(json.dumps(run(a.worker, a.model)))
+        return
+    model = str(Path(a.model).resolve() if a.model else build_model(a.model_preset))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ("shardserve", "vllm"):
+            env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+            if engine == "vllm":
+                python = str(ensure_vllm_venv())
+                env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", LD_PRELOAD=vllm_preload())
+            else:
+                python = sys.executable
+                env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+            out = Path(tmp) / f"{engine}.json"
+            proc = subprocess.run([python, __file__, "--worker", engine, "--model", model, "--out", str(out)],
+                                  env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{engine} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            results[engine] = json.loads(out.read_text())
+    ours, theirs = results["shardserve"], results["vllm"]
+    num_same = 0
+    for name in ours:
+        diff = differences(ours[name], theirs[name], a.atol)
+        whys = [_on_purpose(name, d) for d in diff]
+        if diff and all(whys):
+            print(f"{name}: differs on purpose: {'; '.join(sorted(set(whys)))}")
+            num_same += 1
+            continue
+        num_same += not diff
+        print(f"{name}: " + ("same" if not diff else "DIFFERENT"))
+        for d in diff[:8]:
+            print(f"    {d}")
+    print(f"\n{num_same} of {len(ours)} scenarios answered as vLLM answers them, or otherwise on purpose "
+          f"(model {model})")
+
+
+if __name__ == "__main__":
+    main()
