@@ -178,6 +178,22 @@ def test_incremental_detokenization_equals_full_decode(kind):
         assert detok.output_text == expected.rstrip("\ufffd") or detok.output_text == expected
 
 
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_logprob_tokens_read_whole_characters_as_vllm(kind):
+    """A token that ends inside a UTF-8 character reads "" in logprobs, and the token that completes it reads
+    the whole character (vLLM's rule), so the tokens of a text read back as the text."""
+    from shardserve.engine.detokenizer import logprob_token_text
+    tokenizer = build_tokenizer(kind)
+    text = "Caf\u00e9 \u4f60\u597d \U0001F600!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [logprob_token_text(tokenizer, t, ids[:i]) for i, t in enumerate(ids)]
+    # (SentencePiece: the first word's space too, which decoding a whole text drops)
+    assert "".join(pieces) == (" " if kind == "metaspace" else "") + tokenizer.decode(ids)
+    assert "\ufffd" not in "".join(pieces)
+    if kind == "bytelevel":  # its characters here take more than one token each
+        assert any(p == "" for p in pieces)
+
+
 def test_stop_string_spanning_tokens():
     tokenizer = build_tokenizer("bytelevel")
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)

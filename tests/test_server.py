@@ -111,11 +111,26 @@ def test_completion_token_prompt_n_logprobs_echo(client, offline):
         ref = expected.outputs[0].logprobs
         assert choice.logprobs.token_logprobs == pytest.approx(
             [ref[i][t].logprob for i, t in enumerate(expected.outputs[0].token_ids)], abs=1e-4)
-        # Top-3 keyed by token text (ids that decode alike share a key); greedy picks the best of them.
-        for top, chosen in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs):
-            assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(chosen)
+        # The top 3 by token text, as vLLM writes them (the token itself first, so the k + 1 of OpenAI's API
+        # where it is not among them; ids that read alike share a key, the later one's value): greedy's token
+        # is the best.
+        for top, chosen, token in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs,
+                                      choice.logprobs.tokens):
+            assert 1 <= len(top) <= 3 and token in top and max(top.values()) <= chosen + 1e-4
     echoed = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith(PROMPTS[0])
+    # vLLM's prompt_logprobs field: each prompt position's entries by token id, as offline
+    ref = offline.generate({"prompt_token_ids": ids}, greedy(max_tokens=2, prompt_logprobs=1),
+                           use_tqdm=False)[0].prompt_logprobs
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0,
+                                    extra_body={"prompt_logprobs": 1}).choices[0].prompt_logprobs
+    assert got[0] is None and len(got) == len(ids) == len(ref)
+    for entry, expected_entry in zip(got[1:], ref[1:]):
+        assert {int(t) for t in entry} == set(expected_entry)
+        for t, value in entry.items():
+            assert value["logprob"] == pytest.approx(expected_entry[int(t)].logprob, abs=1e-4)
+            assert (value["rank"], value["decoded_token"]) == (expected_entry[int(t)].rank,
+                                                               expected_entry[int(t)].decoded_token)
 
 
 def test_completion_stream_equals_plain(client):
@@ -313,6 +328,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
     ({"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}, 400, "n must be 1 when using greedy sampling"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 257}, 400, "max_tokens=257 cannot be greater than max_model_len"),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "greater than max allowed: 20"),
     ({"model": "tiny", "prompt": "x", "priority": 3}, 400, "priority scheduling is not enabled"),
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 300}, 400, "greater than the maximum model length"),
@@ -327,7 +343,7 @@ def test_errors_in_openai_shape(server, body, status, message):
     r = httpx.post(f"{server}/v1/completions", headers=_headers(), **kwargs)
     assert r.status_code == status
     error = r.json()
-    assert error["object"] == "error" and error["code"] == status and message in error["message"]
+    assert error["error"]["code"] == status and message in error["error"]["message"]
 
 
 def test_structured_output_choice_equals_offline(client, offline):
@@ -353,12 +369,12 @@ def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, cli
     r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
                    json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "tool_choice": "auto",
                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
-    assert r.status_code == 400 and r.json()["param"] == "tool_choice"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     for field, value, param in [("guided_regex", "[a-z]+", "guided_regex"),
                                 ("structured_outputs", {"json": {"type": "object"}}, "structured_outputs.json")]:
         r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
                        json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, field: value})
-        assert r.status_code == 400 and r.json()["param"] == param
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
     got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
                                          response_format={"type": "text"}, tool_choice="none")
     assert got.choices[0].finish_reason == "length"
@@ -385,7 +401,7 @@ def test_browsers_may_call_the_api_from_any_origin_by_default(server):
 
 def test_api_key_required(server):
     r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"})
-    assert r.status_code == 401 and r.json()["type"] == "AuthenticationError"
+    assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
     r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"},
                    headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
@@ -453,7 +469,7 @@ def test_embeddings_equal_offline_embed(client):
 ])
 def test_pooling_errors(server, route, body, message):
     r = httpx.post(f"{server}{route}", headers=_headers(), json=body)
-    assert r.status_code == 400 and message in r.json()["message"]
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
 
 
 def _abandon_a_stream(url: str, model: str, app: str, deployment: str) -> None:

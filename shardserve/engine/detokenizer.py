@@ -6,6 +6,8 @@ that ends inside a UTF-8 character decodes to U+FFFD and is held back until the 
 """
 from __future__ import annotations
 
+import os
+
 from shardserve.sampling_params import SamplingParams
 
 # Tokens of prompt context the first decode looks back over.
@@ -54,3 +56,30 @@ class IncrementalDetokenizer:
         idx, stop = best
         self.output_text = self.output_text[:idx + len(stop) if self.params.include_stop_str_in_output else idx]
         return stop
+
+
+def logprob_token_text(tokenizer, token_id: int, context: list[int]) -> str:
+    """A logprob entry's token as text, as vLLM reads it. A token that ends inside a UTF-8 character (byte-level
+    and byte-fallback vocabularies) decodes to U+FFFD on its own: it reads "" instead, and the token that
+    completes the character, after up to 4 tokens of `context` (the tokens before it), carries the whole
+    character."""
+    text = tokenizer.decode([token_id])
+    if not text.endswith("\ufffd"):
+        # SentencePiece's decode drops a lone token's word-start markers (U+2581): as in vLLM, the spaces they
+        # stand for are put back
+        raw = str(tokenizer.convert_ids_to_tokens(token_id))
+        missing = (len(raw) - len(raw.lstrip("\u2581"))) - (len(text) - len(text.lstrip(" ")))
+        return " " * missing + text if missing > 0 else text
+    context = context[-4:]
+    for n in range(1, len(context) + 1):
+        before = context[-n:]
+        full = tokenizer.decode(before + [token_id])
+        if full.endswith("\ufffd"):
+            continue
+        # the tokens before it that were incomplete too read "": their bytes are this token's text
+        clean = len(before)
+        while clean and tokenizer.decode([before[clean - 1]]).endswith("\ufffd"):
+            clean -= 1
+        prefix = tokenizer.decode(before[:clean]) if clean else ""
+        return full[len(os.path.commonprefix([prefix, full])):]
+    return ""

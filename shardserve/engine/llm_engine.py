@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.block_manager import BlockManager
-from shardserve.engine.detokenizer import IncrementalDetokenizer
+from shardserve.engine.detokenizer import IncrementalDetokenizer, logprob_token_text
 from shardserve.engine.generation_config import load_generation_config, sampling_defaults
 from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
@@ -258,7 +258,9 @@ class LLMEngine:
                 touched[parent.request_id] = parent
                 continue
             if s.request_id in result.prompt_logprobs:
-                req.prompt_logprobs.extend(self._to_logprobs(result.prompt_logprobs[s.request_id]))
+                start = len(req.prompt_logprobs)  # the prompt position of the first new entry
+                req.prompt_logprobs.extend(self._to_logprobs(result.prompt_logprobs[s.request_id],
+                                                             req.prompt_token_ids, start))
             if s.request_id in result.sampled_token_ids:
                 self._append_token(req, parent, result.sampled_token_ids[s.request_id],
                                    result.logprobs.get(s.request_id))
@@ -291,7 +293,8 @@ class LLMEngine:
     def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
         req.append_token(token_id)
         if logprobs is not None:
-            entry = self._to_logprobs(logprobs, req.sampling_params.detokenize)[0]
+            entry = self._to_logprobs(logprobs, req.output_token_ids, req.num_output_tokens - 1,
+                                      req.sampling_params.detokenize)[0]
             req.logprobs.append(entry)
             req.cumulative_logprob += entry[token_id].logprob
         params = req.sampling_params
@@ -315,14 +318,17 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(req, status)
 
-    def _to_logprobs(self, lists: LogprobsLists, detokenize: bool = True) -> list[PositionLogprobs]:
+    def _to_logprobs(self, lists: LogprobsLists, tokens: list[int], start: int,
+                     detokenize: bool = True) -> list[PositionLogprobs]:
+        """Entries for positions `start`, `start + 1`, ... of `tokens` (the prompt's, or the output's): the
+        tokens before each position are the context its tokens are read in (`logprob_token_text`)."""
         entries = []
-        for ids, values, ranks in zip(lists.token_ids, lists.logprobs, lists.ranks):
+        for i, (ids, values, ranks) in enumerate(zip(lists.token_ids, lists.logprobs, lists.ranks)):
             entry = {}
             for token_id, value, rank in zip(ids, values, ranks):
                 if token_id not in entry:
-                    decoded = self.tokenizer.decode([token_id]) if self.tokenizer is not None and detokenize \
-                        else None
+                    decoded = logprob_token_text(self.tokenizer, token_id, tokens[max(0, start + i - 4):start + i]) \
+                        if self.tokenizer is not None and detokenize else None
                     entry[token_id] = Logprob(value, rank, decoded)
             entries.append(entry)
         return entries

@@ -1,4 +1,4 @@
-"""Errors in the OpenAI shape: {"object": "error", "message", "type", "param", "code"}."""
+"""Errors in OpenAI's shape, as vLLM sends them: {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
@@ -11,8 +11,8 @@ class APIError(Exception):
         self.message, self.status, self.param = message, status, param
 
     def body(self) -> dict:
-        return {"object": "error", "message": self.message, "type": _TYPES.get(self.status, "Error"),
-                "param": self.param, "code": self.status}
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "Error"), "param": self.param,
+                          "code": self.status}}
 
 
 def to_api_error(e: BaseException) -> APIError:

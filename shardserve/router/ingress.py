@@ -243,7 +243,13 @@ class Router:
         for name in self.models:
             info = await self._model_info(name)
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "shardserve",
-                         "root": info["root"], "parent": None, "max_model_len": info["max_model_len"]})
+                         "root": info["root"], "parent": None, "max_model_len": info["max_model_len"],
+                         "permission": [{"id": f"modelperm-{name}", "object": "model_permission",
+                                         "created": self.created, "allow_create_engine": False,
+                                         "allow_sampling": True, "allow_logprobs": True,
+                                         "allow_search_indices": False, "allow_view": True,
+                                         "allow_fine_tuning": False, "organization": "*", "group": None,
+                                         "is_blocking": False}]})
         return {"object": "list", "data": data}
 
     @app.get("/health")

@@ -143,7 +143,7 @@ async def _sse_events(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
             async for chunk in chunks:
                 yield f"data: {chunk}\n\n"
         except Exception as e:  # mid-stream failure: an error event, then the stream ends
-            yield f"data: {json.dumps({'error': to_api_error(e).body()})}\n\n"
+            yield f"data: {json.dumps(to_api_error(e).body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

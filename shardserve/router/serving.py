@@ -25,6 +25,9 @@ from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest
                                         TokenizeRequest)
 
 
+_MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf, which JSON cannot write
+
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
     """OpenAI's usage; with `cached_tokens` (--enable-prompt-tokens-details), the prompt tokens the prefix
     cache served."""
@@ -176,6 +179,13 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.prompt_tokens_details = prompt_tokens_details
 
+    def _max_tokens(self, max_tokens: int | None) -> int | None:
+        """Online, vLLM refuses a max_tokens past the model's length (offline it runs to the length)."""
+        if max_tokens is not None and max_tokens > self.engine.max_model_len:
+            raise APIError(f"max_tokens={max_tokens} cannot be greater than max_model_len={self.engine.max_model_len}."
+                           f" Please request fewer output tokens.", param="max_tokens")
+        return max_tokens
+
     def _cached(self, outputs: list[RequestOutput]) -> int | None:
         """The prompt tokens of `outputs` the prefix cache served, where the usage reports them."""
         return sum(o.num_cached_tokens for o in outputs) if self.prompt_tokens_details else None
@@ -229,7 +239,7 @@ class OpenAIServing:
         prompts = self._completion_prompts(req)
         if req.echo and req.logprobs is not None and req.prompt_embeds is None:
             req.prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
-        params = req.to_sampling_params(req.max_tokens, req.logprobs, req.stream,
+        params = req.to_sampling_params(self._max_tokens(req.max_tokens), req.logprobs, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         # Validate every prompt before any is queued (a request is queued when its stream is first read).
@@ -272,11 +282,10 @@ class OpenAIServing:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            out["token_logprobs"].append(entry[token_id].logprob)
-            top: dict[str, float] = {}
-            for t, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]:
-                top.setdefault(_token_str(entry, t, self.tokenizer, as_ids), lp.logprob)  # alike: the best
-            out["top_logprobs"].append(top)
+            out["token_logprobs"].append(max(entry[token_id].logprob, _MIN_LOGPROB))
+            # vLLM's (OpenAI's) k + 1: the entry's own token, then the top k (the same token once), by text
+            out["top_logprobs"].append({_token_str(entry, t, self.tokenizer, as_ids): max(lp.logprob, _MIN_LOGPROB)
+                                        for t, lp in list(entry.items())[:k + 1]})
         return out
 
     def _completion_choice(self, req: CompletionRequest, out: RequestOutput, c: CompletionOutput) -> dict:
@@ -289,6 +298,10 @@ class OpenAIServing:
                 tokens, entries = list(out.prompt_token_ids) + tokens, list(out.prompt_logprobs) + entries
             logprobs = self._completion_logprobs(tokens, entries, req.logprobs, 0, req.return_tokens_as_token_ids)
         choice = {"text": text, "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if out.prompt_logprobs is not None:  # vLLM's field: each prompt position's entries by token id
+            choice["prompt_logprobs"] = [None if e is None else {
+                str(t): {"logprob": max(lp.logprob, _MIN_LOGPROB), "rank": lp.rank, "decoded_token": lp.decoded_token}
+                for t, lp in e.items()} for e in out.prompt_logprobs]
         if req.return_token_ids:
             choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids))
         return choice
@@ -384,7 +397,7 @@ class OpenAIServing:
                                                       req.tokenization())
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.to_sampling_params(max_tokens, top if req.logprobs else None, req.stream,
+        params = req.to_sampling_params(self._max_tokens(max_tokens), top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority)])
@@ -412,9 +425,9 @@ class OpenAIServing:
         for token_id, entry in zip(tokens, entries or []):
             def item(t: int) -> dict:
                 s = _token_str(entry, t, self.tokenizer, as_ids)
-                return {"token": s, "logprob": entry[t].logprob, "bytes": list(s.encode("utf-8"))}
-            top = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
-            content.append({**item(token_id), "top_logprobs": [item(t) for t, _ in top]})
+                return {"token": s, "logprob": max(entry[t].logprob, _MIN_LOGPROB), "bytes": list(s.encode("utf-8"))}
+            # as vLLM: the first k of the entry (its own token, then the top ones)
+            content.append({**item(token_id), "top_logprobs": [item(t) for t in list(entry)[:k]]})
         return {"content": content}
 
     async def _chat_stream(self, req: ChatCompletionRequest, out: RequestOutput | None,

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Does `shardserve serve` answer HTTP requests as `vllm serve` does? The same requests to both, compared.
+
+Starts vLLM's OpenAI server (from .venv-vllm) on the model, sends every request below, stops it; then the
+same with `shardserve serve` (its CLI, on a local Ray cluster). Each answer is compared as JSON: status, and
+every field but ids and timestamps; a field one server leaves out and the other sends as null counts as the
+same (clients read both as None), numbers within --atol. Streams are compared chunk by chunk. Prints
+"same" or the differences per request. Greedy requests only.
+
+Usage: .venv/bin/python benchmarks/vllm_parity_server.py --model DIR (a tokenizer with BPE, head_dim >= 64:
+see benchmarks/README.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import _stop  # noqa: E402
+from throughput import CACHE_DIR, VLLM_VENV, vllm_preload  # noqa: E402
+from vllm_parity import TEMPLATE, report  # noqa: E402
+
+PORT = 8123
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The capital of France"}]
+IGNORED = {"id", "created", "system_fingerprint"}
+
+
+def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
+    """name -> (method, path, body)."""
+    c = {"model": "parity", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
+    chat = {"model": "parity", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    return {
+        "completion": ("POST", "/v1/completions", c),
+        "completion, two token prompts": ("POST", "/v1/completions", {**c, "prompt": [[5, 6, 7], [8, 9, 10, 11]]}),
+        "completion, logprobs 2 and echo": ("POST", "/v1/completions", {**c, "logprobs": 2, "echo": True}),
+        "completion, n=2 top_k=1": ("POST", "/v1/completions", {**c, "n": 2, "temperature": 1.0, "top_k": 1}),
+        "completion, stop string": ("POST", "/v1/completions", {**c, "max_tokens": 16, "stop": ["o"]}),
+        "completion, max_tokens null": ("POST", "/v1/completions", {**c, "max_tokens": None, "ignore_eos": False,
+                                                                    "prompt": "word " * 20}),
+        "completion stream": ("POST", "/v1/completions", {**c, "stream": True,
+                                                          "stream_options": {"include_usage": True}}),
+        "completion stream, continuous usage": ("POST", "/v1/completions", {
+            **c, "max_tokens": 4, "stream": True, "logprobs": 1,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+        "completion, return_token_ids": ("POST", "/v1/completions", {**c, "return_token_ids": True}),
+        "chat": ("POST", "/v1/chat/completions", chat),
+        "chat, logprobs": ("POST", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2}),
+        "chat stream": ("POST", "/v1/chat/completions", {**chat, "stream": True,
+                                                         "stream_options": {"include_usage": True}}),
+        "chat, max_completion_tokens": ("POST", "/v1/chat/completions", {**chat, "max_tokens": None,
+                                                                         "max_completion_tokens": 3}),
+        "tokenize": ("POST", "/tokenize", {"model": "parity", "prompt": "The quick brown fox"}),
+        "tokenize chat": ("POST", "/tokenize", {"model": "parity", "messages": MESSAGES}),
+        "detokenize": ("POST", "/detokenize", {"model": "parity", "tokens": [5, 6, 7, 8]}),
+        "models": ("GET", "/v1/models", None),
+        "error: temperature -1": ("POST", "/v1/completions", {**c, "temperature": -1}),
+        "error: n=2 greedy": ("POST", "/v1/completions", {**c, "n": 2}),
+        "error: logprobs 21": ("POST", "/v1/completions", {**c, "logprobs": 21}),
+        "error: prompt too long": ("POST", "/v1/completions", {**c, "prompt": "word " * 300}),
+        "error: max_tokens past the model": ("POST", "/v1/completions", {**c, "max_tokens": 1000}),
+        "error: unknown model": ("POST", "/v1/completions", {**c, "model": "nope"}),
+        "error: not JSON": ("POST", "/v1/completions", b"{not json"),
+        "error: no messages": ("POST", "/v1/chat/completions", {"model": "parity"}),
+    }
+
+
+def ask(method: str, path: str, body) -> dict:
+    url = f"http://127.0.0.1:{PORT}{path}"
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body} if body is not None else {}
+    r = httpx.request(method, url, timeout=120, **kwargs)
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        chunks = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        return {"status": r.status_code, "stream": _merged([c if c == "[DONE]" else _clean(json.loads(c))
+                                                            for c in chunks])}
+    try:
+        return {"status": r.status_code, "body": _clean(r.json())}
+    except ValueError:
+        return {"status": r.status_code, "text": r.text[:300]}
+
+
+def _merged(chunks: list) -> dict:
+    """What a stream says in all: each choice's text and logprob tokens joined, its finish reason, the last
+    usage. Where the chunks fall is left out: a stream that falls behind the engine sends several tokens in one
+    chunk (vLLM sends one per token, empty ones too)."""
+    choices: dict[int, dict] = {}
+    usage = None
+    for chunk in chunks:
+        if chunk == "[DONE]":
+            continue
+        usage = chunk.get("usage", usage)
+        for c in chunk.get("choices", []):
+            merged = choices.setdefault(c["index"], {"text": "", "tokens": [], "finish_reason": None})
+            merged["text"] += c.get("text") or c.get("delta", {}).get("content") or ""
+            logprobs = c.get("logprobs") or {}
+            merged["tokens"] += logprobs.get("tokens") or [t["token"] for t in logprobs.get("content", [])]
+            merged["finish_reason"] = c.get("finish_reason", merged["finish_reason"])
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage, "done": chunks[-1:] == ["[DONE]"]}
+
+
+def _clean(value):
+    """Ids and timestamps out; nulls out (a missing field and a null one read the same)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if k not in IGNORED and v is not None}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def wait_up(server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        if server.poll() is not None:
+            sys.exit(f"the server exited with {server.returncode}: see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"the server did not come up in 600 s: see {log}")
+        time.sleep(2)
+
+
+def serve_and_ask(engine: str, model: str, template: Path) -> dict:
+    common = ["--port", str(PORT), "--host", "127.0.0.1", "--served-model-name", "parity", "--dtype", "float32",
+              "--max-model-len", "256", "--chat-template", str(template), "--seed", "0"]
+    if engine == "vllm":
+        env = dict(os.environ, LD_PRELOAD=vllm_preload(), VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+        cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               *common, "--uvicorn-log-level", "warning"]
+    else:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), TOKENIZERS_PARALLELISM="false")
+        cmd = [sys.executable, "-m", "shardserve", "serve", model, *common, "--kv-cache-memory-bytes", str(1 << 28)]
+    log = CACHE_DIR / "logs" / f"parity-{engine}-serve.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_up(server, log)
+            return {name: ask(*req) for name, req in requests().items()}
+        finally:
+            _stop(server)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF model directory with a tokenizer")
+    p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--out", help="also write both servers' answers here (JSON)")
+    a = p.parse_args()
+    model = str(Path(a.model).resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "template.jinja"
+        template.write_text(TEMPLATE)
+        answers = {engine: serve_and_ask(engine, model, template) for engine in ("vllm", "shardserve")}
+    if a.out:
+        Path(a.out).write_text(json.dumps(answers, indent=1))
+    report(answers["shardserve"], answers["vllm"], a.atol, "requests")
+
+
+if __name__ == "__main__":
+    main()
