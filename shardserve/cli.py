@@ -61,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback clusters stay on loopback
     from ray import serve
 
-    from shardserve.cluster.ray_cluster import connect, idle_bookkeeping
+    from shardserve.cluster.ray_cluster import connect, haproxy_configs, idle_bookkeeping, shutdown_serve
     from shardserve.models.source import default_embedding_model
     from shardserve.router.app import build_app
     from shardserve.router.ingress import CORSOptions
@@ -75,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     cors = CORSOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CORSOptions) if f.name in args})
     serve.run(build_app(specs, args.api_key, cors), name="shardserve", route_prefix="/", blocking=False)
     idle_bookkeeping()
+    haproxy = haproxy_configs()
     base = f"http://{args.host}:{args.port}"
     print(f"shardserve is listening on {base} (models: {', '.join(s.name for s in specs)})", flush=True)
     print(f"  curl {base}/v1/models", flush=True)
@@ -99,7 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("Shutting down.", file=sys.stderr)
-        serve.shutdown()
+        if not shutdown_serve(haproxy):
+            # the signal reached the cluster's processes too (a process-group Ctrl-C, a service manager's stop):
+            # Ray's own exit would wait on them as Serve did
+            print("Serve did not shut down in time: its cluster is gone; exiting.", file=sys.stderr, flush=True)
+            os._exit(0)
     return 0
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from shardserve import LLM, SamplingParams
 from shardserve.cli import build_parser, main, model_specs
+from shardserve.cluster.ray_cluster import _haproxy_config, _processes, haproxy_available
 from shardserve.router.spec import ModelSpec
 
 GENERATION_DEFAULTS = {"top_k": 1, "max_new_tokens": 5}
@@ -111,6 +112,34 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
             main(["serve", "a", *bad])
 
 
+def test_serve_stops_when_the_signal_reaches_its_whole_process_group(model_dirs):
+    """Ctrl-C in a terminal, or a service manager's stop, signals the cluster's processes too: Serve cannot shut
+    down cleanly then, and the command still ends at once, with no HAProxy left holding the port."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()))
+    server = subprocess.Popen([sys.executable, "-m", "shardserve", "serve", model_dirs("llama"), "--port", str(port),
+                               "--dtype", "float32", "--max-model-len", "64"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        output = []
+        for line in server.stdout:
+            output.append(line)
+            if line.startswith("shardserve is listening"):
+                break
+        assert server.poll() is None, "".join(output)
+        configs = {_haproxy_config(cmd) for cmd in _descendants(server.pid).values()} - {None}
+        assert configs or not haproxy_available()
+        os.killpg(server.pid, signal.SIGTERM)
+        rest = server.communicate(timeout=30)[0]
+        assert server.returncode == 0 and "Shutting down." in rest, rest
+        assert not [cmd for cmd in _processes()[1].values() if _haproxy_config(cmd) in configs]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(model_dirs):
     """The cluster `shardserve serve` starts runs SCHED_BATCH, except a CPU replica's engine thread and its
     OpenMP team, and its bookkeeping (Serve's controller, Ray's agents), which runs SCHED_IDLE; SIGTERM (docker
@@ -186,6 +215,10 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
         while left := [pid for pid in started if _alive(pid)]:
             assert time.monotonic() < deadline, f"still running after SIGTERM: {[started[p] for p in left]}"
             time.sleep(0.5)
+        # nor an HAProxy that a reload during the shutdown started (it kept the port: the next start failed)
+        configs = {_haproxy_config(cmd) for cmd in started.values()} - {None}
+        assert configs or not haproxy_available()
+        assert not [cmd for cmd in _processes()[1].values() if _haproxy_config(cmd) in configs]
     finally:
         if server.poll() is None:  # a failed check: take the whole tree down, HAProxy included
             for pid in [*_descendants(server.pid), server.pid]:

@@ -8,9 +8,13 @@ is the replica itself), or one made here and removed again by `release`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import ray
@@ -114,8 +118,43 @@ def _bookkeeping(root: int) -> list[int]:
             if any(m in word for word in cmdline.split()[:3] for m in marks)]
 
 
-def _descendants(root: int) -> dict[int, str]:
-    """pid -> command line of every process descended from `root`."""
+def haproxy_configs() -> set[str]:
+    """The config files of the HAProxy processes serving the cluster `connect` started (none for another)."""
+    if not _started_cluster:
+        return set()
+    return {_haproxy_config(cmd) for cmd in _descendants(os.getpid()).values()} - {None}
+
+
+def shutdown_serve(configs: set[str], timeout_s: float = 10.0) -> bool:
+    """`serve.shutdown()` (given up after `timeout_s`: when a signal reached the cluster's processes too, as
+    Ctrl-C or a service manager's stop does, Serve waits on processes that are gone), then stop the HAProxy
+    processes of `configs` (`haproxy_configs`) still running. Serve leaves them behind: while it removes the app
+    HAProxy reloads, a new process taking over the old one's sockets, and the last one kept the app's port, so
+    the next `shardserve serve` on that port failed to start. True if Serve shut down in time."""
+    from ray import serve
+    stopping = threading.Thread(target=serve.shutdown, daemon=True)
+    stopping.start()
+    stopping.join(timeout_s)
+    deadline = time.monotonic() + 2  # a reload still under way shows up within this
+    while configs and time.monotonic() < deadline:
+        for pid, cmd in _processes()[1].items():
+            if _haproxy_config(cmd) in configs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        time.sleep(0.2)
+    return not stopping.is_alive()
+
+
+def _haproxy_config(cmdline: str) -> str | None:
+    """The config file of an HAProxy process's command line (`haproxy ... -f FILE ...`), else None."""
+    words = cmdline.split()
+    if not words or os.path.basename(words[0]) != "haproxy" or "-f" not in words[:-1]:
+        return None
+    return words[words.index("-f") + 1]
+
+
+def _processes() -> tuple[dict[int, int], dict[int, str]]:
+    """(pid -> parent pid, pid -> command line) of every process."""
     parents, cmdlines = {}, {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
@@ -125,6 +164,13 @@ def _descendants(root: int) -> dict[int, str]:
                 cmdlines[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError, IndexError):  # gone meanwhile
             parents.pop(pid, None)
+            cmdlines.pop(pid, None)
+    return parents, cmdlines
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process descended from `root`."""
+    parents, cmdlines = _processes()
 
     def descends(pid: int) -> bool:
         seen = set()
