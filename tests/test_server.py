@@ -100,7 +100,7 @@ def test_completions_equal_offline(client, offline, model):
     assert got.usage.completion_tokens == 20
 
 
-def test_completion_token_prompt_n_logprobs_echo(client, offline):
+def test_completion_token_prompt_n_logprobs_echo(server, client, offline):
     ids = offline.get_tokenizer().encode(PROMPTS[0])
     expected = offline.generate({"prompt_token_ids": ids}, greedy(max_tokens=6, logprobs=3), use_tqdm=False)[0]
     got = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=1.0, logprobs=3, n=2,
@@ -117,6 +117,9 @@ def test_completion_token_prompt_n_logprobs_echo(client, offline):
         for top, chosen, token in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs,
                                       choice.logprobs.tokens):
             assert 1 <= len(top) <= 3 and token in top and max(top.values()) <= chosen + 1e-4
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(),  # vLLM: a null max_tokens is the default, 16
+                   json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": None, "temperature": 0, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 16
     echoed = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith(PROMPTS[0])
     # vLLM's prompt_logprobs field: each prompt position's entries by token id, as offline

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shardserve.engine.processor import TokenizationParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -132,6 +132,11 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _null_max_tokens_is_the_default(cls, value):
+        return 16 if value is None else value  # vLLM's rule for completions (chat's null: to the model's length)
     suffix: str | None = None
     best_of: int | None = None
 
