@@ -118,7 +118,8 @@ def test_completion_token_prompt_n_logprobs_echo(server, client, offline):
                                       choice.logprobs.tokens):
             assert 1 <= len(top) <= 3 and token in top and max(top.values()) <= chosen + 1e-4
     r = httpx.post(f"{server}/v1/completions", headers=_headers(),  # vLLM: a null max_tokens is the default, 16
-                   json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": None, "temperature": 0, "ignore_eos": True})
+                   json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": None, "temperature": 0,
+                         "ignore_eos": True})
     assert r.json()["usage"]["completion_tokens"] == 16
     echoed = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith(PROMPTS[0])
