@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,7 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback clusters stay on loopback
+    import ray
     from ray import serve
 
     from shardserve.cluster.ray_cluster import connect, haproxy_configs, idle_bookkeeping, shutdown_serve
@@ -100,11 +102,14 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("Shutting down.", file=sys.stderr)
-        if not shutdown_serve(haproxy):
-            # the signal reached the cluster's processes too (a process-group Ctrl-C, a service manager's stop):
-            # Ray's own exit would wait on them as Serve did
-            print("Serve did not shut down in time: its cluster is gone; exiting.", file=sys.stderr, flush=True)
-            os._exit(0)
+        shutdown_serve(haproxy)
+        # Ray's exit, bounded: where the signal reached the cluster's processes too (a process-group Ctrl-C, a
+        # service manager's stop), it would wait on processes that are gone
+        stopping = threading.Thread(target=ray.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(10)
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
