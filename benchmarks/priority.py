@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, build_model, cpu_busy,  # noqa: E402
-                        ensure_vllm_venv, make_prompts, vllm_preload)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, chosen_model, chosen_peers,  # noqa: E402
+                        cpu_busy, ensure_vllm_venv, make_prompts, vllm_preload)
 
 PEERS = ("shardserve", "vllm")
 POLICIES = ("fcfs", "priority")
@@ -135,11 +135,8 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    if bad := set(peers) - set(PEERS):
-        p.error(f"unknown peers: {', '.join(sorted(bad))}")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    a.model = Path(a.model).resolve() if a.model else build_model(a.model_preset)
+    peers = chosen_peers(p, a, PEERS)
+    a.model = chosen_model(p, a)
     prompts_file = CACHE_DIR / f"priority-prompts-{os.getpid()}.json"
     prompts_file.write_text(json.dumps(make_prompts(a.model, 2, a.background + a.urgent, a.input_len)))
     print(f"model {a.model}  backlog {a.background} + urgent {a.urgent} requests, {a.input_len} in / "

@@ -83,6 +83,23 @@ def build_model(preset: str) -> Path:
     return out
 
 
+def chosen_peers(p: argparse.ArgumentParser, a: argparse.Namespace, known: tuple[str, ...]) -> list[str]:
+    """`--peers` as a list, each one of `known` (else the parser's error)."""
+    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
+    if bad := set(peers) - set(known):
+        p.error(f"unknown peers: {', '.join(sorted(bad))}")
+    return peers
+
+
+def chosen_model(p: argparse.ArgumentParser, a: argparse.Namespace) -> Path:
+    """`--model DIR` (checked), else the `--model-preset`'s model, built once."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    model = Path(a.model).resolve() if a.model else build_model(a.model_preset)
+    if not (model / "config.json").exists():
+        p.error(f"{model} has no config.json")
+    return model
+
+
 def make_prompts(model_dir: Path, n_sets: int, n: int, input_len: int) -> list[list[list[int]]]:
     """n_sets sets of n random prompts: the warm-up and each timed call get their own set,
     so the engines' prefix caches cannot skip the timed prefill."""
@@ -274,13 +291,8 @@ def main() -> None:
     if a.worker:
         return worker(a)
 
-    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    if bad := set(peers) - set(PEERS):
-        p.error(f"unknown peers: {', '.join(sorted(bad))}")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    a.model = Path(a.model).resolve() if a.model else build_model(a.model_preset)
-    if not (a.model / "config.json").exists():
-        p.error(f"{a.model} has no config.json")
+    peers = chosen_peers(p, a, PEERS)
+    a.model = chosen_model(p, a)
     n_prompts = a.num_prompts or a.batch
     prompts_file = CACHE_DIR / f"prompts-{os.getpid()}.json"
     prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + a.repeat, n_prompts, a.input_len)))

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import PRESETS, build_model, ensure_vllm_venv, vllm_preload  # noqa: E402
+from throughput import PRESETS, chosen_model, ensure_vllm_venv, vllm_preload  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 LONG = list(range(20, 84))
@@ -169,7 +169,7 @@ def main() -> None:
     if a.worker:
         Path(a.out).write_text(json.dumps(run(a.worker, a.model)))
         return
-    model = str(Path(a.model).resolve() if a.model else build_model(a.model_preset))
+    model = str(chosen_model(p, a))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ("shardserve", "vllm"):

@@ -125,12 +125,12 @@ def haproxy_configs() -> set[str]:
     return {_haproxy_config(cmd) for cmd in _descendants(os.getpid()).values()} - {None}
 
 
-def shutdown_serve(configs: set[str], timeout_s: float = 10.0) -> bool:
+def shutdown_serve(configs: set[str], timeout_s: float = 10.0) -> None:
     """`serve.shutdown()` (given up after `timeout_s`: when a signal reached the cluster's processes too, as
     Ctrl-C or a service manager's stop does, Serve waits on processes that are gone), then stop the HAProxy
     processes of `configs` (`haproxy_configs`) still running. Serve leaves them behind: while it removes the app
     HAProxy reloads, a new process taking over the old one's sockets, and the last one kept the app's port, so
-    the next `shardserve serve` on that port failed to start. True if Serve shut down in time."""
+    the next `shardserve serve` on that port failed to start."""
     from ray import serve
     stopping = threading.Thread(target=serve.shutdown, daemon=True)
     stopping.start()
@@ -142,7 +142,6 @@ def shutdown_serve(configs: set[str], timeout_s: float = 10.0) -> bool:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         time.sleep(0.2)
-    return not stopping.is_alive()
 
 
 def _haproxy_config(cmdline: str) -> str | None:
