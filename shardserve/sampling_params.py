@@ -14,29 +14,48 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
 @dataclass
 class StructuredOutputsParams:
-    """vLLM's constraints on what a request may generate. `choice` is implemented: the output is exactly one of
-    the strings (as the tokenizer writes each on its own), then the end of sequence. The others (json, regex,
-    grammar, json_object, structural_tag) need a grammar engine and are refused, never ignored."""
+    """vLLM's constraints on what a request may generate, one kind at a time: `json` (a JSON schema, as a dict
+    or its text), `json_object` (any JSON object), `regex`, `grammar` (EBNF rules `root ::= ...`, or Lark's),
+    `choice` (exactly one of the strings), `structural_tag` (free text where tagged sections follow schemas).
+    Compiled by xgrammar when the request is processed (`engine/structured_output.py`)."""
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | None = None
+    disable_any_whitespace: bool = False   # JSON without whitespace between items
+    whitespace_pattern: str | None = None  # another backend's option: refused
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-                 if getattr(self, name) not in (None, False)]
-        if len(given) > 1:
-            raise ValueError(f"Give one kind of structured output, got {', '.join(given)}.")
-        unsupported = [name for name in given if name != "choice"]
-        if unsupported:
-            raise ValueError(f"structured_outputs.{unsupported[0]} is not supported: of the structured outputs, "
-                             f"only choice is implemented.")
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
-            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings.")
+        given = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("Give one kind of structured output (json, regex, choice, grammar, json_object or "
+                             f"structural_tag), got {', '.join(given) or 'none'}.")
+        if self.whitespace_pattern is not None:
+            raise ValueError("structured_outputs.whitespace_pattern is not supported (the xgrammar backend's JSON "
+                             "takes disable_any_whitespace).")
+        kind, value = self.kind, getattr(self, self.kind)
+        if kind == "json":
+            ok, expected = isinstance(value, (str, dict)), "a JSON schema (an object or its text)"
+        elif kind == "json_object":
+            ok, expected = value is True, "true"
+        elif kind == "choice":
+            ok = isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)
+            expected = "a non-empty list of non-empty strings"
+        else:
+            ok, expected = isinstance(value, str) and value, "a non-empty string"
+        if not ok:
+            raise ValueError(f"structured_outputs.{kind} must be {expected}.")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
 
 
 @dataclass
@@ -69,11 +88,10 @@ class SamplingParams:
     # A streamed request's outputs carry this many new tokens at a time (the first and the last come at once);
     # the engine's `stream_interval` is the floor. None: the engine's.
     stream_interval: int | None = None
-    # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, each bad
-    # word's token ids (as it starts the text, and after a space), and each structured-output choice's.
+    # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, and each bad
+    # word's token ids (as it starts the text, and after a space).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
-    choice_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -12,7 +12,7 @@ import time
 import pytest
 import ray
 
-from shardserve import LLM, SamplingParams
+from shardserve import LLM, SamplingParams, StructuredOutputsParams
 from shardserve.distributed import shm_comm
 from shardserve.executor.ray import WorkerDiedError
 
@@ -23,7 +23,10 @@ PROMPTS = [
     "Hello, world! Streaming text one token at a time is how servers answer.",  # > 16 tokens: prefill path
     "def add(a, b):\n    return",
 ]
-PARAMS = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, prompt_logprobs=5)
+_GREEDY = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, prompt_logprobs=5)
+# one per prompt: free, and two structured outputs (the step's grammar bitmask travels to every worker)
+PARAMS = [_GREEDY, _GREEDY.clone(structured_outputs=StructuredOutputsParams(regex="[a-z ]{3,30}[.]")),
+          _GREEDY.clone(structured_outputs=StructuredOutputsParams(choice=["return a + b", "pass"]))]
 ENGINE = dict(max_num_seqs=8, kv_cache_memory_bytes=1 << 26, seed=0)
 
 

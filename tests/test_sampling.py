@@ -1,6 +1,9 @@
 """Sampling parameters behave as vLLM documents them, checked against transformers where it has them."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -208,39 +211,108 @@ def test_bad_words_are_never_generated(llm, hf):
         assert all(ours[i:i + len(ids)] != ids for i in range(len(ours)))
 
 
-def test_structured_output_choice_follows_the_model_among_the_choices(llm, hf):
-    """structured_outputs.choice (vLLM's guided choice): greedy takes, step by step, the model's best token of
-    those that continue some choice (transformers with the same mask), ends with EOS after a whole choice, and
-    the text is one of the choices; sampled completions are choices too."""
-    tokenizer = llm.get_tokenizer()
-    choices = ["yes", "no", "maybe later", "maybe not"]
-    ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
-    assert ids[2][0] == ids[3][0]  # two choices share their first token: the constraint follows both
-    eos = tokenizer.eos_token_id
-    structured = StructuredOutputsParams(choice=choices)
+def _grammar_mask(tokenizer, vocab_size: int, structured: StructuredOutputsParams):
+    """The reference for structured outputs: xgrammar's own matcher, replayed over the outputs so far, gives the
+    tokens to forbid (what the engine must apply at each step, for each request, wherever it is in a batch)."""
+    import xgrammar as xgr
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+    if structured.json is not None:
+        grammar = compiler.compile_json_schema(json.dumps(structured.json), any_whitespace=False,
+                                               separators=(",", ":"))
+    elif structured.regex is not None:
+        grammar = compiler.compile_regex(structured.regex)
+    else:
+        grammar = compiler.compile_grammar(structured.grammar or
+                                           "root ::= " + " | ".join(json.dumps(c) for c in structured.choice))
 
     def banned(outputs):
-        mask = torch.ones(hf.config.vocab_size, dtype=torch.bool)
-        mask[[c[len(outputs)] for c in ids if c[:len(outputs)] == outputs and len(c) > len(outputs)]] = False
-        mask[eos] = outputs not in ids
-        return mask
-    texts = set()
-    for prompt in PROMPTS + [[1, 5, 6, 7], [1, 300, 301]]:
-        out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=16, structured_outputs=structured))[0]
+        matcher = xgr.GrammarMatcher(grammar, override_stop_tokens=[tokenizer.eos_token_id])
+        assert all(matcher.accept_token(t) for t in outputs)
+        bits = xgr.allocate_token_bitmask(1, vocab_size)
+        matcher.fill_next_token_bitmask(bits)
+        allowed = ((bits[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten()
+        return ~allowed[:vocab_size]
+    return banned
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                          "maximum": 99},
+                                           "tag": {"enum": ["red", "green"]}},
+          "required": ["ok", "n", "tag"], "additionalProperties": False}
+STRUCTURED = [StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),
+              StructuredOutputsParams(regex=r"[a-c]{2,4}-[0-9]{2}"),
+              StructuredOutputsParams(grammar='root ::= "(" digit digit? digit? ")"\ndigit ::= [0-9]'),
+              StructuredOutputsParams(choice=["yes", "no", "maybe later", "maybe not"])]
+
+
+def _satisfies(text: str, structured: StructuredOutputsParams) -> bool:
+    if structured.json is not None:
+        value = json.loads(text)
+        return set(value) == {"ok", "n", "tag"} and isinstance(value["ok"], bool) and \
+            isinstance(value["n"], int) and 0 <= value["n"] <= 99 and value["tag"] in ("red", "green")
+    if structured.regex is not None:
+        return re.fullmatch(structured.regex, text) is not None
+    if structured.grammar is not None:
+        return re.fullmatch(r"\([0-9]{1,3}\)", text) is not None
+    return text in structured.choice
+
+
+def test_structured_outputs_follow_the_model_inside_the_grammar(llm, hf):
+    """vLLM's structured outputs (json schema, regex, EBNF grammar, choice; xgrammar as vLLM's default backend):
+    greedy takes at each step the model's best token of those the grammar allows (transformers with the
+    grammar's own mask), the output satisfies the constraint and ends with EOS where the grammar ends. All kinds
+    run in one batch, beside an unconstrained request that stays as it is alone."""
+    tokenizer = llm.get_tokenizer()
+    prompts = [PROMPTS[0], [1, 5, 6, 7], PROMPTS[1], [1, 300, 301]]
+    batch = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=s) for s in STRUCTURED]
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = gen(llm, prompts + [PROMPTS[0]], batch + [free])
+    assert outs[-1].outputs[0].token_ids == greedy_ids(llm, PROMPTS[0], 12)
+    for prompt, structured, out in zip(prompts, STRUCTURED, outs):
         c = out.outputs[0]
-        assert c.text in choices and c.finish_reason == "stop"
+        assert c.finish_reason == "stop" and _satisfies(c.text, structured), (structured, c.text)
+        banned = _grammar_mask(tokenizer, hf.config.vocab_size, structured)
         assert c.token_ids == _reference_greedy(hf, prompt, len(c.token_ids), banned)
-        texts.add(c.text)
-    assert len(texts) > 1  # the prompts lead to different choices
-    sampled = gen(llm, PROMPTS[:1], SamplingParams(n=8, temperature=1.0, seed=0, max_tokens=16,
-                                                   structured_outputs={"choice": choices}))[0].outputs
-    assert {c.text for c in sampled} <= set(choices) and all(c.finish_reason == "stop" for c in sampled)
-    for bad, message in [({"json": {"type": "object"}}, "structured_outputs.json is not supported"),
-                         ({"choice": []}, "non-empty list"), ({"choice": ["a"], "regex": "a"}, "one kind")]:
+        assert c.token_ids[-1] == tokenizer.eos_token_id
+    # sampled completions (each its own walk through the grammar) satisfy it too
+    for structured in STRUCTURED:
+        sampled = gen(llm, PROMPTS[:1], SamplingParams(n=6, temperature=1.0, seed=0, max_tokens=40,
+                                                       structured_outputs=structured))[0].outputs
+        assert all(c.finish_reason == "stop" and _satisfies(c.text, structured) for c in sampled)
+        if structured.choice:
+            assert len({c.text for c in sampled}) > 1
+
+
+def test_structured_outputs_json_object_and_the_dict_form(llm):
+    """json_object: any JSON object; the params also come as a dict, as vLLM takes them."""
+    out = gen(llm, PROMPTS, SamplingParams(temperature=1.0, seed=3, max_tokens=64,
+                                           structured_outputs={"json_object": True}))
+    for o in out:
+        text = o.outputs[0].text
+        assert text.lstrip().startswith("{")
+        if o.outputs[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
+def test_structured_outputs_bad_input_is_refused_before_anything_runs(llm):
+    for bad, message in [({"choice": []}, "non-empty list"), ({"choice": ["a"], "regex": "a"}, "one kind"),
+                         ({}, "got none"), ({"regex": ""}, "non-empty string"), ({"json": 3}, "JSON schema"),
+                         ({"json_object": False, "grammar": None}, "got none"),
+                         ({"regex": "a", "whitespace_pattern": " "}, "whitespace_pattern")]:
         with pytest.raises(ValueError, match=message):
             SamplingParams(structured_outputs=bad)
+    for bad, message in [({"regex": "a(b"}, r"Invalid structured_outputs.regex: .*parenthesis"),
+                         ({"json": "{not json"}, "Invalid structured_outputs.json"),
+                         ({"grammar": "root ::= undefined_rule"}, "Invalid structured_outputs.grammar: .*not defined"),
+                         ({"structural_tag": "{}"}, "Invalid structured_outputs.structural_tag")]:
+        with pytest.raises(ValueError, match=message):
+            gen(llm, PROMPTS[:1], SamplingParams(structured_outputs=bad))
     with pytest.raises(ValueError, match="cannot be combined with ignore_eos"):
-        gen(llm, PROMPTS[:1], SamplingParams(structured_outputs=structured, ignore_eos=True))
+        gen(llm, PROMPTS[:1], SamplingParams(structured_outputs={"choice": ["a"]}, ignore_eos=True))
+    assert not llm.llm_engine.has_unfinished_requests()
+    # and the engine serves on
+    assert gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, structured_outputs={"choice": ["yes"]})
+               )[0].outputs[0].text == "yes"
 
 
 def test_logit_bias_forces_a_token(llm):

@@ -10,8 +10,10 @@ import asyncio
 import base64
 import itertools
 import threading
+from typing import Literal
 
 import httpx
+import pydantic
 import pytest
 import torch
 from conftest import API_KEY, ENGINE, TEMPLATE
@@ -327,7 +329,14 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_interval": 0}, 400, "stream_interval"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream=True"),
-    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format is not"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, 400,
+     "needs json_schema.schema"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format type must be"),
+    ({"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a(b"}}, 400,
+     "Invalid structured_outputs.regex"),
+    ({"model": "tiny", "prompt": "x", "structured_outputs": {"regexp": "a"}}, 400,
+     "Unknown structured_outputs field(s): regexp"),
+    ({"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a"}, "guided_choice": ["b"]}, 400, "one kind"),
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 10**6]}, 400, "out of vocabulary"),
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),
@@ -350,35 +359,59 @@ def test_errors_in_openai_shape(server, body, status, message):
     assert error["error"]["code"] == status and message in error["error"]["message"]
 
 
-def test_structured_output_choice_equals_offline(client, offline):
-    """vLLM's structured_outputs.choice (and the older guided_choice): the answer is one of the choices, the
-    offline engine's."""
+class Verdict(pydantic.BaseModel):
+    ok: bool
+    colour: Literal["red", "green"]
+
+
+def test_structured_outputs_equal_offline(client, offline):
+    """vLLM's structured outputs online: `structured_outputs` (and the older guided_* fields), OpenAI's
+    `response_format` (json_schema, json_object), plain and streamed; each answer is the offline engine's under
+    the same constraint, and the openai client's `parse` reads the JSON back into its pydantic model."""
     choices = ["Paris", "London", "Rome or Madrid"]
-    expected = offline.generate(PROMPTS[0], greedy(max_tokens=12, structured_outputs={"choice": choices}),
-                                use_tqdm=False)[0].outputs[0]
-    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                    extra_body={"structured_outputs": {"choice": choices}})
-    assert got.choices[0].text == expected.text in choices and got.choices[0].finish_reason == "stop"
-    expected = offline.chat(MESSAGES, greedy(max_tokens=12, structured_outputs={"choice": choices}),
+    schema = Verdict.model_json_schema()
+    cases = [({"structured_outputs": {"choice": choices}}, {"choice": choices}),
+             ({"guided_choice": choices}, {"choice": choices}),
+             ({"structured_outputs": {"regex": "[a-c]{2,5}!"}}, {"regex": "[a-c]{2,5}!"}),
+             ({"guided_grammar": 'root ::= "x" [0-9] [0-9]?'}, {"grammar": 'root ::= "x" [0-9] [0-9]?'}),
+             # a random model writes whitespace where JSON allows it; vLLM's disable_any_whitespace stops that
+             ({"response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": schema}},
+               "structured_outputs": {"disable_any_whitespace": True}},
+              {"json": schema, "disable_any_whitespace": True})]
+    for body, structured in cases:
+        expected = offline.generate(PROMPTS[0], greedy(max_tokens=48, structured_outputs=structured),
+                                    use_tqdm=False)[0].outputs[0]
+        got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=48, temperature=0,
+                                        extra_body=body)
+        assert got.choices[0].text == expected.text and got.choices[0].finish_reason == "stop", body
+        streamed = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=48, temperature=0,
+                                             stream=True, extra_body=body)
+        assert "".join(c.choices[0].text for c in streamed) == expected.text
+    assert expected.text and Verdict.model_validate_json(expected.text)
+    compact = {"json": schema, "disable_any_whitespace": True}
+    expected = offline.chat(MESSAGES, greedy(max_tokens=48, structured_outputs=compact), use_tqdm=False)[0].outputs[0]
+    parsed = client.chat.completions.parse(model="tiny", messages=MESSAGES, max_tokens=48, temperature=0,
+                                           response_format=Verdict,
+                                           extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    assert parsed.choices[0].message.content == expected.text
+    assert parsed.choices[0].message.parsed == Verdict.model_validate_json(expected.text)
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=48, temperature=0,
+                                         response_format={"type": "json_object"})
+    expected = offline.chat(MESSAGES, greedy(max_tokens=48, structured_outputs={"json_object": True}),
                             use_tqdm=False)[0].outputs[0]
-    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
-                                         extra_body={"guided_choice": choices})
-    assert got.choices[0].message.content == expected.text in choices
+    assert got.choices[0].message.content == expected.text
 
 
 def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, client):
-    """Structured outputs other than choice, logits processors and tool choice change what a request may
-    generate: a request asking for them gets a 400 naming the field, not an unconstrained answer. Their
-    defaults still pass."""
+    """Logits processors and tool choice change what a request may generate: a request asking for them gets a
+    400 naming the field, not an unconstrained answer. Their defaults still pass."""
     r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
                    json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "tool_choice": "auto",
                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
-    for field, value, param in [("guided_regex", "[a-z]+", "guided_regex"),
-                                ("structured_outputs", {"json": {"type": "object"}}, "structured_outputs.json")]:
-        r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
-                       json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, field: value})
-        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(),
+                   json={"model": "tiny", "prompt": "x", "max_tokens": 2, "logits_processors": ["my.Processor"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logits_processors"
     got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
                                          response_format={"type": "text"}, tool_choice="none")
     assert got.choices[0].finish_reason == "length"

@@ -16,6 +16,7 @@ from shardserve.engine.generation_config import load_generation_config, sampling
 from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler
+from shardserve.engine.structured_output import accept_token
 from shardserve.executor import create_executor
 from shardserve.inputs import PromptType
 from shardserve.layers.linear import check_tensor_parallel_sizes
@@ -245,6 +246,8 @@ class LLMEngine:
                 raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
                                    "for the waiting requests.")
             return []
+        sched.grammar_bitmask = self.processor.structured.bitmask(
+            [self.scheduler.requests[s.request_id] for s in sched.scheduled if s.sample])
         result = self.executor.execute_model(sched)
         touched: dict[str, _Parent] = {}
         for s in sched.scheduled:
@@ -307,7 +310,9 @@ class LLMEngine:
             stop_str = parent.detokenizers[req.request_id].append(
                 token_id, check_stop=req.num_output_tokens > params.min_tokens)
         status = None
-        if stop_str is not None:
+        if not accept_token(req, token_id):
+            status = RequestStatus.FINISHED_ABORTED
+        elif stop_str is not None:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
         elif stop_token:
             status = RequestStatus.FINISHED_STOPPED

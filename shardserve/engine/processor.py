@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from shardserve.engine.request import Request
+from shardserve.engine.structured_output import StructuredOutputCompiler
 from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
 from shardserve.inputs import PromptType
 from shardserve.models.pooling import PoolingModelConfig
@@ -60,6 +61,7 @@ class Processor:
         self.model_name = model_name  # as the user named it, for messages
         self.hf_config = hf_config
         self.scheduling_policy = scheduling_policy
+        self.structured = StructuredOutputCompiler(tokenizer, vocab_size)
 
     def process_prompt(self, prompt: PromptType | ProcessedPrompt,
                        tokenization: TokenizationParams | None = None) -> ProcessedPrompt:
@@ -145,7 +147,6 @@ class Processor:
                                  f"{self.max_logprobs}.")
         params = params.clone(**counts)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
-        params.choice_token_ids = self._choice_token_ids(params)
         if not params.ignore_eos:
             params.all_stop_token_ids = set(self.eos_token_ids)
         else:
@@ -175,19 +176,16 @@ class Processor:
                 sequences.append(spaced)
         return sequences
 
-    def _choice_token_ids(self, params: SamplingParams) -> list[list[int]]:
-        """Each structured-output choice as the tokenizer writes it on its own. The output ends with the model's
-        end-of-sequence token after a whole choice, so the request must stop there."""
-        structured = params.structured_outputs
-        if structured is None or structured.choice is None:
-            return []
-        if self.tokenizer is None:
-            raise ValueError("structured_outputs.choice needs the model's tokenizer (skip_tokenizer_init is set).")
+    def _grammar(self, params: SamplingParams):
+        """The compiled grammar of the request's structured outputs, or None. The grammar ends with the model's
+        end-of-sequence token (or a stop token), so the request must stop there."""
+        if params.structured_outputs is None:
+            return None
         if params.ignore_eos or not self.eos_token_ids:
-            raise ValueError("structured_outputs.choice ends the output with the end-of-sequence token: it cannot be "
+            raise ValueError("Structured outputs end the output with the end-of-sequence token: they cannot be "
                              "combined with ignore_eos" + ("" if self.eos_token_ids else
                                                            ", and this model has no end-of-sequence token") + ".")
-        return [self.tokenizer.encode(choice, add_special_tokens=False) for choice in structured.choice]
+        return self.structured.compile(params.structured_outputs)
 
     def check_priority(self, priority: int) -> int:
         """A request's priority: any integer under the priority policy, else only 0 (vLLM's documented rule:
@@ -211,20 +209,25 @@ class Processor:
                             token_type_ids=prompt.token_type_ids, priority=priority)]
         prompt = self.process_prompt(prompt)
         params = self.validate_params(params)
+        grammar = self._grammar(params)
         if prompt.embeds is not None and params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs are not available for prompt embeddings (there are no prompt tokens).")
         ids = prompt.token_ids
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
         if params.n == 1:
-            return [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds,
-                            priority=priority, cache_salt=prompt.cache_salt)]
-        children = []
-        for i in range(params.n):
-            child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
-            children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
-                                    parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority,
-                                    cache_salt=prompt.cache_salt))
+            children = [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds,
+                                priority=priority, cache_salt=prompt.cache_salt)]
+        else:
+            children = []
+            for i in range(params.n):
+                child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+                children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
+                                        parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority,
+                                        cache_salt=prompt.cache_salt))
+        if grammar is not None:  # each completion walks the grammar on its own
+            for child in children:
+                child.grammar = self.structured.matcher(grammar, params.all_stop_token_ids | set(params.stop_token_ids))
         return children
 
     # pooling ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,6 +54,8 @@ class Request:
     pooled: torch.Tensor | None = None          # a pooling request's output, once computed
     # Keep the KV blocks when it finishes (until the engine releases it), for beams to fork from.
     hold_kv: bool = False
+    # Structured outputs: the grammar's state after the output so far (an xgrammar matcher), or None.
+    grammar: Any = None
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -32,6 +32,7 @@ import torch
 
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
+from shardserve.engine.structured_output import GrammarBitmask
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
 
@@ -63,6 +64,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state for these
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) KV blocks
+    grammar_bitmask: GrammarBitmask | None = None  # the tokens constrained requests may sample (the engine's)
 
     @property
     def num_batched_tokens(self) -> int:

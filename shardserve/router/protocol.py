@@ -7,6 +7,7 @@ online APIs refuse the same things with the same words.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -66,31 +67,36 @@ class SamplingRequest(OpenAIBase):
     return_token_ids: bool = False         # the prompt's and the completion's token ids in the response
     return_tokens_as_token_ids: bool = False   # logprob tokens as "token_id:<id>"
     request_id: str | None = None          # the response's id (after "cmpl-" / "chatcmpl-"); default: random
-    # Structured outputs: `choice` (structured_outputs.choice, or the older guided_choice) is implemented.
-    # The rest is declared so that a request using it is refused (`unsupported`), not answered as if the
-    # constraint had been applied.
+    # Structured outputs: vLLM's `structured_outputs` (json, regex, choice, grammar, json_object,
+    # structural_tag), OpenAI's `response_format` (json_object, json_schema, and vLLM's structural_tag), and
+    # the older guided_* fields vLLM took before them.
     structured_outputs: dict[str, Any] | None = None
-    guided_choice: list[str] | None = None
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     logits_processors: list[Any] | None = None
 
     def unsupported(self) -> str | None:
         """The first field set that would change the output in a way this server cannot honour."""
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format"
-        for key, value in (self.structured_outputs or {}).items():
-            if key != "choice" and value:
-                return f"structured_outputs.{key}"
-        for name in ("guided_json", "guided_regex", "guided_grammar", "logits_processors"):
-            if getattr(self, name):
-                return name
-        return None
+        return "logits_processors" if self.logits_processors else None
 
-    def choice(self) -> list[str] | None:
-        return (self.structured_outputs or {}).get("choice") or self.guided_choice
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's structured outputs: `response_format` takes the place of what `structured_outputs`
+        gives of the same kind (vLLM's rule); a guided_* field is its structured_outputs key."""
+        fields = {key: value for key, value in (self.structured_outputs or {}).items()}
+        for kind in ("json", "regex", "choice", "grammar"):
+            if getattr(self, f"guided_{kind}") is not None:
+                fields[kind] = getattr(self, f"guided_{kind}")
+        fields.update(_response_format_fields(self.response_format))
+        if not fields:
+            return None
+        try:
+            return StructuredOutputsParams(**fields)
+        except TypeError:  # a key StructuredOutputsParams does not have
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(StructuredOutputsParams)})
+            raise ValueError(f"Unknown structured_outputs field(s): {', '.join(unknown)}.") from None
 
     def tokenization(self) -> TokenizationParams:
         return TokenizationParams(self.add_special_tokens, self.truncate_prompt_tokens, self.truncation_side)
@@ -122,8 +128,25 @@ class SamplingRequest(OpenAIBase):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
-            structured_outputs=StructuredOutputsParams(choice=choice) if (choice := self.choice()) else None,
+            structured_outputs=self.structured(),
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
+
+
+def _response_format_fields(response_format: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's `response_format` as structured-outputs fields: `text` is no constraint."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format of type 'json_schema' needs json_schema.schema, a JSON schema object.")
+        return {"json": schema}
+    if kind == "structural_tag":
+        return {"structural_tag": json.dumps(response_format)}
+    raise ValueError(f"response_format type must be text, json_object, json_schema or structural_tag, got {kind!r}.")
 
 
 class CompletionRequest(SamplingRequest):

@@ -41,8 +41,8 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     name = req.unsupported()
     if name is not None:
-        raise APIError(f"{name} is not supported by this server (of the structured outputs only choice is "
-                       f"implemented; logits processors and tool-call parsing are not).", param=name)
+        raise APIError(f"{name} is not supported by this server (logits processors and tool-call parsing are not "
+                       f"implemented).", param=name)
 
 
 def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:

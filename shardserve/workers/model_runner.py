@@ -63,6 +63,7 @@ class ModelRunner:
         self.graphs = None  # a CudaGraphRunner, set by the worker when decode steps replay CUDA graphs
         # Step inputs go to a GPU from page-locked memory, asynchronously (no sync per tensor).
         self.pin = device.type == "cuda"
+        self._bit_index = torch.arange(32, dtype=torch.int32, device=device)  # unpacks structured-output bitmasks
 
     def to_device(self, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -144,7 +145,10 @@ class ModelRunner:
             inputs_embeds[offset:offset + len(values)] = values
         return inputs_embeds
 
-    def _sampling_batch(self, states: list[CachedRequestState]) -> SamplingBatch:
+    def _sampling_batch(self, states: list[CachedRequestState], grammar_rows: list[int | None] | None = None,
+                        grammar_bits: torch.Tensor | None = None) -> SamplingBatch:
+        """The batch's sampling rules on the device. `grammar_rows[i]`: the row of `grammar_bits` (the step's
+        structured-output bitmask) that constrains state i, or None."""
         dev, V = self.device, self.vocab_size
         params = [st.sampling_params for st in states]
         temperature = self.to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32)
@@ -178,7 +182,7 @@ class ModelRunner:
         needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
                       or len(st.output_token_ids) < st.sampling_params.min_tokens
                       or st.sampling_params.allowed_token_ids is not None or st.sampling_params.bad_words_token_ids
-                      or st.sampling_params.choice_token_ids]
+                      or (grammar_rows is not None and grammar_rows[i] is not None)]
         if needs_bias:
             b.bias = torch.zeros(len(states), V, device=dev)
             for i, st in needs_bias:
@@ -195,13 +199,13 @@ class ModelRunner:
                     b.bias[i] = row
                 if p.bad_words_token_ids:
                     b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, st.output_token_ids)] = float("-inf")
-                if p.choice_token_ids:  # last: the structure is kept whatever the other rules ban
-                    allowed = self.to_device(_choice_next_tokens(p.choice_token_ids, st.output_token_ids,
-                                                                 p.all_stop_token_ids))
-                    row = torch.full((V,), float("-inf"), device=dev)
-                    # a token the other rules ban stays possible, far below the rest (no host sync to check)
-                    row[allowed] = b.bias[i, allowed].clamp(min=-1e4)
-                    b.bias[i] = row
+            if grammar_rows is not None:  # last: the structure is kept whatever the other rules ban
+                rows = [(i, row) for i, row in enumerate(grammar_rows) if row is not None]
+                batch_rows = self.to_device([i for i, _ in rows])
+                words = grammar_bits[[row for _, row in rows]].to(dev)
+                allowed = ((words.unsqueeze(-1) >> self._bit_index) & 1).bool().flatten(1)[:, :V]
+                # a token the other rules ban stays possible, far below the rest (no host sync to check)
+                b.bias[batch_rows] = torch.where(allowed, b.bias[batch_rows].clamp(min=-1e4), float("-inf"))
         b.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         return b
 
@@ -250,7 +254,11 @@ class ModelRunner:
             last = self.to_device([offsets[i] + len(scheduled[i].token_ids) - 1 for i in sample_rows])
             logits = self.model.compute_logits(hidden[last])
             states = [self.requests[scheduled[i].request_id] for i in sample_rows]
-            sampled = self.sampler(logits, self._sampling_batch(states))
+            grammar = out.grammar_bitmask
+            grammar_rows = None if grammar is None else [grammar.rows.get(scheduled[i].request_id)
+                                                         for i in sample_rows]
+            sampled = self.sampler(logits, self._sampling_batch(states, grammar_rows,
+                                                                None if grammar is None else grammar.bits))
             token_ids = sampled.token_ids.tolist()
             lp = None
             if sampled.logprobs is not None:
@@ -295,17 +303,6 @@ class ModelRunner:
         targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
         ids, values, ranks = compute_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs)
         return LogprobsLists(ids.tolist(), values.tolist(), ranks.tolist())
-
-
-def _choice_next_tokens(choices: list[list[int]], output_token_ids: list[int], end_token_ids: set[int]) -> list[int]:
-    """The tokens that keep the output on the way to one of `choices` (each as token ids), and where the output is
-    a whole choice, the end-of-sequence tokens."""
-    n = len(output_token_ids)
-    allowed: set[int] = set()
-    for ids in choices:
-        if ids[:n] == output_token_ids:
-            allowed.update([ids[n]] if len(ids) > n else end_token_ids)
-    return sorted(allowed or end_token_ids)
 
 
 def _banned_by_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -> list[int]:
