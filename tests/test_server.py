@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import threading
 from typing import Literal
 
@@ -400,6 +401,76 @@ def test_structured_outputs_equal_offline(client, offline):
     expected = offline.chat(MESSAGES, greedy(max_tokens=48, structured_outputs={"json_object": True}),
                             use_tqdm=False)[0].outputs[0]
     assert got.choices[0].message.content == expected.text
+
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["C", "F"]}},
+           "required": ["city", "unit"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}  # a random model would pad JSON with spaces
+
+
+def _streamed_tool_calls(chunks) -> tuple[dict[int, dict], str | None]:
+    """A streamed answer's tool calls assembled as the openai client's users do: by index, arguments joined."""
+    calls, finish = {}, None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            assert not choice.delta.content
+            for tc in choice.delta.tool_calls or []:
+                call = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+                call["arguments"] += tc.function.arguments or ""
+    return calls, finish
+
+
+def test_forced_tool_calls_are_structured_outputs(client, offline):
+    """tool_choice naming a function, or "required" (as vLLM): the answer is JSON of the function's parameters,
+    or a list of {"name", "parameters"} calls, held there by structured outputs (the offline engine under the
+    same schema gives the same text) and returned as the message's tool_calls, plain and streamed."""
+    def offline_text(schema):
+        params = greedy(max_tokens=64, structured_outputs={"json": schema, "disable_any_whitespace": True})
+        return offline.chat(MESSAGES, params, use_tqdm=False, tools=TOOLS)[0].outputs[0].text
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=64, temperature=0, tools=TOOLS, extra_body=COMPACT)
+    got = client.chat.completions.create(tool_choice=named, **kwargs).choices[0]
+    (call,) = got.message.tool_calls
+    assert call.function.name == "get_weather" and call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.arguments == offline_text(WEATHER)
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    assert got.message.content == "" and got.finish_reason == "stop"
+    calls, finish = _streamed_tool_calls(client.chat.completions.create(tool_choice=named, stream=True, **kwargs))
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", call.function.arguments)]
+    assert calls[0]["id"].startswith("chatcmpl-tool-") and finish == "stop"
+
+    # "required", one call (parallel_tool_calls false): vLLM's schema, a list of calls of the given functions
+    required = {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "object", "anyOf": [
+        {"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                        "parameters": t["function"]["parameters"]}, "required": ["name", "parameters"]}
+        for t in TOOLS]}}
+    got = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **kwargs).choices[0]
+    (expected,) = json.loads(offline_text(required))
+    (call,) = got.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (expected["name"], expected["parameters"])
+    assert got.finish_reason == "tool_calls"
+    calls, finish = _streamed_tool_calls(client.chat.completions.create(
+        tool_choice="required", parallel_tool_calls=False, stream=True, **kwargs))
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [(call.function.name, call.function.arguments)]
+    assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "'nope' has not been passed"),
+    ({"tool_choice": "required"}, "`tools` must be set"),
+    ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice must be"),
+    ({"tool_choice": "required", "tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"tool_choice": "required", "tools": [{"type": "function"}]}, "Each tool must be"),
+])
+def test_bad_tool_choices_are_refused(server, body, message):
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
+                   json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4, **body})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
 def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, client):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shardserve.engine.processor import TokenizationParams
+from shardserve.router.tool_calls import tool_choice_schema
 from shardserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
@@ -83,20 +84,17 @@ class SamplingRequest(OpenAIBase):
         return "logits_processors" if self.logits_processors else None
 
     def structured(self) -> StructuredOutputsParams | None:
-        """The request's structured outputs: `response_format` takes the place of what `structured_outputs`
+        return _structured_outputs(self.structured_fields())
+
+    def structured_fields(self) -> dict[str, Any]:
+        """The request's structured-outputs fields: `response_format` takes the place of what `structured_outputs`
         gives of the same kind (vLLM's rule); a guided_* field is its structured_outputs key."""
-        fields = {key: value for key, value in (self.structured_outputs or {}).items()}
+        fields = dict(self.structured_outputs or {})
         for kind in ("json", "regex", "choice", "grammar"):
             if getattr(self, f"guided_{kind}") is not None:
                 fields[kind] = getattr(self, f"guided_{kind}")
         fields.update(_response_format_fields(self.response_format))
-        if not fields:
-            return None
-        try:
-            return StructuredOutputsParams(**fields)
-        except TypeError:  # a key StructuredOutputsParams does not have
-            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(StructuredOutputsParams)})
-            raise ValueError(f"Unknown structured_outputs field(s): {', '.join(unknown)}.") from None
+        return fields
 
     def tokenization(self) -> TokenizationParams:
         return TokenizationParams(self.add_special_tokens, self.truncate_prompt_tokens, self.truncation_side)
@@ -130,6 +128,16 @@ class SamplingRequest(OpenAIBase):
             bad_words=self.bad_words,
             structured_outputs=self.structured(),
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
+
+
+def _structured_outputs(fields: dict[str, Any]) -> StructuredOutputsParams | None:
+    if not fields:
+        return None
+    try:
+        return StructuredOutputsParams(**fields)
+    except TypeError:  # a key StructuredOutputsParams does not have
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(StructuredOutputsParams)})
+        raise ValueError(f"Unknown structured_outputs field(s): {', '.join(unknown)}.") from None
 
 
 def _response_format_fields(response_format: dict[str, Any] | None) -> dict[str, Any]:
@@ -177,6 +185,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None   # false: "required" makes one call at most
     # vLLM's extras
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -186,10 +195,27 @@ class ChatCompletionRequest(SamplingRequest):
     add_special_tokens: bool = False   # the chat template writes its own
 
     def unsupported(self) -> str | None:
-        # Tools reach the chat template; choosing or parsing tool calls is not implemented.
-        if self.tool_choice not in (None, "none"):
+        # Tools reach the chat template. "required" and named tool choices are structured outputs; "auto" needs
+        # a parser of the model's own tool-call format, which is not implemented.
+        if self.tool_choice == "auto":
             return "tool_choice"
         return super().unsupported()
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """A forced tool call's JSON schema (`tool_calls.tool_choice_schema`), or the request's structured outputs.
+        A forced call takes structured_outputs' options (disable_any_whitespace), not another constraint."""
+        fields = self.structured_fields()
+        schema = tool_choice_schema(self.tool_choice, self.tools, self.parallel_tool_calls)
+        if schema is not None:
+            if set(fields) - {"disable_any_whitespace"}:
+                raise ValueError("tool_choice 'required' or a named function constrains the answer itself: it "
+                                 "cannot be combined with structured outputs or response_format.")
+            fields["json"] = schema
+        return _structured_outputs(fields)
 
 
 class TokenizeRequest(OpenAIBase):

@@ -21,6 +21,7 @@ from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
 from shardserve.inputs import TokensPrompt
 from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
+from shardserve.router.tool_calls import forced_tool_name, tool_call_id, tool_calls_from_text
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
 
@@ -169,6 +170,34 @@ class _ChunkEncoder:
 def _fields(fields: dict | None) -> str:
     """More fields for a JSON object being written, after a comma."""
     return "".join(f', "{k}": {json.dumps(v)}' for k, v in fields.items()) if fields else ""
+
+
+def _chat_message(req: ChatCompletionRequest, text: str) -> dict:
+    """The answer as an assistant message; a forced tool call's as its tool calls (vLLM: content "")."""
+    if not req.forces_tool_call:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": "", "tool_calls": tool_calls_from_text(req.tool_choice, text)}
+
+
+def _chat_finish_reason(req: ChatCompletionRequest, finish_reason: str | None) -> str | None:
+    """OpenAI's rule, as vLLM: "tool_calls" where "required" tool calls ended normally ("stop" for a named one)."""
+    return "tool_calls" if req.tool_choice == "required" and finish_reason == "stop" else finish_reason
+
+
+def _tool_call_delta(req: ChatCompletionRequest, c: CompletionOutput, d: _Delta) -> str:
+    """A forced tool call streamed: a named function's arguments as they come (its id and name first), a required
+    list's calls whole once the list is complete."""
+    name = forced_tool_name(req.tool_choice)
+    if name is not None:
+        call = {"index": 0, "function": {"arguments": d.text}}
+        if d.first:
+            call = {"index": 0, "id": tool_call_id(), "type": "function",
+                    "function": {"name": name, "arguments": d.text}}
+        return json.dumps({"tool_calls": [call]}) if d.text or d.first else "{}"
+    if c.finish_reason is None:
+        return "{}"
+    calls = [{"index": i, **call} for i, call in enumerate(tool_calls_from_text(req.tool_choice, c.text))]
+    return json.dumps({"tool_calls": calls}) if calls else "{}"
 
 
 class OpenAIServing:
@@ -408,9 +437,9 @@ class OpenAIServing:
         async for final in _chain(first, rest):
             pass
         as_ids = req.return_tokens_as_token_ids
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": c.index, "message": _chat_message(req, c.text),
                     "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    "finish_reason": _chat_finish_reason(req, c.finish_reason), "stop_reason": c.stop_reason,
                     **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})} for c in final.outputs]
         body = {**meta, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
@@ -450,8 +479,12 @@ class OpenAIServing:
                         continue
                     logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top, req.return_tokens_as_token_ids) \
                         if req.logprobs else None
-                    delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
-                    yield encoder.choice(c.index, "delta", delta, logprobs, c.finish_reason, c.stop_reason,
+                    if req.forces_tool_call:
+                        delta = _tool_call_delta(req, c, d)
+                    else:
+                        delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
+                    yield encoder.choice(c.index, "delta", delta, logprobs, _chat_finish_reason(req, c.finish_reason),
+                                         c.stop_reason,
                                          _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None,
                                          {"token_ids": d.token_ids} if ids else None)
                 last, out = out, await anext(rest, None)
