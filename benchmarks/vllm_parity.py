@@ -28,6 +28,12 @@ LONG = list(range(20, 84))
 
 
 CHOICES = ["yes", "no", "maybe later", "maybe not"]
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["red", "green"]},
+                                           "n": {"type": "integer"}}, "required": ["ok", "tag", "n"]}
+STRUCTURED = {"choice": {"choice": CHOICES}, "json": {"json": SCHEMA},
+              "json, no whitespace": {"json": SCHEMA, "disable_any_whitespace": True},
+              "json_object": {"json_object": True}, "regex": {"regex": r"[a-c]{2,6}-[0-9]{1,3}"},
+              "grammar": {"grammar": 'root ::= "(" [0-9]+ ("," [0-9]+)* ")"'}}
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t3{% endif %}"
 
 
@@ -69,8 +75,9 @@ def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
         "max_tokens past the model (runs to it)": (PROMPT, {**greedy, "max_tokens": 1000, "ignore_eos": True}, {}),
         "max_tokens None": (LONG[:40], {"temperature": 0.0, "max_tokens": None, "ignore_eos": True}, {}),
         "detokenize off": (PROMPT, {**greedy, "detokenize": False, "ignore_eos": True}, {}),
-        # where the tokenizer can write the choices (a word-level one cannot)
-        **({"structured choice": (PROMPT, {**greedy, "max_tokens": 16, "structured_outputs": None}, {})}
+        # structured outputs, where the tokenizer can write any text (a word-level one cannot)
+        **({f"structured {name}": (PROMPT, {**greedy, "max_tokens": 32, "structured_outputs": kwargs}, {})
+            for name, kwargs in STRUCTURED.items()}
            if all(tokenizer.unk_token_id not in tokenizer.encode(c, add_special_tokens=False) for c in CHOICES)
            else {}),
         "truncate_prompt_tokens": (LONG, {**greedy, "ignore_eos": True},
@@ -82,6 +89,10 @@ def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
 # Where we answer otherwise on purpose: (scenario prefix, field suffix, why).
 ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says "stop" offline too (vLLM leaves it '
                'None offline and says "stop" online)'),
+              ("structured json, no whitespace", "", "the request's disable_any_whitespace is honoured (vLLM's xgrammar "
+               "backend reads only the engine's structured_outputs_config)"),
+              ("tool_choice auto", "", "not done: no tool-call parser, so auto is refused (vLLM parses with "
+               "--enable-auto-tool-choice --tool-call-parser, here hermes)"),
               ("models", "owned_by", "shardserve serves them"),
               ("models", "permission[0].id", "a permission id of its own"),
               ("error", "error.message", "errors in words of our own (vLLM adds the parameter and value)"),
@@ -117,10 +128,10 @@ def run(engine: str, model: str) -> dict:
     free = generate(PROMPT, dict(temperature=0.0, max_tokens=12, ignore_eos=True), {})["completions"][0]["token_ids"]
     results = {}
     for name, (prompt, params, extra) in scenarios(free, llm.get_tokenizer()).items():
-        if "structured_outputs" in params:  # each engine's own class, the same choices
+        if "structured_outputs" in params:  # each engine's own class, the same constraint
             so = getattr(mod, "StructuredOutputsParams", None) or importlib.import_module(
                 f"{engine}.sampling_params").StructuredOutputsParams
-            params = {**params, "structured_outputs": so(choice=CHOICES)}
+            params = {**params, "structured_outputs": so(**params["structured_outputs"])}
         try:
             results[name] = generate(prompt, params, extra)
         except Exception as e:  # noqa: BLE001 - a refusal is an answer too

@@ -31,6 +31,10 @@ from vllm_parity import TEMPLATE, report  # noqa: E402
 PORT = 8123
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The capital of France"}]
 IGNORED = {"id", "created", "system_fingerprint"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
 
 
 def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
@@ -57,6 +61,24 @@ def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
                                                          "stream_options": {"include_usage": True}}),
         "chat, max_completion_tokens": ("POST", "/v1/chat/completions", {**chat, "max_tokens": None,
                                                                          "max_completion_tokens": 3}),
+        "completion, structured regex": ("POST", "/v1/completions", {
+            **c, "max_tokens": 16, "structured_outputs": {"regex": "[a-c]{2,6}-[0-9]{1,3}"}}),
+        "chat, response_format json_schema": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 32, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "v", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                        "required": ["ok"]}}}}),
+        "chat, response_format json_object": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 16, "response_format": {"type": "json_object"}}),
+        "chat, named tool call": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 32, "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        "chat, required tool call": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 64, "tools": TOOLS, "tool_choice": "required"}),
+        "tool_choice auto (we have no parser)": ("POST", "/v1/chat/completions", {
+            **chat, "tools": TOOLS, "tool_choice": "auto"}),
+        "error: named tool not given": ("POST", "/v1/chat/completions", {
+            **chat, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        "error: bad regex": ("POST", "/v1/completions", {**c, "structured_outputs": {"regex": "a(b"}}),
         "tokenize": ("POST", "/tokenize", {"model": "parity", "prompt": "The quick brown fox"}),
         "tokenize chat": ("POST", "/tokenize", {"model": "parity", "messages": MESSAGES}),
         "detokenize": ("POST", "/detokenize", {"model": "parity", "tokens": [5, 6, 7, 8]}),
@@ -134,9 +156,15 @@ def serve_and_ask(engine: str, model: str, template: Path) -> dict:
     common = ["--port", str(PORT), "--host", "127.0.0.1", "--served-model-name", "parity", "--dtype", "float32",
               "--max-model-len", "256", "--chat-template", str(template), "--seed", "0"]
     if engine == "vllm":
-        env = dict(os.environ, LD_PRELOAD=vllm_preload(), VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+        # VLLM_ENFORCE_STRICT_TOOL_CALLING=0: forced tool calls as JSON of the tools' schemas, as we make them (by
+        # default vLLM 0.32 writes them in the parser's own format, here hermes' <tool_call> tags)
+        env = dict(os.environ, LD_PRELOAD=vllm_preload(), VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
+                   VLLM_ENFORCE_STRICT_TOOL_CALLING="0")
         cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               *common, "--uvicorn-log-level", "warning"]
+               *common, "--uvicorn-log-level", "warning",
+               # vLLM 0.32 refuses forced tool calls without a tool-call parser (they need none: the schema
+               # writes them); it loads one only with auto tool choice on
+               "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     else:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), TOKENIZERS_PARALLELISM="false")
         cmd = [sys.executable, "-m", "shardserve", "serve", model, *common, "--kv-cache-memory-bytes", str(1 << 28)]

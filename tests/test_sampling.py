@@ -1,6 +1,7 @@
 """Sampling parameters behave as vLLM documents them, checked against transformers where it has them."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -281,6 +282,19 @@ def test_structured_outputs_follow_the_model_inside_the_grammar(llm, hf):
         assert all(c.finish_reason == "stop" and _satisfies(c.text, structured) for c in sampled)
         if structured.choice:
             assert len({c.text for c in sampled}) > 1
+
+
+def test_a_constraint_too_slow_to_compile_is_refused():
+    """Online a constraint compiles off the event loop, and one that takes too long is refused (vLLM's guard
+    against crafted regexes). The cost grows with the vocabulary: SmolLM2's tokenizer (49,152 tokens)."""
+    from shardserve.engine.structured_output import StructuredOutputCompiler
+    from shardserve.models.gguf import default_generation_model, load_gguf_tokenizer
+    tokenizer = load_gguf_tokenizer(default_generation_model())
+    compiler = StructuredOutputCompiler(tokenizer, len(tokenizer))
+    asyncio.run(compiler.compile_ahead(StructuredOutputsParams(regex="[a-z]+"), timeout_s=60))  # builds the compiler
+    slow = StructuredOutputsParams(regex=r"[a-z]{1,800}@[a-z]{1,800}\.com")
+    with pytest.raises(ValueError, match="regex took longer than 0.05 s"):
+        asyncio.run(compiler.compile_ahead(slow, timeout_s=0.05))
 
 
 def test_structured_outputs_json_object_and_the_dict_form(llm):

@@ -338,6 +338,8 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "structured_outputs": {"regexp": "a"}}, 400,
      "Unknown structured_outputs field(s): regexp"),
     ({"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a"}, "guided_choice": ["b"]}, 400, "one kind"),
+    ({"model": "tiny", "prompt": "x", "use_beam_search": True, "n": 2, "guided_regex": "a+"}, 400,
+     "cannot follow structured outputs"),
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 10**6]}, 400, "out of vocabulary"),
     ({"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"model": "tiny", "prompt": "x", "n": 1, "best_of": 3}, 400, "best_of is not"),

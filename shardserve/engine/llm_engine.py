@@ -246,8 +246,10 @@ class LLMEngine:
                 raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
                                    "for the waiting requests.")
             return []
-        sched.grammar_bitmask = self.processor.structured.bitmask(
-            [self.scheduler.requests[s.request_id] for s in sched.scheduled if s.sample])
+        constrained = [req for s in sched.scheduled
+                       if s.sample and (req := self.scheduler.requests[s.request_id]).grammar is not None]
+        if constrained:
+            sched.grammar_bitmask = self.processor.structured.bitmask(constrained)
         result = self.executor.execute_model(sched)
         touched: dict[str, _Parent] = {}
         for s in sched.scheduled:

@@ -11,8 +11,10 @@ matcher. The grammar ends with the model's end-of-sequence tokens, so the reques
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 # xgrammar's C++ errors start with a timestamp and a source location; the user needs only the message.
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+# Compiled grammars kept for reuse (vLLM's VLLM_XGRAMMAR_CACHE_MB): requests of the same schema compile once, and
+# a stream of distinct schemas cannot grow the cache without bound.
+CACHE_BYTES = int(os.environ.get("SHARDSERVE_GRAMMAR_CACHE_MB", "512")) << 20
+# Online, a constraint that takes longer to compile is refused (vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S): a
+# crafted regex or schema must not hold a replica.
+COMPILE_TIMEOUT_S = float(os.environ.get("SHARDSERVE_GRAMMAR_COMPILE_TIMEOUT_S", "5"))
 
 
 @dataclass
@@ -50,7 +58,8 @@ class StructuredOutputCompiler:
             if self._compiler is None:
                 import xgrammar as xgr  # imported on first use: most engines never constrain a request
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
+                                                     cache_limit_bytes=CACHE_BYTES)
         return self._compiler
 
     def compile(self, structured: StructuredOutputsParams):
@@ -80,6 +89,16 @@ class StructuredOutputCompiler:
             message = _LOCATION.sub("", str(e).strip()).splitlines()[0]
             raise ValueError(f"Invalid structured_outputs.{kind}: {message}") from None
 
+    async def compile_ahead(self, structured: StructuredOutputsParams, timeout_s: float = COMPILE_TIMEOUT_S) -> None:
+        """Compile on a thread, not on the server's event loop (which streams every other request meanwhile); the
+        request's own `compile` then finds the grammar in the cache. Past `timeout_s` the request is refused;
+        that compile runs on unseen (a thread cannot be stopped), as in vLLM."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.compile, structured), timeout_s)
+        except TimeoutError:
+            raise ValueError(f"Compiling structured_outputs.{structured.kind} took longer than {timeout_s:g} s: the "
+                             f"constraint is too complex.") from None
+
     @staticmethod
     def _compile_structural_tag(compiler, spec: str):
         """vLLM's structural tags: text is free until a trigger, then each tag's `begin`, JSON of its schema,
@@ -98,8 +117,9 @@ class StructuredOutputCompiler:
         return xgr.GrammarMatcher(grammar, override_stop_tokens=sorted(stop_token_ids))
 
     def bitmask(self, requests: list) -> GrammarBitmask | None:
-        """The allowed tokens of the `requests` (those sampling this step) whose grammar is not finished."""
-        constrained = [r for r in requests if r.grammar is not None and not r.grammar.is_terminated()]
+        """The allowed tokens of the `requests` (constrained ones sampling this step) whose grammar is not
+        finished."""
+        constrained = [r for r in requests if not r.grammar.is_terminated()]
         if not constrained:
             return None
         import xgrammar as xgr

@@ -21,9 +21,10 @@ from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
 from shardserve.inputs import TokensPrompt
 from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
-from shardserve.router.tool_calls import forced_tool_name, tool_call_id, tool_calls_from_text
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
+from shardserve.router.tool_calls import forced_tool_name, tool_call_id, tool_calls_from_text
+from shardserve.sampling_params import SamplingParams
 
 
 _MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf, which JSON cannot write
@@ -173,10 +174,12 @@ def _fields(fields: dict | None) -> str:
 
 
 def _chat_message(req: ChatCompletionRequest, text: str) -> dict:
-    """The answer as an assistant message; a forced tool call's as its tool calls (vLLM: content "")."""
+    """The answer as an assistant message; a forced tool call's as its tool calls (vLLM: content "", and no
+    tool_calls where the answer holds none, as when max_tokens cut it short)."""
     if not req.forces_tool_call:
         return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": "", "tool_calls": tool_calls_from_text(req.tool_choice, text)}
+    calls = tool_calls_from_text(req.tool_choice, text)
+    return {"role": "assistant", "content": "", **({"tool_calls": calls} if calls else {})}
 
 
 def _chat_finish_reason(req: ChatCompletionRequest, finish_reason: str | None) -> str | None:
@@ -214,6 +217,11 @@ class OpenAIServing:
             raise APIError(f"max_tokens={max_tokens} cannot be greater than max_model_len={self.engine.max_model_len}."
                            f" Please request fewer output tokens.", param="max_tokens")
         return max_tokens
+
+    async def _compile_ahead(self, params: SamplingParams) -> None:
+        """A structured-output constraint compiled off the event loop, with a time limit (see `compile_ahead`)."""
+        if params.structured_outputs is not None:
+            await self.engine.processor.structured.compile_ahead(params.structured_outputs)
 
     def _cached(self, outputs: list[RequestOutput]) -> int | None:
         """The prompt tokens of `outputs` the prefix cache served, where the usage reports them."""
@@ -275,6 +283,7 @@ class OpenAIServing:
         tokenization = req.tokenization()
         processed = [self.engine.processor.process_prompt(req.salted(p), tokenization) for p in prompts]
         self.engine.processor.validate_params(params)
+        await self._compile_ahead(params)
         prompt_index = {f"{request_id}-{i}": i for i in range(len(processed))}
         streams = [self.engine.generate(p, params, rid, req.priority) for rid, p in zip(prompt_index, processed)]
         first, rest = await self._start(streams)
@@ -389,6 +398,8 @@ class OpenAIServing:
         prompts = [self.engine.processor.process_prompt(p, tokenization) for p in self._completion_prompts(req)]
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
+        if req.structured() is not None:
+            raise APIError("use_beam_search cannot follow structured outputs.", param="structured_outputs")
         self.engine.processor.validate_beam_width(req.n)
         self.engine.processor.check_priority(req.priority)
         temperature = self.engine.default_sampling_params.get("temperature", 0.0)
@@ -429,6 +440,7 @@ class OpenAIServing:
         params = req.to_sampling_params(self._max_tokens(max_tokens), top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        await self._compile_ahead(params)
         first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority)])
         meta = {"id": f"chatcmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
                 "model": self.model_name}

