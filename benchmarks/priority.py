@@ -19,14 +19,13 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, chosen_model, chosen_peers,  # noqa: E402
-                        cpu_busy, ensure_vllm_venv, make_prompts, vllm_preload)
+                        cpu_busy, make_prompts, run_worker)
 
 PEERS = ("shardserve", "vllm")
 POLICIES = ("fcfs", "priority")
@@ -95,26 +94,12 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def run(peer: str, policy: str, a: argparse.Namespace, prompts_file: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    if peer == "vllm":
-        python = str(ensure_vllm_venv())
-        # in-process engine core: a step() is one schedule and forward, as shardserve's
-        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0", LD_PRELOAD=vllm_preload())
-    else:
-        python = sys.executable
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                         env.get("PYTHONPATH")]))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", peer, "--policy", policy, "--prompts-file",
-           str(prompts_file), "--model", str(a.model), "--max-num-seqs", str(a.max_num_seqs), "--background",
-           str(a.background), "--input-len", str(a.input_len), "--output-len", str(a.output_len),
-           "--threads", str(a.threads)]
-    log = CACHE_DIR / "logs" / f"priority-{peer}-{policy}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log.write_text(proc.stdout)
-    found = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    return json.loads(found[-1]) if found else {"error": f"exit code {proc.returncode} (log: {log})"}
+    # vLLM's in-process engine core: a step() is one schedule and forward, as shardserve's
+    return run_worker(peer, Path(__file__), ["--policy", policy, "--prompts-file", str(prompts_file), "--model",
+                                             str(a.model), "--max-num-seqs", str(a.max_num_seqs), "--background",
+                                             str(a.background), "--input-len", str(a.input_len), "--output-len",
+                                             str(a.output_len)],
+                      a.threads, f"priority-{peer}-{policy}", {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 
 
 def main() -> None:

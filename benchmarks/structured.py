@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, chosen_peers, cpu_busy,  # noqa: E402
-                        ensure_vllm_venv, make_prompts, vllm_preload)
+                        make_prompts, run_worker)
 
 PEERS = ("shardserve", "vllm")
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -83,24 +82,10 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def run(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    if peer == "vllm":
-        python = str(ensure_vllm_venv())
-        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                   LD_PRELOAD=vllm_preload())
-    else:
-        python = sys.executable
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                         env.get("PYTHONPATH")]))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", peer, "--prompts-file", str(prompts_file),
-           "--model", str(a.model), "--num-prompts", str(a.num_prompts), "--input-len", str(a.input_len),
-           "--output-len", str(a.output_len), "--threads", str(a.threads)]
-    log = CACHE_DIR / "logs" / f"structured-{peer}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log.write_text(proc.stdout)
-    found = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    return json.loads(found[-1]) if found else {"error": f"exit code {proc.returncode} (log: {log})"}
+    return run_worker(peer, Path(__file__), ["--prompts-file", str(prompts_file), "--model", str(a.model),
+                                             "--num-prompts", str(a.num_prompts), "--input-len", str(a.input_len),
+                                             "--output-len", str(a.output_len)],
+                      a.threads, f"structured-{peer}")
 
 
 def main() -> None:

@@ -208,32 +208,41 @@ def worker(a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- driver
 
 def run_peer(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+    return run_worker(peer, Path(__file__), ["--prompts-file", str(prompts_file), "--model", str(a.model),
+                                             "--batch", str(a.batch), "--input-len", str(a.input_len),
+                                             "--output-len", str(a.output_len), "--repeat", str(a.repeat)],
+                      a.threads, peer)
+
+
+def run_worker(peer: str, script: Path, args: list[str], threads: int, log_name: str,
+               vllm_env: dict[str, str] | None = None) -> dict:
+    """Run `script --worker PEER --threads N ARGS` in the peer's Python (vLLM's in .venv-vllm) with `threads`
+    OpenMP threads, and return the RESULT_TAG JSON it printed (or {"error": ...}), with its wall time and log
+    (kept under CACHE_DIR/logs/LOG_NAME.log). `vllm_env`: more environment for vLLM."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     if peer == "vllm":
         try:
             python = str(ensure_vllm_venv())
         except subprocess.CalledProcessError as e:
             return {"error": f"vllm venv build failed: {e}"}
-        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
-        env["LD_PRELOAD"] = vllm_preload()
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+                   LD_PRELOAD=vllm_preload(), **(vllm_env or {}))
     else:
         python = sys.executable
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    cmd = [python, str(Path(__file__).resolve()), "--worker", peer, "--prompts-file", str(prompts_file),
-           "--model", str(a.model), "--batch", str(a.batch), "--input-len", str(a.input_len),
-           "--output-len", str(a.output_len), "--threads", str(a.threads), "--repeat", str(a.repeat)]
-    log = CACHE_DIR / "logs" / f"{peer}.log"
+    cmd = [python, str(Path(script).resolve()), "--worker", peer, "--threads", str(threads), *args]
+    log = CACHE_DIR / "logs" / f"{log_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log.write_text(proc.stdout)  # vLLM logs to stdout: keep all of it
     lines = proc.stdout.splitlines()
-    results = [l[len(RESULT_TAG):] for l in lines if l.startswith(RESULT_TAG)]
+    results = [line[len(RESULT_TAG):] for line in lines if line.startswith(RESULT_TAG)]
     if results:
         res = json.loads(results[-1])
     else:
-        tail = [l for l in lines if l.strip()][-1:] or ["no output"]
-        res = {"error": f"exit code {proc.returncode}: {tail[0][:300]}"}
+        tail = [line for line in lines if line.strip()][-1:] or ["no output"]
+        res = {"error": f"exit code {proc.returncode}: {tail[0][:300]} (log: {log})"}
     res["wall_s"] = time.time() - t0
     res["log"] = str(log)
     return res
