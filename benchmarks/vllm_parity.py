@@ -89,8 +89,8 @@ def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
 # Where we answer otherwise on purpose: (scenario prefix, field suffix, why).
 ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says "stop" offline too (vLLM leaves it '
                'None offline and says "stop" online)'),
-              ("structured json, no whitespace", "", "the request's disable_any_whitespace is honoured (vLLM's xgrammar "
-               "backend reads only the engine's structured_outputs_config)"),
+              ("structured json, no whitespace", "", "the request's disable_any_whitespace is honoured (vLLM's "
+               "xgrammar backend reads only the engine's structured_outputs_config)"),
               ("tool_choice auto", "", "not done: no tool-call parser, so auto is refused (vLLM parses with "
                "--enable-auto-tool-choice --tool-call-parser, here hermes)"),
               ("models", "owned_by", "shardserve serves them"),

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--override-generation-config", type=_json_object,
                help="JSON object of generation-config fields over those, e.g. '{\"temperature\": 0.5}'")
     _spec_flag(model, "--max-logprobs", type=int, help="the most logprobs one request may ask for; -1: no cap")
+    _spec_flag(model, "--structured-outputs-config", type=_json_object,
+               help="JSON object, as vLLM's: backend (auto or xgrammar) and disable_any_whitespace (JSON outputs "
+                    "without whitespace between items, for every request)")
     _spec_flag(model, "--max-model-len", type=int, help="default: the model's")
     _spec_flag(model, "--max-num-seqs", type=int, help="most requests in one step")
     _spec_flag(model, "--max-num-batched-tokens", type=int,

@@ -67,6 +67,9 @@ class EngineConfig:
     override_generation_config: dict = field(default_factory=dict)
     # The most logprobs (or prompt logprobs) one request may ask for; -1: the whole vocabulary (vLLM's).
     max_logprobs: int = 20
+    # vLLM's structured_outputs_config: {"backend": "auto" | "xgrammar", "disable_any_whitespace": bool}, the
+    # latter for every request's JSON (a request may also ask for it itself).
+    structured_outputs_config: dict = field(default_factory=dict)
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
     # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.
@@ -112,6 +115,13 @@ class EngineConfig:
             raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
+        unknown = set(self.structured_outputs_config) - {"backend", "disable_any_whitespace"}
+        if unknown:
+            raise ValueError(f"structured_outputs_config takes backend and disable_any_whitespace, got "
+                             f"{', '.join(sorted(unknown))}.")
+        if self.structured_outputs_config.get("backend", "auto") not in ("auto", "xgrammar"):
+            raise ValueError(f"structured_outputs_config backend {self.structured_outputs_config['backend']!r} is not "
+                             f"available: structured outputs run on xgrammar ('auto' or 'xgrammar').")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if self.max_logprobs < -1:

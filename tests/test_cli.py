@@ -87,7 +87,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--cuda-graph-sizes", "1", "2", "--hf-overrides", '{"rope_theta": 5.0}', "--max-num-seqs", "7",
              "--num-cpus-per-worker", "2", "--generation-config", "vllm",
              "--override-generation-config", '{"top_k": 3}',
-             "--max-logprobs", "-1", "--scheduling-policy", "priority"]
+             "--max-logprobs", "-1", "--scheduling-policy", "priority",
+             "--structured-outputs-config", '{"disable_any_whitespace": true}']
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -98,15 +99,17 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
         ([1, 2], {"rope_theta": 5.0}, 7, 2.0)
     assert (config.generation_config, config.override_generation_config, config.max_logprobs) == \
         ("vllm", {"top_k": 3}, -1)
-    assert config.scheduling_policy == "priority"
+    assert (config.scheduling_policy, config.structured_outputs_config) == \
+        ("priority", {"disable_any_whitespace": True})
     args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
     assert (args.allowed_origins, args.allowed_credentials) == (["https://a.example"], True)
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
     assert plain == ModelSpec(model="a")
 
     monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))
-    for bad in (["--max-num-batched-tokens", "0"], ["--block-size", "0"], ["--tensor-parallel-size", "0"]):
-        with pytest.raises(SystemExit, match=r"shardserve serve: error: .*must be"):
+    for bad in (["--max-num-batched-tokens", "0"], ["--block-size", "0"], ["--tensor-parallel-size", "0"],
+                ["--structured-outputs-config", '{"backend": "outlines"}']):
+        with pytest.raises(SystemExit, match=r"shardserve serve: error: .*(must be|is not available)"):
             main(["serve", "a", *bad])
     for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"]):
         with pytest.raises(SystemExit):  # argparse's own: not a JSON object / list, not a choice

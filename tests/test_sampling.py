@@ -297,6 +297,23 @@ def test_a_constraint_too_slow_to_compile_is_refused():
         asyncio.run(compiler.compile_ahead(slow, timeout_s=0.05))
 
 
+def test_the_engine_wide_structured_outputs_config(path):
+    """vLLM's structured_outputs_config: disable_any_whitespace for every request's JSON (the same tokens as the
+    request's own flag), xgrammar the one backend."""
+    compact = LLM(path, dtype="float32", structured_outputs_config={"backend": "xgrammar",
+                                                                    "disable_any_whitespace": True})
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json": SCHEMA})
+    got = gen(compact, PROMPTS, [params] * 2)
+    asked = gen(compact, PROMPTS, [params.clone(structured_outputs=StructuredOutputsParams(
+        json=SCHEMA, disable_any_whitespace=True))] * 2)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in asked]
+    assert all(json.loads(o.outputs[0].text) and not re.search(r"\s", o.outputs[0].text) for o in got)
+    compact.shutdown()
+    for bad, message in [({"backend": "guidance"}, "is not available"), ({"whitespace": 1}, "takes backend")]:
+        with pytest.raises(ValueError, match=message):
+            LLM(path, structured_outputs_config=bad)
+
+
 def test_structured_outputs_json_object_and_the_dict_form(llm):
     """json_object: any JSON object; the params also come as a dict, as vLLM takes them."""
     out = gen(llm, PROMPTS, SamplingParams(temperature=1.0, seed=3, max_tokens=64,

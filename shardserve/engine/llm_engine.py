@@ -101,7 +101,8 @@ class LLMEngine:
             dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
             enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling,
             model_name=config.served_model_name or config.model,
-            hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy)
+            hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy,
+            compact_json=bool(config.structured_outputs_config.get("disable_any_whitespace", False)))
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 

@@ -47,7 +47,7 @@ class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int],
                  embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False,
                  pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None,
-                 max_logprobs: int = 20, scheduling_policy: str = "fcfs"):
+                 max_logprobs: int = 20, scheduling_policy: str = "fcfs", compact_json: bool = False):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         # vLLM's cap on the logprobs one request asks for; -1: none (the whole vocabulary)
@@ -61,7 +61,7 @@ class Processor:
         self.model_name = model_name  # as the user named it, for messages
         self.hf_config = hf_config
         self.scheduling_policy = scheduling_policy
-        self.structured = StructuredOutputCompiler(tokenizer, vocab_size)
+        self.structured = StructuredOutputCompiler(tokenizer, vocab_size, compact_json)
 
     def process_prompt(self, prompt: PromptType | ProcessedPrompt,
                        tokenization: TokenizationParams | None = None) -> ProcessedPrompt:

@@ -47,9 +47,10 @@ class StructuredOutputCompiler:
     """Compiles requests' constraints against the model's tokenizer (xgrammar caches compiled grammars, so
     requests of the same schema compile once)."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, compact_json: bool = False):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.compact_json = compact_json  # the engine's disable_any_whitespace, for every request
         self._compiler = None
         self._lock = threading.Lock()  # requests are processed on the callers' threads
 
@@ -68,9 +69,9 @@ class StructuredOutputCompiler:
             raise ValueError("Structured outputs need the model's tokenizer (skip_tokenizer_init is set).")
         compiler = self._xgrammar()
         kind = structured.kind
-        # vLLM's disable_any_whitespace: JSON without whitespace between its items
-        whitespace = {"any_whitespace": not structured.disable_any_whitespace,
-                      "separators": (",", ":") if structured.disable_any_whitespace else None}
+        # vLLM's disable_any_whitespace (the engine's, or the request's): JSON without whitespace between its items
+        compact = self.compact_json or structured.disable_any_whitespace
+        whitespace = {"any_whitespace": not compact, "separators": (",", ":") if compact else None}
         try:
             if kind == "json":
                 schema = structured.json if isinstance(structured.json, str) else json.dumps(structured.json)

@@ -72,10 +72,9 @@ def tool_calls_from_text(tool_choice, text: str) -> list[dict[str, Any]]:
     if name is not None:
         return [_call(name, text)] if text.strip() else []
     try:
-        calls = json.loads(text)
-    except json.JSONDecodeError:
+        return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
+    except (ValueError, KeyError, TypeError):  # not (yet) a whole list of calls
         return []
-    return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
