@@ -325,6 +325,19 @@ def test_structured_outputs_json_object_and_the_dict_form(llm):
             assert isinstance(json.loads(text), dict)
 
 
+def test_structural_tags_in_both_of_vllms_forms(llm):
+    """structural_tag: xgrammar's format (here one tag the output must be: "<f>", JSON of a schema, "</f>"), and
+    vLLM's older {"structures", "triggers"} (free text until a trigger; the random model never writes one)."""
+    ok = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>",
+                                                "content": {"type": "json_schema", "json_schema": ok}}}
+    structures = {"structures": [{"begin": "<f>", "schema": ok, "end": "</f>"}], "triggers": ["<f>"]}
+    tagged, free = (gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=24, structured_outputs={
+        "structural_tag": json.dumps(t)}))[0].outputs[0] for t in (tag, structures))
+    assert tagged.text.startswith("<f>{")
+    assert free.token_ids == greedy_ids(llm, PROMPTS[0], 24)
+
+
 def test_structured_outputs_bad_input_is_refused_before_anything_runs(llm):
     for bad, message in [({"choice": []}, "non-empty list"), ({"choice": ["a"], "regex": "a"}, "one kind"),
                          ({}, "got none"), ({"regex": ""}, "non-empty string"), ({"json": 3}, "JSON schema"),
