@@ -91,8 +91,6 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
                'None offline and says "stop" online)'),
               ("structured json, no whitespace", "", "the request's disable_any_whitespace is honoured (vLLM's "
                "xgrammar backend reads only the engine's structured_outputs_config)"),
-              ("tool_choice auto", "", "not done: no tool-call parser, so auto is refused (vLLM parses with "
-               "--enable-auto-tool-choice --tool-call-parser, here hermes)"),
               ("models", "owned_by", "shardserve serves them"),
               ("models", "permission[0].id", "a permission id of its own"),
               ("error", "error.message", "errors in words of our own (vLLM adds the parameter and value)"),

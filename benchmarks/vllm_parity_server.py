@@ -31,6 +31,8 @@ from vllm_parity import TEMPLATE, report  # noqa: E402
 PORT = 8123
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The capital of France"}]
 IGNORED = {"id", "created", "system_fingerprint"}
+# an answer in hermes' format, which a structured-output choice makes the random model write
+CALL = 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {
@@ -74,8 +76,11 @@ def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
         "chat, required tool call": ("POST", "/v1/chat/completions", {
             **chat, "max_tokens": 64, "tools": TOOLS, "tool_choice": "required"}),
-        "tool_choice auto (we have no parser)": ("POST", "/v1/chat/completions", {
-            **chat, "tools": TOOLS, "tool_choice": "auto"}),
+        "chat, auto tool call (hermes)": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 200, "tools": TOOLS, "structured_outputs": {"choice": [CALL]}}),
+        "chat stream, auto tool call (hermes)": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 200, "tools": TOOLS, "structured_outputs": {"choice": [CALL]}, "stream": True}),
+        "chat, tools but no call (hermes)": ("POST", "/v1/chat/completions", {**chat, "tools": TOOLS}),
         "error: named tool not given": ("POST", "/v1/chat/completions", {
             **chat, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
         "error: bad regex": ("POST", "/v1/completions", {**c, "structured_outputs": {"regex": "a(b"}}),
@@ -122,6 +127,11 @@ def _merged(chunks: list) -> dict:
         for c in chunk.get("choices", []):
             merged = choices.setdefault(c["index"], {"text": "", "tokens": [], "finish_reason": None})
             merged["text"] += c.get("text") or c.get("delta", {}).get("content") or ""
+            for call in c.get("delta", {}).get("tool_calls") or []:  # each call's name and arguments, joined
+                joined = merged.setdefault("tool_calls", {}).setdefault(str(call["index"]), {"name": "",
+                                                                                            "arguments": ""})
+                for key in ("name", "arguments"):
+                    joined[key] += (call.get("function") or {}).get(key) or ""
             logprobs = c.get("logprobs") or {}
             merged["tokens"] += logprobs.get("tokens") or [t["token"] for t in logprobs.get("content", [])]
             merged["finish_reason"] = c.get("finish_reason", merged["finish_reason"])
@@ -155,16 +165,14 @@ def wait_up(server: subprocess.Popen, log: Path) -> None:
 def serve_and_ask(engine: str, model: str, template: Path) -> dict:
     common = ["--port", str(PORT), "--host", "127.0.0.1", "--served-model-name", "parity", "--dtype", "float32",
               "--max-model-len", "256", "--chat-template", str(template), "--seed", "0"]
+    common += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     if engine == "vllm":
         # VLLM_ENFORCE_STRICT_TOOL_CALLING=0: forced tool calls as JSON of the tools' schemas, as we make them (by
         # default vLLM 0.32 writes them in the parser's own format, here hermes' <tool_call> tags)
         env = dict(os.environ, LD_PRELOAD=vllm_preload(), VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
                    VLLM_ENFORCE_STRICT_TOOL_CALLING="0")
         cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               *common, "--uvicorn-log-level", "warning",
-               # vLLM 0.32 refuses forced tool calls without a tool-call parser (they need none: the schema
-               # writes them); it loads one only with auto tool choice on
-               "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+               *common, "--uvicorn-log-level", "warning"]
     else:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), TOKENIZERS_PARALLELISM="false")
         cmd = [sys.executable, "-m", "shardserve", "serve", model, *common, "--kv-cache-memory-bytes", str(1 << 28)]

@@ -142,6 +142,8 @@ def _json_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardserve.router.tool_calls import TOOL_CALL_PARSERS
+
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     # Flags named after a ModelSpec field and left out keep the spec's default (argument_default).
@@ -205,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--chat-template", help="a Jinja template, or a path to one")
     _spec_flag(model, "--enable-prompt-tokens-details", action="store_true",
                help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served")
+    _spec_flag(model, "--enable-auto-tool-choice", action="store_true",
+               help="chat's tool_choice \"auto\" (the default where a request has tools): the model may call tools "
+                    "in its own format, which --tool-call-parser reads into tool_calls")
+    _spec_flag(model, "--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
+               help="the model family's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
+                    "Qwen3, ...)")
     _spec_flag(model, "--runner", choices=["auto", "generate", "pooling"])
     _spec_flag(model, "--convert", choices=["auto", "embed", "classify", "reward"])
     _spec_flag(model, "--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")

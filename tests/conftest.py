@@ -261,8 +261,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
-    """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" and as
-    "tiny-tp2" (two tensor-parallel workers), all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka
+    """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
+    calls in hermes' format) and as "tiny-tp2" (two tensor-parallel workers, no tool-call parser), all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka
     dimensions, as "minilm-st", a random BERT cross-encoder "cross" and a 3-label BERT "classifier"."""
     from ray import serve
 
@@ -273,7 +273,8 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     port = _free_port()
     common = dict(model=model_dirs("llama"), chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32",
                   num_cpus=0.5, num_cpus_per_worker=0.5, **ENGINE)
-    specs = [ModelSpec(served_model_name="tiny", enable_prompt_tokens_details=True, **common),
+    specs = [ModelSpec(served_model_name="tiny", enable_prompt_tokens_details=True, enable_auto_tool_choice=True,
+                       tool_call_parser="hermes", **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
              ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),

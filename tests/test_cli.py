@@ -88,7 +88,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--num-cpus-per-worker", "2", "--generation-config", "vllm",
              "--override-generation-config", '{"top_k": 3}',
              "--max-logprobs", "-1", "--scheduling-policy", "priority",
-             "--structured-outputs-config", '{"disable_any_whitespace": true}']
+             "--structured-outputs-config", '{"disable_any_whitespace": true}',
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -101,6 +102,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
         ("vllm", {"top_k": 3}, -1)
     assert (config.scheduling_policy, config.structured_outputs_config) == \
         ("priority", {"disable_any_whitespace": True})
+    assert type(specs[1].tool_parser()).__name__ == "HermesToolParser"
     args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
     assert (args.allowed_origins, args.allowed_credentials) == (["https://a.example"], True)
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
@@ -108,10 +110,11 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
 
     monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))
     for bad in (["--max-num-batched-tokens", "0"], ["--block-size", "0"], ["--tensor-parallel-size", "0"],
-                ["--structured-outputs-config", '{"backend": "outlines"}']):
-        with pytest.raises(SystemExit, match=r"shardserve serve: error: .*(must be|is not available)"):
+                ["--structured-outputs-config", '{"backend": "outlines"}'], ["--enable-auto-tool-choice"]):
+        with pytest.raises(SystemExit, match=r"shardserve serve: error: .*(must be|is not available|requires)"):
             main(["serve", "a", *bad])
-    for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"]):
+    for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"],
+                ["--tool-call-parser", "mistral"]):
         with pytest.raises(SystemExit):  # argparse's own: not a JSON object / list, not a choice
             main(["serve", "a", *bad])
 

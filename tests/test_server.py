@@ -462,6 +462,33 @@ def test_forced_tool_calls_are_structured_outputs(client, offline):
     assert finish == "tool_calls"
 
 
+def test_auto_tool_calls_are_read_in_the_models_format(client, offline):
+    """tool_choice "auto" (here by default: the request has tools) on a server with --tool-call-parser hermes: the
+    answer's <tool_call> sections become tool_calls, the text before them the content, finish_reason
+    "tool_calls"; streamed, the content and the calls add up to the same. An answer without a call is content.
+    (A structured-output choice makes the random model write a call.)"""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+    written = "Let me look." + call
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=200, temperature=0, tools=TOOLS,
+                  extra_body={"structured_outputs": {"choice": [written]}})
+    got = client.chat.completions.create(**kwargs).choices[0]
+    assert got.message.content == "Let me look." and got.finish_reason == "tool_calls"
+    (tool_call,) = got.message.tool_calls
+    assert (tool_call.function.name, json.loads(tool_call.function.arguments)) == \
+        ("get_weather", {"city": "Paris", "unit": "C"})
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = {tc.index: tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []}
+    assert content == "Let me look." and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [(tc.function.name, tc.function.arguments) for tc in calls.values()] == \
+        [("get_weather", tool_call.function.arguments)]
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                           tools=TOOLS).choices[0]
+    expected = offline.chat(MESSAGES, greedy(max_tokens=8, skip_special_tokens=False), use_tqdm=False, tools=TOOLS)
+    assert plain.message.tool_calls is None and plain.finish_reason == "length"
+    assert plain.message.content == expected[0].outputs[0].text
+
+
 @pytest.mark.parametrize("body,message", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "'nope' has not been passed"),
     ({"tool_choice": "required"}, "`tools` must be set"),
@@ -476,12 +503,15 @@ def test_bad_tool_choices_are_refused(server, body, message):
 
 
 def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, client):
-    """Logits processors and tool choice change what a request may generate: a request asking for them gets a
-    400 naming the field, not an unconstrained answer. Their defaults still pass."""
-    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
-                   json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "tool_choice": "auto",
-                         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    """Logits processors, and "auto" tool choice where the model has no tool-call parser, change what a request
+    may generate or how it is read: a request asking for them gets a 400 naming the field, not an answer that
+    ignores them. Their defaults still pass."""
+    for auto in ({"tool_choice": "auto"}, {}):  # tools without a tool_choice: "auto" (OpenAI's default, as vLLM)
+        r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
+                       json={"model": "tiny-tp2", "messages": MESSAGES, "max_tokens": 2, **auto,
+                             "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+        assert "--enable-auto-tool-choice and --tool-call-parser" in r.json()["error"]["message"]
     r = httpx.post(f"{server}/v1/completions", headers=_headers(),
                    json={"model": "tiny", "prompt": "x", "max_tokens": 2, "logits_processors": ["my.Processor"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logits_processors"

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shardserve.engine.processor import TokenizationParams
 from shardserve.router.tool_calls import tool_choice_schema
@@ -194,16 +194,12 @@ class ChatCompletionRequest(SamplingRequest):
     echo: bool = False
     add_special_tokens: bool = False   # the chat template writes its own
 
-    def unsupported(self) -> str | None:
-        # Tools reach the chat template. "required" and named tool choices are structured outputs; "auto" needs
-        # a parser of the model's own tool-call format, which is not implemented.
-        if self.tool_choice == "auto":
-            return "tool_choice"
-        return super().unsupported()
-
-    @property
-    def forces_tool_call(self) -> bool:
-        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+    @model_validator(mode="after")
+    def _tools_default_to_auto(self):
+        """OpenAI's default, as vLLM: tools without a tool_choice leave the choice to the model."""
+        if self.tools and "tool_choice" not in self.model_fields_set:
+            self.tool_choice = "auto"
+        return self
 
     def structured(self) -> StructuredOutputsParams | None:
         """A forced tool call's JSON schema (`tool_calls.tool_choice_schema`), or the request's structured outputs.

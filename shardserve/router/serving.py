@@ -23,7 +23,7 @@ from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
-from shardserve.router.tool_calls import forced_tool_name, tool_call_id, tool_calls_from_text
+from shardserve.router.tool_calls import ChatAnswers, HermesToolParser
 from shardserve.sampling_params import SamplingParams
 
 
@@ -43,8 +43,7 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     name = req.unsupported()
     if name is not None:
-        raise APIError(f"{name} is not supported by this server (logits processors and tool-call parsing are not "
-                       f"implemented).", param=name)
+        raise APIError(f"{name} is not supported by this server.", param=name)
 
 
 def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
@@ -173,43 +172,14 @@ def _fields(fields: dict | None) -> str:
     return "".join(f', "{k}": {json.dumps(v)}' for k, v in fields.items()) if fields else ""
 
 
-def _chat_message(req: ChatCompletionRequest, text: str) -> dict:
-    """The answer as an assistant message; a forced tool call's as its tool calls (vLLM: content "", and no
-    tool_calls where the answer holds none, as when max_tokens cut it short)."""
-    if not req.forces_tool_call:
-        return {"role": "assistant", "content": text}
-    calls = tool_calls_from_text(req.tool_choice, text)
-    return {"role": "assistant", "content": "", **({"tool_calls": calls} if calls else {})}
-
-
-def _chat_finish_reason(req: ChatCompletionRequest, finish_reason: str | None) -> str | None:
-    """OpenAI's rule, as vLLM: "tool_calls" where "required" tool calls ended normally ("stop" for a named one)."""
-    return "tool_calls" if req.tool_choice == "required" and finish_reason == "stop" else finish_reason
-
-
-def _tool_call_delta(req: ChatCompletionRequest, c: CompletionOutput, d: _Delta) -> str:
-    """A forced tool call streamed: a named function's arguments as they come (its id and name first), a required
-    list's calls whole once the list is complete."""
-    name = forced_tool_name(req.tool_choice)
-    if name is not None:
-        call = {"index": 0, "function": {"arguments": d.text}}
-        if d.first:
-            call = {"index": 0, "id": tool_call_id(), "type": "function",
-                    "function": {"name": name, "arguments": d.text}}
-        return json.dumps({"tool_calls": [call]}) if d.text or d.first else "{}"
-    if c.finish_reason is None:
-        return "{}"
-    calls = [{"index": i, **call} for i, call in enumerate(tool_calls_from_text(req.tool_choice, c.text))]
-    return json.dumps({"tool_calls": calls}) if calls else "{}"
-
-
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
-                 prompt_tokens_details: bool = False):
+                 prompt_tokens_details: bool = False, tool_parser: HermesToolParser | None = None):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
         self.prompt_tokens_details = prompt_tokens_details
+        self.tool_parser = tool_parser  # reads "auto" tool calls (--enable-auto-tool-choice --tool-call-parser)
 
     def _max_tokens(self, max_tokens: int | None) -> int | None:
         """Online, vLLM refuses a max_tokens past the model's length (offline it runs to the length)."""
@@ -432,6 +402,12 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         _refuse_unsupported(req)
+        if req.tool_choice == "auto":
+            if self.tool_parser is None:
+                raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
+                               'set.', param="tool_choice")
+            req.skip_special_tokens = False  # a model's tool-call tags may be special tokens (vLLM's hermes rule)
+        answers = ChatAnswers(req.tool_choice, self.tool_parser)
         usage = _stream_usage(req)
         prompt = self.engine.processor.process_prompt(req.salted(self._chat_prompt(req, req.add_special_tokens)),
                                                       req.tokenization())
@@ -445,14 +421,18 @@ class OpenAIServing:
         meta = {"id": f"chatcmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
-            return self._chat_stream(req, first, rest, meta, prompt.token_ids, usage)
+            return self._chat_stream(req, answers, first, rest, meta, prompt.token_ids, usage)
         async for final in _chain(first, rest):
             pass
         as_ids = req.return_tokens_as_token_ids
-        choices = [{"index": c.index, "message": _chat_message(req, c.text),
-                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if req.logprobs else None,
-                    "finish_reason": _chat_finish_reason(req, c.finish_reason), "stop_reason": c.stop_reason,
-                    **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})} for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            message, called = answers.message(c.text)
+            choices.append({
+                "index": c.index, "message": message,
+                "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if req.logprobs else None,
+                "finish_reason": answers.finish_reason(c.finish_reason, called), "stop_reason": c.stop_reason,
+                **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})})
         body = {**meta, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
                                 self._cached([final]))}
@@ -471,7 +451,7 @@ class OpenAIServing:
             content.append({**item(token_id), "top_logprobs": [item(t) for t in list(entry)[:k]]})
         return {"content": content}
 
-    async def _chat_stream(self, req: ChatCompletionRequest, out: RequestOutput | None,
+    async def _chat_stream(self, req: ChatCompletionRequest, answers: ChatAnswers, out: RequestOutput | None,
                            rest: AsyncIterator[RequestOutput], meta: dict, prompt_token_ids: list[int],
                            usage: tuple[bool, bool]) -> AsyncIterator[str]:
         final_usage, continuous_usage = usage
@@ -491,12 +471,13 @@ class OpenAIServing:
                         continue
                     logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top, req.return_tokens_as_token_ids) \
                         if req.logprobs else None
-                    if req.forces_tool_call:
-                        delta = _tool_call_delta(req, c, d)
-                    else:
+                    finish_reason = c.finish_reason
+                    if answers.plain:
                         delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
-                    yield encoder.choice(c.index, "delta", delta, logprobs, _chat_finish_reason(req, c.finish_reason),
-                                         c.stop_reason,
+                    else:
+                        fields, called = answers.delta(c.index, c.text, d.text, d.first, finish_reason is not None)
+                        delta, finish_reason = json.dumps(fields), answers.finish_reason(finish_reason, called)
+                    yield encoder.choice(c.index, "delta", delta, logprobs, finish_reason, c.stop_reason,
                                          _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None,
                                          {"token_ids": d.token_ids} if ids else None)
                 last, out = out, await anext(rest, None)

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardserve.config import EngineConfig
+from shardserve.router.tool_calls import TOOL_CALL_PARSERS
 
 
 @dataclass
@@ -20,6 +21,8 @@ class ModelSpec:
     enable_prompt_embeds: bool = False
     chat_template: str | None = None
     enable_prompt_tokens_details: bool = False   # usage reports the prompt tokens the prefix cache served
+    enable_auto_tool_choice: bool = False        # chat's tool_choice "auto", read by tool_call_parser
+    tool_call_parser: str | None = None          # the model family's tool-call format (router/tool_calls.py)
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     runner: str = "auto"
     convert: str = "auto"
@@ -53,6 +56,15 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         self.engine_config()  # the engine's own checks, where the spec is made (the CLI, a Serve config)
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got "
+                             f"{self.tool_call_parser!r}.")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice requires tool_call_parser (--tool-call-parser).")
+
+    def tool_parser(self):
+        """The parser of "auto" tool calls, where they are enabled."""
+        return TOOL_CALL_PARSERS[self.tool_call_parser]() if self.enable_auto_tool_choice else None
 
     @property
     def name(self) -> str:

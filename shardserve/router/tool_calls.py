@@ -1,14 +1,19 @@
-"""Forced tool calls (OpenAI's `tool_choice` "required" or a named function), as vLLM makes them: structured
-outputs hold the model to JSON of the tool's parameters (named) or to a list of {"name", "parameters"} objects
-(required), and the answer's text becomes the message's `tool_calls`.
+"""Tool calls in chat answers, as vLLM makes them.
 
-"auto" (the model decides whether to call a tool, in its own format) needs a tool-call parser per model family,
-which is not implemented: it is refused, as vLLM refuses it without --tool-call-parser.
+Forced (OpenAI's `tool_choice` "required" or a named function): structured outputs hold the model to JSON of
+the tool's parameters (named) or to a list of {"name", "parameters"} objects (required), and the answer's text
+becomes the message's `tool_calls`.
+
+"auto" (the model decides whether to call a tool, in its own format): a tool-call parser of the model family's
+format reads the calls out of the answer (`--enable-auto-tool-choice --tool-call-parser NAME`). Without one,
+"auto" is refused, as vLLM refuses it.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -79,3 +84,107 @@ def tool_calls_from_text(tool_choice, text: str) -> list[dict[str, Any]]:
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
     return {"id": tool_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# auto: parsers of the models' own formats ---------------------------------------------------------------------
+
+class HermesToolParser:
+    """Hermes 2 Pro's format, which Qwen2.5 / Qwen3 and many fine-tunes share: each call is
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the answer's text before the first one is its
+    content. A call cut short (no closing tag) still counts when its JSON is whole."""
+    start, end = "<tool_call>", "</tool_call>"
+    _calls = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of a whole answer; an answer whose calls do not parse is all content."""
+        if self.start not in text:
+            return text, []
+        try:
+            calls = [json.loads(closed or open_) for closed, open_ in self._calls.findall(text)]
+            calls = [_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
+        except (ValueError, KeyError, TypeError):
+            return text, []
+        return text[:text.index(self.start)] or None, calls
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(self)
+
+
+@dataclass
+class ToolCallStream:
+    """One streamed choice read through a parser: the content as it comes (holding back what may be the start of
+    a call's tag), and each call whole once its closing tag arrives (or, at the end, once its JSON is whole).
+    Joined, the deltas say what `parse` says of the whole answer."""
+    parser: HermesToolParser
+    content_sent: int = 0      # characters of content sent
+    calls_sent: int = 0
+
+    def advance(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]]]:
+        """(new content, new calls with their index) for the answer so far."""
+        tag, close = self.parser.start, self.parser.end
+        first = text.find(tag)
+        if first < 0:
+            held = 0 if finished else next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+            return self._content(text, len(text) - held), []
+        closed = text[:text.rfind(close) + len(close)] if close in text[first:] else ""
+        _, calls = self.parser.parse(text if finished else closed) if finished or closed else (None, [])
+        if finished and not calls and not self.calls_sent:  # calls that do not parse: the answer is all content
+            return self._content(text, len(text)), []
+        new = [{"index": i, **call} for i, call in enumerate(calls) if i >= self.calls_sent]
+        self.calls_sent = max(self.calls_sent, len(calls))
+        return self._content(text, first), new
+
+    def _content(self, text: str, end: int) -> str:
+        content = text[self.content_sent:end]
+        self.content_sent = max(self.content_sent, end)
+        return content
+
+
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser}
+
+
+class ChatAnswers:
+    """A chat request's answers as assistant messages: the text as content, or its tool calls (forced: the JSON
+    the schema held the answer to; "auto": what the server's parser reads out of it). Streamed, one state per
+    choice."""
+
+    def __init__(self, tool_choice, parser: HermesToolParser | None):
+        self.tool_choice = tool_choice
+        self.named = forced_tool_name(tool_choice)
+        self.parser = parser if tool_choice == "auto" else None
+        self.plain = self.named is None and tool_choice != "required" and self.parser is None
+        self._streams: dict[int, ToolCallStream] = {}
+
+    def message(self, text: str) -> tuple[dict[str, Any], bool]:
+        """(the message, whether it calls tools). A forced call's content is "" (vLLM); auto's is the text before
+        the calls (None if there is none), or all of it where there are no calls."""
+        if self.plain:
+            return {"role": "assistant", "content": text}, False
+        content, calls = self.parser.parse(text) if self.parser else ("", tool_calls_from_text(self.tool_choice, text))
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}, bool(calls)
+
+    def finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
+        """OpenAI's rule, as vLLM: "tool_calls" where auto found calls, or "required" calls ended normally;
+        "stop" for a named call."""
+        if finish_reason is not None and ((self.parser and called) or
+                                          (self.tool_choice == "required" and finish_reason == "stop")):
+            return "tool_calls"
+        return finish_reason
+
+    def delta(self, index: int, text: str, new_text: str, first: bool, finished: bool) -> tuple[dict, bool]:
+        """A streamed choice's delta for its answer so far (`new_text` the part not yet seen), and whether the
+        choice has called tools so far. A named call streams its arguments as they come (its id and name first);
+        a required list's calls come whole once the list is; auto's content as it comes, each call whole."""
+        if self.named is not None:
+            call = {"index": 0, "function": {"arguments": new_text}}
+            if first:
+                call = {"index": 0, "id": tool_call_id(), "type": "function",
+                        "function": {"name": self.named, "arguments": new_text}}
+            return ({"tool_calls": [call]} if new_text or first else {}), True
+        if self.parser is None:  # required
+            calls = tool_calls_from_text(self.tool_choice, text) if finished else []
+            return ({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {}), bool(calls)
+        stream = self._streams.setdefault(index, self.parser.stream())
+        content, calls = stream.advance(text, finished)
+        return {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}, \
+            stream.calls_sent > 0

@@ -1,0 +1,65 @@
+"""Reading tool calls out of chat answers: the hermes parser (vLLM's --tool-call-parser hermes), whole and
+streamed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shardserve.router.tool_calls import ChatAnswers, HermesToolParser
+
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TIME = '{"name": "get_time", "arguments": {"zone": "UTC", "note": "caf\u00e9"}}'
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ("Just text.", "Just text.", []),
+    (f"Checking.<tool_call>\n{WEATHER}\n</tool_call>", "Checking.", [WEATHER]),
+    (f"<tool_call>{WEATHER}</tool_call>\n<tool_call>{TIME}</tool_call>", None, [WEATHER, TIME]),
+    (f"<tool_call>{WEATHER}</tool_call><tool_call>{TIME}", None, [WEATHER, TIME]),  # the last one cut short
+    ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),   # unreadable: all content
+    ('<tool_call>{"name": "f"}</tool_call>', '<tool_call>{"name": "f"}</tool_call>', []),  # no arguments
+    ("a < b, and <tool", "a < b, and <tool", []),
+])
+def test_hermes_answers_whole_and_streamed(text, content, calls):
+    """The whole answer as vLLM's hermes parser reads it (arguments as JSON text, non-ASCII kept); and the same
+    answer streamed in pieces of every size: the content and calls of the deltas add up to the whole answer's,
+    no content is sent that turns out to be a tag, and each call is sent once."""
+    parser = HermesToolParser()
+    got_content, got_calls = parser.parse(text)
+    expected = [json.loads(c) for c in calls]
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == \
+        [(c["name"], c["arguments"]) for c in expected]
+    assert all(c["type"] == "function" and c["id"].startswith("chatcmpl-tool-") for c in got_calls)
+    if TIME in calls:  # as vLLM: arguments written with ensure_ascii=False
+        assert '"café"' in got_calls[-1]["function"]["arguments"]
+    for step in range(1, 8):
+        stream, streamed, sent = parser.stream(), "", []
+        for end in list(range(step, len(text), step)) + [len(text)]:
+            piece, new = stream.advance(text[:end], finished=end == len(text))
+            streamed += piece
+            sent += new
+        assert streamed == (content or "")
+        assert [c["index"] for c in sent] == list(range(len(calls)))
+        assert [c["function"] for c in sent] == [c["function"] for c in got_calls]
+
+
+def test_answers_by_tool_choice():
+    """How each tool_choice turns an answer into a message and a finish reason (OpenAI's rules, as vLLM)."""
+    text = f"<tool_call>{WEATHER}</tool_call>"
+    plain = ChatAnswers(None, None)
+    assert plain.plain and plain.message(text) == ({"role": "assistant", "content": text}, False)
+    auto = ChatAnswers("auto", HermesToolParser())
+    message, called = auto.message(text)
+    assert called and message["content"] is None and message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert auto.finish_reason("stop", True) == "tool_calls" and auto.finish_reason("length", False) == "length"
+    named = ChatAnswers({"type": "function", "function": {"name": "get_weather"}}, None)
+    message, called = named.message('{"city": "Paris"}')
+    assert message["content"] == "" and message["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+    assert named.finish_reason("stop", called) == "stop"
+    required = ChatAnswers("required", None)
+    message, called = required.message(f"[{json.dumps({'name': 'f', 'parameters': {'x': 1}})}]")
+    assert message["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert required.finish_reason("stop", called) == "tool_calls"
+    assert required.message("[{") == ({"role": "assistant", "content": ""}, False)  # cut short: no calls
