@@ -262,8 +262,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
-    calls in hermes' format) and as "tiny-tp2" (two tensor-parallel workers, no tool-call parser), all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka
-    dimensions, as "minilm-st", a random BERT cross-encoder "cross" and a 3-label BERT "classifier"."""
+    calls in hermes' format) and as "tiny-tp2" (two tensor-parallel workers, no tool-call parser),
+    all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka dimensions, as "minilm-st", a random BERT
+    cross-encoder "cross" and a 3-label BERT "classifier"."""
     from ray import serve
 
     from shardserve.models.source import default_embedding_model
