@@ -134,6 +134,43 @@ def run(engine: str, model: str) -> dict:
             results[name] = generate(prompt, params, extra)
         except Exception as e:  # noqa: BLE001 - a refusal is an answer too
             results[name] = {"error": str(e).splitlines()[0][:200]}
+    return results | parse_tool_calls(engine, model)
+
+
+# Answers as models write tool calls, for each engine's parsers of them (--tool-call-parser).
+_CALL = '{"name": "get_weather", "%s": {"city": "Paris"}}'
+_CALL_2 = '{"name": "get_time", "arguments": {"zone": "UTC", "note": "caf\u00e9"}}'
+TOOL_CALL_ANSWERS = {
+    "hermes": ["Just text.", f"Checking.<tool_call>\n{_CALL % 'arguments'}\n</tool_call>",
+               f"<tool_call>{_CALL % 'arguments'}</tool_call>\n<tool_call>{_CALL_2}</tool_call>",
+               f"<tool_call>{_CALL % 'arguments'}</tool_call><tool_call>{_CALL_2}", "<tool_call>{not json}</tool_call>",
+               '<tool_call>{"name": "f"}</tool_call>', "a < b, and <tool"],
+    "llama3_json": ["Just text.", _CALL % "parameters", f"<|python_tag|>{_CALL % 'parameters'}; {_CALL_2}",
+                    f" {_CALL % 'parameters'}", '{"name": "f"}', "{not json", "<|python",
+                    f"Sure: {_CALL % 'parameters'}", f"{_CALL % 'parameters'}{_CALL_2}",
+                    f"{_CALL % 'parameters'} and then"]}
+
+
+def parse_tool_calls(engine: str, model: str) -> dict:
+    """Each answer of TOOL_CALL_ANSWERS read by the engine's parser of its format: content and (name, arguments)."""
+    results = {}
+    if engine == "vllm":  # its parsers want their tags in the vocabulary (ours read text only)
+        from transformers import AutoTokenizer
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.tool_parsers import ToolParserManager
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|python_tag|>", "<tool_call>", "</tool_call>"]})
+        request = ChatCompletionRequest(model="x", messages=[{"role": "user", "content": "hi"}])
+    for kind, answers in TOOL_CALL_ANSWERS.items():
+        for i, text in enumerate(answers):
+            if engine == "vllm":
+                read = ToolParserManager.get_tool_parser(kind)(tokenizer).extract_tool_calls(text, request)
+                content, calls = read.content, [(c.function.name, c.function.arguments) for c in read.tool_calls]
+            else:
+                from shardserve.router.tool_calls import TOOL_CALL_PARSERS
+                content, read = TOOL_CALL_PARSERS[kind]().parse(text)
+                calls = [(c["function"]["name"], c["function"]["arguments"]) for c in read]
+            results[f"tool calls, {kind} #{i}"] = {"content": content, "calls": [list(c) for c in calls]}
     return results
 
 

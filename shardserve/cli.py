@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "in its own format, which --tool-call-parser reads into tool_calls")
     _spec_flag(model, "--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
                help="the model family's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
-                    "Qwen3, ...)")
+                    "Qwen3, ...), llama3_json / llama4_json (JSON objects with name and parameters: Llama 3.x, 4)")
     _spec_flag(model, "--runner", choices=["auto", "generate", "pooling"])
     _spec_flag(model, "--convert", choices=["auto", "embed", "classify", "reward"])
     _spec_flag(model, "--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")

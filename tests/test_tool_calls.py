@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shardserve.router.tool_calls import ChatAnswers, HermesToolParser
+from shardserve.router.tool_calls import ChatAnswers, HermesToolParser, Llama3JsonToolParser
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 TIME = '{"name": "get_time", "arguments": {"zone": "UTC", "note": "caf\u00e9"}}'
@@ -43,6 +43,42 @@ def test_hermes_answers_whole_and_streamed(text, content, calls):
         assert streamed == (content or "")
         assert [c["index"] for c in sent] == list(range(len(calls)))
         assert [c["function"] for c in sent] == [c["function"] for c in got_calls]
+
+
+LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ("Just text.", "Just text.", []),
+    (LLAMA_WEATHER, None, [WEATHER]),
+    (f"<|python_tag|>{LLAMA_WEATHER}; {TIME}", None, [WEATHER, TIME]),   # "arguments" is read too
+    (f" {LLAMA_WEATHER}", None, [WEATHER]),
+    ('{"name": "f"}', '{"name": "f"}', []),                 # an object that is no call: all content
+    ("{not json", "{not json", []),
+    ("<|python", "<|python", []),
+])
+def test_llama3_json_answers_whole_and_streamed(text, content, calls):
+    """vLLM's llama3_json: calls are the whole answer (content None), each object {"name", "parameters"}; an
+    answer with an object that is not a call is content. Streamed in pieces of every size, the answer's first
+    characters decide: a call is sent whole at the end, anything else as content as it comes."""
+    parser = Llama3JsonToolParser()
+    got_content, got_calls = parser.parse(text)
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == \
+        [(json.loads(c)["name"], json.loads(c)["arguments"]) for c in calls]
+    for step in range(1, 8):
+        stream, streamed, sent = parser.stream(), "", []
+        for end in list(range(step, len(text), step)) + [len(text)]:
+            piece, new = stream.advance(text[:end], finished=end == len(text))
+            streamed += piece
+            sent += new
+            assert not new or end == len(text)  # calls only once the answer is whole
+        assert streamed == (content or "") and [c["function"] for c in sent] == [c["function"] for c in got_calls]
+    # vLLM's rule: text before a call, whole, drops the text; streamed, an answer that starts as text stays text
+    assert parser.parse(f"Sure: {LLAMA_WEATHER}")[0] is None
+    stream = parser.stream()
+    assert stream.advance("Sure: ", False) == ("Sure: ", [])
+    assert stream.advance(f"Sure: {LLAMA_WEATHER}", True) == (LLAMA_WEATHER, [])
 
 
 def test_answers_by_tool_choice():

@@ -23,7 +23,7 @@ from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
-from shardserve.router.tool_calls import ChatAnswers, HermesToolParser
+from shardserve.router.tool_calls import ChatAnswers, ToolCallParser
 from shardserve.sampling_params import SamplingParams
 
 
@@ -174,7 +174,7 @@ def _fields(fields: dict | None) -> str:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
-                 prompt_tokens_details: bool = False, tool_parser: HermesToolParser | None = None):
+                 prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template

@@ -106,12 +106,12 @@ class HermesToolParser:
             return text, []
         return text[:text.index(self.start)] or None, calls
 
-    def stream(self) -> ToolCallStream:
-        return ToolCallStream(self)
+    def stream(self) -> HermesStream:
+        return HermesStream(self)
 
 
 @dataclass
-class ToolCallStream:
+class HermesStream:
     """One streamed choice read through a parser: the content as it comes (holding back what may be the start of
     a call's tag), and each call whole once its closing tag arrives (or, at the end, once its JSON is whole).
     Joined, the deltas say what `parse` says of the whole answer."""
@@ -140,7 +140,60 @@ class ToolCallStream:
         return content
 
 
-TOOL_CALL_PARSERS = {"hermes": HermesToolParser}
+class Llama3JsonToolParser:
+    """Llama 3.x's JSON calls (vLLM's llama3_json / llama4_json): one object per call, {"name": ...,
+    "parameters": {...}} ("arguments" is read too), ";" between them, perhaps after <|python_tag|>. Whole, as
+    vLLM: every JSON object the answer holds must be a call, and then none of the text is content. Streamed, as
+    vLLM: an answer that starts with a call (or the tag) is read when it ends; any other streams as content."""
+    tag = "<|python_tag|>"
+    _objects = re.compile(r"\{")
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        if self.tag not in text and "{" not in text:
+            return text, []
+        calls, end, decoder = [], -1, json.JSONDecoder()
+        for match in self._objects.finditer(text):
+            if match.start() <= end:  # inside an object already read
+                continue
+            try:
+                call, length = decoder.raw_decode(text, match.start())
+                arguments = call["arguments"] if "arguments" in call else call["parameters"]
+                calls.append(_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
+            except (ValueError, KeyError, TypeError):
+                return text, []
+            end = length
+        return (None, calls) if calls else (text, [])
+
+    def stream(self) -> WholeAnswerStream:
+        return WholeAnswerStream(self)
+
+
+@dataclass
+class WholeAnswerStream:
+    """A streamed choice whose calls are the whole answer (llama3_json): its first characters decide whether it
+    is a call, read when the answer ends, or content, streamed as it comes."""
+    parser: Llama3JsonToolParser
+    content_sent: int = 0
+    calls_sent: int = 0
+    is_call: bool | None = None   # undecided while the answer may still begin with the tag
+
+    def advance(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]]]:
+        head, tag = text.lstrip(), self.parser.tag
+        if self.is_call is None and head and not (len(head) < len(tag) and tag.startswith(head)):
+            self.is_call = head.startswith(("{", tag))
+        if not finished and self.is_call is not False:  # undecided, or a call not yet whole
+            return "", []
+        calls = self.parser.parse(text)[1] if self.is_call else []
+        if calls:
+            self.calls_sent = len(calls)
+            return "", [{"index": i, **call} for i, call in enumerate(calls)]
+        content, self.content_sent = text[self.content_sent:], len(text)
+        return content, []
+
+
+ToolCallParser = HermesToolParser | Llama3JsonToolParser
+TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {
+    "hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "llama4_json": Llama3JsonToolParser}
 
 
 class ChatAnswers:
@@ -148,12 +201,12 @@ class ChatAnswers:
     the schema held the answer to; "auto": what the server's parser reads out of it). Streamed, one state per
     choice."""
 
-    def __init__(self, tool_choice, parser: HermesToolParser | None):
+    def __init__(self, tool_choice, parser: ToolCallParser | None):
         self.tool_choice = tool_choice
         self.named = forced_tool_name(tool_choice)
         self.parser = parser if tool_choice == "auto" else None
         self.plain = self.named is None and tool_choice != "required" and self.parser is None
-        self._streams: dict[int, ToolCallStream] = {}
+        self._streams: dict[int, HermesStream | WholeAnswerStream] = {}
 
     def message(self, text: str) -> tuple[dict[str, Any], bool]:
         """(the message, whether it calls tools). A forced call's content is "" (vLLM); auto's is the text before
