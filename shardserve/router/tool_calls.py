@@ -112,8 +112,8 @@ class HermesToolParser:
 
 @dataclass
 class HermesStream:
-    """One streamed choice read through a parser: the content as it comes (holding back what may be the start of
-    a call's tag), and each call whole once its closing tag arrives (or, at the end, once its JSON is whole).
+    """A streamed choice in hermes' format: the content as it comes (holding back what may be the start of a
+    call's tag), and each call whole once its closing tag arrives (or, at the end, once its JSON is whole).
     Joined, the deltas say what `parse` says of the whole answer."""
     parser: HermesToolParser
     content_sent: int = 0      # characters of content sent
@@ -156,12 +156,11 @@ class Llama3JsonToolParser:
             if match.start() <= end:  # inside an object already read
                 continue
             try:
-                call, length = decoder.raw_decode(text, match.start())
+                call, end = decoder.raw_decode(text, match.start())  # `end`: where the object ends in `text`
                 arguments = call["arguments"] if "arguments" in call else call["parameters"]
                 calls.append(_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
             except (ValueError, KeyError, TypeError):
                 return text, []
-            end = length
         return (None, calls) if calls else (text, [])
 
     def stream(self) -> WholeAnswerStream:
