@@ -30,11 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from throughput import cpu_busy  # same directory
+from throughput import RESULT_TAG, cpu_busy, finish_worker, worker_error  # same directory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(tempfile.gettempdir()) / "shardserve-bench"
-RESULT_TAG = "BENCH_RESULT "
 PEERS = ("shardserve", "sentence-transformers")
 SET_WORDS = {"short": lambda rng: rng.randint(4, 16),
              "mixed": lambda rng: round(math.exp(rng.uniform(math.log(4), math.log(320)))),
@@ -91,9 +90,8 @@ def worker(a: argparse.Namespace) -> None:
         res = {"sentences": len(timed), "seconds": min(times), "sent_s": len(timed) / min(times),
                "all_seconds": [round(t, 2) for t in times]}
     except Exception as e:  # report and let the parent go on
-        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-    print(RESULT_TAG + json.dumps(res), flush=True)
-    sys.exit(1 if "error" in res else 0)
+        res = worker_error(e)
+    finish_worker(res)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -24,12 +24,12 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import CACHE_DIR, REPO_ROOT, RESULT_TAG  # noqa: E402  (one place for the shared constants)
+from throughput import (CACHE_DIR, REPO_ROOT, RESULT_TAG, finish_worker, save_model_dir,  # noqa: E402
+                        worker_error)
 
 SHAPES = {
     "qwen3-0.6b": ("Qwen3Config", dict(
@@ -68,12 +68,7 @@ def build_model(shape: str, dtype: str) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                      pad_token="<unk>")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # written aside, then renamed: no half-built cache
-    model.save_pretrained(tmp)
-    hf_tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return save_model_dir(out, model, hf_tok)
 
 
 def random_prompts(vocab: int, count: int, lens: list[int] | int, seed: int) -> list[list[int]]:
@@ -217,9 +212,8 @@ def worker_main(a) -> None:
     try:
         res = WORKERS[a.worker](a)
     except Exception as e:  # report and let the driver go on with the next measurement
-        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-    print(RESULT_TAG + json.dumps(res), flush=True)
-    sys.exit(1 if "error" in res else 0)
+        res = worker_error(e)
+    finish_worker(res)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, chosen_model, chosen_peers,  # noqa: E402
-                        cpu_busy, make_prompts, run_worker)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, chosen_model, chosen_peers, cpu_busy,  # noqa: E402
+                        finish_worker, make_prompts, run_worker, worker_error)
 
 PEERS = ("shardserve", "vllm")
 POLICIES = ("fcfs", "priority")
@@ -88,9 +88,8 @@ def worker(a: argparse.Namespace) -> None:
         res = serve_backlog(llm.llm_engine, make_prompt, params, work[:a.background], work[a.background:],
                             a.policy, a.max_num_seqs)
     except Exception as e:  # report and let the parent go on
-        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-    print(RESULT_TAG + json.dumps(res), flush=True)
-    sys.exit(1 if "error" in res else 0)
+        res = worker_error(e)
+    finish_worker(res)
 
 
 def run(peer: str, policy: str, a: argparse.Namespace, prompts_file: Path) -> dict:

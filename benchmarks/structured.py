@@ -18,13 +18,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, RESULT_TAG, chosen_peers, cpu_busy,  # noqa: E402
-                        make_prompts, run_worker)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, chosen_peers, cpu_busy, finish_worker,  # noqa: E402
+                        make_prompts, run_worker, save_model_dir, worker_error)
 
 PEERS = ("shardserve", "vllm")
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -46,12 +45,7 @@ def build_model(preset: str) -> Path:
                eos_token_id=tokenizer.eos_token_id) | PRESETS[preset] | {"vocab_size": len(tokenizer)}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # written aside, then renamed: no half-built cache
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return save_model_dir(out, model, tokenizer)
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -76,9 +70,8 @@ def worker(a: argparse.Namespace) -> None:
             res[mode] = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
                          "texts": [o.outputs[0].text for o in outs[:2]]}
     except Exception as e:  # report and let the parent go on
-        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-    print(RESULT_TAG + json.dumps(res), flush=True)
-    sys.exit(1 if "error" in res else 0)
+        res = worker_error(e)
+    finish_worker(res)
 
 
 def run(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:

@@ -75,12 +75,7 @@ def build_model(preset: str) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                      eos_token="</s>", pad_token="<unk>")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)  # build_model is the first user in serve.py too
-    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))  # written aside, then renamed: no half-built cache
-    model.save_pretrained(tmp)
-    hf_tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return save_model_dir(out, model, hf_tok)
 
 
 def chosen_peers(p: argparse.ArgumentParser, a: argparse.Namespace, known: tuple[str, ...]) -> list[str]:
@@ -183,6 +178,28 @@ def run_transformers(a: argparse.Namespace):
     return generate
 
 
+def worker_error(e: BaseException) -> dict:
+    """A worker's failure as its result: the parent reports it and goes on with the next peer."""
+    return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+
+
+def finish_worker(res: dict) -> None:
+    """Print the worker's one RESULT_TAG + JSON line, which the parent (`run_worker`) reads, and exit."""
+    print(RESULT_TAG + json.dumps(res), flush=True)
+    sys.exit(1 if "error" in res else 0)
+
+
+def save_model_dir(out: Path, model, tokenizer) -> Path:
+    """Save a model and its tokenizer as the cached directory `out`: written aside, then renamed, so a run that
+    dies half-way leaves no half-built cache."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
 def worker(a: argparse.Namespace) -> None:
     """Runs inside the peer's subprocess; prints one RESULT_TAG + JSON line."""
     try:
@@ -200,9 +217,8 @@ def worker(a: argparse.Namespace) -> None:
         res = {"output_tokens": n, "seconds": min(times), "tok_s": n / min(times),
                "all_seconds": [round(t, 3) for t in times]}
     except Exception as e:  # report and let the parent continue with the next peer
-        res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-    print(RESULT_TAG + json.dumps(res), flush=True)
-    sys.exit(1 if "error" in res else 0)
+        res = worker_error(e)
+    finish_worker(res)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -12,6 +12,17 @@ WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 TIME = '{"name": "get_time", "arguments": {"zone": "UTC", "note": "caf\u00e9"}}'
 
 
+def _streamed(parser, text: str, step: int) -> tuple[str, list[tuple[int, dict]]]:
+    """`text` streamed through the parser `step` characters at a time: the content sent, and each call sent with
+    the length of the answer when it was."""
+    stream, streamed, sent = parser.stream(), "", []
+    for end in list(range(step, len(text), step)) + [len(text)]:
+        piece, new = stream.advance(text[:end], finished=end == len(text))
+        streamed += piece
+        sent += [(end, call) for call in new]
+    return streamed, sent
+
+
 @pytest.mark.parametrize("text,content,calls", [
     ("Just text.", "Just text.", []),
     (f"Checking.<tool_call>\n{WEATHER}\n</tool_call>", "Checking.", [WEATHER]),
@@ -35,14 +46,10 @@ def test_hermes_answers_whole_and_streamed(text, content, calls):
     if TIME in calls:  # as vLLM: arguments written with ensure_ascii=False
         assert '"café"' in got_calls[-1]["function"]["arguments"]
     for step in range(1, 8):
-        stream, streamed, sent = parser.stream(), "", []
-        for end in list(range(step, len(text), step)) + [len(text)]:
-            piece, new = stream.advance(text[:end], finished=end == len(text))
-            streamed += piece
-            sent += new
+        streamed, sent = _streamed(parser, text, step)
         assert streamed == (content or "")
-        assert [c["index"] for c in sent] == list(range(len(calls)))
-        assert [c["function"] for c in sent] == [c["function"] for c in got_calls]
+        assert [c["index"] for _, c in sent] == list(range(len(calls)))
+        assert [c["function"] for _, c in sent] == [c["function"] for c in got_calls]
 
 
 LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
@@ -67,13 +74,9 @@ def test_llama3_json_answers_whole_and_streamed(text, content, calls):
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == \
         [(json.loads(c)["name"], json.loads(c)["arguments"]) for c in calls]
     for step in range(1, 8):
-        stream, streamed, sent = parser.stream(), "", []
-        for end in list(range(step, len(text), step)) + [len(text)]:
-            piece, new = stream.advance(text[:end], finished=end == len(text))
-            streamed += piece
-            sent += new
-            assert not new or end == len(text)  # calls only once the answer is whole
-        assert streamed == (content or "") and [c["function"] for c in sent] == [c["function"] for c in got_calls]
+        streamed, sent = _streamed(parser, text, step)
+        assert all(end == len(text) for end, _ in sent)  # calls only once the answer is whole
+        assert streamed == (content or "") and [c["function"] for _, c in sent] == [c["function"] for c in got_calls]
     # vLLM's rule: text before a call, whole, drops the text; streamed, an answer that starts as text stays text
     assert parser.parse(f"Sure: {LLAMA_WEATHER}")[0] is None
     stream = parser.stream()

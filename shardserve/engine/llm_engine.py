@@ -313,7 +313,7 @@ class LLMEngine:
             stop_str = parent.detokenizers[req.request_id].append(
                 token_id, check_stop=req.num_output_tokens > params.min_tokens)
         status = None
-        if not accept_token(req, token_id):
+        if req.grammar is not None and not accept_token(req, token_id):
             status = RequestStatus.FINISHED_ABORTED
         elif stop_str is not None:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str

@@ -131,10 +131,10 @@ class StructuredOutputCompiler:
 
 
 def accept_token(request, token_id: int) -> bool:
-    """Advance the request's grammar by its sampled token; False if the grammar refuses it (never expected:
-    the step's mask allowed only tokens it accepts)."""
+    """Advance a constrained request's grammar by its sampled token; False if the grammar refuses it (never
+    expected: the step's mask allowed only tokens it accepts)."""
     grammar = request.grammar
-    if grammar is None or grammar.is_terminated():
+    if grammar.is_terminated():
         return True
     if grammar.accept_token(token_id):
         return True
