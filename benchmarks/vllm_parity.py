@@ -95,10 +95,16 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
               ("models", "permission[0].id", "a permission id of its own"),
               ("error", "error.message", "errors in words of our own (vLLM adds the parameter and value)"),
               ("error", "error.param", "not done: vLLM names the parameter of more errors"),
-              ("error", "error.type", 'vLLM says "Bad Request" for a body that is not JSON or fails its schema')]
+              ("error", "error.type", 'vLLM says "Bad Request" for a body that is not JSON or fails its schema'),
+              ("reasoning, deepseek_r1 #5", "whole[0]", "a whole answer reads as its stream does: text before a late "
+               "<think> stays thinking (vLLM's stream keeps it too; its whole answer drops it)"),
+              ("reasoning, deepseek_r1 #6", "streamed[1]", "a stream reads as its whole answer does: a repeated "
+               "</think> stays in R1's answer (vLLM's whole answer keeps it too; its stream drops it)"),
+              ("reasoning, qwen3 without thinking", "whole[1]", "Qwen3's answer never carries a stray </think>, "
+               "streamed or whole (vLLM's stream drops it too; its whole answer without thinking keeps it)")]
 
 
-def run(engine: str, model: str) -> dict:
+def run(engine: str, model: str, thinking: str) -> dict:
     mod = importlib.import_module(engine)
     tokens_prompt = importlib.import_module(f"{engine}.inputs").TokensPrompt
     beam_params = getattr(mod, "BeamSearchParams", None) or importlib.import_module(
@@ -134,7 +140,35 @@ def run(engine: str, model: str) -> dict:
             results[name] = generate(prompt, params, extra)
         except Exception as e:  # noqa: BLE001 - a refusal is an answer too
             results[name] = {"error": str(e).splitlines()[0][:200]}
-    return results | parse_tool_calls(engine, model)
+    if {"<think>", "</think>"} <= set(llm.get_tokenizer().get_vocab()):  # a reasoning model's vocabulary
+        del llm
+        results |= reasoning_gate(engine, mod, model)
+    return results | parse_tool_calls(engine, model) | parse_reasoning(engine, thinking)
+
+
+def reasoning_gate(engine: str, mod, model: str) -> dict:
+    """Structured outputs under --reasoning-parser deepseek_r1: free while the model thinks, the grammar after
+    </think> (in the prompt, or generated: a logit bias makes the model write it)."""
+    import gc
+    gc.collect()
+    kwargs = dict(dtype="float32", max_model_len=128, seed=0, reasoning_parser="deepseek_r1")
+    if engine == "vllm":
+        kwargs["kv_cache_memory_bytes"] = 1 << 28
+    llm = mod.LLM(model=model, **kwargs)
+    so = getattr(mod, "StructuredOutputsParams", None) or importlib.import_module(
+        f"{engine}.sampling_params").StructuredOutputsParams
+    start, end = llm.get_tokenizer().convert_tokens_to_ids(["<think>", "</think>"])
+    tokens_prompt = importlib.import_module(f"{engine}.inputs").TokensPrompt
+    results = {}
+    for name, prompt, bias in [("thinking", PROMPT, {}), ("thinking after <think>", PROMPT + [start], {}),
+                               ("thinking ended in the prompt", PROMPT + [start, end], {}),
+                               ("thinking ended by the model", PROMPT + [start], {end: 30.0})]:
+        params = mod.SamplingParams(temperature=0.0, max_tokens=24, logit_bias=bias,
+                                    structured_outputs=so(**STRUCTURED["regex"]))
+        out = llm.generate([tokens_prompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0].outputs[0]
+        results[f"reasoning gate, {name}"] = {"token_ids": list(out.token_ids), "text": out.text,
+                                              "finish_reason": out.finish_reason}
+    return results
 
 
 # Answers as models write tool calls, for each engine's parsers of them (--tool-call-parser).
@@ -171,6 +205,68 @@ def parse_tool_calls(engine: str, model: str) -> dict:
                 content, read = TOOL_CALL_PARSERS[kind]().parse(text)
                 calls = [(c["function"]["name"], c["function"]["arguments"]) for c in read]
             results[f"tool calls, {kind} #{i}"] = {"content": content, "calls": [list(c) for c in calls]}
+    return results
+
+
+# Answers as reasoning models write them, for each engine's parsers of them (--reasoning-parser), whole and streamed
+# a token at a time; qwen3 also with chat_template_kwargs enable_thinking false.
+REASONING_ANSWERS = ["plain answer", "<think>step</think>answer", "step</think>answer", "step</think>", "<think>step",
+                     "a<think>b</think>c", "x</think>y</think>z", "think<tool_call>{}</tool_call>",
+                     "\n\nans</think>\n\nc", "caf\u00e9 \u4f60\u597d</think> ok"]
+REASONING_PARSERS = {"deepseek_r1": {}, "qwen3": {}, "qwen3 without thinking": {"enable_thinking": False}}
+
+
+def thinking_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer with a reasoning model's tags as (non-special) tokens, saved for both engines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(REASONING_ANSWERS * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
+    fast.save_pretrained(path)
+
+
+def parse_reasoning(engine: str, tokenizer_dir: str) -> dict:
+    """Each answer of REASONING_ANSWERS read by the engine's reasoning parsers: (reasoning, content) of the whole
+    answer, and of its stream (the deltas joined)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if engine == "vllm":
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.reasoning import ReasoningParserManager
+        request = ChatCompletionRequest(model="x", messages=[{"role": "user", "content": "hi"}])
+    else:
+        from shardserve.engine.reasoning import reasoning_parser_for
+    results = {}
+    for name, kwargs in REASONING_PARSERS.items():
+        for i, text in enumerate(REASONING_ANSWERS):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prefixes = [tokenizer.decode(ids[:n]) for n in range(len(ids) + 1)]
+            streamed = ["", ""]
+            if engine == "vllm":
+                parser_class = ReasoningParserManager.get_reasoning_parser(name.split()[0])
+                make = (lambda: parser_class(tokenizer, chat_template_kwargs=kwargs)) if kwargs else \
+                    (lambda: parser_class(tokenizer))
+                whole = list(make().extract_reasoning(text, request))
+                parser = make()
+                deltas = [parser.extract_reasoning_streaming(prefixes[n], prefixes[n + 1], prefixes[n + 1][len(
+                    prefixes[n]):], ids[:n], ids[:n + 1], ids[n:n + 1]) for n in range(len(ids))]
+                if hasattr(parser, "finish_streaming"):
+                    deltas.append(parser.finish_streaming())
+                for d in deltas:
+                    if d is not None:
+                        streamed = [streamed[0] + (d.reasoning or ""), streamed[1] + (d.content or "")]
+            else:
+                parser = reasoning_parser_for(name.split()[0], tokenizer).for_chat(kwargs)
+                whole, stream = list(parser.split(text)), parser.stream()
+                for prefix in prefixes[1:]:
+                    new = stream.advance(prefix)
+                    streamed = [streamed[0] + new[0], streamed[1] + new[1]]
+            results[f"reasoning, {name} #{i}"] = {"whole": whole, "streamed": [s or None for s in streamed]}
     return results
 
 
@@ -211,13 +307,15 @@ def main() -> None:
     p.add_argument("--atol", type=float, default=1e-3, help="logprob values within this count as the same")
     p.add_argument("--worker", choices=("shardserve", "vllm"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--thinking-tokenizer", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        Path(a.out).write_text(json.dumps(run(a.worker, a.model)))
+        Path(a.out).write_text(json.dumps(run(a.worker, a.model, a.thinking_tokenizer)))
         return
     model = str(chosen_model(p, a))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        thinking_tokenizer(Path(tmp) / "thinking")
         for engine in ("shardserve", "vllm"):
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
             if engine == "vllm":
@@ -227,7 +325,8 @@ def main() -> None:
                 python = sys.executable
                 env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
             out = Path(tmp) / f"{engine}.json"
-            proc = subprocess.run([python, __file__, "--worker", engine, "--model", model, "--out", str(out)],
+            proc = subprocess.run([python, __file__, "--worker", engine, "--model", model, "--out", str(out),
+                                   "--thinking-tokenizer", str(Path(tmp) / "thinking")],
                                   env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{engine} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

@@ -143,6 +143,7 @@ def _json_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from shardserve.router.tool_calls import TOOL_CALL_PARSERS
+    from shardserve.engine.reasoning import REASONING_PARSERS
 
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="JSON object of generation-config fields over those, e.g. '{\"temperature\": 0.5}'")
     _spec_flag(model, "--max-logprobs", type=int, help="the most logprobs one request may ask for; -1: no cap")
     _spec_flag(model, "--structured-outputs-config", type=_json_object,
-               help="JSON object, as vLLM's: backend (auto or xgrammar) and disable_any_whitespace (JSON outputs "
-                    "without whitespace between items, for every request)")
+               help="JSON object, as vLLM's: backend (auto or xgrammar), disable_any_whitespace (JSON outputs "
+                    "without whitespace between items, for every request) and enable_in_reasoning (constrain a "
+                    "reasoning model's thinking too)")
     _spec_flag(model, "--max-model-len", type=int, help="default: the model's")
     _spec_flag(model, "--max-num-seqs", type=int, help="most requests in one step")
     _spec_flag(model, "--max-num-batched-tokens", type=int,
@@ -213,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
                help="the model family's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
                     "Qwen3, ...), llama3_json / llama4_json (JSON objects with name and parameters: Llama 3.x, 4)")
+    _spec_flag(model, "--reasoning-parser", choices=sorted(REASONING_PARSERS),
+               help="the model family's thinking tags: deepseek_r1 (DeepSeek-R1), qwen3 (Qwen3: off with "
+                    "chat_template_kwargs enable_thinking=false), deepseek_v3 (DeepSeek-V3.1: on with thinking=true). "
+                    "Chat answers then carry the thinking as `reasoning`, and structured outputs hold only the answer")
     _spec_flag(model, "--runner", choices=["auto", "generate", "pooling"])
     _spec_flag(model, "--convert", choices=["auto", "embed", "classify", "reward"])
     _spec_flag(model, "--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardserve.engine.reasoning import REASONING_PARSERS
 from shardserve.pooler_config import PoolerConfig
 
 _DTYPES = {
@@ -67,9 +68,13 @@ class EngineConfig:
     override_generation_config: dict = field(default_factory=dict)
     # The most logprobs (or prompt logprobs) one request may ask for; -1: the whole vocabulary (vLLM's).
     max_logprobs: int = 20
-    # vLLM's structured_outputs_config: {"backend": "auto" | "xgrammar", "disable_any_whitespace": bool}, the
-    # latter for every request's JSON (a request may also ask for it itself).
+    # vLLM's structured_outputs_config: {"backend": "auto" | "xgrammar", "disable_any_whitespace": bool,
+    # "enable_in_reasoning": bool}: disable_any_whitespace for every request's JSON (a request may also ask for it
+    # itself); enable_in_reasoning constrains a reasoning model's thinking too (by default only its answer).
     structured_outputs_config: dict = field(default_factory=dict)
+    # vLLM's --reasoning-parser: the model family's thinking tags (engine/reasoning.py). Structured outputs then
+    # start after the thinking; the chat server returns it as `reasoning`.
+    reasoning_parser: str | None = None
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
     # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.
@@ -115,10 +120,13 @@ class EngineConfig:
             raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
-        unknown = set(self.structured_outputs_config) - {"backend", "disable_any_whitespace"}
+        unknown = set(self.structured_outputs_config) - {"backend", "disable_any_whitespace", "enable_in_reasoning"}
         if unknown:
-            raise ValueError(f"structured_outputs_config takes backend and disable_any_whitespace, got "
-                             f"{', '.join(sorted(unknown))}.")
+            raise ValueError(f"structured_outputs_config takes backend, disable_any_whitespace and "
+                             f"enable_in_reasoning, got {', '.join(sorted(unknown))}.")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
+                             f"{self.reasoning_parser!r}.")
         if self.structured_outputs_config.get("backend", "auto") not in ("auto", "xgrammar"):
             raise ValueError(f"structured_outputs_config backend {self.structured_outputs_config['backend']!r} is not "
                              f"available: structured outputs run on xgrammar ('auto' or 'xgrammar').")

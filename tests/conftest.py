@@ -29,9 +29,17 @@ CORPUS = [
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 
+THINKING_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+
+
 def build_tokenizer(kind: str = "bytelevel", vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """A trained BPE tokenizer: byte-level (GPT-2 style) or Metaspace with byte fallback (SentencePiece
-    style, as Llama's), with <s>/</s> as BOS/EOS."""
+    style, as Llama's), with <s>/</s> as BOS/EOS. "thinking": byte-level with a reasoning model's tags as tokens
+    (added, not special: they stay in decoded text, as Qwen3's and DeepSeek-R1's)."""
+    if kind == "thinking":
+        tokenizer = build_tokenizer("bytelevel", vocab_size)
+        tokenizer.add_tokens(THINKING_TAGS)
+        return tokenizer
     if kind == "bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -229,6 +237,9 @@ def hf_last_hidden(model_dir: str, texts: list[str]) -> list[torch.Tensor]:
 API_KEY = "test-key"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen3's rule: enable_thinking false closes the thinking in the prompt (the answer is all content).
+THINK_TEMPLATE = TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n{% if enable_thinking "
+                                  "is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 ENGINE = dict(max_num_seqs=16, kv_cache_memory_bytes=1 << 26, max_model_len=256)
 ST_PROMPTS = {"search_query": "query: ", "search_document": "passage: "}
 
@@ -262,7 +273,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
-    calls in hermes' format) and as "tiny-tp2" (two tensor-parallel workers, no tool-call parser),
+    calls in hermes' format) and as "tiny-tp2" (two tensor-parallel workers, no tool-call parser), one with
+    thinking tags in its vocabulary as "tiny-think" (--reasoning-parser qwen3, hermes' tool calls),
     all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka dimensions, as "minilm-st", a random BERT
     cross-encoder "cross" and a 3-label BERT "classifier"."""
     from ray import serve
@@ -277,6 +289,9 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     specs = [ModelSpec(served_model_name="tiny", enable_prompt_tokens_details=True, enable_auto_tool_choice=True,
                        tool_call_parser="hermes", **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
+             ModelSpec(**{**common, "model": model_dirs("llama", "thinking"), "chat_template": THINK_TEMPLATE},
+                       served_model_name="tiny-think", reasoning_parser="qwen3", enable_auto_tool_choice=True,
+                       tool_call_parser="hermes"),
              ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),

@@ -89,7 +89,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--override-generation-config", '{"top_k": 3}',
              "--max-logprobs", "-1", "--scheduling-policy", "priority",
              "--structured-outputs-config", '{"disable_any_whitespace": true}',
-             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -102,7 +102,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
         ("vllm", {"top_k": 3}, -1)
     assert (config.scheduling_policy, config.structured_outputs_config) == \
         ("priority", {"disable_any_whitespace": True})
-    assert type(specs[1].tool_parser()).__name__ == "HermesToolParser"
+    assert type(specs[1].tool_parser()).__name__ == "HermesToolParser" and config.reasoning_parser == "qwen3"
     args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
     assert (args.allowed_origins, args.allowed_credentials) == (["https://a.example"], True)
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
@@ -114,7 +114,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
         with pytest.raises(SystemExit, match=r"shardserve serve: error: .*(must be|is not available|requires)"):
             main(["serve", "a", *bad])
     for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"],
-                ["--tool-call-parser", "mistral"]):
+                ["--tool-call-parser", "mistral"], ["--reasoning-parser", "granite"]):
         with pytest.raises(SystemExit):  # argparse's own: not a JSON object / list, not a choice
             main(["serve", "a", *bad])
 

@@ -316,7 +316,8 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     r = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": tokenizer.encode(PROMPTS[0])})
     assert r.json()["prompt"] == tokenizer.decode(tokenizer.encode(PROMPTS[0]))
     models = httpx.get(f"{server}/v1/models", headers=_headers()).json()
-    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "minilm", "minilm-st", "cross", "classifier"}
+    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "tiny-think", "minilm", "minilm-st",
+                                                 "cross", "classifier"}
     assert httpx.get(f"{server}/health").status_code == 200
     assert "version" in httpx.get(f"{server}/version").json()
 
@@ -487,6 +488,62 @@ def test_auto_tool_calls_are_read_in_the_models_format(client, offline):
     expected = offline.chat(MESSAGES, greedy(max_tokens=8, skip_special_tokens=False), use_tqdm=False, tools=TOOLS)
     assert plain.message.tool_calls is None and plain.finish_reason == "length"
     assert plain.message.content == expected[0].outputs[0].text
+
+
+def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
+    """--reasoning-parser qwen3 ("tiny-think"): the thinking comes back as the message's `reasoning`, the answer as
+    its content, where the tool-call parser reads the calls; streamed, the parts add up to the same; the usage counts
+    the thinking tokens. The grammar holds only the answer, so a choice constraint makes the random model answer
+    with a tool call after it thinks freely (a logit bias on </think> ends the thinking; the offline engine, with
+    the same parser, finds a bias that lets it think a few tokens first). enable_thinking false and
+    include_reasoning false answer without thinking, and are held to the grammar from the start."""
+    from conftest import THINK_TEMPLATE
+    offline = LLM(model_dirs("llama", "thinking"), chat_template=THINK_TEMPLATE, dtype="float32",
+                  reasoning_parser="qwen3", **ENGINE)
+    tokenizer = offline.get_tokenizer()
+    end = tokenizer.convert_tokens_to_ids("</think>")
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "unit": "F"}}</tool_call>'
+    structured = {"choice": ["Let me look." + call]}
+    for bias in [b / 10 for b in range(1, 40)]:  # the smallest under which the model thinks, then ends that
+        out = offline.chat(MESSAGES, greedy(max_tokens=120, structured_outputs=structured, logit_bias={end: bias},
+                                            skip_special_tokens=False), use_tqdm=False, tools=TOOLS)[0].outputs[0]
+        thought = out.text.partition("</think>")[0]
+        if 0 < len(thought) < len(out.text) and "<tool_call>" not in thought and out.finish_reason == "stop":
+            break
+    else:
+        pytest.fail("no bias ends the thinking after a few tokens")
+    assert out.text == thought + "</think>" + structured["choice"][0]
+    kwargs = dict(model="tiny-think", messages=MESSAGES, max_tokens=120, temperature=0, tools=TOOLS,
+                  logit_bias={str(end): bias}, extra_body={"structured_outputs": structured})
+    got = client.chat.completions.create(**kwargs)
+    message = got.choices[0].message
+    assert message.reasoning == thought and message.content == "Let me look." and got.choices[0].finish_reason == \
+        "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("get_weather", {"city": "Rome", "unit": "F"})]
+    assert got.usage.completion_tokens_details.reasoning_tokens == out.token_ids.index(end)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == thought
+    assert "".join(d.content or "" for d in deltas) == "Let me look."
+    assert [tc.function.name for d in deltas for tc in d.tool_calls or []] == ["get_weather"]
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == out.token_ids.index(end)
+
+    # without thinking: the template closes it (enable_thinking false, or reasoning_effort "none"), or it is not
+    # returned (include_reasoning false); either way the answer is held to the grammar from its first token
+    plain = {"choice": ["Paris", "Rome"]}
+    for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
+        got = client.chat.completions.create(model="tiny-think", messages=MESSAGES, max_tokens=20, temperature=0,
+                                             extra_body={"structured_outputs": plain, **extra}).choices[0].message
+        expected = offline.chat(MESSAGES, greedy(max_tokens=20, structured_outputs=plain), use_tqdm=False,
+                                chat_template_kwargs={"enable_thinking": False})[0].outputs[0].text
+        assert (got.reasoning, got.content) == (None, expected) and expected in plain["choice"], extra
+    got = client.chat.completions.create(model="tiny-think", messages=MESSAGES, max_tokens=20, temperature=0,
+                                         logprobs=True, extra_body={"structured_outputs": plain,
+                                                                    "include_reasoning": False}).choices[0]
+    # a random model writes no </think>: all of the answer reads as (unreturned) thinking, and its logprobs stay hidden
+    assert (got.message.reasoning, got.message.content, got.logprobs) == (None, None, None)
+    offline.shutdown()
 
 
 @pytest.mark.parametrize("body,message", [

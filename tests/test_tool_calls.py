@@ -102,3 +102,28 @@ def test_answers_by_tool_choice():
     assert message["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
     assert required.finish_reason("stop", called) == "tool_calls"
     assert required.message("[{") == ({"role": "assistant", "content": ""}, False)  # cut short: no calls
+
+
+def test_answers_of_a_reasoning_model():
+    """With a reasoning parser, the thinking is the message's `reasoning` and the calls are read from the rest; a
+    named call's stream starts (its id and name) with the first token of the answer, after the thinking."""
+    from conftest import build_tokenizer
+
+    from shardserve.engine.reasoning import reasoning_parser_for
+    reasoning = reasoning_parser_for("deepseek_r1", build_tokenizer("thinking"))
+    auto = ChatAnswers("auto", HermesToolParser(), reasoning)
+    message, called = auto.message(f"<think>plan</think>Sure.<tool_call>{WEATHER}</tool_call>")
+    assert called and (message["reasoning"], message["content"]) == ("plan", "Sure.")
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    hidden = ChatAnswers(None, None, reasoning, include_reasoning=False)
+    assert not hidden.plain and hidden.message("plan</think>Paris")[0] == \
+        {"role": "assistant", "content": "Paris", "reasoning": None}
+    named = ChatAnswers({"type": "function", "function": {"name": "get_weather"}}, None, reasoning)
+    text, deltas = "", []
+    for piece in ["pl", "an</think>", '{"city"', ': "Paris"}']:
+        text += piece
+        deltas.append(named.delta(0, text, piece, len(deltas) == 0, False)[0])
+    assert deltas[0] == {"reasoning": "pl"} and deltas[1] == {"reasoning": "an"}
+    (head,) = deltas[2]["tool_calls"]
+    assert head["function"] == {"name": "get_weather", "arguments": '{"city"'} and head["id"]
+    assert deltas[3] == {"tool_calls": [{"index": 0, "function": {"arguments": ': "Paris"}'}}]}

@@ -112,13 +112,15 @@ class AsyncLLMEngine:
                 self.error = e  # a replica with a dead worker takes no more requests
                 raise EngineDeadError(f"The engine lost a worker: {e}") from e
 
-    def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                 request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams, request_id: str | None = None,
+                 priority: int = 0, reasoning_ended: bool | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, the last one with `finished=True`. Bad input
         raises here; the request is queued when the iteration starts, so an iterator never started (a later
-        prompt of the same call failed) leaves nothing behind. `priority`: as `LLMEngine.add_request`."""
+        prompt of the same call failed) leaves nothing behind. `priority`: as `LLMEngine.add_request`;
+        `reasoning_ended`: as `Processor.make_requests`."""
         request_id = request_id or f"req-{next(self._ids)}"
-        return self._stream(request_id, self._add_command(request_id, prompt, params, False, priority))
+        return self._stream(request_id, self._add_command(request_id, prompt, params, False, priority,
+                                                          reasoning_ended))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                     hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -135,10 +137,10 @@ class AsyncLLMEngine:
         return self._stream(request_id, self._queue(request_id, command))
 
     def _add_command(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                     hold_kv: bool, priority: int) -> tuple:
+                     hold_kv: bool, priority: int, reasoning_ended: bool | None = None) -> tuple:
         """The stepping thread's command that adds the request, made (and so checked) on the caller's thread."""
         self.check_health()
-        children = self.engine.processor.make_requests(request_id, prompt, params, priority)
+        children = self.engine.processor.make_requests(request_id, prompt, params, priority, reasoning_ended)
         for child in children:
             child.hold_kv = hold_kv
         return ("add", request_id, children)

@@ -102,7 +102,9 @@ class LLMEngine:
             enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling,
             model_name=config.served_model_name or config.model,
             hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy,
-            compact_json=bool(config.structured_outputs_config.get("disable_any_whitespace", False)))
+            compact_json=bool(config.structured_outputs_config.get("disable_any_whitespace", False)),
+            reasoning_parser=None if config.structured_outputs_config.get("enable_in_reasoning") else
+            config.reasoning_parser)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 
@@ -247,8 +249,8 @@ class LLMEngine:
                 raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
                                    "for the waiting requests.")
             return []
-        constrained = [req for s in sched.scheduled
-                       if s.sample and (req := self.scheduler.requests[s.request_id]).grammar is not None]
+        constrained = [req for s in sched.scheduled if s.sample and
+                       (req := self.scheduler.requests[s.request_id]).grammar is not None and req.reasoning_ended]
         if constrained:
             sched.grammar_bitmask = self.processor.structured.bitmask(constrained)
         result = self.executor.execute_model(sched)
@@ -313,7 +315,7 @@ class LLMEngine:
             stop_str = parent.detokenizers[req.request_id].append(
                 token_id, check_stop=req.num_output_tokens > params.min_tokens)
         status = None
-        if req.grammar is not None and not accept_token(req, token_id):
+        if req.grammar is not None and not self._advance_grammar(req, token_id):
             status = RequestStatus.FINISHED_ABORTED
         elif stop_str is not None:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
@@ -325,6 +327,19 @@ class LLMEngine:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(req, status)
+
+    def _advance_grammar(self, req: Request, token_id: int) -> bool:
+        """Walk a constrained request's grammar by its new token; False if the grammar refuses it. While a
+        reasoning model thinks, the grammar waits: it starts after the token that ends the thinking (or at it,
+        where that token is part of the answer, as Qwen3's `<tool_call>`)."""
+        if not req.reasoning_ended:
+            start = self.processor.reasoner.grammar_start(token_id)
+            if start is None:
+                return True
+            req.reasoning_ended = True
+            if start == 1:
+                return True
+        return accept_token(req, token_id)
 
     def _to_logprobs(self, lists: LogprobsLists, tokens: list[int], start: int,
                      detokenize: bool = True) -> list[PositionLogprobs]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.engine.request import Request
 from shardserve.engine.structured_output import StructuredOutputCompiler
 from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
@@ -47,7 +48,8 @@ class Processor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: set[int],
                  embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False,
                  pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None,
-                 max_logprobs: int = 20, scheduling_policy: str = "fcfs", compact_json: bool = False):
+                 max_logprobs: int = 20, scheduling_policy: str = "fcfs", compact_json: bool = False,
+                 reasoning_parser: str | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         # vLLM's cap on the logprobs one request asks for; -1: none (the whole vocabulary)
@@ -62,6 +64,8 @@ class Processor:
         self.hf_config = hf_config
         self.scheduling_policy = scheduling_policy
         self.structured = StructuredOutputCompiler(tokenizer, vocab_size, compact_json)
+        # Where a reasoning model's thinking ends, so that its grammar holds only the answer (None: from the start).
+        self.reasoner = reasoning_parser_for(reasoning_parser, tokenizer)
 
     def process_prompt(self, prompt: PromptType | ProcessedPrompt,
                        tokenization: TokenizationParams | None = None) -> ProcessedPrompt:
@@ -197,10 +201,12 @@ class Processor:
                              f"with scheduling_policy='priority' (--scheduling-policy priority).")
         return priority
 
-    def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt,
-                      params: SamplingParams, priority: int = 0) -> list[Request]:
+    def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                      priority: int = 0, reasoning_ended: bool | None = None) -> list[Request]:
         """One request per completion: n > 1 fans out into n requests sharing the prompt (and so, through
-        the prefix cache, its KV blocks), and the priority. A pooling request is one request."""
+        the prefix cache, its KV blocks), and the priority. A pooling request is one request.
+        `reasoning_ended` (the chat server's, which knows the request's chat-template arguments): whether a
+        reasoning model's thinking is over before the output starts; None: the engine's parser reads the prompt."""
         priority = self.check_priority(priority)
         if isinstance(params, PoolingParams):
             params = self.verify_pooling_params(params)
@@ -226,8 +232,11 @@ class Processor:
                                         parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority,
                                         cache_salt=prompt.cache_salt))
         if grammar is not None:  # each completion walks the grammar on its own
+            if self.reasoner is not None and reasoning_ended is None:
+                reasoning_ended = self.reasoner.is_reasoning_end(ids)
             for child in children:
                 child.grammar = self.structured.matcher(grammar, params.all_stop_token_ids | set(params.stop_token_ids))
+                child.reasoning_ended = self.reasoner is None or reasoning_ended
         return children
 
     # pooling ----------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class Request:
     hold_kv: bool = False
     # Structured outputs: the grammar's state after the output so far (an xgrammar matcher), or None.
     grammar: Any = None
+    # A reasoning model's grammar starts once its thinking has ended (engine/reasoning.py).
+    reasoning_ended: bool = True
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -60,7 +60,7 @@ class LLM(PoolingMixin):
                  cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1,
                  generation_config: str = "auto", override_generation_config: dict | None = None,
                  max_logprobs: int = 20, scheduling_policy: str = "fcfs",
-                 structured_outputs_config: dict | None = None, **kwargs):
+                 structured_outputs_config: dict | None = None, reasoning_parser: str | None = None, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -82,7 +82,8 @@ class LLM(PoolingMixin):
             attention_backend=attention_backend, enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes,
             stream_interval=stream_interval, generation_config=generation_config,
             override_generation_config=dict(override_generation_config or {}), max_logprobs=max_logprobs,
-            scheduling_policy=scheduling_policy, structured_outputs_config=dict(structured_outputs_config or {}))
+            scheduling_policy=scheduling_policy, structured_outputs_config=dict(structured_outputs_config or {}),
+            reasoning_parser=reasoning_parser)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 

@@ -53,7 +53,8 @@ class ModelServer:
         self.engine = AsyncLLMEngine(spec.engine_config(), num_threads=num_threads,
                                      hand_off=_hand_off(spec, num_threads))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template),
-                                     spec.enable_prompt_tokens_details, spec.tool_parser())
+                                     spec.enable_prompt_tokens_details, spec.tool_parser(),
+                                     spec.reasoning_parser)
         self.pooling = PoolingServing(self.serving)
         self.runner = self.engine.engine.runner
         # What start-up made (the model, tokenizer, Ray, Serve, FastAPI: ~380k objects for a small model) lives

@@ -193,12 +193,25 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: bool = False
     echo: bool = False
     add_special_tokens: bool = False   # the chat template writes its own
+    # Reasoning models (--reasoning-parser): whether the answer carries the thinking; OpenAI's effort, which (as
+    # vLLM) also turns thinking on or off in templates that read `enable_thinking` ("none": off).
+    include_reasoning: bool = True
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
 
     @model_validator(mode="after")
     def _tools_default_to_auto(self):
         """OpenAI's default, as vLLM: tools without a tool_choice leave the choice to the model."""
         if self.tools and "tool_choice" not in self.model_fields_set:
             self.tool_choice = "auto"
+        return self
+
+    @model_validator(mode="after")
+    def _effort_to_template(self):
+        """The chat template sees reasoning_effort, and enable_thinking where the request does not set it."""
+        if self.reasoning_effort is not None:
+            kwargs = {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+            self.chat_template_kwargs = kwargs
         return self
 
     def structured(self) -> StructuredOutputsParams | None:

@@ -16,6 +16,7 @@ from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps
 
 from shardserve.beam_search import AsyncEngineBeamStepper, BeamSearchParams, run_beam_search
 from shardserve.engine.async_engine import AsyncLLMEngine
+from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.entrypoints.chat_utils import render_chat
 from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
 from shardserve.inputs import TokensPrompt
@@ -30,13 +31,16 @@ from shardserve.sampling_params import SamplingParams
 _MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf, which JSON cannot write
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+           reasoning_tokens: int | None = None) -> dict:
     """OpenAI's usage; with `cached_tokens` (--enable-prompt-tokens-details), the prompt tokens the prefix
-    cache served."""
+    cache served; with `reasoning_tokens` (--reasoning-parser), the completion tokens spent thinking."""
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if cached_tokens is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return usage
 
 
@@ -174,12 +178,15 @@ def _fields(fields: dict | None) -> str:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
-                 prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None):
+                 prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None,
+                 reasoning_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
         self.prompt_tokens_details = prompt_tokens_details
         self.tool_parser = tool_parser  # reads "auto" tool calls (--enable-auto-tool-choice --tool-call-parser)
+        # reads the thinking of a reasoning model's chat answers (a tokenizer without its tags fails here)
+        self.reasoning_parser = reasoning_parser_for(reasoning_parser, self.tokenizer)
 
     def _max_tokens(self, max_tokens: int | None) -> int | None:
         """Online, vLLM refuses a max_tokens past the model's length (offline it runs to the length)."""
@@ -196,6 +203,11 @@ class OpenAIServing:
     def _cached(self, outputs: list[RequestOutput]) -> int | None:
         """The prompt tokens of `outputs` the prefix cache served, where the usage reports them."""
         return sum(o.num_cached_tokens for o in outputs) if self.prompt_tokens_details else None
+
+    @staticmethod
+    def _reasoning_tokens(answers: ChatAnswers, outputs: list[CompletionOutput]) -> int | None:
+        """The completion tokens spent thinking, where the server reads reasoning (vLLM's usage detail)."""
+        return sum(answers.reasoning_tokens(c.token_ids) for c in outputs) if answers.reasoning else None
 
     @property
     def tokenizer(self):
@@ -407,17 +419,23 @@ class OpenAIServing:
                 raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
                                'set.', param="tool_choice")
             req.skip_special_tokens = False  # a model's tool-call tags may be special tokens (vLLM's hermes rule)
-        answers = ChatAnswers(req.tool_choice, self.tool_parser)
+        # per request: whether the model thinks can depend on its chat-template arguments (Qwen3's enable_thinking)
+        reasoning = self.reasoning_parser and self.reasoning_parser.for_chat(req.chat_template_kwargs)
+        answers = ChatAnswers(req.tool_choice, self.tool_parser, reasoning, req.include_reasoning)
         usage = _stream_usage(req)
         prompt = self.engine.processor.process_prompt(req.salted(self._chat_prompt(req, req.add_special_tokens)),
                                                       req.tokenization())
+        # As vLLM: without its thinking returned, a structured answer is held to its grammar from the start.
+        reasoning_ended = None if reasoning is None else \
+            (not req.include_reasoning or reasoning.is_reasoning_end(prompt.token_ids))
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.to_sampling_params(self._max_tokens(max_tokens), top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         await self._compile_ahead(params)
-        first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority)])
+        first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority,
+                                                              reasoning_ended)])
         meta = {"id": f"chatcmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
@@ -425,17 +443,18 @@ class OpenAIServing:
         async for final in _chain(first, rest):
             pass
         as_ids = req.return_tokens_as_token_ids
+        with_logprobs = req.logprobs and not answers.hides_thinking
         choices = []
         for c in final.outputs:
             message, called = answers.message(c.text)
             choices.append({
                 "index": c.index, "message": message,
-                "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if req.logprobs else None,
+                "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if with_logprobs else None,
                 "finish_reason": answers.finish_reason(c.finish_reason, called), "stop_reason": c.stop_reason,
                 **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})})
         body = {**meta, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
-                                self._cached([final]))}
+                                self._cached([final]), self._reasoning_tokens(answers, final.outputs))}
         if req.return_token_ids:
             body["prompt_token_ids"] = list(final.prompt_token_ids)
         return body
@@ -458,7 +477,8 @@ class OpenAIServing:
         encoder = _ChunkEncoder(meta, "chat.completion.chunk")
         cursor = _StreamCursor()
         top, prompt_tokens, ids = req.top_logprobs or 0, len(prompt_token_ids), req.return_token_ids
-        last = out
+        with_logprobs = req.logprobs and not answers.hides_thinking
+        last, latest = out, {}   # the last output, and each choice's latest (for the usage's thinking tokens)
         try:
             for i in range(req.n):  # the first chunk ever has the prompt's token ids (return_token_ids)
                 yield encoder.choice(i, "delta", '{"role": "assistant", "content": ""}', None, None, None,
@@ -469,8 +489,9 @@ class OpenAIServing:
                     d = cursor.advance(c.index, c)
                     if d is None:
                         continue
+                    latest[c.index] = c
                     logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top, req.return_tokens_as_token_ids) \
-                        if req.logprobs else None
+                        if with_logprobs else None
                     finish_reason = c.finish_reason
                     if answers.plain:
                         delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
@@ -484,7 +505,8 @@ class OpenAIServing:
         finally:  # the consumer went away or the request failed: a request still running is aborted
             await rest.aclose()
         if final_usage:
-            yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens, self._cached([last])))
+            yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens, self._cached([last]),
+                                       self._reasoning_tokens(answers, list(latest.values()))))
 
     # tokens -----------------------------------------------------------------------------------------
 

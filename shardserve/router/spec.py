@@ -33,6 +33,7 @@ class ModelSpec:
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     max_logprobs: int = 20
     structured_outputs_config: dict[str, Any] = field(default_factory=dict)   # vLLM's: backend, disable_any_whitespace
+    reasoning_parser: str | None = None          # the model family's thinking tags (engine/reasoning.py)
     seed: int = 0
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -82,6 +83,7 @@ class ModelSpec:
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             scheduling_policy=self.scheduling_policy, structured_outputs_config=dict(self.structured_outputs_config),
+            reasoning_parser=self.reasoning_parser,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,

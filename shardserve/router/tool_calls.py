@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardserve.engine.reasoning import ReasoningParser, ReasoningStream
+
 
 def tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
@@ -197,23 +199,41 @@ TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {
 
 class ChatAnswers:
     """A chat request's answers as assistant messages: the text as content, or its tool calls (forced: the JSON
-    the schema held the answer to; "auto": what the server's parser reads out of it). Streamed, one state per
-    choice."""
+    the schema held the answer to; "auto": what the server's parser reads out of it). A reasoning model's thinking
+    (--reasoning-parser) comes first, as `reasoning`; the tool calls are read from the rest. Streamed, one state
+    per choice."""
 
-    def __init__(self, tool_choice, parser: ToolCallParser | None):
+    def __init__(self, tool_choice, parser: ToolCallParser | None, reasoning: ReasoningParser | None = None,
+                 include_reasoning: bool = True):
         self.tool_choice = tool_choice
         self.named = forced_tool_name(tool_choice)
         self.parser = parser if tool_choice == "auto" else None
-        self.plain = self.named is None and tool_choice != "required" and self.parser is None
+        self.reasoning = reasoning
+        self.include_reasoning = include_reasoning
+        self.plain = self.named is None and tool_choice != "required" and self.parser is None and reasoning is None
         self._streams: dict[int, HermesStream | WholeAnswerStream] = {}
+        self._thoughts: dict[int, ReasoningStream] = {}
+
+    @property
+    def hides_thinking(self) -> bool:
+        """The thinking is not returned (include_reasoning false): nor are logprobs, which would show it (vLLM)."""
+        return self.reasoning is not None and not self.include_reasoning
 
     def message(self, text: str) -> tuple[dict[str, Any], bool]:
         """(the message, whether it calls tools). A forced call's content is "" (vLLM); auto's is the text before
         the calls (None if there is none), or all of it where there are no calls."""
         if self.plain:
             return {"role": "assistant", "content": text}, False
+        thinking = {}
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.split(text)
+            thinking = {"reasoning": reasoning if self.include_reasoning else None}
+        if self.named is None and self.tool_choice != "required" and self.parser is None:
+            return {"role": "assistant", "content": text, **thinking}, False
+        text = text or ""
         content, calls = self.parser.parse(text) if self.parser else ("", tool_calls_from_text(self.tool_choice, text))
-        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}, bool(calls)
+        return {"role": "assistant", "content": content, **thinking, **({"tool_calls": calls} if calls else {})}, \
+            bool(calls)
 
     def finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
         """OpenAI's rule, as vLLM: "tool_calls" where auto found calls, or "required" calls ended normally;
@@ -225,18 +245,33 @@ class ChatAnswers:
 
     def delta(self, index: int, text: str, new_text: str, first: bool, finished: bool) -> tuple[dict, bool]:
         """A streamed choice's delta for its answer so far (`new_text` the part not yet seen), and whether the
-        choice has called tools so far. A named call streams its arguments as they come (its id and name first);
-        a required list's calls come whole once the list is; auto's content as it comes, each call whole."""
+        choice has called tools so far. Thinking streams as it comes; then a named call streams its arguments as
+        they come (its id and name first); a required list's calls come whole once the list is; auto's content
+        as it comes, each call whole."""
+        fields: dict[str, Any] = {}
+        if self.reasoning is not None:
+            thought = self._thoughts.setdefault(index, self.reasoning.stream())
+            started = thought.content_sent > 0
+            new_reasoning, new_text = thought.advance(text)
+            text, first = thought.content, not started and bool(new_text)
+            if new_reasoning and self.include_reasoning:
+                fields["reasoning"] = new_reasoning
         if self.named is not None:
             call = {"index": 0, "function": {"arguments": new_text}}
             if first:
                 call = {"index": 0, "id": tool_call_id(), "type": "function",
                         "function": {"name": self.named, "arguments": new_text}}
-            return ({"tool_calls": [call]} if new_text or first else {}), True
-        if self.parser is None:  # required
+            return ({**fields, "tool_calls": [call]} if new_text or first else fields), True
+        if self.tool_choice == "required":
             calls = tool_calls_from_text(self.tool_choice, text) if finished else []
-            return ({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {}), bool(calls)
+            return ({**fields, "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else fields), \
+                bool(calls)
+        if self.parser is None:  # plain content after the thinking
+            return ({**fields, "content": new_text} if new_text else fields), False
         stream = self._streams.setdefault(index, self.parser.stream())
         content, calls = stream.advance(text, finished)
-        return {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}, \
+        return {**fields, **({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}, \
             stream.calls_sent > 0
+
+    def reasoning_tokens(self, token_ids: list[int]) -> int:
+        return self.reasoning.count_reasoning_tokens(token_ids) if self.reasoning is not None else 0
