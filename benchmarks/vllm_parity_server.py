@@ -39,6 +39,28 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
              "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
 
 
+def reasoning_requests(think_end: int) -> dict[str, tuple[str, str, dict]]:
+    """For --reasoning-parser: `think_end`, the id of </think> (a logit bias on it makes the model end its
+    thinking)."""
+    chat = {"model": "parity", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    ended = {**chat, "max_tokens": 200, "tools": TOOLS, "logit_bias": {str(think_end): 30},
+             "structured_outputs": {"choice": [CALL]}}
+    plain = {**chat, "max_tokens": 16, "structured_outputs": {"choice": ["Paris", "Rome"]}}
+    return {
+        "reasoning: thinking all along": ("POST", "/v1/chat/completions", chat),
+        "reasoning: thinking all along, stream": ("POST", "/v1/chat/completions", {
+            **chat, "stream": True, "stream_options": {"include_usage": True}}),
+        "reasoning: ended by the model, then a tool call": ("POST", "/v1/chat/completions", ended),
+        "reasoning: ended by the model, then a tool call, stream": ("POST", "/v1/chat/completions", {
+            **ended, "stream": True, "stream_options": {"include_usage": True}}),
+        "reasoning: include_reasoning false": ("POST", "/v1/chat/completions", {
+            **plain, "include_reasoning": False, "logprobs": True}),
+        "reasoning: enable_thinking false": ("POST", "/v1/chat/completions", {
+            **plain, "chat_template_kwargs": {"enable_thinking": False}}),
+        "reasoning: reasoning_effort none": ("POST", "/v1/chat/completions", {**plain, "reasoning_effort": "none"}),
+    }
+
+
 def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
     """name -> (method, path, body)."""
     c = {"model": "parity", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
@@ -127,6 +149,8 @@ def _merged(chunks: list) -> dict:
         for c in chunk.get("choices", []):
             merged = choices.setdefault(c["index"], {"text": "", "tokens": [], "finish_reason": None})
             merged["text"] += c.get("text") or c.get("delta", {}).get("content") or ""
+            if c.get("delta", {}).get("reasoning") is not None:
+                merged["reasoning"] = merged.get("reasoning", "") + c["delta"]["reasoning"]
             for call in c.get("delta", {}).get("tool_calls") or []:  # each call's name and arguments, joined
                 joined = merged.setdefault("tool_calls", {}).setdefault(str(call["index"]), {"name": "",
                                                                                             "arguments": ""})
@@ -162,10 +186,15 @@ def wait_up(server: subprocess.Popen, log: Path) -> None:
         time.sleep(2)
 
 
-def serve_and_ask(engine: str, model: str, template: Path) -> dict:
+def serve_and_ask(engine: str, model: str, template: Path, reasoning_parser: str | None) -> dict:
     common = ["--port", str(PORT), "--host", "127.0.0.1", "--served-model-name", "parity", "--dtype", "float32",
               "--max-model-len", "256", "--chat-template", str(template), "--seed", "0"]
     common += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    asked = requests()
+    if reasoning_parser is not None:
+        from transformers import AutoTokenizer
+        common += ["--reasoning-parser", reasoning_parser]
+        asked |= reasoning_requests(AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("</think>"))
     if engine == "vllm":
         # VLLM_ENFORCE_STRICT_TOOL_CALLING=0: forced tool calls as JSON of the tools' schemas, as we make them (by
         # default vLLM 0.32 writes them in the parser's own format, here hermes' <tool_call> tags)
@@ -182,7 +211,7 @@ def serve_and_ask(engine: str, model: str, template: Path) -> dict:
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_up(server, log)
-            return {name: ask(*req) for name, req in requests().items()}
+            return {name: ask(*req) for name, req in asked.items()}
         finally:
             _stop(server)
 
@@ -192,12 +221,15 @@ def main() -> None:
     p.add_argument("--model", required=True, help="HF model directory with a tokenizer")
     p.add_argument("--atol", type=float, default=1e-3)
     p.add_argument("--out", help="also write both servers' answers here (JSON)")
+    p.add_argument("--reasoning-parser", help="both servers read thinking so (the model's vocabulary must have its "
+                   "tags), and the reasoning requests are asked too")
     a = p.parse_args()
     model = str(Path(a.model).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         template = Path(tmp) / "template.jinja"
         template.write_text(TEMPLATE)
-        answers = {engine: serve_and_ask(engine, model, template) for engine in ("vllm", "shardserve")}
+        answers = {engine: serve_and_ask(engine, model, template, a.reasoning_parser)
+                   for engine in ("vllm", "shardserve")}
     if a.out:
         Path(a.out).write_text(json.dumps(answers, indent=1))
     report(answers["shardserve"], answers["vllm"], a.atol, "requests")

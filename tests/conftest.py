@@ -289,9 +289,10 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     specs = [ModelSpec(served_model_name="tiny", enable_prompt_tokens_details=True, enable_auto_tool_choice=True,
                        tool_call_parser="hermes", **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
-             ModelSpec(**{**common, "model": model_dirs("llama", "thinking"), "chat_template": THINK_TEMPLATE},
+             ModelSpec(**{**common, "model": model_dirs("llama", "thinking"), "chat_template": THINK_TEMPLATE,
+                          "num_cpus": 0.25},
                        served_model_name="tiny-think", reasoning_parser="qwen3", enable_auto_tool_choice=True,
-                       tool_call_parser="hermes"),
+                       tool_call_parser="hermes"),   # a quarter CPU: the cluster's last 0.75 go to test_server's "solo"
              ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),
