@@ -96,6 +96,10 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
               ("error", "error.message", "errors in words of our own (vLLM adds the parameter and value)"),
               ("error", "error.param", "not done: vLLM names the parameter of more errors"),
               ("error", "error.type", 'vLLM says "Bad Request" for a body that is not JSON or fails its schema'),
+              ("chat stream", "reasoning_tokens", "a stream's usage counts the thinking tokens its whole answer "
+               "counts (vLLM's stream counted fewer: those of its reasoning deltas)"),
+              ("reasoning: thinking all along, stream", "reasoning_tokens", "a stream's usage counts the thinking "
+               "tokens its whole answer counts (vLLM's stream counted fewer: those of its reasoning deltas)"),
               ("reasoning, deepseek_r1 #5", "whole[0]", "a whole answer reads as its stream does: text before a late "
                "<think> stays thinking (vLLM's stream keeps it too; its whole answer drops it)"),
               ("reasoning, deepseek_r1 #6", "streamed[1]", "a stream reads as its whole answer does: a repeated "

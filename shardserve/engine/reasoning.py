@@ -39,6 +39,7 @@ class ReasoningParser:
         self.start_id, self.end_id = vocab[self.start], vocab[self.end]
         self.implicit_end_ids = frozenset(vocab[t] for t in self.implicit_ends if t in vocab)
         self.boundary_ids = frozenset(vocab[t] for t in self.turn_boundaries if t in vocab)
+        self.special_ids = frozenset(tokenizer.all_special_ids)   # EOS and the like: no thinking
         self.thinking = self.thinks({})
 
     def for_chat(self, chat_template_kwargs: dict[str, Any] | None) -> ReasoningParser:
@@ -95,14 +96,14 @@ class ReasoningParser:
         return content
 
     def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
-        """Output tokens spent thinking: those before the end of thinking, tags left out."""
+        """Output tokens spent thinking: those before the end of thinking, tags and special tokens left out."""
         if not self.thinking:
             return 0
         count = 0
         for token_id in token_ids:
             if token_id == self.end_id or token_id in self.implicit_end_ids:
                 break
-            count += token_id != self.start_id
+            count += token_id != self.start_id and token_id not in self.special_ids
         return count
 
     def stream(self) -> ReasoningStream:
@@ -123,6 +124,10 @@ class Qwen3ReasoningParser(ReasoningParser):
 
     def _content(self, content: str) -> str:
         return content.replace(self.end, "")
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        reasoning, content = super().split(text)
+        return reasoning or None, content  # as vLLM's qwen3: no thinking before </think> is none
 
 
 class DeepSeekV3ReasoningParser(ReasoningParser):

@@ -230,8 +230,10 @@ class ChatAnswers:
             thinking = {"reasoning": reasoning if self.include_reasoning else None}
         if self.named is None and self.tool_choice != "required" and self.parser is None:
             return {"role": "assistant", "content": text, **thinking}, False
-        text = text or ""
-        content, calls = self.parser.parse(text) if self.parser else ("", tool_calls_from_text(self.tool_choice, text))
+        if self.parser:  # (text None: the answer is all thinking)
+            content, calls = self.parser.parse(text) if text is not None else (None, [])
+        else:
+            content, calls = "", tool_calls_from_text(self.tool_choice, text or "")
         return {"role": "assistant", "content": content, **thinking, **({"tool_calls": calls} if calls else {})}, \
             bool(calls)
 
