@@ -178,6 +178,12 @@ def reasoning_gate(engine: str, mod, model: str) -> dict:
 # Answers as models write tool calls, for each engine's parsers of them (--tool-call-parser).
 _CALL = '{"name": "get_weather", "%s": {"city": "Paris"}}'
 _CALL_2 = '{"name": "get_time", "arguments": {"zone": "UTC", "note": "caf\u00e9"}}'
+_PYTHONIC = ["Just text.", '[get_weather(city="Paris")]',
+             "[get_weather(city='Rome', days=3), get_time(zone=\"UTC\", note='caf\u00e9')]",
+             '[f(a=null, b=true, c=-1.5, d=(1, 2), e={"k": [1, {"x": false}]}, g=f"plain")]',
+             '[f(1)]', '[a.b(x=1)]', '[f(x=y)]', '[f(x=1 + 2)]', '[ f(x=1)]', '[f(x=1) ]', '[]', '[_f(x=1)]',
+             'Sure: [f(x=1)]', '[f(x=1)] and more', '[f(x=1)', '[f(x=1)]\n', 'f(x=1)', '[f(**{"x": 1})]',
+             '[f(x={1: 2})]', '[f(x=b"raw")]', '[f(x=1j)]']
 TOOL_CALL_ANSWERS = {
     "hermes": ["Just text.", f"Checking.<tool_call>\n{_CALL % 'arguments'}\n</tool_call>",
                f"<tool_call>{_CALL % 'arguments'}</tool_call>\n<tool_call>{_CALL_2}</tool_call>",
@@ -186,7 +192,10 @@ TOOL_CALL_ANSWERS = {
     "llama3_json": ["Just text.", _CALL % "parameters", f"<|python_tag|>{_CALL % 'parameters'}; {_CALL_2}",
                     f" {_CALL % 'parameters'}", '{"name": "f"}', "{not json", "<|python",
                     f"Sure: {_CALL % 'parameters'}", f"{_CALL % 'parameters'}{_CALL_2}",
-                    f"{_CALL % 'parameters'} and then"]}
+                    f"{_CALL % 'parameters'} and then"],
+    "pythonic": _PYTHONIC,
+    "llama4_pythonic": _PYTHONIC + ['<|python_start|>[get_weather(city="Paris")]<|python_end|>',
+                                    '<|python_start|>[get_weather(city="Paris")]']}
 
 
 def parse_tool_calls(engine: str, model: str) -> dict:

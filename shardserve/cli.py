@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "in its own format, which --tool-call-parser reads into tool_calls")
     _spec_flag(model, "--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
                help="the model family's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
-                    "Qwen3, ...), llama3_json / llama4_json (JSON objects with name and parameters: Llama 3.x, 4)")
+                    "Qwen3, ...), llama3_json / llama4_json (JSON objects with name and parameters: Llama 3.x, 4), "
+                    "pythonic / llama4_pythonic (a Python list of calls: Llama 3.2, Llama 4)")
     _spec_flag(model, "--reasoning-parser", choices=sorted(REASONING_PARSERS),
                help="the model family's thinking tags: deepseek_r1 (DeepSeek-R1), qwen3 (Qwen3: off with "
                     "chat_template_kwargs enable_thinking=false), deepseek_v3 (DeepSeek-V3.1: on with thinking=true). "

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shardserve.router.tool_calls import ChatAnswers, HermesToolParser, Llama3JsonToolParser
+from shardserve.router.tool_calls import ChatAnswers, HermesToolParser, Llama3JsonToolParser, PythonicToolParser
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 TIME = '{"name": "get_time", "arguments": {"zone": "UTC", "note": "caf\u00e9"}}'
@@ -82,6 +82,33 @@ def test_llama3_json_answers_whole_and_streamed(text, content, calls):
     stream = parser.stream()
     assert stream.advance("Sure: ", False) == ("Sure: ", [])
     assert stream.advance(f"Sure: {LLAMA_WEATHER}", True) == (LLAMA_WEATHER, [])
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ("Just text.", "Just text.", []),
+    ('[get_weather(city="Paris")]', None, [("get_weather", {"city": "Paris"})]),
+    ("[get_weather(city='Paris'), get_time(zone=\"UTC\", note='caf\u00e9')]", None,
+     [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC", "note": "caf\u00e9"})]),
+    ('[f(a=null, b=true, c=-1.5, d=(1, 2), e={"k": [1, {"x": False}]}, g=f"x")]', None,
+     [("f", {"a": None, "b": True, "c": -1.5, "d": [1, 2], "e": {"k": [1, {"x": False}]}, "g": "x"})]),
+    ("[f(x=os.system('ls'))]", "[f(x=os.system('ls'))]", []),   # read, never run: only literals are arguments
+    ("[f(1)]", "[f(1)]", []), ("[a.b(x=1)]", "[a.b(x=1)]", []), ("[ f(x=1)]", "[ f(x=1)]", []),
+    ("Sure: [f(x=1)]", "Sure: [f(x=1)]", []), ("[f(x=1)", "[f(x=1)", []), ("[" * 5000, "[" * 5000, []),
+    ('<|python_start|>[f(x=1)]<|python_end|>', None, [("f", {"x": 1})]),   # Llama 4's wrapping
+])
+def test_pythonic_answers_whole_and_streamed(text, content, calls):
+    """vLLM's pythonic / llama4_pythonic: the answer is a Python list of calls with literal keyword arguments,
+    read with Python's parser (nothing runs); anything else is content. Streamed, an answer that opens with "["
+    (or Llama 4's tag) is read when it ends."""
+    parser = PythonicToolParser(llama4=True)
+    got_content, got_calls = parser.parse(text)
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
+    for step in (1, 3, 7):
+        streamed, sent = _streamed(parser, text, step)
+        assert all(end == len(text) for end, _ in sent)
+        assert streamed == (content or "") and [c["function"] for _, c in sent] == [c["function"] for c in got_calls]
+    assert PythonicToolParser().parse('<|python_start|>[f(x=1)]')[1] == []  # plain pythonic: no Llama 4 tag
 
 
 def test_answers_by_tool_choice():

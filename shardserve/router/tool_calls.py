@@ -10,10 +10,12 @@ format reads the calls out of the answer (`--enable-auto-tool-choice --tool-call
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from shardserve.engine.reasoning import ReasoningParser, ReasoningStream
@@ -142,6 +144,13 @@ class HermesStream:
         return content
 
 
+def _opening(head: str, starts: tuple[str, ...]) -> bool | None:
+    """Whether an answer beginning `head` opens with one of `starts`; None while it may still."""
+    if not head or any(len(head) < len(s) and s.startswith(head) for s in starts):
+        return None
+    return head.startswith(starts)
+
+
 class Llama3JsonToolParser:
     """Llama 3.x's JSON calls (vLLM's llama3_json / llama4_json): one object per call, {"name": ...,
     "parameters": {...}} ("arguments" is read too), ";" between them, perhaps after <|python_tag|>. Whole, as
@@ -165,23 +174,86 @@ class Llama3JsonToolParser:
                 return text, []
         return (None, calls) if calls else (text, [])
 
+    def opens_call(self, text: str) -> bool | None:
+        return _opening(text.lstrip(), ("{", self.tag))
+
     def stream(self) -> WholeAnswerStream:
         return WholeAnswerStream(self)
 
 
+# JSON's literals, which models write in pythonic calls too (vLLM reads them)
+_JSON_NAMES = {"null": None, "true": True, "false": False}
+
+
+class PythonicToolParser:
+    """Llama 3.2's and Llama 4's pythonic calls (vLLM's pythonic / llama4_pythonic): the answer is a Python list
+    of calls with keyword arguments, `[get_weather(city="Paris"), get_time(zone="UTC")]` (Llama 4's perhaps
+    between <|python_start|> and <|python_end|>). Read with Python's parser, never run: each argument must be a
+    literal (JSON's null / true / false too; tuples and sets become lists). Any other answer is content; as
+    vLLM, streamed, an answer that starts with "[" is read when it ends."""
+    start, end = "<|python_start|>", "<|python_end|>"
+    # as vLLM's pattern: "[" then a call at once; names (of functions and arguments) begin with an ASCII letter
+    _opens, _name = re.compile(r"\[[a-zA-Z]"), re.compile(r"[a-zA-Z]")
+
+    def __init__(self, llama4: bool = False):
+        self.starts = ("[", self.start) if llama4 else ("[",)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        code = text
+        if self.start in self.starts and code.startswith(self.start):
+            code = code[len(self.start):].replace(self.end, "")
+        if not self._opens.match(code):
+            return text, []
+        try:
+            tree = ast.parse(code).body[0]
+            calls = tree.value.elts if isinstance(tree, ast.Expr) and isinstance(tree.value, ast.List) else []
+            if not calls or not all(isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args and
+                                    self._name.match(c.func.id) and all(k.arg and self._name.match(k.arg)
+                                                                        for k in c.keywords) for c in calls):
+                return text, []
+            return None, [_call(c.func.id, json.dumps({k.arg: _literal(k.value) for k in c.keywords},
+                                                      ensure_ascii=False)) for c in calls]
+        except (SyntaxError, ValueError, IndexError, RecursionError, MemoryError):
+            return text, []
+
+    def opens_call(self, text: str) -> bool | None:
+        return _opening(text, self.starts)
+
+    def stream(self) -> WholeAnswerStream:
+        return WholeAnswerStream(self)
+
+
+def _literal(node: ast.expr) -> Any:
+    """A pythonic call's argument as JSON's value; ValueError where it is no literal."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
+        return node.value
+    if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):
+        return {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return [_literal(v) for v in node.elts]
+    if isinstance(node, ast.JoinedStr) and all(isinstance(part, ast.Constant) for part in node.values):
+        return "".join(str(part.value) for part in node.values)  # an f-string without placeholders
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value if isinstance(node.op, ast.USub) else value
+    raise ValueError(f"not a literal: {ast.dump(node)[:80]}")
+
+
 @dataclass
 class WholeAnswerStream:
-    """A streamed choice whose calls are the whole answer (llama3_json): its first characters decide whether it
-    is a call, read when the answer ends, or content, streamed as it comes."""
-    parser: Llama3JsonToolParser
+    """A streamed choice whose calls are the whole answer (llama3_json, pythonic): its first characters decide
+    whether it is a call, read when the answer ends, or content, streamed as it comes."""
+    parser: Llama3JsonToolParser | PythonicToolParser
     content_sent: int = 0
     calls_sent: int = 0
-    is_call: bool | None = None   # undecided while the answer may still begin with the tag
+    is_call: bool | None = None   # undecided while the answer may still begin with a call's opening
 
     def advance(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]]]:
-        head, tag = text.lstrip(), self.parser.tag
-        if self.is_call is None and head and not (len(head) < len(tag) and tag.startswith(head)):
-            self.is_call = head.startswith(("{", tag))
+        if self.is_call is None:
+            self.is_call = self.parser.opens_call(text)
         if not finished and self.is_call is not False:  # undecided, or a call not yet whole
             return "", []
         calls = self.parser.parse(text)[1] if self.is_call else []
@@ -192,9 +264,10 @@ class WholeAnswerStream:
         return content, []
 
 
-ToolCallParser = HermesToolParser | Llama3JsonToolParser
-TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {
-    "hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "llama4_json": Llama3JsonToolParser}
+ToolCallParser = HermesToolParser | Llama3JsonToolParser | PythonicToolParser
+TOOL_CALL_PARSERS: dict[str, Callable[[], ToolCallParser]] = {
+    "hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "llama4_json": Llama3JsonToolParser,
+    "pythonic": PythonicToolParser, "llama4_pythonic": lambda: PythonicToolParser(llama4=True)}
 
 
 class ChatAnswers:
