@@ -35,7 +35,8 @@ def _streamed(parser, text: str, step: int) -> tuple[str, list[tuple[int, dict]]
 def test_hermes_answers_whole_and_streamed(text, content, calls):
     """The whole answer as vLLM's hermes parser reads it (arguments as JSON text, non-ASCII kept); and the same
     answer streamed in pieces of every size: the content and calls of the deltas add up to the whole answer's,
-    no content is sent that turns out to be a tag, and each call is sent once."""
+    no content is sent that turns out to be a tag, each call's header is sent once, and its arguments stream as
+    the model writes them."""
     parser = HermesToolParser()
     got_content, got_calls = parser.parse(text)
     expected = [json.loads(c) for c in calls]
@@ -48,8 +49,25 @@ def test_hermes_answers_whole_and_streamed(text, content, calls):
     for step in range(1, 8):
         streamed, sent = _streamed(parser, text, step)
         assert streamed == (content or "")
-        assert [c["index"] for _, c in sent] == list(range(len(calls)))
-        assert [c["function"] for _, c in sent] == [c["function"] for c in got_calls]
+        calls_sent = _joined(sent)
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls_sent] == \
+            [(c["name"], c["arguments"]) for c in expected]
+        if calls and step == 1:  # a call's arguments stream as they are written, before the call is whole
+            first_arguments_at = next(end for end, d in sent if d["index"] == 0 and "arguments" in d["function"])
+            assert first_arguments_at < text.index(calls[0]) + len(calls[0]) - 1
+            assert len([d for _, d in sent if d["index"] == 0]) > 2
+
+
+def _joined(sent: list[tuple[int, dict]]) -> list[dict]:
+    """Streamed call deltas put together as clients do: by index, the header's id and name, the arguments
+    joined."""
+    calls: dict[int, dict] = {}
+    for _, delta in sent:
+        if "id" in delta:
+            assert delta["index"] not in calls and delta["type"] == "function"  # each call's header once
+            calls[delta["index"]] = {"name": delta["function"]["name"], "arguments": ""}
+        calls[delta["index"]]["arguments"] += delta["function"].get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
 
 
 LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris"}}'

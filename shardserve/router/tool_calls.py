@@ -15,7 +15,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shardserve.engine.reasoning import ReasoningParser, ReasoningStream
@@ -114,29 +114,76 @@ class HermesToolParser:
         return HermesStream(self)
 
 
+def _partial_tag(text: str, tag: str) -> int:
+    """How many characters at the end of `text` may be the start of `tag` (to hold back while streaming)."""
+    return next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+
+
+_NAME = re.compile(r'"name"\s*:\s*"([^"]+)"')
+_ARGUMENTS = re.compile(r'"arguments"\s*:\s*')
+
+
 @dataclass
 class HermesStream:
-    """A streamed choice in hermes' format: the content as it comes (holding back what may be the start of a
-    call's tag), and each call whole once its closing tag arrives (or, at the end, once its JSON is whole).
-    Joined, the deltas say what `parse` says of the whole answer."""
+    """A streamed choice in hermes' format, as vLLM streams it: the content as it comes (holding back what may be
+    the start of a call's tag); each call's id and name once its JSON has named the function and begun its
+    arguments, then the arguments' text as the model writes it. An answer that never gets that far in a call is
+    all content at its end, as its whole reading is."""
     parser: HermesToolParser
     content_sent: int = 0      # characters of content sent
-    calls_sent: int = 0
+    arguments_sent: list[str] = field(default_factory=list)   # each call's arguments text sent so far
+
+    @property
+    def calls_sent(self) -> int:
+        return len(self.arguments_sent)
 
     def advance(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]]]:
-        """(new content, new calls with their index) for the answer so far."""
-        tag, close = self.parser.start, self.parser.end
+        """(new content, new call deltas with their index) for the answer so far."""
+        tag = self.parser.start
         first = text.find(tag)
         if first < 0:
-            held = 0 if finished else next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
-            return self._content(text, len(text) - held), []
-        closed = text[:text.rfind(close) + len(close)] if close in text[first:] else ""
-        _, calls = self.parser.parse(text if finished else closed) if finished or closed else (None, [])
-        if finished and not calls and not self.calls_sent:  # calls that do not parse: the answer is all content
+            return self._content(text, len(text) - (0 if finished else _partial_tag(text, tag))), []
+        deltas = []
+        for i, (body, whole) in enumerate(self._bodies(text[first:])):
+            name, arguments = _NAME.search(body), _ARGUMENTS.search(body)
+            if i == self.calls_sent:  # this call's header is not sent yet
+                if not (name and arguments):
+                    break
+                self.arguments_sent.append("")
+                deltas.append({"index": i, "id": tool_call_id(), "type": "function",
+                               "function": {"name": name.group(1)}})
+            written = body[arguments.end():] if arguments else ""
+            if whole:  # the object's own closing brace is not the arguments'
+                written = written.rstrip()
+                written = written[:-1].rstrip() if written.endswith("}") else written
+            if len(written) > len(self.arguments_sent[i]):
+                deltas.append({"index": i, "function": {"arguments": written[len(self.arguments_sent[i]):]}})
+                self.arguments_sent[i] = written
+        if finished and not self.calls_sent:  # calls never begun: the answer is all content
             return self._content(text, len(text)), []
-        new = [{"index": i, **call} for i, call in enumerate(calls) if i >= self.calls_sent]
-        self.calls_sent = max(self.calls_sent, len(calls))
-        return self._content(text, first), new
+        return self._content(text, first), deltas
+
+    def _bodies(self, text: str) -> list[tuple[str, bool]]:
+        """Each call's JSON text so far (from `text`, which starts with a call's tag), and whether it is whole:
+        closed by its tag, or (cut short, or its closing tag not yet here) JSON already complete."""
+        tag, close = self.parser.start, self.parser.end
+        bodies, pos = [], 0
+        while (begin := text.find(tag, pos)) >= 0:
+            begin += len(tag)
+            stop = text.find(close, begin)
+            if stop >= 0:
+                bodies.append((text[begin:stop].strip(), True))
+                pos = stop + len(close)
+                continue
+            body = text[begin:]
+            body = body[:len(body) - _partial_tag(body, close)].strip()
+            try:
+                whole = isinstance(json.loads(body), dict)
+            except ValueError:
+                whole = False
+            bodies.append((body, whole))
+            break
+        return bodies
 
     def _content(self, text: str, end: int) -> str:
         content = text[self.content_sent:end]
@@ -322,7 +369,7 @@ class ChatAnswers:
         """A streamed choice's delta for its answer so far (`new_text` the part not yet seen), and whether the
         choice has called tools so far. Thinking streams as it comes; then a named call streams its arguments as
         they come (its id and name first); a required list's calls come whole once the list is; auto's content
-        as it comes, each call whole."""
+        as it comes, and its calls as the parser's stream gives them."""
         fields: dict[str, Any] = {}
         if self.reasoning is not None:
             thought = self._thoughts.setdefault(index, self.reasoning.stream())
