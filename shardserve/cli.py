@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                help="the model family's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
                     "Qwen3, ...), llama3_json / llama4_json (JSON objects with name and parameters: Llama 3.x, 4), "
                     "pythonic / llama4_pythonic (a Python list of calls: Llama 3.2, Llama 4)")
+    _spec_flag(model, "--enable-lora", action="store_true",
+               help="requests may run through LoRA adapters: those of --lora-modules, each served under its name")
+    _spec_flag(model, "--lora-modules", nargs="+", metavar="NAME=PATH",
+               help="PEFT LoRA adapters to serve, as name=path or JSON {\"name\": ..., \"path\": ...}; a request "
+                    "whose `model` is the name runs through the adapter")
+    _spec_flag(model, "--max-loras", type=int, help="adapters each worker keeps loaded")
+    _spec_flag(model, "--max-lora-rank", type=int, help="the highest adapter rank accepted")
     _spec_flag(model, "--reasoning-parser", choices=sorted(REASONING_PARSERS),
                help="the model family's thinking tags: deepseek_r1 (DeepSeek-R1), qwen3 (Qwen3: off with "
                     "chat_template_kwargs enable_thinking=false), deepseek_v3 (DeepSeek-V3.1: on with thinking=true). "

@@ -75,6 +75,11 @@ class EngineConfig:
     # vLLM's --reasoning-parser: the model family's thinking tags (engine/reasoning.py). Structured outputs then
     # start after the thinking; the chat server returns it as `reasoning`.
     reasoning_parser: str | None = None
+    # vLLM's LoRA options: requests may run through PEFT LoRA adapters (lora/); each worker keeps up to
+    # max_loras of them loaded, of ranks up to max_lora_rank.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
     # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.
@@ -124,6 +129,10 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"structured_outputs_config takes backend, disable_any_whitespace and "
                              f"enable_in_reasoning, got {', '.join(sorted(unknown))}.")
+        for name in ("max_loras", "max_lora_rank"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or \
+                    getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
                              f"{self.reasoning_parser!r}.")

@@ -124,6 +124,55 @@ def model_dirs(tmp_path_factory):
     return get
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_lora_dir(path, model_dir: str, targets=LORA_TARGETS, rank: int = 4, alpha: float = 8, seed: int = 1,
+                  **config) -> str:
+    """A PEFT LoRA adapter of random weights (B too: a trained adapter's B is not zero) for the Llama-style model
+    in `model_dir`, as PEFT saves one."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, inter, heads = hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, hf.get("num_key_value_heads", heads) * head_dim
+    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(hf["num_hidden_layers"]):
+        for target in targets:
+            block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            name = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            out_features, in_features = shapes[target]
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+    Path(path).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(Path(path) / "adapter_model.safetensors"))
+    (Path(path) / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
+        "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM", **config}))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(tmp_path_factory, model_dirs):
+    """(arch, name) -> a random adapter of the arch's model: "all" (every projection, rank 4), "qv" (q and v only,
+    rank 8, rsLoRA's scaling)."""
+    cache: dict[tuple[str, str], str] = {}
+    kinds = {"all": dict(seed=1), "qv": dict(targets=("q_proj", "v_proj"), rank=8, alpha=16, seed=2, use_rslora=True)}
+
+    def get(arch: str, name: str = "all") -> str:
+        if (arch, name) not in cache:
+            cache[arch, name] = make_lora_dir(tmp_path_factory.mktemp(f"lora-{arch}-{name}"), model_dirs(arch),
+                                              **kinds[name])
+        return cache[arch, name]
+    return get
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray cluster for the whole session (start-up costs seconds and ~1 GiB): a head and two more
@@ -271,9 +320,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
+def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
     """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
-    calls in hermes' format) and as "tiny-tp2" (two tensor-parallel workers, no tool-call parser), one with
+    calls in hermes' format, and with a LoRA adapter served as "tiny-lora") and as "tiny-tp2" (two
+    tensor-parallel workers, no tool-call parser), one with
     thinking tags in its vocabulary as "tiny-think" (--reasoning-parser qwen3, hermes' tool calls),
     all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka dimensions, as "minilm-st", a random BERT
     cross-encoder "cross" and a 3-label BERT "classifier"."""
@@ -287,12 +337,14 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir):
     common = dict(model=model_dirs("llama"), chat_template=TEMPLATE, enable_prompt_embeds=True, dtype="float32",
                   num_cpus=0.5, num_cpus_per_worker=0.5, **ENGINE)
     specs = [ModelSpec(served_model_name="tiny", enable_prompt_tokens_details=True, enable_auto_tool_choice=True,
-                       tool_call_parser="hermes", **common),
+                       tool_call_parser="hermes", enable_lora=True,
+                       lora_modules={"tiny-lora": lora_dirs("llama", "all")}, **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
+             # no CPU reserved: the cluster's spare CPU stays for test_server's "solo" app and its replacement
              ModelSpec(**{**common, "model": model_dirs("llama", "thinking"), "chat_template": THINK_TEMPLATE,
-                          "num_cpus": 0.25},
+                          "num_cpus": 0},
                        served_model_name="tiny-think", reasoning_parser="qwen3", enable_auto_tool_choice=True,
-                       tool_call_parser="hermes"),   # a quarter CPU: the cluster's last 0.75 go to test_server's "solo"
+                       tool_call_parser="hermes"),
              ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),

@@ -79,7 +79,7 @@ def _policies(pid: int) -> list[int]:
     return policies
 
 
-def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_starts(monkeypatch):
+def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_starts(monkeypatch, lora_dirs):
     """Each engine flag lands in the replica's engine config; a flag left out keeps ModelSpec's default (the
     CLI has none of its own); a value the engine refuses ends the command before Ray is started."""
     flags = ["--max-num-batched-tokens", "64", "--block-size", "32", "--no-enable-prefix-caching", "--seed", "3",
@@ -89,7 +89,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--override-generation-config", '{"top_k": 3}',
              "--max-logprobs", "-1", "--scheduling-policy", "priority",
              "--structured-outputs-config", '{"disable_any_whitespace": true}',
-             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+             "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -103,6 +104,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     assert (config.scheduling_policy, config.structured_outputs_config) == \
         ("priority", {"disable_any_whitespace": True})
     assert type(specs[1].tool_parser()).__name__ == "HermesToolParser" and config.reasoning_parser == "qwen3"
+    assert (config.enable_lora, config.max_loras, config.max_lora_rank) == (True, 2, 8)
+    assert specs[1].lora_requests()["ad"].lora_path == lora_dirs("llama")
     args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
     assert (args.allowed_origins, args.allowed_credentials) == (["https://a.example"], True)
     (plain,) = model_specs(build_parser().parse_args(["serve", "a"]))
@@ -110,8 +113,11 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
 
     monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))
     for bad in (["--max-num-batched-tokens", "0"], ["--block-size", "0"], ["--tensor-parallel-size", "0"],
-                ["--structured-outputs-config", '{"backend": "outlines"}'], ["--enable-auto-tool-choice"]):
-        with pytest.raises(SystemExit, match=r"shardserve serve: error: .*(must be|is not available|requires)"):
+                ["--structured-outputs-config", '{"backend": "outlines"}'], ["--enable-auto-tool-choice"],
+                ["--lora-modules", f"ad={lora_dirs('llama')}"],
+                ["--enable-lora", "--max-lora-rank", "2", "--lora-modules", f"ad={lora_dirs('llama')}"]):
+        with pytest.raises(SystemExit,
+                           match=r"shardserve serve: error: .*(must be|is not available|requires|greater than)"):
             main(["serve", "a", *bad])
     for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"],
                 ["--tool-call-parser", "mistral"], ["--reasoning-parser", "granite"]):

@@ -15,6 +15,7 @@ import ray
 from shardserve import LLM, SamplingParams, StructuredOutputsParams
 from shardserve.distributed import shm_comm
 from shardserve.executor.ray import WorkerDiedError
+from shardserve.lora.request import LoRARequest
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,6 +60,23 @@ def reference(model_dirs):
             cache[model_dir] = (llm.generate(PROMPTS, PARAMS, use_tqdm=False), total)
         return cache[model_dir]
     return get
+
+
+def test_lora_adapters_split_with_their_layers(ray_cluster, model_dirs, lora_dirs):
+    """Each rank keeps its slice of an adapter (column-parallel layers the rows of B, row-parallel ones the
+    columns of A, added before the all-reduce) and each stage its own layers' pairs: under TP = PP = 2, requests
+    through two adapters and through none answer as they do on one worker."""
+    model_dir = model_dirs("llama")
+    loras = [LoRARequest("all", 1, lora_dirs("llama", "all")), None, LoRARequest("qv", 2, lora_dirs("llama", "qv"))]
+    lora_engine = dict(ENGINE, enable_lora=True, max_loras=2, max_lora_rank=8)
+    single = LLM(model_dir, **lora_engine)
+    expected = single.generate(PROMPTS, PARAMS, use_tqdm=False, lora_request=loras)
+    single.shutdown()
+    llm = LLM(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_worker=0.5, **lora_engine)
+    try:
+        assert_same_outputs(llm.generate(PROMPTS, PARAMS, use_tqdm=False, lora_request=loras), expected)
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

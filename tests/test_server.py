@@ -317,7 +317,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     assert r.json()["prompt"] == tokenizer.decode(tokenizer.encode(PROMPTS[0]))
     models = httpx.get(f"{server}/v1/models", headers=_headers()).json()
     assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "tiny-think", "minilm", "minilm-st",
-                                                 "cross", "classifier"}
+                                                 "cross", "classifier", "tiny-lora"}
     assert httpx.get(f"{server}/health").status_code == 200
     assert "version" in httpx.get(f"{server}/version").json()
 
@@ -414,13 +414,14 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}  # a random model would pad JSON with spaces
 
 
-def _streamed_tool_calls(chunks) -> tuple[dict[int, dict], str | None]:
-    """A streamed answer's tool calls assembled as the openai client's users do: by index, arguments joined."""
+def _streamed_tool_calls(chunks, content: bool = False) -> tuple[dict[int, dict], str | None]:
+    """A streamed answer's tool calls assembled as the openai client's users do: by index, arguments joined
+    (`content`: the answer may have content beside them)."""
     calls, finish = {}, None
     for chunk in chunks:
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
-            assert not choice.delta.content
+            assert content or not choice.delta.content
             for tc in choice.delta.tool_calls or []:
                 call = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
                 call["arguments"] += tc.function.arguments or ""
@@ -479,15 +480,47 @@ def test_auto_tool_calls_are_read_in_the_models_format(client, offline):
         ("get_weather", {"city": "Paris", "unit": "C"})
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    calls = {tc.index: tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []}
-    assert content == "Let me look." and chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert [(tc.function.name, tc.function.arguments) for tc in calls.values()] == \
-        [("get_weather", tool_call.function.arguments)]
+    calls, finish = _streamed_tool_calls(chunks, content=True)
+    assert content == "Let me look." and finish == "tool_calls"
+    # the arguments stream as the model writes them (over several chunks), the same JSON as the whole answer's
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+        [("get_weather", json.loads(tool_call.function.arguments))]
+    assert sum(bool(tc.function.arguments) for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or
+               []) > 1
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
                                            tools=TOOLS).choices[0]
     expected = offline.chat(MESSAGES, greedy(max_tokens=8, skip_special_tokens=False), use_tqdm=False, tools=TOOLS)
     assert plain.message.tool_calls is None and plain.finish_reason == "length"
     assert plain.message.content == expected[0].outputs[0].text
+
+
+def test_lora_adapters_are_served_under_their_own_names(server, client, model_dirs, lora_dirs):
+    """--enable-lora --lora-modules tiny-lora=PATH on "tiny": a request naming the adapter runs through it (the
+    offline engine with its LoRARequest gives the same answer, plain and streamed, and the answer names the
+    adapter); the base model beside it is unchanged; /v1/models lists the adapter with its parent; routes the
+    adapter cannot serve refuse it."""
+    from shardserve.lora.request import LoRARequest
+    offline = LLM(model_dirs("llama"), chat_template=TEMPLATE, dtype="float32", enable_lora=True, **ENGINE)
+    lora = LoRARequest("tiny-lora", 1, lora_dirs("llama", "all"))
+    expected = offline.generate(PROMPTS, greedy(max_tokens=10), use_tqdm=False, lora_request=lora)
+    base = offline.generate(PROMPTS, greedy(max_tokens=10), use_tqdm=False)
+    got = client.completions.create(model="tiny-lora", prompt=PROMPTS, max_tokens=10, temperature=0)
+    assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected] and got.model == "tiny-lora"
+    assert [c.text for c in got.choices] != [o.outputs[0].text for o in base]
+    plain = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=10, temperature=0)
+    assert [c.text for c in plain.choices] == [o.outputs[0].text for o in base]
+    chat = offline.chat(MESSAGES, greedy(max_tokens=8), use_tqdm=False, lora_request=lora)[0].outputs[0].text
+    chunks = list(client.chat.completions.create(model="tiny-lora", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat
+    models = {m["id"]: m for m in httpx.get(f"{server}/v1/models", headers=_headers()).json()["data"]}
+    assert (models["tiny-lora"]["parent"], models["tiny-lora"]["root"]) == ("tiny", lora.lora_path)
+    r = httpx.post(f"{server}/v1/embeddings", headers=_headers(), json={"model": "tiny-lora", "input": "x"})
+    assert r.status_code == 400 and "LoRA adapter" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(),
+                   json={"model": "tiny-lora", "prompt": "x", "use_beam_search": True, "n": 2})
+    assert r.status_code == 400 and "LoRA" in r.json()["error"]["message"]
+    offline.shutdown()
 
 
 def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
@@ -527,7 +560,7 @@ def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == thought
     assert "".join(d.content or "" for d in deltas) == "Let me look."
-    assert [tc.function.name for d in deltas for tc in d.tool_calls or []] == ["get_weather"]
+    assert [c["name"] for c in _streamed_tool_calls(chunks, content=True)[0].values()] == ["get_weather"]
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == len(thinking_tokens)
 
     # without thinking: the template closes it (enable_thinking false, or reasoning_effort "none"), or it is not

@@ -39,6 +39,7 @@ from shardserve.config import EngineConfig
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.engine.processor import ProcessedPrompt
 from shardserve.inputs import PromptType
+from shardserve.lora.request import LoRARequest
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 from shardserve.workers.cpu_openmp import park_workers_until_signalled
@@ -113,14 +114,15 @@ class AsyncLLMEngine:
                 raise EngineDeadError(f"The engine lost a worker: {e}") from e
 
     def generate(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams, request_id: str | None = None,
-                 priority: int = 0, reasoning_ended: bool | None = None) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, reasoning_ended: bool | None = None,
+                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, the last one with `finished=True`. Bad input
         raises here; the request is queued when the iteration starts, so an iterator never started (a later
-        prompt of the same call failed) leaves nothing behind. `priority`: as `LLMEngine.add_request`;
-        `reasoning_ended`: as `Processor.make_requests`."""
+        prompt of the same call failed) leaves nothing behind. `priority`, `lora_request`: as
+        `LLMEngine.add_request`; `reasoning_ended`: as `Processor.make_requests`."""
         request_id = request_id or f"req-{next(self._ids)}"
         return self._stream(request_id, self._add_command(request_id, prompt, params, False, priority,
-                                                          reasoning_ended))
+                                                          reasoning_ended, lora_request))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                     hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -137,10 +139,12 @@ class AsyncLLMEngine:
         return self._stream(request_id, self._queue(request_id, command))
 
     def _add_command(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                     hold_kv: bool, priority: int, reasoning_ended: bool | None = None) -> tuple:
+                     hold_kv: bool, priority: int, reasoning_ended: bool | None = None,
+                     lora_request: LoRARequest | None = None) -> tuple:
         """The stepping thread's command that adds the request, made (and so checked) on the caller's thread."""
         self.check_health()
-        children = self.engine.processor.make_requests(request_id, prompt, params, priority, reasoning_ended)
+        children = self.engine.processor.make_requests(request_id, prompt, params, priority, reasoning_ended,
+                                                       lora_request)
         for child in children:
             child.hold_kv = hold_kv
         return ("add", request_id, children)

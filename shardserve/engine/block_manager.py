@@ -2,7 +2,7 @@
 
 A full block's identity is the hash chain of its tokens (parent hash, its tokens), which starts from the
 request's `cache_salt` (vLLM's: requests of other salts, or none, cannot find its blocks, so cannot learn by
-timing what others asked). A freed block keeps its
+timing what others asked) and its LoRA adapter (whose KV differs from the base model's). A freed block keeps its
 hash and stays findable until it is handed out again: free blocks are reused least-recently-freed first,
 so recently used prefixes survive longest.
 """
@@ -61,7 +61,9 @@ class BlockManager:
         bs, tokens = self.block_size, request.all_token_ids
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else request.cache_salt  # a salted chain matches only its own salt
+            # a chain starts from its salt and its adapter: it matches only requests of both
+            parent = hashes[-1] if hashes else (request.cache_salt, request.lora_request and
+                                                request.lora_request.lora_int_id)
             hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]))))
         return hashes
 

@@ -19,6 +19,7 @@ from shardserve.engine.scheduler import Scheduler
 from shardserve.engine.structured_output import accept_token
 from shardserve.executor import create_executor
 from shardserve.inputs import PromptType
+from shardserve.lora.request import LoRARequest
 from shardserve.layers.linear import check_tensor_parallel_sizes
 from shardserve.models.pipeline import split_layers
 from shardserve.models.pooling import resolve_pooling_model
@@ -104,7 +105,7 @@ class LLMEngine:
             hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy,
             compact_json=bool(config.structured_outputs_config.get("disable_any_whitespace", False)),
             reasoning_parser=None if config.structured_outputs_config.get("enable_in_reasoning") else
-            config.reasoning_parser)
+            config.reasoning_parser, max_lora_rank=config.max_lora_rank if config.enable_lora else None)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
 
@@ -136,13 +137,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
                     params: SamplingParams | PoolingParams | None = None, hold_kv: bool = False,
-                    priority: int = 0) -> None:
+                    priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queue a prompt: with SamplingParams to generate, with PoolingParams for a pooling model.
         `hold_kv`: keep the finished request's KV blocks for `fork_request` until `release_requests`.
-        `priority`: under scheduling_policy="priority", lower is served first."""
+        `priority`: under scheduling_policy="priority", lower is served first. `lora_request`: the LoRA
+        adapter to run it through (enable_lora)."""
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        children = self.processor.make_requests(request_id, prompt, params or SamplingParams(), priority)
+        children = self.processor.make_requests(request_id, prompt, params or SamplingParams(), priority,
+                                                lora_request=lora_request)
         for child in children:
             child.hold_kv = hold_kv
         self.add_processed_request(request_id, children)
@@ -150,7 +153,7 @@ class LLMEngine:
     def fork_request(self, request_id: str, parent_request_id: str, token_id: int, params: SamplingParams) -> None:
         """Queue the tokens a finished `hold_kv` request computed, plus `token_id`, reusing that request's KV
         blocks (beam search's extensions): only the new token is computed. The new request holds its KV too, and
-        has the parent's priority."""
+        has the parent's priority and adapter."""
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         parent = self.scheduler.held.get(parent_request_id)
@@ -158,7 +161,8 @@ class LLMEngine:
             raise ValueError(f"Request {parent_request_id!r} holds no KV blocks to fork from.")
         (token_id,) = self.processor.validate_token_ids([token_id])
         tokens = parent.all_token_ids[:parent.num_computed_tokens] + [token_id]
-        child = Request(request_id, tokens, params, hold_kv=True, priority=parent.priority)
+        child = Request(request_id, tokens, params, hold_kv=True, priority=parent.priority,
+                        lora_request=parent.lora_request)
         self.scheduler.prepare_fork(parent_request_id, child)
         self.add_processed_request(request_id, [child])
 

@@ -10,6 +10,8 @@ import torch
 
 from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.engine.request import Request
+from shardserve.lora.adapter import read_adapter_config
+from shardserve.lora.request import LoRARequest
 from shardserve.engine.structured_output import StructuredOutputCompiler
 from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
 from shardserve.inputs import PromptType
@@ -49,7 +51,7 @@ class Processor:
                  embed_dim: int, dtype: torch.dtype, enable_prompt_embeds: bool = False,
                  pooling: PoolingModelConfig | None = None, model_name: str = "", hf_config=None,
                  max_logprobs: int = 20, scheduling_policy: str = "fcfs", compact_json: bool = False,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, max_lora_rank: int | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         # vLLM's cap on the logprobs one request asks for; -1: none (the whole vocabulary)
@@ -66,6 +68,8 @@ class Processor:
         self.structured = StructuredOutputCompiler(tokenizer, vocab_size, compact_json)
         # Where a reasoning model's thinking ends, so that its grammar holds only the answer (None: from the start).
         self.reasoner = reasoning_parser_for(reasoning_parser, tokenizer)
+        self.max_lora_rank = max_lora_rank   # None: LoRA is off (enable_lora)
+        self._adapter_paths: dict[int, str] = {}   # each adapter id's folder, as first seen
 
     def process_prompt(self, prompt: PromptType | ProcessedPrompt,
                        tokenization: TokenizationParams | None = None) -> ProcessedPrompt:
@@ -201,8 +205,27 @@ class Processor:
                              f"with scheduling_policy='priority' (--scheduling-policy priority).")
         return priority
 
+    def check_lora(self, lora: LoRARequest | None) -> LoRARequest | None:
+        """A request's adapter, checked once at the front door: LoRA must be on, the folder a LoRA adapter the
+        engine can apply, and an id always the same folder."""
+        if lora is None:
+            return None
+        if not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora).__name__}.")
+        if self.max_lora_rank is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True (--enable-lora).")
+        if self.pooling is not None:
+            raise ValueError("LoRA adapters run on generation models only.")
+        known = self._adapter_paths.setdefault(lora.lora_int_id, lora.lora_path)
+        if known != lora.lora_path:
+            raise ValueError(f"lora_int_id {lora.lora_int_id} is already the adapter at {known!r}: give "
+                             f"{lora.lora_path!r} an id of its own.")
+        read_adapter_config(lora.lora_path, self.max_lora_rank)
+        return lora
+
     def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                      priority: int = 0, reasoning_ended: bool | None = None) -> list[Request]:
+                      priority: int = 0, reasoning_ended: bool | None = None,
+                      lora_request: LoRARequest | None = None) -> list[Request]:
         """One request per completion: n > 1 fans out into n requests sharing the prompt (and so, through
         the prefix cache, its KV blocks), and the priority. A pooling request is one request.
         `reasoning_ended` (the chat server's, which knows the request's chat-template arguments): whether a
@@ -215,6 +238,7 @@ class Processor:
                             token_type_ids=prompt.token_type_ids, priority=priority)]
         prompt = self.process_prompt(prompt)
         params = self.validate_params(params)
+        lora_request = self.check_lora(lora_request)
         grammar = self._grammar(params)
         if prompt.embeds is not None and params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs are not available for prompt embeddings (there are no prompt tokens).")
@@ -223,14 +247,14 @@ class Processor:
             params.max_tokens = self.max_model_len - len(ids)
         if params.n == 1:
             children = [Request(request_id, ids, params, prompt=prompt.text, prompt_embeds=prompt.embeds,
-                                priority=priority, cache_salt=prompt.cache_salt)]
+                                priority=priority, cache_salt=prompt.cache_salt, lora_request=lora_request)]
         else:
             children = []
             for i in range(params.n):
                 child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
                 children.append(Request(f"{i}_{request_id}", ids, child_params, prompt=prompt.text, index=i,
                                         parent_id=request_id, prompt_embeds=prompt.embeds, priority=priority,
-                                        cache_salt=prompt.cache_salt))
+                                        cache_salt=prompt.cache_salt, lora_request=lora_request))
         if grammar is not None:  # each completion walks the grammar on its own
             if self.reasoner is not None and reasoning_ended is None:
                 reasoning_ended = self.reasoner.is_reasoning_end(ids)

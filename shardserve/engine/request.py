@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from shardserve.lora.request import LoRARequest
 from shardserve.outputs import PositionLogprobs
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
@@ -58,6 +59,7 @@ class Request:
     grammar: Any = None
     # A reasoning model's grammar starts once its thinking has ended (engine/reasoning.py).
     reasoning_ended: bool = True
+    lora_request: LoRARequest | None = None     # the adapter it runs through (enable_lora)
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -33,6 +33,7 @@ import torch
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.structured_output import GrammarBitmask
+from shardserve.lora.request import LoRARequest
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
 
@@ -47,6 +48,7 @@ class NewRequestData:
     prompt_embeds: torch.Tensor | None = None  # replaces the prompt tokens' embeddings
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None
+    lora_request: LoRARequest | None = None    # the adapter its tokens run through
 
 
 @dataclass
@@ -197,7 +199,7 @@ class Scheduler:
             sample=req.num_computed_tokens == req.num_tokens,
             new_request=NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
                                        req.sampling_params, req.prompt_embeds, req.pooling_params,
-                                       req.token_type_ids) if new else None,
+                                       req.token_type_ids, req.lora_request) if new else None,
         )
 
     def _preempt(self, req: Request) -> None:

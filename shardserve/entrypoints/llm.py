@@ -16,6 +16,7 @@ from shardserve.engine.processor import TokenizationParams
 from shardserve.entrypoints.chat_utils import load_chat_template, render_chat
 from shardserve.entrypoints.pooling import PoolingMixin
 from shardserve.inputs import PromptType, TextPrompt
+from shardserve.lora.request import LoRARequest
 from shardserve.outputs import PoolingRequestOutput, RequestOutput
 from shardserve.pooler_config import PoolerConfig
 from shardserve.pooling_params import PoolingParams
@@ -60,7 +61,8 @@ class LLM(PoolingMixin):
                  cuda_graph_sizes: list[int] | None = None, stream_interval: int = 1,
                  generation_config: str = "auto", override_generation_config: dict | None = None,
                  max_logprobs: int = 20, scheduling_policy: str = "fcfs",
-                 structured_outputs_config: dict | None = None, reasoning_parser: str | None = None, **kwargs):
+                 structured_outputs_config: dict | None = None, reasoning_parser: str | None = None,
+                 enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -83,7 +85,8 @@ class LLM(PoolingMixin):
             stream_interval=stream_interval, generation_config=generation_config,
             override_generation_config=dict(override_generation_config or {}), max_logprobs=max_logprobs,
             scheduling_policy=scheduling_policy, structured_outputs_config=dict(structured_outputs_config or {}),
-            reasoning_parser=reasoning_parser)
+            reasoning_parser=reasoning_parser, enable_lora=enable_lora, max_loras=max_loras,
+            max_lora_rank=max_lora_rank)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
@@ -105,9 +108,11 @@ class LLM(PoolingMixin):
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, *, priority: int | Sequence[int] | None = None,
+                 use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, *,
+                 priority: int | Sequence[int] | None = None,
                  tokenization_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """`priority`: one for all prompts or one each; lower is served first under scheduling_policy="priority"
+        """`lora_request`: the LoRA adapter (enable_lora=True) for all prompts, or one (or None) each.
+        `priority`: one for all prompts or one each; lower is served first under scheduling_policy="priority"
         (any other policy takes only 0). `tokenization_kwargs`: `add_special_tokens`, `truncate_prompt_tokens`,
         `truncation_side` (engine.processor.TokenizationParams)."""
         if isinstance(prompts, (str, dict)):
@@ -115,20 +120,9 @@ class LLM(PoolingMixin):
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"Got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, "
-                                 f"or one per prompt.")
-        if not isinstance(priority, (list, tuple)):  # one for every prompt (checked below)
-            priorities = [0 if priority is None else priority] * len(prompts)
-        else:
-            priorities = list(priority)
-            if len(priorities) != len(prompts):
-                raise ValueError(f"Got {len(priorities)} priorities for {len(prompts)} prompts; pass one, or one per "
-                                 f"prompt.")
+        params = _one_each(sampling_params, len(prompts), "SamplingParams")
+        priorities = _one_each(0 if priority is None else priority, len(prompts), "priorities")
+        loras = _one_each(lora_request, len(prompts), "LoRA requests")
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         processor = self.llm_engine.processor
         tokenization = TokenizationParams(**tokenization_kwargs) if tokenization_kwargs else None
@@ -137,18 +131,22 @@ class LLM(PoolingMixin):
             processor.validate_params(p)
         for p in priorities:
             processor.check_priority(p)
+        for lora in loras:
+            processor.check_lora(lora)
         # Offline callers see only finished outputs: the engine need not build one per step.
         params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
-        return self._run_requests(processed, params, use_tqdm, priorities)
+        return self._run_requests(processed, params, use_tqdm, priorities, loras)
 
     def _run_requests(self, prompts: list, params: list[SamplingParams | PoolingParams], use_tqdm: bool,
-                      priorities: list[int] | None = None) -> list[RequestOutput | PoolingRequestOutput]:
+                      priorities: list[int] | None = None,
+                      loras: list[LoRARequest | None] | None = None) -> list[RequestOutput | PoolingRequestOutput]:
         """Queue validated prompts and run the engine until they finish; outputs in input order."""
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 request_id = str(next(self._request_counter))
-                self.llm_engine.add_request(request_id, prompt, p, priority=priorities[i] if priorities else 0)
+                self.llm_engine.add_request(request_id, prompt, p, priority=priorities[i] if priorities else 0,
+                                            lora_request=loras[i] if loras else None)
                 ids.append(request_id)
             return self._run_engine(ids, use_tqdm)
         except BaseException:
@@ -159,7 +157,8 @@ class LLM(PoolingMixin):
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None, *, priority: int | Sequence[int] | None = None,
+             tools: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None, *,
+             priority: int | Sequence[int] | None = None,
              tokenization_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
         each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
@@ -180,8 +179,8 @@ class LLM(PoolingMixin):
             prompts.append(TextPrompt(prompt=text))
         # The template writes its own special tokens (BOS included): the tokenizer adds none unless asked.
         tokenization_kwargs = {"add_special_tokens": False, **(tokenization_kwargs or {})}
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
-                             tokenization_kwargs=tokenization_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request,
+                             priority=priority, tokenization_kwargs=tokenization_kwargs)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
@@ -222,3 +221,12 @@ class LLM(PoolingMixin):
                         bar.set_postfix_str(speed, refresh=False)
                         bar.update(1)
         return [finished[i] for i in request_ids]
+
+
+def _one_each(value, n: int, what: str) -> list:
+    """`value` for each of `n` prompts: a list or tuple is one each (of length n), anything else is for all."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"Got {len(value)} {what} for {n} prompts; pass one, or one per prompt.")
+    return list(value)

@@ -10,6 +10,7 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from shardserve.layers.cpu_gemm import PackedWeight, linear
+from shardserve.lora.layers import add_lora
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -45,16 +46,20 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         self.packed: PackedWeight | None = None  # set by cpu_gemm.prepack_model once weights are loaded
 
-    def _shard(self, loaded: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-        return loaded.narrow(dim, self.tp_rank * size, size)
+    def shard(self, loaded: torch.Tensor, shard_id=None) -> tuple[int, torch.Tensor]:
+        """This rank's part of a checkpoint tensor of the layer (of its projection `shard_id`, where it stores
+        several), and where that part starts along the layer's output features."""
+        if self.tp_dim is not None and self.tp_size > 1 and loaded.dim() > self.tp_dim:
+            size = self.weight.size(self.tp_dim)
+            loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+        return 0, loaded
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if self.tp_dim is not None and self.tp_size > 1 and loaded.dim() > self.tp_dim:
-            loaded = self._shard(loaded, self.tp_dim, param.size(self.tp_dim))
-        param.data.copy_(loaded)
+        offset, part = self.shard(loaded, shard_id)
+        (param.data if shard_id is None else param.data.narrow(0, offset, part.size(0))).copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return add_lora(self, x, linear(x, self.weight, self.bias, self.packed))
 
 
 class ReplicatedLinear(LinearBase):
@@ -74,11 +79,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def shard(self, loaded: torch.Tensor, shard_id: int) -> tuple[int, torch.Tensor]:
         tp = self.tp_size
-        offset = sum(self.output_sizes[:shard_id]) // tp
         size = self.output_sizes[shard_id] // tp
-        param.data.narrow(0, offset, size).copy_(self._shard(loaded, 0, size) if tp > 1 else loaded)
+        return sum(self.output_sizes[:shard_id]) // tp, loaded.narrow(0, self.tp_rank * size, size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -99,12 +103,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         output = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, output, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def shard(self, loaded: torch.Tensor, shard_id: str) -> tuple[int, torch.Tensor]:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size, rank = {"q": (0, q_size, self.tp_rank),
                               "k": (q_size, kv_size, self.tp_rank // self.kv_replicas),
                               "v": (q_size + kv_size, kv_size, self.tp_rank // self.kv_replicas)}[shard_id]
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+        return offset, loaded.narrow(0, rank * size, size)
 
 
 class RowParallelLinear(LinearBase):
@@ -112,6 +116,6 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, get_tp_size()), output_size, bias, tp_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The bias is added once, after the partial products are summed.
+        # The bias is added once, after the partial products are summed; so are the adapters' (partial) products.
         y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed)
-        return tp_all_reduce(y)
+        return tp_all_reduce(add_lora(self, x, y))

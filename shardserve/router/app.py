@@ -20,14 +20,15 @@ from shardserve.router.spec import ModelSpec
 def build_app(specs: list[ModelSpec], api_key: str | None = None, cors: CORSOptions | None = None) -> Application:
     if not specs:
         raise ValueError("An app serves at least one model.")
-    names = [s.name for s in specs]
+    adapters = {name: (spec.name, path) for spec in specs for name, path in spec.lora_modules.items()}
+    names = [s.name for s in specs] + list(adapters)
     if len(set(names)) != len(names):
-        raise ValueError(f"Served model names must be unique, got {names}.")
+        raise ValueError(f"Served model names (LoRA adapters' too) must be unique, got {names}.")
     if len(specs) == 1:
-        return Router.options(**specs[0].deployment_options(0)).bind({}, api_key, specs[0], cors)
+        return Router.options(**specs[0].deployment_options(0)).bind({}, api_key, specs[0], cors, adapters)
     models = {spec.name: ModelDeployment.options(**spec.deployment_options(i)).bind(spec)
               for i, spec in enumerate(specs)}
-    return Router.bind(models, api_key, None, cors)
+    return Router.bind(models, api_key, None, cors, adapters)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -107,9 +107,10 @@ class _EventStream(StreamingResponse):
 @serve.ingress(app)
 class Router:
     def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None, local=None,
-                 cors: CORSOptions | None = None):
+                 cors: CORSOptions | None = None, adapters: dict[str, tuple[str, str]] | None = None):
         """`models`: each served name's deployment; or `local`, the ModelSpec of the app's one model, which
-        this replica then serves itself."""
+        this replica then serves itself. `adapters`: each LoRA adapter's name -> (its model's name, its path);
+        a request naming one goes to its model's deployment."""
         _ReplicaCORS.options = cors or CORSOptions()
         if local is not None:  # imported here: a router in front of model deployments needs no engine
             from shardserve.router.model_deployment import ModelServer
@@ -117,6 +118,7 @@ class Router:
         else:
             self.local = None
         self.models = {local.name: None} if local is not None else models
+        self.adapters = adapters or {}
         self.api_key = api_key
         self._info: dict[str, dict] = {}
         self.created = int(time.time())
@@ -141,9 +143,11 @@ class Router:
     def _handle(self, name: str | None) -> tuple[str, DeploymentHandle]:
         if name is None:
             name = next(iter(self.models))
+        if name in self.adapters:
+            return name, self.models[self.adapters[name][0]]
         if name not in self.models:
-            raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.models)}.", 404,
-                           param="model")
+            raise APIError(f"The model `{name}` does not exist. Served models: "
+                           f"{', '.join([*self.models, *self.adapters])}.", 404, param="model")
         return name, self.models[name]
 
     async def _relay(self, request: Request, route: str, schema: type[BaseModel]):
@@ -240,10 +244,12 @@ class Router:
         except APIError as e:
             return _error(e)
         data = []
-        for name in self.models:
-            info = await self._model_info(name)
+        served = [(name, None, None) for name in self.models] + [(name, base, path)
+                                                                  for name, (base, path) in self.adapters.items()]
+        for name, base, path in served:
+            info = await self._model_info(base or name)
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "shardserve",
-                         "root": info["root"], "parent": None, "max_model_len": info["max_model_len"],
+                         "root": path or info["root"], "parent": base, "max_model_len": info["max_model_len"],
                          "permission": [{"id": f"modelperm-{name}", "object": "model_permission",
                                          "created": self.created, "allow_create_engine": False,
                                          "allow_sampling": True, "allow_logprobs": True,

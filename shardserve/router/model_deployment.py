@@ -54,7 +54,7 @@ class ModelServer:
                                      hand_off=_hand_off(spec, num_threads))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template),
                                      spec.enable_prompt_tokens_details, spec.tool_parser(),
-                                     spec.reasoning_parser)
+                                     spec.reasoning_parser, spec.lora_requests())
         self.pooling = PoolingServing(self.serving)
         self.runner = self.engine.engine.runner
         # What start-up made (the model, tokenizer, Ray, Serve, FastAPI: ~380k objects for a small model) lives
@@ -91,7 +91,11 @@ class ModelServer:
 
     def _request(self, route: str, body: dict | BaseModel) -> BaseModel:
         """The route's request: `body` as the router in this process already checked it, or checked here."""
-        return body if isinstance(body, BaseModel) else _REQUESTS[route].model_validate(body)
+        request = body if isinstance(body, BaseModel) else _REQUESTS[route].model_validate(body)
+        if route in _POOLING_ROUTES and getattr(request, "model", None) in self.serving.loras:
+            raise APIError(f"`{request.model}` is a LoRA adapter: adapters serve completions and chat only.",
+                           param="model")
+        return request
 
     async def call(self, route: str, body: dict | BaseModel) -> dict:
         try:

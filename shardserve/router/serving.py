@@ -20,6 +20,7 @@ from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.entrypoints.chat_utils import render_chat
 from shardserve.entrypoints.prompt_embeds import decode_prompt_embeds
 from shardserve.inputs import TokensPrompt
+from shardserve.lora.request import LoRARequest
 from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -179,7 +180,7 @@ def _fields(fields: dict | None) -> str:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
                  prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, loras: dict[str, LoRARequest] | None = None):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
@@ -187,6 +188,7 @@ class OpenAIServing:
         self.tool_parser = tool_parser  # reads "auto" tool calls (--enable-auto-tool-choice --tool-call-parser)
         # reads the thinking of a reasoning model's chat answers (a tokenizer without its tags fails here)
         self.reasoning_parser = reasoning_parser_for(reasoning_parser, self.tokenizer)
+        self.loras = loras or {}  # the LoRA adapters served under their own names (--lora-modules)
 
     def _max_tokens(self, max_tokens: int | None) -> int | None:
         """Online, vLLM refuses a max_tokens past the model's length (offline it runs to the length)."""
@@ -203,6 +205,11 @@ class OpenAIServing:
     def _cached(self, outputs: list[RequestOutput]) -> int | None:
         """The prompt tokens of `outputs` the prefix cache served, where the usage reports them."""
         return sum(o.num_cached_tokens for o in outputs) if self.prompt_tokens_details else None
+
+    def _adapter(self, req: CompletionRequest | ChatCompletionRequest) -> tuple[LoRARequest | None, str]:
+        """The LoRA adapter a request's `model` names (None: the base model), and the name answers carry."""
+        lora = self.loras.get(req.model) if req.model else None
+        return lora, lora.lora_name if lora else self.model_name
 
     @staticmethod
     def _reasoning_tokens(answers: ChatAnswers, outputs: list[CompletionOutput]) -> int | None:
@@ -253,7 +260,10 @@ class OpenAIServing:
         before any chunk, so the caller can still answer 400."""
         _refuse_unsupported(req)
         usage = _stream_usage(req)
+        lora, model_name = self._adapter(req)
         if req.use_beam_search:
+            if lora is not None:
+                raise APIError("use_beam_search does not run through LoRA adapters.", param="model")
             return await self._beam_search(req)
         prompts = self._completion_prompts(req)
         if req.echo and req.logprobs is not None and req.prompt_embeds is None:
@@ -267,10 +277,11 @@ class OpenAIServing:
         self.engine.processor.validate_params(params)
         await self._compile_ahead(params)
         prompt_index = {f"{request_id}-{i}": i for i in range(len(processed))}
-        streams = [self.engine.generate(p, params, rid, req.priority) for rid, p in zip(prompt_index, processed)]
+        streams = [self.engine.generate(p, params, rid, req.priority, lora_request=lora)
+                   for rid, p in zip(prompt_index, processed)]
         first, rest = await self._start(streams)
         meta = {"id": f"cmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
-                "model": self.model_name}
+                "model": model_name}
         if req.stream:
             return self._completion_stream(req, first, rest, prompt_index, meta, usage)
         finals: dict[int, RequestOutput] = {}
@@ -434,10 +445,11 @@ class OpenAIServing:
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         await self._compile_ahead(params)
+        lora, model_name = self._adapter(req)
         first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority,
-                                                              reasoning_ended)])
+                                                              reasoning_ended, lora)])
         meta = {"id": f"chatcmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
-                "model": self.model_name}
+                "model": model_name}
         if req.stream:
             return self._chat_stream(req, answers, first, rest, meta, prompt.token_ids, usage)
         async for final in _chain(first, rest):

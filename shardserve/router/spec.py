@@ -1,10 +1,13 @@
 """What to serve: one `ModelSpec` per model of the app (the CLI's flags, or a Serve config's args)."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardserve.config import EngineConfig
+from shardserve.lora.adapter import read_adapter_config
+from shardserve.lora.request import LoRARequest
 from shardserve.router.tool_calls import TOOL_CALL_PARSERS
 
 
@@ -34,6 +37,11 @@ class ModelSpec:
     max_logprobs: int = 20
     structured_outputs_config: dict[str, Any] = field(default_factory=dict)   # vLLM's: backend, disable_any_whitespace
     reasoning_parser: str | None = None          # the model family's thinking tags (engine/reasoning.py)
+    # LoRA (vLLM's --enable-lora --lora-modules name=path ...): each adapter is served under its own name
+    enable_lora: bool = False
+    lora_modules: dict[str, str] | list = field(default_factory=dict)   # name -> PEFT adapter folder
+    max_loras: int = 1
+    max_lora_rank: int = 16
     seed: int = 0
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -56,12 +64,21 @@ class ModelSpec:
     stream_interval_s: float = 0.0     # at most one streamed batch of tokens per interval (0: every step)
 
     def __post_init__(self) -> None:
+        self.lora_modules = _lora_modules(self.lora_modules)
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules (--lora-modules) requires enable_lora (--enable-lora).")
         self.engine_config()  # the engine's own checks, where the spec is made (the CLI, a Serve config)
+        for path in self.lora_modules.values():  # an adapter the engine cannot apply fails here too
+            read_adapter_config(path, self.max_lora_rank)
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got "
                              f"{self.tool_call_parser!r}.")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice requires tool_call_parser (--tool-call-parser).")
+
+    def lora_requests(self) -> dict[str, LoRARequest]:
+        """Each adapter's request, by its served name (ids in the order given)."""
+        return {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(self.lora_modules.items())}
 
     def tool_parser(self):
         """The parser of "auto" tool calls, where they are enabled."""
@@ -83,7 +100,8 @@ class ModelSpec:
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             scheduling_policy=self.scheduling_policy, structured_outputs_config=dict(self.structured_outputs_config),
-            reasoning_parser=self.reasoning_parser,
+            reasoning_parser=self.reasoning_parser, enable_lora=self.enable_lora, max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,
@@ -139,3 +157,26 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _lora_modules(modules: dict[str, str] | list) -> dict[str, str]:
+    """Adapters by name, from a {name: path} mapping or vLLM's --lora-modules items ("name=path", or JSON objects
+    with "name" and "path")."""
+    if isinstance(modules, dict):
+        items = list(modules.items())
+    else:
+        items = []
+        for item in modules:
+            if isinstance(item, str) and item.lstrip().startswith("{"):
+                item = json.loads(item)
+            if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("path"), str):
+                items.append((item["name"], item["path"]))
+            elif isinstance(item, str) and "=" in item:
+                items.append(tuple(item.split("=", 1)))
+            else:
+                raise ValueError(f"A LoRA module is name=path or {{\"name\": ..., \"path\": ...}}, got {item!r}.")
+    if any(not name or not path for name, path in items):
+        raise ValueError("Each LoRA module needs a name and a path.")
+    if len({name for name, _ in items}) != len(items):
+        raise ValueError(f"LoRA module names must be unique, got {[name for name, _ in items]}.")
+    return dict(items)

@@ -10,6 +10,9 @@ from shardserve.engine.scheduler import NewRequestData, ScheduledRequest, Schedu
 from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
+from shardserve.lora.adapter import AdapterCache
+from shardserve.lora.layers import active_loras
+from shardserve.lora.request import LoRARequest
 from shardserve.sampling_params import SamplingParams
 from shardserve.workers.pooling_runner import prepare_pooling_step
 
@@ -42,6 +45,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     generator: torch.Generator | None
     prompt_embeds: torch.Tensor | None = None  # on the device, in the model dtype
+    lora: LoRARequest | None = None
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -61,6 +65,7 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.is_pooling = getattr(model, "pooling_kind", None) is not None
         self.graphs = None  # a CudaGraphRunner, set by the worker when decode steps replay CUDA graphs
+        self.adapters: AdapterCache | None = None  # the loaded LoRA adapters, set by the worker (enable_lora)
         # Step inputs go to a GPU from page-locked memory, asynchronously (no sync per tensor).
         self.pin = device.type == "cuda"
         self._bit_index = torch.arange(32, dtype=torch.int32, device=device)  # unpacks structured-output bitmasks
@@ -94,7 +99,7 @@ class ModelRunner:
         embeds = None if new.prompt_embeds is None else new.prompt_embeds.to(self.device)
         self.requests[new.request_id] = CachedRequestState(
             list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids), params,
-            generator, embeds)
+            generator, embeds, new.lora_request)
 
     # inputs -----------------------------------------------------------------------------------------
 
@@ -144,6 +149,22 @@ class ModelRunner:
         for offset, values in rows:
             inputs_embeds[offset:offset + len(values)] = values
         return inputs_embeds
+
+    def _lora_groups(self, scheduled: list[ScheduledRequest], num_tokens: int) -> list:
+        """The step's adapters with the rows of their requests' tokens (None: every row), for `active_loras`."""
+        if self.adapters is None:
+            return []
+        rows: dict[int, list[int]] = {}
+        adapters: dict[int, LoRARequest] = {}
+        start = 0
+        for s in scheduled:
+            lora = self.requests[s.request_id].lora
+            if lora is not None:
+                rows.setdefault(lora.lora_int_id, []).extend(range(start, start + len(s.token_ids)))
+                adapters[lora.lora_int_id] = lora
+            start += len(s.token_ids)
+        return [(self.adapters.get(adapters[i], set(rows)), None if len(ids) == num_tokens else self.to_device(ids))
+                for i, ids in rows.items()]
 
     def _sampling_batch(self, states: list[CachedRequestState], grammar_rows: list[int | None] | None = None,
                         grammar_bits: torch.Tensor | None = None) -> SamplingBatch:
@@ -238,10 +259,13 @@ class ModelRunner:
         scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
         input_ids, positions, meta = self._prepare(scheduled)
         inputs_embeds = self._inputs_embeds(scheduled, input_ids) if self.pp.is_first else None
-        if self.graphs is not None and inputs_embeds is None and self.graphs.can_run(len(input_ids), meta):
+        loras = self._lora_groups(scheduled, len(input_ids))
+        if self.graphs is not None and inputs_embeds is None and not loras and \
+                self.graphs.can_run(len(input_ids), meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
-            hidden = self._forward(input_ids, positions, meta, lambda: {"inputs_embeds": inputs_embeds})
+            with active_loras(loras):
+                hidden = self._forward(input_ids, positions, meta, lambda: {"inputs_embeds": inputs_embeds})
         if hidden is None:
             return result
 

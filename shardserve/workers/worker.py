@@ -15,6 +15,7 @@ from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.layers.attention import Attention, AttentionMetadata, get_attention_backend
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.cpu_gemm import prepack_model
+from shardserve.lora.adapter import AdapterCache
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
 from shardserve.workers.cpu_malloc import keep_freed_memory, zeros_on_huge_pages
@@ -116,6 +117,9 @@ class Worker:
         logger.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
                     num_blocks * self.kv_bytes_per_block() / 2**20)
         self.runner = ModelRunner(self.model, bs, self.source.hf_config, self.dtype, self.device, self.config.seed)
+        if self.config.enable_lora:
+            self.runner.adapters = AdapterCache(self.model, self.config.max_loras, self.config.max_lora_rank,
+                                                self.dtype, self.device)
         if self.uses_cuda_graphs():
             sizes = self.config.cuda_graph_sizes or default_graph_sizes(self.config.max_num_seqs)
             max_blocks = -(-self.config.max_model_len // bs)

@@ -1,0 +1,103 @@
+"""LoRA adapters (vLLM's enable_lora / LoRARequest): a request through an adapter answers as the base model with
+the adapter merged into its weights (W + scaling B A) answers in transformers, while requests of other adapters,
+and of none, share its steps."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_lora_dir
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from shardserve import LLM, SamplingParams, TokensPrompt
+from shardserve.lora.request import LoRARequest
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 100, 200, 150, 7, 9, 33, 21, 17, 5, 6, 70, 71, 72, 73, 74, 75, 76, 77, 78],
+           [1, 300, 301, 302]]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def merged_reference(model_dir: str, lora_dir: str | None):
+    """The model in transformers with the adapter merged into its weights (the definition of what LoRA computes)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if lora_dir is None:
+        return model
+    config = json.loads((Path(lora_dir) / "adapter_config.json").read_text())
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    tensors = load_file(str(Path(lora_dir) / "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith("lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                b = tensors[key.replace("lora_A", "lora_B")]
+                modules[name].weight += scaling * b @ a
+    return model
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs):
+    return model_dirs("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8,
+               kv_cache_memory_bytes=1 << 26)
+
+
+def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora_dirs):
+    """One batch: a prompt through adapter "all" (every projection), one through "qv" (q and v only, rank 8,
+    rsLoRA), one through none, and the first prompt again through none: each is greedy of its own merged model,
+    and the same prompt under an adapter and without shares no prefix-cache blocks (its KV differs). max_loras=1:
+    a step's adapters are loaded even past the limit."""
+    all_, qv = lora_dirs("llama", "all"), lora_dirs("llama", "qv")
+    loras = [LoRARequest("all", 1, all_), LoRARequest("qv", 2, qv), None, None]
+    prompts = PROMPTS + PROMPTS[:1]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False,
+                        lora_request=loras)
+    references = {path: merged_reference(model_dir, path) for path in (all_, qv, None)}
+    for prompt, lora, out in zip(prompts, loras, outs):
+        expected = hf_greedy(references[lora and lora.lora_path], prompt, 12)
+        assert list(out.outputs[0].token_ids) == expected, lora
+    assert outs[0].outputs[0].token_ids != outs[3].outputs[0].token_ids  # the adapter changed the answer
+    # later, alone: the base model's blocks of PROMPTS[0] are cached, and the adapter's request does not use them
+    again = llm.generate(TokensPrompt(prompt_token_ids=PROMPTS[0]), GREEDY, use_tqdm=False, lora_request=loras[0])
+    assert again[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    chat = llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False, lora_request=loras[1],
+                    chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    expected = hf_greedy(references[qv], list(chat[0].prompt_token_ids), 12)
+    assert list(chat[0].outputs[0].token_ids) == expected
+
+
+def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, lora_dirs, tmp_path):
+    all_ = lora_dirs("llama", "all")
+    prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
+    cases = [(LoRARequest("big", 3, make_lora_dir(tmp_path / "big", model_dir, rank=16)), "greater than max_lora_rank"),
+             (LoRARequest("nothing", 4, str(tmp_path)), "has no adapter_config.json"),
+             (LoRARequest("other", 1, str(tmp_path / "big")), "lora_int_id 1 is already the adapter"),
+             (LoRARequest("embed", 5, make_lora_dir(tmp_path / "embed", model_dir, targets=("q_proj",),
+                                                    modules_to_save=["lm_head"])), "modules_to_save")]
+    llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("all", 1, all_))  # id 1 is "all" now
+    for lora, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=lora)
+    with pytest.raises(ValueError, match="Got 2 LoRA requests for 1 prompts"):
+        llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=[None, None])
+    with pytest.raises(ValueError, match="lora_int_id must be a positive integer"):
+        LoRARequest("zero", 0, all_)
+    plain = LLM(model_dir, dtype="float32", kv_cache_memory_bytes=1 << 24)
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        plain.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("all", 1, all_))
+    plain.shutdown()
