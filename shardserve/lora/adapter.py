@@ -105,7 +105,8 @@ def load_adapter(path: str, model: nn.Module, max_rank: int, dtype: torch.dtype,
         if set(pair) != {"A", "B"}:
             raise ValueError(f"LoRA adapter {path!r}: {name} needs both lora_A and lora_B.")
         if leaf not in SUPPORTED_TARGETS:
-            raise ValueError(f"LoRA adapter {path!r} changes {name}; supported: {', '.join(sorted(SUPPORTED_TARGETS))}.")
+            raise ValueError(f"LoRA adapter {path!r} changes {name}; supported: "
+                             f"{', '.join(sorted(SUPPORTED_TARGETS))}.")
         ours, shard_id = stacked.get(leaf, (leaf, None))
         module = modules.get(f"{prefix}.{ours}")
         if module is None:
