@@ -108,7 +108,7 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
                "streamed or whole (vLLM's stream drops it too; its whole answer without thinking keeps it)")]
 
 
-def run(engine: str, model: str, thinking: str) -> dict:
+def run(engine: str, model: str, thinking: str, loras: dict[str, str]) -> dict:
     mod = importlib.import_module(engine)
     tokens_prompt = importlib.import_module(f"{engine}.inputs").TokensPrompt
     beam_params = getattr(mod, "BeamSearchParams", None) or importlib.import_module(
@@ -144,10 +144,32 @@ def run(engine: str, model: str, thinking: str) -> dict:
             results[name] = generate(prompt, params, extra)
         except Exception as e:  # noqa: BLE001 - a refusal is an answer too
             results[name] = {"error": str(e).splitlines()[0][:200]}
-    if {"<think>", "</think>"} <= set(llm.get_tokenizer().get_vocab()):  # a reasoning model's vocabulary
-        del llm
+    thinks = {"<think>", "</think>"} <= set(llm.get_tokenizer().get_vocab())  # a reasoning model's vocabulary
+    llm = None  # the next engines are built with other settings: this one goes first
+    if thinks:
         results |= reasoning_gate(engine, mod, model)
+    results |= lora_scenarios(engine, mod, model, loras)
     return results | parse_tool_calls(engine, model) | parse_reasoning(engine, thinking)
+
+
+def lora_scenarios(engine: str, mod, model: str, loras: dict[str, str]) -> dict:
+    """One batch through LoRA adapters (each engine's LoRARequest, the same PEFT folders) and without: greedy
+    tokens and logprobs."""
+    import gc
+    gc.collect()
+    kwargs = dict(dtype="float32", max_model_len=128, seed=0, enable_lora=True, max_loras=2, max_lora_rank=8)
+    if engine == "vllm":
+        kwargs["kv_cache_memory_bytes"] = 1 << 28
+    llm = mod.LLM(model=model, **kwargs)
+    lora_request = importlib.import_module(f"{engine}.lora.request").LoRARequest
+    requests = [lora_request(name, i + 1, path) for i, (name, path) in enumerate(loras.items())] + [None]
+    tokens_prompt = importlib.import_module(f"{engine}.inputs").TokensPrompt
+    params = mod.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    outs = llm.generate([tokens_prompt(prompt_token_ids=PROMPT)] * len(requests), params, use_tqdm=False,
+                        lora_request=requests)
+    return {f"lora, {r.lora_name if r else 'none'}": {"token_ids": list(o.outputs[0].token_ids),
+                                                        "logprobs": _logprobs(o.outputs[0].logprobs)}
+            for r, o in zip(requests, outs)}
 
 
 def reasoning_gate(engine: str, mod, model: str) -> dict:
@@ -227,6 +249,16 @@ REASONING_ANSWERS = ["plain answer", "<think>step</think>answer", "step</think>a
                      "a<think>b</think>c", "x</think>y</think>z", "think<tool_call>{}</tool_call>",
                      "\n\nans</think>\n\nc", "caf\u00e9 \u4f60\u597d</think> ok"]
 REASONING_PARSERS = {"deepseek_r1": {}, "qwen3": {}, "qwen3 without thinking": {"enable_thinking": False}}
+
+
+def lora_adapters(model: Path, folder: Path) -> dict[str, str]:
+    """Two random PEFT adapters of the model, as tests/conftest.py makes them: "all" (every projection, rank 4)
+    and "qv" (q and v, rank 8, rsLoRA's scaling)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_lora_dir
+    return {"all": make_lora_dir(folder / "lora-all", str(model), seed=1),
+            "qv": make_lora_dir(folder / "lora-qv", str(model), targets=("q_proj", "v_proj"), rank=8, alpha=16,
+                                seed=2, use_rslora=True)}
 
 
 def thinking_tokenizer(path: Path) -> None:
@@ -321,14 +353,16 @@ def main() -> None:
     p.add_argument("--worker", choices=("shardserve", "vllm"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--thinking-tokenizer", help=argparse.SUPPRESS)
+    p.add_argument("--loras", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        Path(a.out).write_text(json.dumps(run(a.worker, a.model, a.thinking_tokenizer)))
+        Path(a.out).write_text(json.dumps(run(a.worker, a.model, a.thinking_tokenizer, json.loads(a.loras))))
         return
     model = str(chosen_model(p, a))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         thinking_tokenizer(Path(tmp) / "thinking")
+        loras = lora_adapters(Path(model), Path(tmp))
         for engine in ("shardserve", "vllm"):
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
             if engine == "vllm":
@@ -339,7 +373,7 @@ def main() -> None:
                 env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
             out = Path(tmp) / f"{engine}.json"
             proc = subprocess.run([python, __file__, "--worker", engine, "--model", model, "--out", str(out),
-                                   "--thinking-tokenizer", str(Path(tmp) / "thinking")],
+                                   "--thinking-tokenizer", str(Path(tmp) / "thinking"), "--loras", json.dumps(loras)],
                                   env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{engine} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

@@ -135,15 +135,14 @@ def make_lora_dir(path, model_dir: str, targets=LORA_TARGETS, rank: int = 4, alp
     from pathlib import Path
 
     from safetensors.torch import save_file
-    hf = json.loads((Path(model_dir) / "config.json").read_text())
-    hidden, inter, heads = hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hidden // heads
-    q, kv = heads * head_dim, hf.get("num_key_value_heads", heads) * head_dim
-    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    from transformers import AutoConfig
+
+    from shardserve.lora.adapter import target_shapes
+    hf = AutoConfig.from_pretrained(model_dir)
+    shapes = target_shapes(hf)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(hf["num_hidden_layers"]):
+    for layer in range(hf.num_hidden_layers):
         for target in targets:
             block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             name = f"base_model.model.model.layers.{layer}.{block}.{target}"

@@ -81,10 +81,12 @@ def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora
     assert list(chat[0].outputs[0].token_ids) == expected
 
 
-def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, lora_dirs, tmp_path):
+def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, model_dirs, lora_dirs, tmp_path):
+    """Refused at the request, in words, before a worker could fail on it: the engine serves on."""
     all_ = lora_dirs("llama", "all")
     prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
     cases = [(LoRARequest("big", 3, make_lora_dir(tmp_path / "big", model_dir, rank=16)), "greater than max_lora_rank"),
+             (LoRARequest("qwen3's", 6, lora_dirs("qwen3")), "an adapter of another model"),
              (LoRARequest("nothing", 4, str(tmp_path)), "has no adapter_config.json"),
              (LoRARequest("other", 1, str(tmp_path / "big")), "lora_int_id 1 is already the adapter"),
              (LoRARequest("embed", 5, make_lora_dir(tmp_path / "embed", model_dir, targets=("q_proj",),
@@ -93,6 +95,8 @@ def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, lora_dirs
     for lora, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=lora)
+    served = llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("all", 1, all_))
+    assert served[0].outputs[0].finish_reason == "length"
     with pytest.raises(ValueError, match="Got 2 LoRA requests for 1 prompts"):
         llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=[None, None])
     with pytest.raises(ValueError, match="lora_int_id must be a positive integer"):
@@ -101,3 +105,7 @@ def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, lora_dirs
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         plain.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("all", 1, all_))
     plain.shutdown()
+    opt = LLM(model_dirs("opt"), dtype="float32", enable_lora=True, kv_cache_memory_bytes=1 << 24)
+    with pytest.raises(ValueError, match="LoRA adapters run on .*LlamaForCausalLM"):
+        opt.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("all", 1, all_))
+    opt.shutdown()

@@ -10,7 +10,7 @@ import torch
 
 from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.engine.request import Request
-from shardserve.lora.adapter import read_adapter_config
+from shardserve.lora.adapter import check_adapter
 from shardserve.lora.request import LoRARequest
 from shardserve.engine.structured_output import StructuredOutputCompiler
 from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
@@ -216,11 +216,13 @@ class Processor:
             raise ValueError("LoRA is not enabled: create the engine with enable_lora=True (--enable-lora).")
         if self.pooling is not None:
             raise ValueError("LoRA adapters run on generation models only.")
-        known = self._adapter_paths.setdefault(lora.lora_int_id, lora.lora_path)
-        if known != lora.lora_path:
+        known = self._adapter_paths.get(lora.lora_int_id)
+        if known is None:  # first sight: checked whole (a worker's load must not fail), then trusted by its id
+            check_adapter(lora.lora_path, self.hf_config, self.max_lora_rank)
+            self._adapter_paths[lora.lora_int_id] = lora.lora_path
+        elif known != lora.lora_path:
             raise ValueError(f"lora_int_id {lora.lora_int_id} is already the adapter at {known!r}: give "
                              f"{lora.lora_path!r} an id of its own.")
-        read_adapter_config(lora.lora_path, self.max_lora_rank)
         return lora
 
     def make_requests(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,

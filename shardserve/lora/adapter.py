@@ -70,6 +70,66 @@ def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
     return AdapterConfig(rank, scaling)
 
 
+# The model families whose layers carry these projections (lora_modules under other models are refused).
+SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                     "Qwen3ForCausalLM"})
+
+
+def target_shapes(hf_config) -> dict[str, tuple[int, int]]:
+    """Each supported projection's (out, in) features in a Llama-style model of this config (whole, not
+    sharded)."""
+    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
+    inter = hf_config.intermediate_size
+    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+
+def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:
+    """`read_adapter_config`, and the adapter's tensors checked against the model (names, pairs, ranks, shapes)
+    from the file's header alone: what a worker will load cannot fail there, where it would stop the engine."""
+    config = read_adapter_config(path, max_rank)
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not set(architectures) & SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"LoRA adapters run on {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models; this one is "
+                         f"{'/'.join(architectures) or 'of unknown architecture'}.")
+    shapes, layers = target_shapes(hf_config), hf_config.num_hidden_layers
+    for name, pair in _pairs(path, _tensor_shapes(path)).items():
+        leaf = name.rpartition(".")[2]
+        layer = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.\w+", name)
+        if leaf not in shapes or layer is None or int(layer[1]) >= layers:
+            raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have (supported: "
+                             f"{', '.join(sorted(SUPPORTED_TARGETS))} of its {layers} layers).")
+        out_features, in_features = shapes[leaf]
+        if pair.get("A") != (config.rank, in_features) or pair.get("B") != (out_features, config.rank):
+            raise ValueError(f"LoRA adapter {path!r}: {name} is not a rank-{config.rank} pair for a "
+                             f"{out_features} x {in_features} projection (A {pair.get('A')}, B {pair.get('B')}): "
+                             f"an adapter of another model?")
+    return config
+
+
+def _pairs(path: str, tensors: dict) -> dict[str, dict]:
+    """The adapter's (A, B) pairs (tensors, or their shapes) by the name of the module they change."""
+    pairs: dict[str, dict] = {}
+    for key, value in tensors.items():
+        match = _TENSOR.fullmatch(key)
+        if match is None:
+            raise ValueError(f"LoRA adapter {path!r} holds {key!r}: only lora_A / lora_B weights of linear layers "
+                             f"are supported.")
+        pairs.setdefault(match[1], {})[match[2]] = value
+    return pairs
+
+
+def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    folder = Path(path)
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors import safe_open
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    return {key: tuple(t.shape) for key, t in _read_tensors(path).items()}
+
+
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     folder = Path(path)
     if (folder / "adapter_model.safetensors").is_file():
@@ -88,35 +148,21 @@ def _on_other_stage(modules: dict[str, nn.Module], name: str) -> bool:
 
 def load_adapter(path: str, model: nn.Module, max_rank: int, dtype: torch.dtype,
                  device: torch.device) -> dict[nn.Module, LoRAWeights]:
-    """Each linear layer of this worker's shard the adapter changes, with the low-rank pair it adds."""
+    """Each linear layer of this worker's shard the adapter changes, with the low-rank pair it adds (an adapter
+    `check_adapter` passed for this model)."""
     config = read_adapter_config(path, max_rank)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _read_tensors(path).items():
-        match = _TENSOR.fullmatch(key)
-        if match is None:
-            raise ValueError(f"LoRA adapter {path!r} holds {key!r}: only lora_A / lora_B weights of linear layers "
-                             f"are supported.")
-        pairs.setdefault(match[1], {})[match[2]] = tensor
     stacked = {ckpt: (ours, shard) for ckpt, ours, shard in getattr(model, "stacked_params", [])}
     modules = dict(model.named_modules())
     parts: dict[LinearBase, list[tuple[object, torch.Tensor, torch.Tensor]]] = {}
-    for name, pair in pairs.items():
+    for name, pair in _pairs(path, _read_tensors(path)).items():
         prefix, _, leaf = name.rpartition(".")
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"LoRA adapter {path!r}: {name} needs both lora_A and lora_B.")
-        if leaf not in SUPPORTED_TARGETS:
-            raise ValueError(f"LoRA adapter {path!r} changes {name}; supported: "
-                             f"{', '.join(sorted(SUPPORTED_TARGETS))}.")
         ours, shard_id = stacked.get(leaf, (leaf, None))
         module = modules.get(f"{prefix}.{ours}")
         if module is None:
             if _on_other_stage(modules, name):
                 continue
             raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have.")
-        a, b = pair["A"], pair["B"]
-        if a.size(0) != config.rank or b.size(1) != config.rank:
-            raise ValueError(f"LoRA adapter {path!r}: {name} is not of rank {config.rank}.")
-        parts.setdefault(module, []).append((shard_id, a, b))
+        parts.setdefault(module, []).append((shard_id, pair["A"], pair["B"]))
     return {module: _pack(module, layer_parts, config, dtype, device) for module, layer_parts in parts.items()}
 
 
@@ -163,8 +209,9 @@ class AdapterCache:
         if lora.lora_int_id in self.loaded:
             self.loaded.move_to_end(lora.lora_int_id)
             return self.loaded[lora.lora_int_id]
-        for old in [i for i in self.loaded if i not in keep][:max(0, len(self.loaded) + 1 - self.max_loras)]:
-            del self.loaded[old]
+        evictable = [i for i in self.loaded if i not in keep]   # least recently used first
+        while evictable and len(self.loaded) >= self.max_loras:
+            del self.loaded[evictable.pop(0)]
         weights = load_adapter(lora.lora_path, self.model, self.max_rank, self.dtype, self.device)
         self.loaded[lora.lora_int_id] = weights
         return weights

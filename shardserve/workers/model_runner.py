@@ -163,7 +163,8 @@ class ModelRunner:
                 rows.setdefault(lora.lora_int_id, []).extend(range(start, start + len(s.token_ids)))
                 adapters[lora.lora_int_id] = lora
             start += len(s.token_ids)
-        return [(self.adapters.get(adapters[i], set(rows)), None if len(ids) == num_tokens else self.to_device(ids))
+        in_step = set(rows)
+        return [(self.adapters.get(adapters[i], in_step), None if len(ids) == num_tokens else self.to_device(ids))
                 for i, ids in rows.items()]
 
     def _sampling_batch(self, states: list[CachedRequestState], grammar_rows: list[int | None] | None = None,

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""What LoRA adapters cost: offline generation through no adapter, one, and four at once (requests spread over
+them in one batch), shardserve against vLLM, same run, same model, same PEFT adapters, same prompts.
+
+The model: a preset's random Llama (benchmarks/throughput.py); the adapters: random rank-8 PEFT adapters on all
+seven projections, made as tests/conftest.py makes them. Each engine runs in its own subprocess with
+enable_lora=True, max_loras=4, max_lora_rank=16: one warm-up call per mode, then a timed greedy `generate` of
+--num-prompts requests (ignore_eos, so every request makes --output-len tokens). Prints output tokens per second
+for each mode, each mode's share of the base model's, and ours / vLLM's.
+
+Usage: .venv/bin/python benchmarks/lora.py [--model-preset small] [--peers shardserve,vllm]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, build_model, chosen_peers, cpu_busy,  # noqa: E402
+                        finish_worker, make_prompts, run_worker, worker_error)
+
+PEERS = ("shardserve", "vllm")
+MODES = {"base": 0, "one adapter": 1, "four adapters": 4}   # mode -> adapters the batch's requests spread over
+
+
+def make_adapters(model: Path, count: int) -> list[str]:
+    """`count` random rank-8 adapters of the model, cached beside it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_lora_dir
+    folders = []
+    for i in range(count):
+        folder = CACHE_DIR / f"{model.name}-lora-{i}"
+        if not (folder / "adapter_config.json").exists():
+            make_lora_dir(folder, str(model), rank=8, alpha=16, seed=i + 1)
+        folders.append(str(folder))
+    return folders
+
+
+def worker(a: argparse.Namespace) -> None:
+    try:
+        mod = importlib.import_module(a.worker)
+        tokens_prompt = importlib.import_module(f"{a.worker}.inputs").TokensPrompt
+        lora_request = importlib.import_module(f"{a.worker}.lora.request").LoRARequest
+        adapters = [lora_request(f"lora-{i}", i + 1, path) for i, path in enumerate(json.loads(a.adapters))]
+        llm = mod.LLM(model=str(a.model), dtype="float32", max_num_seqs=a.num_prompts,
+                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
+                      enable_lora=True, max_loras=4, max_lora_rank=16)
+        params = mod.SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
+        warmup, *timed = json.loads(Path(a.prompts_file).read_text())
+        res = {}
+        for (mode, count), prompts in zip(MODES.items(), timed):
+            loras = [adapters[i % count] if count else None for i in range(len(prompts))]
+            llm.generate([tokens_prompt(prompt_token_ids=p) for p in warmup], params, use_tqdm=False,
+                         lora_request=loras[:len(warmup)])
+            start = time.perf_counter()
+            outs = llm.generate([tokens_prompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                lora_request=loras)
+            wall = time.perf_counter() - start
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            res[mode] = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+                         "first_tokens": [list(o.outputs[0].token_ids[:8]) for o in outs[:4]]}
+    except Exception as e:  # report and let the parent go on
+        res = worker_error(e)
+    finish_worker(res)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--peers", default="shardserve,vllm", help=f"comma list of {','.join(PEERS)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    p.add_argument("--adapters", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    peers = chosen_peers(p, a, PEERS)
+    a.model = build_model(a.model_preset)
+    adapters = make_adapters(a.model, max(MODES.values()))
+    prompts_file = CACHE_DIR / f"lora-prompts-{os.getpid()}.json"
+    prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + len(MODES), a.num_prompts, a.input_len)))
+    print(f"model {a.model}  {a.num_prompts} requests, {a.input_len} in / {a.output_len} out, greedy, rank-8 "
+          f"adapters on all projections  threads {a.threads}", flush=True)
+    results = {}
+    for peer in peers:
+        if (busy := cpu_busy()) > 0.15:
+            print(f"  note: CPU {busy:.0%} busy before {peer}: its timing may be off", flush=True)
+        results[peer] = run_worker(peer, Path(__file__), [
+            "--prompts-file", str(prompts_file), "--model", str(a.model), "--num-prompts", str(a.num_prompts),
+            "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--adapters", json.dumps(adapters)],
+            a.threads, f"lora-{peer}")
+        print(f"  {peer}: {results[peer].get('error', 'done')}", flush=True)
+    prompts_file.unlink()
+    ok = {peer: r for peer, r in results.items() if "error" not in r}
+    print(f"\n{'engine':<12}" + "".join(f"{m + ' tok/s':>22}" for m in MODES) + f"{'one/base':>10}{'four/base':>11}")
+    for peer, r in ok.items():
+        print(f"{peer:<12}" + "".join(f"{r[m]['tok_s']:>22.0f}" for m in MODES) +
+              f"{r['one adapter']['tok_s'] / r['base']['tok_s']:>10.2f}"
+              f"{r['four adapters']['tok_s'] / r['base']['tok_s']:>11.2f}")
+    if len(ok) == 2:
+        ours, theirs = ok["shardserve"], ok["vllm"]
+        for mode in MODES:
+            same = ours[mode]["first_tokens"] == theirs[mode]["first_tokens"]
+            print(f"ours / vLLM, {mode}: {ours[mode]['tok_s'] / theirs[mode]['tok_s']:.2f}  "
+                  f"(first tokens {'the same' if same else 'DIFFERENT'})")
+
+
+if __name__ == "__main__":
+    main()
