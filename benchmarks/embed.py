@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from throughput import RESULT_TAG, cpu_busy, finish_worker, worker_error  # same directory
+from throughput import RESULT_TAG, cpu_busy, finish_worker, note_if_busy, worker_error  # same directory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(tempfile.gettempdir()) / "shardserve-bench"
@@ -150,9 +150,7 @@ def main() -> None:
             deadline = time.time() + a.wait_idle
             while time.time() < deadline and cpu_busy(2.0) > 0.15:
                 time.sleep(3)
-            if (busy := cpu_busy()) > 0.15:
-                print(f"  note: CPU {busy:.0%} busy with other work before {peer}: its timing may be low",
-                      flush=True)
+            note_if_busy(peer)
             files[peer] = CACHE_DIR / f"embed-{kind}-{peer}-{os.getpid()}.npy"
             results[peer] = r = run_peer(peer, a, sentences_file, files[peer])
             status = f"failed: {r['error']}" if "error" in r else \

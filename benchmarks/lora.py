@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, build_model, chosen_peers, cpu_busy,  # noqa: E402
-                        finish_worker, make_prompts, run_worker, worker_error)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, build_model, chosen_peers, finish_worker,  # noqa: E402
+                        make_prompts, note_if_busy, offline_arguments, run_worker, worker_error)
 
 PEERS = ("shardserve", "vllm")
 MODES = {"base": 0, "one adapter": 1, "four adapters": 4}   # mode -> adapters the batch's requests spread over
@@ -71,15 +71,7 @@ def worker(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--peers", default="shardserve,vllm", help=f"comma list of {','.join(PEERS)}")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    offline_arguments(p, PEERS, output_len=64)
     p.add_argument("--adapters", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -93,8 +85,7 @@ def main() -> None:
           f"adapters on all projections  threads {a.threads}", flush=True)
     results = {}
     for peer in peers:
-        if (busy := cpu_busy()) > 0.15:
-            print(f"  note: CPU {busy:.0%} busy before {peer}: its timing may be off", flush=True)
+        note_if_busy(peer)
         results[peer] = run_worker(peer, Path(__file__), [
             "--prompts-file", str(prompts_file), "--model", str(a.model), "--num-prompts", str(a.num_prompts),
             "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--adapters", json.dumps(adapters)],

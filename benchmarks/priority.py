@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, chosen_model, chosen_peers, cpu_busy,  # noqa: E402
-                        finish_worker, make_prompts, run_worker, worker_error)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, chosen_model, chosen_peers,  # noqa: E402
+                        finish_worker, make_prompts, note_if_busy, run_worker, worker_error)
 
 PEERS = ("shardserve", "vllm")
 POLICIES = ("fcfs", "priority")
@@ -128,8 +128,7 @@ def main() -> None:
     rows = []
     for peer in peers:
         for policy in POLICIES:
-            if (busy := cpu_busy()) > 0.15:
-                print(f"  note: CPU {busy:.0%} busy before {peer} / {policy}: its timing may be off", flush=True)
+            note_if_busy(f"{peer} / {policy}")
             r = run(peer, policy, a, prompts_file)
             if "error" in r:
                 print(f"  {peer} / {policy}: failed: {r['error']}", flush=True)

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, chosen_peers, cpu_busy, finish_worker,  # noqa: E402
-                        make_prompts, run_worker, save_model_dir, worker_error)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, PRESETS, chosen_peers, finish_worker, make_prompts,  # noqa: E402
+                        note_if_busy, offline_arguments, run_worker, save_model_dir, worker_error)
 
 PEERS = ("shardserve", "vllm")
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -83,15 +83,7 @@ def run(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--peers", default="shardserve,vllm", help=f"comma list of {','.join(PEERS)}")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    offline_arguments(p, PEERS, output_len=128)
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -103,8 +95,7 @@ def main() -> None:
           f"threads {a.threads}", flush=True)
     results = {}
     for peer in peers:
-        if (busy := cpu_busy()) > 0.15:
-            print(f"  note: CPU {busy:.0%} busy before {peer}: its timing may be off", flush=True)
+        note_if_busy(peer)
         results[peer] = run(peer, a, prompts_file)
         print(f"  {peer}: {results[peer].get('error', 'done')}", flush=True)
     prompts_file.unlink()

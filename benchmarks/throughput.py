@@ -276,6 +276,26 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
+
+def note_if_busy(what: str) -> None:
+    """Say so where the CPU is busy with other work before `what` runs: its timing would be low."""
+    if (busy := cpu_busy()) > 0.15:
+        print(f"  note: CPU {busy:.0%} busy with other work before {what}: its timing may be low", flush=True)
+
+
+def offline_arguments(p: argparse.ArgumentParser, peers: tuple[str, ...], output_len: int) -> None:
+    """The arguments of an offline benchmark of the engines against each other on a preset's model (and the
+    hidden ones its worker subprocesses take)."""
+    p.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--peers", default=",".join(peers), help=f"comma list of {','.join(peers)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", choices=peers, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+
 def print_table(results: dict[str, dict], batch: int) -> None:
     ours = results.get("shardserve", {}).get("tok_s")
     cols = ["peer", "out tokens", "gen s", "tok/s"] + (["ms/tok"] if batch == 1 else []) + ["ours/peer"]
@@ -326,8 +346,7 @@ def main() -> None:
 
     results = {}
     for peer in peers:
-        if (busy := cpu_busy()) > 0.15:
-            print(f"  note: CPU {busy:.0%} busy with other work before {peer}: its timing may be low", flush=True)
+        note_if_busy(peer)
         results[peer] = r = run_peer(peer, a, prompts_file)
         status = f"failed: {r['error']} (log: {r['log']})" if "error" in r else (
             f"{r['tok_s']:.1f} tok/s (calls: {', '.join(f'{t:.2f}' for t in r['all_seconds'])} s)")
