@@ -322,8 +322,7 @@ def _free_port() -> int:
 def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
     """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
     calls in hermes' format, and with a LoRA adapter served as "tiny-lora") and as "tiny-tp2" (two
-    tensor-parallel workers, no tool-call parser), one with
-    thinking tags in its vocabulary as "tiny-think" (--reasoning-parser qwen3, hermes' tool calls),
+    tensor-parallel workers, no tool-call parser),
     all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka dimensions, as "minilm-st", a random BERT
     cross-encoder "cross" and a 3-label BERT "classifier"."""
     from ray import serve
@@ -339,11 +338,6 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
                        tool_call_parser="hermes", enable_lora=True,
                        lora_modules={"tiny-lora": lora_dirs("llama", "all")}, **common),
              ModelSpec(served_model_name="tiny-tp2", tensor_parallel_size=2, **common),
-             # no CPU reserved: the cluster's spare CPU stays for test_server's "solo" app and its replacement
-             ModelSpec(**{**common, "model": model_dirs("llama", "thinking"), "chat_template": THINK_TEMPLATE,
-                          "num_cpus": 0},
-                       served_model_name="tiny-think", reasoning_parser="qwen3", enable_auto_tool_choice=True,
-                       tool_call_parser="hermes"),
              ModelSpec(model=default_embedding_model(), served_model_name="minilm", num_cpus=0.25),
              ModelSpec(model=minilm_st_dir, served_model_name="minilm-st", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),

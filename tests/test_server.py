@@ -316,8 +316,8 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     r = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": tokenizer.encode(PROMPTS[0])})
     assert r.json()["prompt"] == tokenizer.decode(tokenizer.encode(PROMPTS[0]))
     models = httpx.get(f"{server}/v1/models", headers=_headers()).json()
-    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "tiny-think", "minilm", "minilm-st",
-                                                 "cross", "classifier", "tiny-lora"}
+    assert {m["id"] for m in models["data"]} == {"tiny", "tiny-tp2", "minilm", "minilm-st", "cross",
+                                                 "classifier", "tiny-lora"}
     assert httpx.get(f"{server}/health").status_code == 200
     assert "version" in httpx.get(f"{server}/version").json()
 
@@ -523,7 +523,27 @@ def test_lora_adapters_are_served_under_their_own_names(server, client, model_di
     offline.shutdown()
 
 
-def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
+@pytest.fixture
+def think_client(server, model_dirs):
+    """A Llama with thinking tags in its vocabulary, served for one test as "tiny-think" (--reasoning-parser qwen3,
+    hermes' tool calls) in an app of its own, deleted after it: the session's app keeps the cluster's spare CPU for
+    the replicas the last tests make Serve replace."""
+    from conftest import THINK_TEMPLATE
+    from ray import serve
+
+    from shardserve.router.app import build_app
+    from shardserve.router.spec import ModelSpec
+    spec = ModelSpec(model=model_dirs("llama", "thinking"), served_model_name="tiny-think",
+                     chat_template=THINK_TEMPLATE, dtype="float32", num_cpus=0.25, reasoning_parser="qwen3",
+                     enable_auto_tool_choice=True, tool_call_parser="hermes", **ENGINE)
+    serve.run(build_app([spec], api_key=API_KEY), name="think", route_prefix="/think", blocking=False)
+    try:
+        yield OpenAI(base_url=f"{server}/think/v1", api_key=API_KEY, max_retries=0)
+    finally:
+        serve.delete("think")
+
+
+def test_reasoning_is_told_apart_from_the_answer(think_client, model_dirs):
     """--reasoning-parser qwen3 ("tiny-think"): the thinking comes back as the message's `reasoning`, the answer as
     its content, where the tool-call parser reads the calls; streamed, the parts add up to the same; the usage counts
     the thinking tokens. The grammar holds only the answer, so a choice constraint makes the random model answer
@@ -548,7 +568,7 @@ def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
     assert out.text == thought + "</think>" + structured["choice"][0]
     kwargs = dict(model="tiny-think", messages=MESSAGES, max_tokens=120, temperature=0, tools=TOOLS,
                   logit_bias={str(end): bias}, extra_body={"structured_outputs": structured})
-    got = client.chat.completions.create(**kwargs)
+    got = think_client.chat.completions.create(**kwargs)
     message = got.choices[0].message
     assert message.reasoning == thought and message.content == "Let me look." and got.choices[0].finish_reason == \
         "tool_calls"
@@ -556,7 +576,7 @@ def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
         [("get_weather", {"city": "Rome", "unit": "F"})]
     thinking_tokens = [t for t in out.token_ids[:out.token_ids.index(end)] if t not in tokenizer.all_special_ids]
     assert got.usage.completion_tokens_details.reasoning_tokens == len(thinking_tokens)
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(think_client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == thought
     assert "".join(d.content or "" for d in deltas) == "Let me look."
@@ -566,15 +586,15 @@ def test_reasoning_is_told_apart_from_the_answer(client, model_dirs):
     # without thinking: the template closes it (enable_thinking false, or reasoning_effort "none"), or it is not
     # returned (include_reasoning false); either way the answer is held to the grammar from its first token
     plain = {"choice": ["Paris", "Rome"]}
+    short = dict(model="tiny-think", messages=MESSAGES, max_tokens=20, temperature=0)
     for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
-        got = client.chat.completions.create(model="tiny-think", messages=MESSAGES, max_tokens=20, temperature=0,
-                                             extra_body={"structured_outputs": plain, **extra}).choices[0].message
+        got = think_client.chat.completions.create(**short, extra_body={"structured_outputs": plain, **extra})
         expected = offline.chat(MESSAGES, greedy(max_tokens=20, structured_outputs=plain), use_tqdm=False,
                                 chat_template_kwargs={"enable_thinking": False})[0].outputs[0].text
-        assert (got.reasoning, got.content) == (None, expected) and expected in plain["choice"], extra
-    got = client.chat.completions.create(model="tiny-think", messages=MESSAGES, max_tokens=20, temperature=0,
-                                         logprobs=True, extra_body={"structured_outputs": plain,
-                                                                    "include_reasoning": False}).choices[0]
+        message = got.choices[0].message
+        assert (message.reasoning, message.content) == (None, expected) and expected in plain["choice"], extra
+    got = think_client.chat.completions.create(**short, logprobs=True, extra_body={
+        "structured_outputs": plain, "include_reasoning": False}).choices[0]
     # a random model writes no </think>: all of the answer reads as (unreturned) thinking, and its logprobs stay hidden
     assert (got.message.reasoning, got.message.content, got.logprobs) == (None, None, None)
     offline.shutdown()
