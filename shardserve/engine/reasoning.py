@@ -161,14 +161,10 @@ class ReasoningStream:
     reasoning_sent: int = 0
     content: str = ""   # the answer so far
 
-    @property
-    def content_sent(self) -> int:
-        return len(self.content)
-
     def advance(self, text: str) -> tuple[str, str]:
         """(new thinking, new answer) of the text so far."""
         reasoning, content = self.parser.split(text)
         reasoning, content = reasoning or "", content or ""
-        new_reasoning, new_content = reasoning[self.reasoning_sent:], content[self.content_sent:]
+        new_reasoning, new_content = reasoning[self.reasoning_sent:], content[len(self.content):]
         self.reasoning_sent, self.content = len(reasoning), content
         return new_reasoning, new_content

@@ -211,11 +211,6 @@ class OpenAIServing:
         lora = self.loras.get(req.model) if req.model else None
         return lora, lora.lora_name if lora else self.model_name
 
-    @staticmethod
-    def _reasoning_tokens(answers: ChatAnswers, outputs: list[CompletionOutput]) -> int | None:
-        """The completion tokens spent thinking, where the server reads reasoning (vLLM's usage detail)."""
-        return sum(answers.reasoning_tokens(c.token_ids) for c in outputs) if answers.reasoning else None
-
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -466,7 +461,7 @@ class OpenAIServing:
                 **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})})
         body = {**meta, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs),
-                                self._cached([final]), self._reasoning_tokens(answers, final.outputs))}
+                                self._cached([final]), answers.reasoning_tokens(final.outputs))}
         if req.return_token_ids:
             body["prompt_token_ids"] = list(final.prompt_token_ids)
         return body
@@ -518,7 +513,7 @@ class OpenAIServing:
             await rest.aclose()
         if final_usage:
             yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens, self._cached([last]),
-                                       self._reasoning_tokens(answers, list(latest.values()))))
+                                       answers.reasoning_tokens(list(latest.values()))))
 
     # tokens -----------------------------------------------------------------------------------------
 

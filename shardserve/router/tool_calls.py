@@ -373,7 +373,7 @@ class ChatAnswers:
         fields: dict[str, Any] = {}
         if self.reasoning is not None:
             thought = self._thoughts.setdefault(index, self.reasoning.stream())
-            started = thought.content_sent > 0
+            started = bool(thought.content)
             new_reasoning, new_text = thought.advance(text)
             text, first = thought.content, not started and bool(new_text)
             if new_reasoning and self.include_reasoning:
@@ -395,5 +395,9 @@ class ChatAnswers:
         return {**fields, **({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}, \
             stream.calls_sent > 0
 
-    def reasoning_tokens(self, token_ids: list[int]) -> int:
-        return self.reasoning.count_reasoning_tokens(token_ids) if self.reasoning is not None else 0
+    def reasoning_tokens(self, outputs: list) -> int | None:
+        """The completion tokens the choices spent thinking, where the server reads reasoning (vLLM's usage
+        detail), else None."""
+        if self.reasoning is None:
+            return None
+        return sum(self.reasoning.count_reasoning_tokens(c.token_ids) for c in outputs)

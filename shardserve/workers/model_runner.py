@@ -154,18 +154,16 @@ class ModelRunner:
         """The step's adapters with the rows of their requests' tokens (None: every row), for `active_loras`."""
         if self.adapters is None:
             return []
-        rows: dict[int, list[int]] = {}
-        adapters: dict[int, LoRARequest] = {}
+        rows: dict[LoRARequest, list[int]] = {}
         start = 0
         for s in scheduled:
             lora = self.requests[s.request_id].lora
             if lora is not None:
-                rows.setdefault(lora.lora_int_id, []).extend(range(start, start + len(s.token_ids)))
-                adapters[lora.lora_int_id] = lora
+                rows.setdefault(lora, []).extend(range(start, start + len(s.token_ids)))
             start += len(s.token_ids)
-        in_step = set(rows)
-        return [(self.adapters.get(adapters[i], in_step), None if len(ids) == num_tokens else self.to_device(ids))
-                for i, ids in rows.items()]
+        in_step = {lora.lora_int_id for lora in rows}
+        return [(self.adapters.get(lora, in_step), None if len(ids) == num_tokens else self.to_device(ids))
+                for lora, ids in rows.items()]
 
     def _sampling_batch(self, states: list[CachedRequestState], grammar_rows: list[int | None] | None = None,
                         grammar_bits: torch.Tensor | None = None) -> SamplingBatch:
