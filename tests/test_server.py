@@ -808,14 +808,7 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
         while httpx.get(f"{server}/solo/health").status_code == 200:
             assert time.monotonic() < deadline, "/health stayed green with a dead worker"
             time.sleep(0.5)
-        deadline = time.monotonic() + 120
-        while True:  # Serve's health check replaces the replica, workers and all
-            r = httpx.post(f"{server}/solo/v1/completions", json={"model": "solo", "prompt": "x", "max_tokens": 2},
-                           timeout=30)
-            if r.status_code == 200 and httpx.get(f"{server}/solo/health").status_code == 200:
-                break
-            assert time.monotonic() < deadline, f"solo did not come back: {r.status_code} {r.text}"
-            time.sleep(1)
+        _wait_until_serving_again(f"{server}/solo", "solo")  # Serve's health check replaces the replica
         # Stopping an ingress replica behind Serve's HAProxy waits 2 s for HAProxy to drop it, not the 30 s
         # Serve gives load balancers outside the cluster (serve_environment).
         started = time.monotonic()
@@ -848,13 +841,25 @@ def test_dead_worker_turns_health_red_until_serve_replaces_the_replica(server, c
     # "tiny" never stopped serving.
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
     # Serve's health check replaces the broken replica (with new workers); the model serves again.
-    deadline = time.monotonic() + 120
+    _wait_until_serving_again(server, "tiny-tp2", headers=_headers())
+
+
+def _wait_until_serving_again(base: str, model: str, headers: dict | None = None, within: float = 120) -> None:
+    """Waits for `model` behind `base` to answer a completion and its /health to turn green again. While no
+    replica of an app is up, HAProxy hands its requests to Serve's proxy, which holds them until the new replica
+    is ready, so a request may take most of the wait: it gets all the time left, not a fixed share."""
+    import time
+    deadline = time.monotonic() + within
     while True:
-        r = httpx.post(f"{server}/v1/completions", headers=_headers(),
-                       json={"model": "tiny-tp2", "prompt": "x", "max_tokens": 2}, timeout=30)
-        if r.status_code == 200 and httpx.get(f"{server}/health").status_code == 200:
-            break
-        assert time.monotonic() < deadline, f"tiny-tp2 did not come back: {r.status_code} {r.text}"
+        left = deadline - time.monotonic()
+        assert left > 0, f"{model} did not come back within {within} s"
+        try:
+            r = httpx.post(f"{base}/v1/completions", headers=headers, timeout=left,
+                           json={"model": model, "prompt": "x", "max_tokens": 2})
+            if r.status_code == 200 and httpx.get(f"{base}/health", timeout=left).status_code == 200:
+                return
+        except httpx.TimeoutException:
+            continue  # the deadline's assert says so
         time.sleep(1)
 
 
