@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from shardserve.inputs import TokensPrompt
+from shardserve.lora.request import LoRARequest
 from shardserve.outputs import PositionLogprobs
 from shardserve.sampling_params import SamplingParams
 
@@ -49,6 +50,7 @@ class BeamSearchSequence:
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    lora_request: LoRARequest | None = None  # the adapter its prompt runs through, as vLLM's beams carry it
     # The beam this one extends, until its step runs; the engine request holding this beam's KV after it.
     parent: BeamSearchSequence | None = field(default=None, repr=False, compare=False)
     request_id: str | None = field(default=None, repr=False, compare=False)
@@ -73,7 +75,8 @@ def extend_beams(beams: list[BeamSearchSequence], step_logprobs: list[PositionLo
     for beam, logprobs in zip(beams, step_logprobs):
         for token_id, logprob in logprobs.items():
             child = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [logprobs],
-                                       beam.cum_logprob + logprob.logprob, parent=beam)
+                                       beam.cum_logprob + logprob.logprob, lora_request=beam.lora_request,
+                                       parent=beam)
             if token_id == eos_token_id:
                 child.finish_reason = "stop"
                 finished.append(child)
@@ -108,8 +111,8 @@ class EngineBeamStepper:
             if beam.parent is None:
                 prompt = TokensPrompt(prompt_token_ids=beam.tokens, **self.salt)
                 handles.append(self.engine.add_request(request_id, prompt, params, hold_kv=True,
-                                                       priority=self.priority))
-            else:
+                                                       priority=self.priority, lora_request=beam.lora_request))
+            else:  # a fork runs through its parent's adapter
                 handles.append(self.engine.fork_request(request_id, beam.parent.request_id, beam.tokens[-1],
                                                         params))
             beam.request_id, beam.parent = request_id, None
@@ -153,12 +156,14 @@ class AsyncEngineBeamStepper(EngineBeamStepper):
 
 
 def run_beam_search(step: BeamStep, prompts: list[list[int]], params: BeamSearchParams, tokenizer,
-                    max_model_len: int, use_tqdm: bool = False) -> list[BeamSearchOutput]:
-    """`step` gives, for each beam, the logprobs of its next token."""
+                    max_model_len: int, use_tqdm: bool = False,
+                    lora_requests: list[LoRARequest | None] | None = None) -> list[BeamSearchOutput]:
+    """`step` gives, for each beam, the logprobs of its next token; `lora_requests`: each prompt's adapter."""
     eos = None if params.ignore_eos or tokenizer is None else tokenizer.eos_token_id
     step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
                                  ignore_eos=True, detokenize=False)
-    running = [[BeamSearchSequence(tokens=list(p))] for p in prompts]
+    lora_requests = lora_requests or [None] * len(prompts)
+    running = [[BeamSearchSequence(tokens=list(p), lora_request=lora)] for p, lora in zip(prompts, lora_requests)]
     finished: list[list[BeamSearchSequence]] = [[] for _ in prompts]
     for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
         for i, beams in enumerate(running):  # beams that reached max_model_len end here

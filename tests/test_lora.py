@@ -13,7 +13,7 @@ from conftest import make_lora_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from shardserve import LLM, SamplingParams, TokensPrompt
+from shardserve import LLM, BeamSearchParams, SamplingParams, TokensPrompt
 from shardserve.lora.request import LoRARequest
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 100, 200, 150, 7, 9, 33, 21, 17, 5, 6, 70, 71, 72, 73, 74, 75, 76, 77, 78],
@@ -79,6 +79,28 @@ def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora
                     chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     expected = hf_greedy(references[qv], list(chat[0].prompt_token_ids), 12)
     assert list(chat[0].outputs[0].token_ids) == expected
+
+
+def test_beam_search_through_adapters_matches_transformers_on_merged_weights(llm, model_dir, lora_dirs):
+    """LLM.beam_search(lora_request=[...]): each prompt's beams run through its own adapter (or none) in one
+    search, and are those of transformers' beam search on that adapter's merged model."""
+    all_, qv = lora_dirs("llama", "all"), lora_dirs("llama", "qv")
+    loras = [LoRARequest("all", 1, all_), None, LoRARequest("qv", 2, qv)]
+    width, steps = 3, 8
+    outs = llm.beam_search([TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+                           BeamSearchParams(beam_width=width, max_tokens=steps, ignore_eos=True), lora_request=loras)
+    for prompt, lora, out in zip(PROMPTS, loras, outs):
+        reference = merged_reference(model_dir, lora and lora.lora_path)
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([prompt]), do_sample=False, num_beams=width,
+                                          num_return_sequences=width, max_new_tokens=steps, min_new_tokens=steps,
+                                          pad_token_id=0, early_stopping=True)
+        assert [s.tokens for s in out.sequences] == expected.tolist(), lora
+    plain = llm.beam_search(TokensPrompt(prompt_token_ids=PROMPTS[0]),
+                            BeamSearchParams(beam_width=width, max_tokens=steps, ignore_eos=True))
+    assert plain[0].sequences[0].tokens != outs[0].sequences[0].tokens  # the adapter changed the beams
+    with pytest.raises(ValueError, match="Got 2 LoRA requests for 3 prompts"):
+        llm.beam_search([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], BeamSearchParams(2, 2), [None, None])
 
 
 def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, model_dirs, lora_dirs, tmp_path):

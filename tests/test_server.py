@@ -18,9 +18,9 @@ import pydantic
 import pytest
 import torch
 from conftest import API_KEY, ENGINE, TEMPLATE
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
-from shardserve import LLM, BeamSearchParams, SamplingParams
+from shardserve import LLM, BeamSearchParams, SamplingParams, TokensPrompt
 from shardserve.entrypoints.prompt_embeds import encode_prompt_embeds
 from shardserve.models.source import default_embedding_model
 
@@ -222,6 +222,21 @@ def test_completion_beam_search(client, offline):
     prompt_len = len(tokenizer.encode(PROMPTS[0]))
     assert [c.text for c in got.choices] == [tokenizer.decode(s.tokens[prompt_len:], skip_special_tokens=True)
                                              for s in expected.sequences]
+
+
+def test_chat_beam_search(client, offline):
+    """use_beam_search on the Chat API: the n best beams of the chat prompt, each a message; it does not stream."""
+    prompt = list(offline.chat(MESSAGES, greedy(max_tokens=1), use_tqdm=False)[0].prompt_token_ids)
+    expected = offline.beam_search([TokensPrompt(prompt_token_ids=prompt)],
+                                   BeamSearchParams(beam_width=3, max_tokens=6))[0]
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=6, n=3,
+                                         extra_body={"use_beam_search": True})
+    assert [c.message.content for c in got.choices] == [
+        offline.get_tokenizer().decode(s.tokens[len(prompt):], skip_special_tokens=True) for s in expected.sequences]
+    assert got.usage.completion_tokens == sum(len(s.tokens) - len(prompt) for s in expected.sequences)
+    with pytest.raises(BadRequestError, match="does not stream"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, stream=True,
+                                       extra_body={"use_beam_search": True})
 
 
 def test_vllm_prompt_and_response_extras_equal_offline(client, offline):
@@ -517,9 +532,14 @@ def test_lora_adapters_are_served_under_their_own_names(server, client, model_di
     assert (models["tiny-lora"]["parent"], models["tiny-lora"]["root"]) == ("tiny", lora.lora_path)
     r = httpx.post(f"{server}/v1/embeddings", headers=_headers(), json={"model": "tiny-lora", "input": "x"})
     assert r.status_code == 400 and "LoRA adapter" in r.json()["error"]["message"]
-    r = httpx.post(f"{server}/v1/completions", headers=_headers(),
-                   json={"model": "tiny-lora", "prompt": "x", "use_beam_search": True, "n": 2})
-    assert r.status_code == 400 and "LoRA" in r.json()["error"]["message"]
+    # beam search through the adapter: its beams, named after it
+    beams = offline.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=2, max_tokens=5), lora_request=lora)[0]
+    got = client.completions.create(model="tiny-lora", prompt=PROMPTS[0], max_tokens=5, n=2,
+                                    extra_body={"use_beam_search": True})
+    prompt_len = len(offline.get_tokenizer().encode(PROMPTS[0]))
+    assert [c.text for c in got.choices] == [offline.get_tokenizer().decode(s.tokens[prompt_len:],
+                                                                            skip_special_tokens=True)
+                                             for s in beams.sequences] and got.model == "tiny-lora"
     offline.shutdown()
 
 
@@ -576,8 +596,13 @@ def test_reasoning_is_told_apart_from_the_answer(think_client, model_dirs):
         [("get_weather", {"city": "Rome", "unit": "F"})]
     thinking_tokens = [t for t in out.token_ids[:out.token_ids.index(end)] if t not in tokenizer.all_special_ids]
     assert got.usage.completion_tokens_details.reasoning_tokens == len(thinking_tokens)
-    chunks = list(think_client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(think_client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kwargs))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
+    # every chunk counts the thinking so far: up to the end of the thinking, then no more
+    so_far = [c.usage.completion_tokens_details.reasoning_tokens for c in chunks if c.choices]
+    assert so_far[0] == 0 and so_far == sorted(so_far) and so_far[-1] == len(thinking_tokens)
+    assert so_far[[bool(d.content) for d in deltas].index(True)] == len(thinking_tokens)
     assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == thought
     assert "".join(d.content or "" for d in deltas) == "Let me look."
     assert [c["name"] for c in _streamed_tool_calls(chunks, content=True)[0].values()] == ["get_weather"]

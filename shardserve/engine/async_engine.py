@@ -125,10 +125,11 @@ class AsyncLLMEngine:
                                                           reasoning_ended, lora_request))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-                    hold_kv: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                    hold_kv: bool = False, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request now (bad input raises here) and return its outputs, as `generate`. `hold_kv`: as
         `LLMEngine.add_request`, for beams to fork from."""
-        command = self._add_command(request_id, prompt, params, hold_kv, priority)
+        command = self._add_command(request_id, prompt, params, hold_kv, priority, lora_request=lora_request)
         return self._stream(request_id, self._queue(request_id, command))
 
     def fork_request(self, request_id: str, parent_request_id: str, token_id: int,

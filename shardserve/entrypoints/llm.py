@@ -183,8 +183,10 @@ class LLM(PoolingMixin):
                              priority=priority, tokenization_kwargs=tokenization_kwargs)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
-        """Beam search for each prompt; all prompts' beams advance together, one batched step per token."""
+        """Beam search for each prompt; all prompts' beams advance together, one batched step per token.
+        `lora_request`: one adapter for all prompts, or one (or None) each."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         processor = self.llm_engine.processor
@@ -193,11 +195,14 @@ class LLM(PoolingMixin):
         if any(p.embeds is not None for p in processed):
             raise ValueError("beam_search takes text or token prompts, not prompt embeddings.")
         processor.validate_beam_width(params.beam_width)
+        loras = _one_each(lora_request, len(processed), "LoRA requests")
+        for lora in loras:
+            processor.check_lora(lora)
         stepper = EngineBeamStepper(self.llm_engine)
         try:
             with heap_out_of_collection():
                 return run_beam_search(stepper, [p.token_ids for p in processed], params, self.get_tokenizer(),
-                                       self.llm_engine.max_model_len, use_tqdm)
+                                       self.llm_engine.max_model_len, use_tqdm, loras)
         finally:
             stepper.close()
 

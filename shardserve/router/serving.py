@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps escapes strings with
 
-from shardserve.beam_search import AsyncEngineBeamStepper, BeamSearchParams, run_beam_search
+from shardserve.beam_search import AsyncEngineBeamStepper, BeamSearchOutput, BeamSearchParams, run_beam_search
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.entrypoints.chat_utils import render_chat
@@ -257,9 +257,7 @@ class OpenAIServing:
         usage = _stream_usage(req)
         lora, model_name = self._adapter(req)
         if req.use_beam_search:
-            if lora is not None:
-                raise APIError("use_beam_search does not run through LoRA adapters.", param="model")
-            return await self._beam_search(req)
+            return await self._completion_beam_search(req, lora, model_name)
         prompts = self._completion_prompts(req)
         if req.echo and req.logprobs is not None and req.prompt_embeds is None:
             req.prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
@@ -379,30 +377,13 @@ class OpenAIServing:
             yield encoder.usage(_usage(sum(prompt_tokens.values()), cursor.completion_tokens,
                                        self._cached(list(last.values()))))
 
-    async def _beam_search(self, req: CompletionRequest) -> dict:
-        if req.stream:
-            raise APIError("use_beam_search does not stream.", param="stream")
+    async def _completion_beam_search(self, req: CompletionRequest, lora: LoRARequest | None,
+                                      model_name: str) -> dict:
         tokenization = req.tokenization()
         prompts = [self.engine.processor.process_prompt(p, tokenization) for p in self._completion_prompts(req)]
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
-        if req.structured() is not None:
-            raise APIError("use_beam_search cannot follow structured outputs.", param="structured_outputs")
-        self.engine.processor.validate_beam_width(req.n)
-        self.engine.processor.check_priority(req.priority)
-        temperature = self.engine.default_sampling_params.get("temperature", 0.0)
-        params = BeamSearchParams(beam_width=req.n, max_tokens=req.max_tokens or 16, ignore_eos=req.ignore_eos,
-                                  temperature=temperature if req.temperature is None else req.temperature,
-                                  length_penalty=req.length_penalty)
-        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop(), req.priority, req.cache_salt)
-
-        def search():  # on a thread: its steps wait for the engine's outputs, which arrive on this loop
-            try:
-                return run_beam_search(stepper, [p.token_ids for p in prompts], params, self.tokenizer,
-                                       self.engine.max_model_len)
-            finally:
-                stepper.close()  # here, not in the caller: the search may outlive a caller that went away
-        results = await asyncio.to_thread(search)
+        results = await self._beam_search(req, [p.token_ids for p in prompts], req.max_tokens, lora)
         choices, completion_tokens = [], 0
         for i, (prompt, result) in enumerate(zip(prompts, results)):
             for j, seq in enumerate(result.sequences):
@@ -412,9 +393,32 @@ class OpenAIServing:
                 choices.append({"index": i * req.n + j, "text": text, "logprobs": None,
                                 "finish_reason": seq.finish_reason or "length", "stop_reason": None})
         return {"id": f"cmpl-{req.request_id or uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
+                "created": int(time.time()), "model": model_name, "choices": choices,
                 "usage": _usage(sum(len(p.token_ids) for p in prompts), completion_tokens)}
+
+    async def _beam_search(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
+                           max_tokens: int | None, lora: LoRARequest | None) -> list[BeamSearchOutput]:
+        """The request's n best beams for each prompt (vLLM's use_beam_search), through `lora`'s adapter."""
+        if req.stream:
+            raise APIError("use_beam_search does not stream.", param="stream")
+        if req.structured() is not None:
+            raise APIError("use_beam_search cannot follow structured outputs.", param="structured_outputs")
+        self.engine.processor.validate_beam_width(req.n)
+        self.engine.processor.check_priority(req.priority)
+        temperature = self.engine.default_sampling_params.get("temperature", 0.0)
+        params = BeamSearchParams(beam_width=req.n, max_tokens=self._max_tokens(max_tokens) or 16,
+                                  ignore_eos=req.ignore_eos,
+                                  temperature=temperature if req.temperature is None else req.temperature,
+                                  length_penalty=req.length_penalty)
+        stepper = AsyncEngineBeamStepper(self.engine, asyncio.get_running_loop(), req.priority, req.cache_salt)
+
+        def search():  # on a thread: its steps wait for the engine's outputs, which arrive on this loop
+            try:
+                return run_beam_search(stepper, prompts, params, self.tokenizer, self.engine.max_model_len,
+                                       lora_requests=[lora] * len(prompts))
+            finally:
+                stepper.close()  # here, not in the caller: the search may outlive a caller that went away
+        return await asyncio.to_thread(search)
 
     # chat -------------------------------------------------------------------------------------------
 
@@ -439,8 +443,10 @@ class OpenAIServing:
         params = req.to_sampling_params(self._max_tokens(max_tokens), top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        await self._compile_ahead(params)
         lora, model_name = self._adapter(req)
+        if req.use_beam_search:
+            return await self._chat_beam_search(req, answers, prompt.token_ids, max_tokens, lora, model_name)
+        await self._compile_ahead(params)
         first, rest = await self._start([self.engine.generate(prompt, params, request_id, req.priority,
                                                               reasoning_ended, lora)])
         meta = {"id": f"chatcmpl-{req.request_id}" if req.request_id else request_id, "created": int(time.time()),
@@ -466,6 +472,24 @@ class OpenAIServing:
             body["prompt_token_ids"] = list(final.prompt_token_ids)
         return body
 
+    async def _chat_beam_search(self, req: ChatCompletionRequest, answers: ChatAnswers, prompt: list[int],
+                                max_tokens: int | None, lora: LoRARequest | None, model_name: str) -> dict:
+        """The n best beams as choices, each answer read as any other (its thinking, its tool calls)."""
+        (result,) = await self._beam_search(req, [prompt], max_tokens, lora)
+        choices, outputs = [], []
+        for j, seq in enumerate(result.sequences):
+            new = seq.tokens[len(prompt):]
+            text = self.tokenizer.decode(new, skip_special_tokens=req.skip_special_tokens) if self.tokenizer else ""
+            outputs.append(CompletionOutput(j, text, new, seq.cum_logprob, None, seq.finish_reason or "length"))
+            message, called = answers.message(text)
+            choices.append({"index": j, "message": message, "logprobs": None,
+                            "finish_reason": answers.finish_reason(outputs[-1].finish_reason, called),
+                            "stop_reason": None})
+        return {"id": f"chatcmpl-{req.request_id or uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": model_name, "choices": choices,
+                "usage": _usage(len(prompt), sum(len(c.token_ids) for c in outputs), None,
+                                answers.reasoning_tokens(outputs))}
+
     def _chat_logprobs(self, tokens: list[int], entries: list[PositionLogprobs] | None, k: int,
                        as_ids: bool) -> dict:
         content = []
@@ -489,7 +513,8 @@ class OpenAIServing:
         try:
             for i in range(req.n):  # the first chunk ever has the prompt's token ids (return_token_ids)
                 yield encoder.choice(i, "delta", '{"role": "assistant", "content": ""}', None, None, None,
-                                     _usage(prompt_tokens, 0) if continuous_usage else None,
+                                     _usage(prompt_tokens, 0, None, answers.reasoning_tokens([]))
+                                     if continuous_usage else None,
                                      top={"prompt_token_ids": list(prompt_token_ids)} if ids and i == 0 else None)
             while out is not None:
                 for c in out.outputs:
@@ -505,8 +530,10 @@ class OpenAIServing:
                     else:
                         fields, called = answers.delta(c.index, c.text, d.text, d.first, finish_reason is not None)
                         delta, finish_reason = json.dumps(fields), answers.finish_reason(finish_reason, called)
+                    # continuous usage: this choice's tokens so far, and of them its thinking (vLLM's counts)
                     yield encoder.choice(c.index, "delta", delta, logprobs, finish_reason, c.stop_reason,
-                                         _usage(prompt_tokens, cursor.sent[c.index][1]) if continuous_usage else None,
+                                         _usage(prompt_tokens, cursor.sent[c.index][1], None,
+                                                answers.reasoning_tokens([c])) if continuous_usage else None,
                                          {"token_ids": d.token_ids} if ids else None)
                 last, out = out, await anext(rest, None)
         finally:  # the consumer went away or the request failed: a request still running is aborted
