@@ -321,7 +321,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
     """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
-    calls in hermes' format, and with a LoRA adapter served as "tiny-lora") and as "tiny-tp2" (two
+    calls in hermes' format, and with a LoRA adapter served as "tiny-lora"; more adapters can be loaded at run
+    time) and as "tiny-tp2" (two
     tensor-parallel workers, no tool-call parser),
     all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka dimensions, as "minilm-st", a random BERT
     cross-encoder "cross" and a 3-label BERT "classifier"."""
@@ -343,7 +344,8 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 3), served_model_name="classifier", num_cpus=0.25)]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(specs, api_key=API_KEY), name="shardserve", route_prefix="/", blocking=False)
+    serve.run(build_app(specs, api_key=API_KEY, allow_runtime_lora_updating=True), name="shardserve", route_prefix="/",
+              blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.delete("shardserve")
     serve.shutdown()

@@ -543,6 +543,73 @@ def test_lora_adapters_are_served_under_their_own_names(server, client, model_di
     offline.shutdown()
 
 
+def test_lora_adapters_load_and_unload_at_run_time(server, client, model_dirs, lora_dirs, tmp_path):
+    """vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING (the session's app sets allow_runtime_lora_updating): once
+    /v1/load_lora_adapter has had the model check an adapter, it is served under its name, plain and streamed, as the
+    offline engine runs its LoRARequest; load_inplace replaces it; /v1/unload_lora_adapter ends it. What cannot be
+    loaded or unloaded is refused in words, and the server serves on."""
+    from openai import NotFoundError
+
+    from shardserve.lora.request import LoRARequest
+    all_, qv = lora_dirs("llama", "all"), lora_dirs("llama", "qv")
+    offline = LLM(model_dirs("llama"), chat_template=TEMPLATE, dtype="float32", enable_lora=True, **ENGINE)
+
+    def post(route: str, **body) -> httpx.Response:
+        return httpx.post(f"{server}/v1/{route}_lora_adapter", headers=_headers(), json=body, timeout=60)
+
+    def through(name: str) -> list[str]:
+        got = client.completions.create(model=name, prompt=PROMPTS, max_tokens=8, temperature=0)
+        assert got.model == name
+        return [c.text for c in got.choices]
+
+    def offline_through(lora: LoRARequest) -> list[str]:
+        return [o.outputs[0].text for o in offline.generate(PROMPTS, greedy(max_tokens=8), use_tqdm=False,
+                                                            lora_request=lora)]
+    with pytest.raises(NotFoundError):
+        through("rt")
+    r = post("load", lora_name="rt", lora_path=all_, base_model_name="tiny")
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'rt' added successfully.")
+    expected = offline_through(LoRARequest("rt", 1, all_))
+    assert through("rt") == expected and expected != through("tiny")
+    chunks = list(client.chat.completions.create(model="rt", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == offline.chat(
+        MESSAGES, greedy(max_tokens=8), use_tqdm=False, lora_request=LoRARequest("rt", 1, all_))[0].outputs[0].text
+    models = {m["id"]: m for m in httpx.get(f"{server}/v1/models", headers=_headers()).json()["data"]}
+    assert (models["rt"]["parent"], models["rt"]["root"]) == ("tiny", all_)
+
+    for body, status, message in [
+            (dict(lora_name="rt", lora_path=qv, base_model_name="tiny"), 400, "has already been loaded"),
+            (dict(lora_name="tiny", lora_path=qv), 400, "conflicts with a served base model"),
+            (dict(lora_name="tiny-lora", lora_path=qv, load_inplace=True), 400, "given at start-up"),
+            (dict(lora_name="rt2", lora_path=qv), 400, "serves several models"),
+            (dict(lora_name="rt2", lora_path=qv, base_model_name="nope"), 404, "does not exist"),
+            (dict(lora_name="rt2", lora_path=str(tmp_path), base_model_name="tiny"), 400, "no adapter_config.json"),
+            (dict(lora_name="rt2", lora_path=qv, base_model_name="minilm"), 400, "LoRA is not enabled"),
+            (dict(lora_name="", lora_path=qv), 400, "Both 'lora_name' and 'lora_path' must be provided")]:
+        r = post("load", **body)
+        assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
+    with pytest.raises(NotFoundError):
+        through("rt2")
+    r = httpx.post(f"{server}/v1/embeddings", headers=_headers(), json={"model": "rt", "input": "x"})
+    assert r.status_code == 400 and "LoRA adapter" in r.json()["error"]["message"]
+
+    r = post("load", lora_name="rt", lora_path=qv, base_model_name="tiny", load_inplace=True)
+    assert r.status_code == 200
+    assert through("rt") == offline_through(LoRARequest("rt", 2, qv))
+    r = post("unload", lora_name="rt")
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'rt' removed successfully.")
+    with pytest.raises(NotFoundError):
+        through("rt")
+    r = post("unload", lora_name="rt")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "The lora adapter 'rt' cannot be found."
+    r = post("unload", lora_name="tiny-lora")
+    assert r.status_code == 400 and "given at start-up" in r.json()["error"]["message"]
+    assert "rt" not in {m["id"] for m in httpx.get(f"{server}/v1/models", headers=_headers()).json()["data"]}
+    assert through("tiny-lora") == offline_through(LoRARequest("tiny-lora", 1, all_))
+    offline.shutdown()
+
+
 @pytest.fixture
 def think_client(server, model_dirs):
     """A Llama with thinking tags in its vocabulary, served for one test as "tiny-think" (--reasoning-parser qwen3,
@@ -563,7 +630,7 @@ def think_client(server, model_dirs):
         serve.delete("think")
 
 
-def test_reasoning_is_told_apart_from_the_answer(think_client, model_dirs):
+def test_reasoning_is_told_apart_from_the_answer(server, think_client, model_dirs):
     """--reasoning-parser qwen3 ("tiny-think"): the thinking comes back as the message's `reasoning`, the answer as
     its content, where the tool-call parser reads the calls; streamed, the parts add up to the same; the usage counts
     the thinking tokens. The grammar holds only the answer, so a choice constraint makes the random model answer
@@ -623,6 +690,10 @@ def test_reasoning_is_told_apart_from_the_answer(think_client, model_dirs):
     # a random model writes no </think>: all of the answer reads as (unreturned) thinking, and its logprobs stay hidden
     assert (got.message.reasoning, got.message.content, got.logprobs) == (None, None, None)
     offline.shutdown()
+    # an app without runtime LoRA updating (this one) has no adapter to load
+    r = httpx.post(f"{server}/think/v1/load_lora_adapter", headers=_headers(),
+                   json={"lora_name": "x", "lora_path": "/x"})
+    assert r.status_code == 404 and "at run time is off" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("body,message", [
@@ -777,25 +848,27 @@ def test_a_client_that_goes_away_aborts_its_request(server):
     _abandon_a_stream(f"{server}/v1/completions", "tiny", "shardserve", "model-0")
 
 
-def test_single_model_app_serves_from_its_router_replicas(server, offline, model_dir):
+def test_single_model_app_serves_from_its_router_replicas(server, offline, model_dir, lora_dirs):
     """An app of one model has no separate model deployment: the ingress replicas hold the engine (here with
-    two tensor-parallel workers in the replica's placement group). It is built as a Serve config builds it
-    (`app_builder`), engine settings included. A killed worker turns its /health red and Serve replaces the
-    replica."""
+    two tensor-parallel workers in the replica's placement group), and check and run the LoRA adapters loaded at
+    run time. It is built as a Serve config builds it (`app_builder`), engine settings included. A killed worker
+    turns its /health red and Serve replaces the replica."""
     import os
     import signal
     import time
 
     from ray import serve
 
+    from shardserve.lora.request import LoRARequest
     from shardserve.router.app import app_builder
 
     # A Serve config's `args`; a step of 8 tokens prefills every prompt here in chunks.
     args = {"models": [dict(model=model_dir, served_model_name="solo", chat_template=TEMPLATE, dtype="float32",
                             tensor_parallel_size=2, num_cpus=0.25, num_cpus_per_worker=0.25,
                             max_num_batched_tokens=8, block_size=32, enable_prefix_caching=False,
-                            scheduling_policy="priority", **ENGINE)],
-            "allowed_origins": ["http://good.example"], "allowed_credentials": True}
+                            scheduling_policy="priority", enable_lora=True, **ENGINE)],
+            "allowed_origins": ["http://good.example"], "allowed_credentials": True,
+            "allow_runtime_lora_updating": True}
     with pytest.raises(ValueError, match="block_size must be at least 1"):  # refused before anything starts
         app_builder({"models": [dict(args["models"][0], block_size=0)]})
     serve.run(app_builder(args), name="solo", route_prefix="/solo", blocking=False)
@@ -821,6 +894,15 @@ def test_single_model_app_serves_from_its_router_replicas(server, offline, model
             assert not allowed or r.headers["access-control-allow-credentials"] == "true"
         r = httpx.post(f"{server}/solo/v1/completions", json={"model": "other", "prompt": "x"})
         assert r.status_code == 404
+        r = httpx.post(f"{server}/solo/v1/load_lora_adapter", timeout=60,
+                       json={"lora_name": "solo-lora", "lora_path": lora_dirs("llama", "all")})
+        assert r.status_code == 200, r.text
+        with_lora = LLM(model_dir, dtype="float32", enable_lora=True, **ENGINE)
+        expected = with_lora.generate(PROMPTS, greedy(max_tokens=10), use_tqdm=False,
+                                      lora_request=LoRARequest("solo-lora", 1, lora_dirs("llama", "all")))
+        with_lora.shutdown()
+        got = solo.completions.create(model="solo-lora", prompt=PROMPTS, max_tokens=10, temperature=0)
+        assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected]
         info = serve.get_deployment_handle("model-0", app_name="solo").info.remote().result()
         assert info["id"] == "solo" and info["num_steps"] > 0 and len(info["worker_pids"]) == 2
         assert (info["max_num_batched_tokens"], info["block_size"], info["enable_prefix_caching"],

@@ -19,15 +19,17 @@ from collections.abc import AsyncGenerator
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import shardserve
+from shardserve.lora.request import LoRARequest
+from shardserve.router.adapters import AppAdapters
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                        TokenizeRequest)
+                                        LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
 from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmbedRequest, EmbeddingRequest,
                                                 PoolingRequest, RerankRequest, ScoreRequest)
 
@@ -107,10 +109,12 @@ class _EventStream(StreamingResponse):
 @serve.ingress(app)
 class Router:
     def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None, local=None,
-                 cors: CORSOptions | None = None, adapters: dict[str, tuple[str, str]] | None = None):
+                 cors: CORSOptions | None = None, adapters: dict[str, tuple[str, LoRARequest]] | None = None,
+                 runtime_adapters_scope: str | None = None):
         """`models`: each served name's deployment; or `local`, the ModelSpec of the app's one model, which
-        this replica then serves itself. `adapters`: each LoRA adapter's name -> (its model's name, its path);
-        a request naming one goes to its model's deployment."""
+        this replica then serves itself. `adapters`: each start-up LoRA adapter's name -> (its model's name, its
+        request); a request naming one goes to its model's deployment, with the adapter. `runtime_adapters_scope`:
+        where adapters loaded at run time are kept (router/adapters.py); None: runtime updating is off."""
         _ReplicaCORS.options = cors or CORSOptions()
         if local is not None:  # imported here: a router in front of model deployments needs no engine
             from shardserve.router.model_deployment import ModelServer
@@ -118,7 +122,7 @@ class Router:
         else:
             self.local = None
         self.models = {local.name: None} if local is not None else models
-        self.adapters = adapters or {}
+        self.adapters = AppAdapters(adapters or {}, runtime_adapters_scope)
         self.api_key = api_key
         self._info: dict[str, dict] = {}
         self.created = int(time.time())
@@ -140,38 +144,43 @@ class Router:
         if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise APIError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).", 401)
 
-    def _handle(self, name: str | None) -> tuple[str, DeploymentHandle]:
+    async def _target(self, name: str | None) -> tuple[DeploymentHandle | None, LoRARequest | None]:
+        """The deployment serving the model `name` (None: the app's first), and the adapter a request naming
+        one runs through."""
         if name is None:
             name = next(iter(self.models))
-        if name in self.adapters:
-            return name, self.models[self.adapters[name][0]]
-        if name not in self.models:
+        if name in self.models:
+            return self.models[name], None
+        adapter = await self.adapters.resolve(name)
+        if adapter is None:
             raise APIError(f"The model `{name}` does not exist. Served models: "
-                           f"{', '.join([*self.models, *self.adapters])}.", 404, param="model")
-        return name, self.models[name]
+                           f"{', '.join([*self.models, *self.adapters.static])}.", 404, param="model")
+        base, lora = adapter
+        return self.models[base], lora
 
     async def _relay(self, request: Request, route: str, schema: type[BaseModel]):
         try:
             self._check_key(request)
             parsed, body = await _parse(request, schema)
-            _, handle = self._handle(getattr(parsed, "model", None))
+            handle, lora = await self._target(getattr(parsed, "model", None))
         except APIError as e:
             return _error(e)
         if getattr(parsed, "stream", False):
-            return await self._relay_stream(handle, route, parsed if self.local is not None else body)
+            return await self._relay_stream(handle, route, parsed if self.local is not None else body, lora)
         if self.local is not None:  # the model in this process takes the checked request as it is
-            answer = await self.local.call(route, parsed)
+            answer = await self.local.call(route, parsed, lora)
         else:
-            answer = await handle.call.remote(route, body)
+            answer = await handle.call.remote(route, body, lora)
         return JSONResponse(answer["body"], status_code=answer["status"])
 
-    async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict | BaseModel):
+    async def _relay_stream(self, handle: DeploymentHandle | None, route: str, body: dict | BaseModel,
+                            lora: LoRARequest | None):
         if self.local is not None:  # the model's own event stream, each chunk straight to the response
-            head, events = await self.local.open_stream(route, body)
+            head, events = await self.local.open_stream(route, body, lora)
             if head["status"] != 200:
                 return JSONResponse(head["body"], status_code=head["status"])
             return _EventStream(events)
-        chunks = handle.options(stream=True).stream.remote(route, body)
+        chunks = handle.options(stream=True).stream.remote(route, body, lora)
         head = await chunks.__anext__()
         if head["status"] != 200:
             chunks.cancel()
@@ -244,8 +253,8 @@ class Router:
         except APIError as e:
             return _error(e)
         data = []
-        served = [(name, None, None) for name in self.models] + [(name, base, path)
-                                                                  for name, (base, path) in self.adapters.items()]
+        served = [(name, None, None) for name in self.models] + [
+            (name, base, lora.lora_path) for name, (base, lora) in (await self.adapters.all()).items()]
         for name, base, path in served:
             info = await self._model_info(base or name)
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "shardserve",
@@ -257,6 +266,60 @@ class Router:
                                          "allow_fine_tuning": False, "organization": "*", "group": None,
                                          "is_blocking": False}]})
         return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request):
+        """vLLM's: serve the adapter at `lora_path` under `lora_name` from now on, on every replica (once one
+        replica of its model has checked it)."""
+        try:
+            self._check_key(request)
+            self.adapters.check_runtime_updating()
+            parsed, _ = await _parse(request, LoadLoRAAdapterRequest)
+            name, path = parsed.lora_name, parsed.lora_path
+            if not name or not path:
+                raise APIError("Both 'lora_name' and 'lora_path' must be provided.")
+            if name in self.models:
+                raise APIError(f"The lora adapter '{name}' conflicts with a served base model.", param="lora_name")
+            await self.adapters.check_loadable(name, parsed.load_inplace)
+            base = self._adapter_base(parsed.base_model_name)
+            lora = await self.adapters.new_request(name, path)
+            if self.local is not None:
+                answer = await self.local.check_adapter(lora)
+            else:
+                answer = await self.models[base].check_adapter.remote(lora)
+            if answer["status"] != 200:  # not an adapter this model can run, in the engine's words
+                return JSONResponse(answer["body"], status_code=answer["status"])
+            await self.adapters.add(base, lora, parsed.load_inplace)
+        except APIError as e:
+            return _error(e)
+        logger.info("Loaded LoRA adapter %r for %r from %s (id %d)", name, base, path, lora.lora_int_id)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request):
+        try:
+            self._check_key(request)
+            self.adapters.check_runtime_updating()
+            parsed, _ = await _parse(request, UnloadLoRAAdapterRequest)
+            if not parsed.lora_name:
+                raise APIError("'lora_name' needs to be provided to unload a LoRA adapter.")
+            await self.adapters.remove(parsed.lora_name)
+        except APIError as e:
+            return _error(e)
+        logger.info("Unloaded LoRA adapter %r", parsed.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{parsed.lora_name}' removed successfully.")
+
+    def _adapter_base(self, name: str | None) -> str:
+        """The model a run-time adapter is for: the one named, or the app's only model."""
+        if name is not None:
+            if name not in self.models:
+                raise APIError(f"The model `{name}` does not exist. Served models: {', '.join(self.models)}.",
+                               404, param="base_model_name")
+            return name
+        if len(self.models) > 1:
+            raise APIError(f"This app serves several models ({', '.join(self.models)}): name the adapter's model "
+                           f"in base_model_name.", param="base_model_name")
+        return next(iter(self.models))
 
     @app.get("/health")
     async def health(self):

@@ -23,6 +23,7 @@ from ray import serve
 
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.entrypoints.chat_utils import load_chat_template
+from shardserve.lora.request import LoRARequest
 from shardserve.router.errors import to_api_error
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -40,6 +41,7 @@ _REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest, "to
              "classify": ClassificationRequest, "score": ScoreRequest, "rerank": RerankRequest,
              "cohere_embed": CohereEmbedRequest}
 _POOLING_ROUTES = {"embeddings", "pooling", "classify", "score", "rerank", "cohere_embed"}
+_ADAPTER_ROUTES = {"completion", "chat"}   # the routes that run a request through a LoRA adapter
 # The routes each runner serves; the others answer 400 naming the runner that serves them.
 _RUNNER_ROUTES = {"generate": {"completion", "chat", "tokenize", "detokenize"},
                   "pooling": _POOLING_ROUTES | {"tokenize", "detokenize"}}
@@ -54,7 +56,7 @@ class ModelServer:
                                      hand_off=_hand_off(spec, num_threads))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template),
                                      spec.enable_prompt_tokens_details, spec.tool_parser(),
-                                     spec.reasoning_parser, spec.lora_requests())
+                                     spec.reasoning_parser)
         self.pooling = PoolingServing(self.serving)
         self.runner = self.engine.engine.runner
         # What start-up made (the model, tokenizer, Ray, Serve, FastAPI: ~380k objects for a small model) lives
@@ -82,26 +84,35 @@ class ModelServer:
         would otherwise hold up the event loop that serves every request for the ping's timeout."""
         await asyncio.to_thread(self.engine.check_health, ping_workers=True)
 
-    def _route(self, route: str):
+    async def check_adapter(self, lora: LoRARequest) -> dict:
+        """Whether this model can run `lora` (the engine's full check, on a thread: it reads the adapter's
+        files), as {"status"} with the error body when it cannot."""
+        try:
+            await asyncio.to_thread(self.engine.engine.processor.check_lora, lora)
+            return {"status": 200}
+        except Exception as e:
+            error = to_api_error(e)
+            return {"status": error.status, "body": error.body()}
+
+    def _answer(self, route: str, body: dict | BaseModel, lora: LoRARequest | None):
+        """What the route's method returns for the request in `body` (as the router in this process already
+        checked it, or checked here) through `lora`'s adapter."""
+        if lora is not None and route in _POOLING_ROUTES:
+            raise APIError(f"`{lora.lora_name}` is a LoRA adapter: adapters serve completions and chat only.",
+                           param="model")
         if route not in _RUNNER_ROUTES[self.runner]:
             other = "pooling" if self.runner == "generate" else "generate"
             raise APIError(f"The model `{self.spec.name}` runs the {self.runner!r} runner, which does not serve "
                            f"this route; it needs a model served with the {other!r} runner.")
-        return getattr(self.pooling if route in _POOLING_ROUTES else self.serving, route)
-
-    def _request(self, route: str, body: dict | BaseModel) -> BaseModel:
-        """The route's request: `body` as the router in this process already checked it, or checked here."""
         request = body if isinstance(body, BaseModel) else _REQUESTS[route].model_validate(body)
-        if route in _POOLING_ROUTES and getattr(request, "model", None) in self.serving.loras:
-            raise APIError(f"`{request.model}` is a LoRA adapter: adapters serve completions and chat only.",
-                           param="model")
-        return request
+        if route in _POOLING_ROUTES:
+            return getattr(self.pooling, route)(request)
+        method = getattr(self.serving, route)
+        return method(request, lora) if route in _ADAPTER_ROUTES else method(request)
 
-    async def call(self, route: str, body: dict | BaseModel) -> dict:
+    async def call(self, route: str, body: dict | BaseModel, lora: LoRARequest | None = None) -> dict:
         try:
-            request = self._request(route, body)
-            method = self._route(route)
-            result = method(request)
+            result = self._answer(route, body, lora)
             if hasattr(result, "__await__"):
                 result = await result
             return {"status": 200, "body": result}
@@ -111,7 +122,7 @@ class ModelServer:
                 logger.exception("Request failed")
             return {"status": error.status, "body": error.body()}
 
-    async def open_stream(self, route: str, body: dict | BaseModel,
+    async def open_stream(self, route: str, body: dict | BaseModel, lora: LoRARequest | None = None,
                           through_serve: bool = False) -> tuple[dict, AsyncIterator[str] | None]:
         """The response's {"status"} (with the error body when it is not 200) and its server-sent-event text.
         Closing the events closes the chain down to the engine's stream, which aborts the request.
@@ -119,8 +130,7 @@ class ModelServer:
         together (under load each hop through Serve then carries many tokens, not one). The router in this
         replica's own process takes each event as it comes, unless the spec sets a stream interval."""
         try:
-            request = self._request(route, body)
-            chunks = await self._route(route)(request)
+            chunks = await self._answer(route, body, lora)
         except Exception as e:
             error = to_api_error(e)
             return {"status": error.status, "body": error.body()}, None
@@ -129,10 +139,10 @@ class ModelServer:
             events = _coalesce(events, self.spec.stream_interval_s)
         return {"status": 200}, events
 
-    async def stream(self, route: str, body: dict | BaseModel):
+    async def stream(self, route: str, body: dict | BaseModel, lora: LoRARequest | None = None):
         """`open_stream` for a router in another process, through a Serve handle: the {"status"} item, then
         the events."""
-        head, events = await self.open_stream(route, body, through_serve=True)
+        head, events = await self.open_stream(route, body, lora, through_serve=True)
         yield head
         if events is None:
             return

@@ -241,3 +241,16 @@ class TokenizeRequest(OpenAIBase):
 class DetokenizeRequest(OpenAIBase):
     model: str | None = None
     tokens: list[int] = Field(default_factory=list)
+
+
+class LoadLoRAAdapterRequest(OpenAIBase):
+    """vLLM's /v1/load_lora_adapter; `base_model_name` (ours) names the adapter's model in an app of several."""
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    base_model_name: str | None = None
+
+
+class UnloadLoRAAdapterRequest(OpenAIBase):
+    lora_name: str
+    lora_int_id: int | None = None

@@ -180,7 +180,7 @@ def _fields(fields: dict | None) -> str:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
                  prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None,
-                 reasoning_parser: str | None = None, loras: dict[str, LoRARequest] | None = None):
+                 reasoning_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
@@ -188,7 +188,6 @@ class OpenAIServing:
         self.tool_parser = tool_parser  # reads "auto" tool calls (--enable-auto-tool-choice --tool-call-parser)
         # reads the thinking of a reasoning model's chat answers (a tokenizer without its tags fails here)
         self.reasoning_parser = reasoning_parser_for(reasoning_parser, self.tokenizer)
-        self.loras = loras or {}  # the LoRA adapters served under their own names (--lora-modules)
 
     def _max_tokens(self, max_tokens: int | None) -> int | None:
         """Online, vLLM refuses a max_tokens past the model's length (offline it runs to the length)."""
@@ -205,11 +204,6 @@ class OpenAIServing:
     def _cached(self, outputs: list[RequestOutput]) -> int | None:
         """The prompt tokens of `outputs` the prefix cache served, where the usage reports them."""
         return sum(o.num_cached_tokens for o in outputs) if self.prompt_tokens_details else None
-
-    def _adapter(self, req: CompletionRequest | ChatCompletionRequest) -> tuple[LoRARequest | None, str]:
-        """The LoRA adapter a request's `model` names (None: the base model), and the name answers carry."""
-        lora = self.loras.get(req.model) if req.model else None
-        return lora, lora.lora_name if lora else self.model_name
 
     @property
     def tokenizer(self):
@@ -250,12 +244,13 @@ class OpenAIServing:
 
     # completions ------------------------------------------------------------------------------------
 
-    async def completion(self, req: CompletionRequest) -> dict | AsyncIterator[str]:
+    async def completion(self, req: CompletionRequest,
+                         lora: LoRARequest | None = None) -> dict | AsyncIterator[str]:
         """The response body, or (stream=True) an async iterator of chunks (JSON text). Bad input raises
-        before any chunk, so the caller can still answer 400."""
+        before any chunk, so the caller can still answer 400. `lora`: the adapter the request's model names."""
         _refuse_unsupported(req)
         usage = _stream_usage(req)
-        lora, model_name = self._adapter(req)
+        model_name = lora.lora_name if lora else self.model_name
         if req.use_beam_search:
             return await self._completion_beam_search(req, lora, model_name)
         prompts = self._completion_prompts(req)
@@ -422,7 +417,7 @@ class OpenAIServing:
 
     # chat -------------------------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    async def chat(self, req: ChatCompletionRequest, lora: LoRARequest | None = None) -> dict | AsyncIterator[str]:
         _refuse_unsupported(req)
         if req.tool_choice == "auto":
             if self.tool_parser is None:
@@ -443,7 +438,7 @@ class OpenAIServing:
         params = req.to_sampling_params(self._max_tokens(max_tokens), top if req.logprobs else None, req.stream,
                                         self.engine.default_sampling_params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        lora, model_name = self._adapter(req)
+        model_name = lora.lora_name if lora else self.model_name
         if req.use_beam_search:
             return await self._chat_beam_search(req, answers, prompt.token_ids, max_tokens, lora, model_name)
         await self._compile_ahead(params)
