@@ -11,7 +11,7 @@ from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.attention.backend import PrefillSeq
 from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from shardserve.lora.adapter import AdapterCache
-from shardserve.lora.layers import active_loras
+from shardserve.lora.layers import StackedLoRAs, active_loras, stack_loras, step_loras
 from shardserve.lora.request import LoRARequest
 from shardserve.sampling_params import SamplingParams
 from shardserve.workers.pooling_runner import prepare_pooling_step
@@ -66,6 +66,8 @@ class ModelRunner:
         self.is_pooling = getattr(model, "pooling_kind", None) is not None
         self.graphs = None  # a CudaGraphRunner, set by the worker when decode steps replay CUDA graphs
         self.adapters: AdapterCache | None = None  # the loaded LoRA adapters, set by the worker (enable_lora)
+        self._stacked_key: tuple[int, ...] | None = None   # the adapter ids of `_stacked`, the last stacked
+        self._stacked: StackedLoRAs | None = None
         # Step inputs go to a GPU from page-locked memory, asynchronously (no sync per tensor).
         self.pin = device.type == "cuda"
         self._bit_index = torch.arange(32, dtype=torch.int32, device=device)  # unpacks structured-output bitmasks
@@ -150,20 +152,25 @@ class ModelRunner:
             inputs_embeds[offset:offset + len(values)] = values
         return inputs_embeds
 
-    def _lora_groups(self, scheduled: list[ScheduledRequest], num_tokens: int) -> list:
-        """The step's adapters with the rows of their requests' tokens (None: every row), for `active_loras`."""
+    def _step_loras(self, scheduled: list[ScheduledRequest]) -> dict:
+        """The step's adapted layers with their weights, for `active_loras` (empty: no adapter in the step)."""
         if self.adapters is None:
-            return []
-        rows: dict[LoRARequest, list[int]] = {}
-        start = 0
+            return {}
+        loras: dict[LoRARequest, int] = {}   # the step's adapters, by their index
+        owners: list[int] = []               # each token row's adapter's index, -1 for none
         for s in scheduled:
             lora = self.requests[s.request_id].lora
-            if lora is not None:
-                rows.setdefault(lora, []).extend(range(start, start + len(s.token_ids)))
-            start += len(s.token_ids)
-        in_step = {lora.lora_int_id for lora in rows}
-        return [(self.adapters.get(lora, in_step), None if len(ids) == num_tokens else self.to_device(ids))
-                for lora, ids in rows.items()]
+            owners += [-1 if lora is None else loras.setdefault(lora, len(loras))] * len(s.token_ids)
+        if not loras:
+            return {}
+        in_step = {lora.lora_int_id for lora in loras}
+        weights = [self.adapters.get(lora, in_step) for lora in loras]
+        if len(weights) == 1 and -1 not in owners:
+            return weights[0]  # one adapter on every row: nothing to mask
+        key = tuple(lora.lora_int_id for lora in loras)
+        if key != self._stacked_key:  # decode steps keep their batch's adapters: stacked once for them all
+            self._stacked_key, self._stacked = key, stack_loras(weights)
+        return step_loras(self._stacked, self.to_device(owners, torch.int32))
 
     def _sampling_batch(self, states: list[CachedRequestState], grammar_rows: list[int | None] | None = None,
                         grammar_bits: torch.Tensor | None = None) -> SamplingBatch:
@@ -258,7 +265,7 @@ class ModelRunner:
         scheduled = sorted(out.scheduled, key=lambda s: len(s.token_ids) > PAGED_QUERY_MAX)
         input_ids, positions, meta = self._prepare(scheduled)
         inputs_embeds = self._inputs_embeds(scheduled, input_ids) if self.pp.is_first else None
-        loras = self._lora_groups(scheduled, len(input_ids))
+        loras = self._step_loras(scheduled)
         if self.graphs is not None and inputs_embeds is None and not loras and \
                 self.graphs.can_run(len(input_ids), meta):
             hidden = self.graphs.run(input_ids, positions, meta)
