@@ -2,6 +2,7 @@
 SIGTERM stops it."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -130,11 +131,18 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
     OpenMP team, and its bookkeeping (Serve's controller, Ray's agents), which runs SCHED_IDLE; SIGTERM (docker
     stop, Kubernetes) shuts the app and the cluster down as Ctrl-C does."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the tests'
-    # Ports of its own: the test session's cluster may be running beside it.
-    env.update(RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()),
-               RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT="31100", RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="31200",
+    # Its own cluster, not the tests' (nor their HAProxy's ports: the server picks its own)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_HAPROXY_")}
+    # Replica ports of its own: the test session's cluster may be running beside it.
+    env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT="31100", RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="31200",
                RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT="41100", RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT="41200")
+    # As another Ray Serve on this machine would: HAProxy's default metrics and stats ports are taken
+    taken = []
+    for default in (9101, 8404):
+        taken.append(socket.socket())
+        with contextlib.suppress(OSError):  # already taken: all the same
+            taken[-1].bind(("", default))
+            taken[-1].listen()
     server = subprocess.Popen(
         [sys.executable, "-m", "shardserve", "serve", model_dirs("llama"), "--served-model-name", "cli",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4",
@@ -207,6 +215,8 @@ def test_serve_answers_keeps_its_cluster_off_the_engine_and_stops_on_sigterm(mod
         assert configs or not haproxy_available()
         assert not [cmd for cmd in _processes()[1].values() if _haproxy_config(cmd) in configs]
     finally:
+        for sock in taken:
+            sock.close()
         if server.poll() is None:  # a failed check: take the whole tree down, HAProxy included
             for pid in [*_descendants(server.pid), server.pid]:
                 try:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ def serve_environment() -> dict[str, str]:
       model, each HAProxy thread with a stream to relay wakes once per engine step. With 32 streams on 2
       cores one thread used 0.040 of a core against 4 threads' 0.052, in 6 alternating rounds each
       (benchmarks/RESULTS.md).
+    - HAProxy's metrics and stats ports moved off Serve's (9101, 8404) where those are taken: Serve's defaults
+      are the same for every cluster on the machine, so the HAProxy of a second local server (`shardserve serve
+      --port` beside another) could not bind them and the app never started. (Its files are apart already:
+      Serve puts them in a folder per node.)
     """
     env = {"RAY_worker_niceness": "0"}
     if haproxy_available():
@@ -67,7 +72,24 @@ def serve_environment() -> dict[str, str]:
         env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
                     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
                     "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 4)))})
+        for name, default in (("RAY_SERVE_HAPROXY_METRICS_PORT", 9101), ("RAY_SERVE_HAPROXY_STATS_PORT", 8404)):
+            if name not in os.environ:
+                env[name] = str(_port_or_free(default))
     return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def _port_or_free(port: int) -> int:
+    """`port` where nothing listens on it, else a free port the system picks (logged: a scrape config may name
+    the default)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return port
+        except OSError:
+            s.bind(("", 0))
+            free = s.getsockname()[1]
+    logger.warning("Port %d is taken (another Ray Serve on this machine?): HAProxy uses %d instead.", port, free)
+    return free
 
 
 _started_cluster = False   # connect() started a local cluster: its processes descend from this one
