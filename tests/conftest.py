@@ -319,10 +319,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
+def lora_resolver_dir(tmp_path_factory):
+    """The session app's LoRA resolver folder (vLLM's VLLM_LORA_RESOLVER_CACHE_DIR): empty until a test adds to it."""
+    return tmp_path_factory.mktemp("lora-resolver")
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs, lora_resolver_dir):
     """One Serve app for the server tests, on 127.0.0.1 (its URL): a random Llama as "tiny" (reading "auto" tool
     calls in hermes' format, and with a LoRA adapter served as "tiny-lora"; more adapters can be loaded at run
-    time) and as "tiny-tp2" (two
+    time, or found in `lora_resolver_dir`) and as "tiny-tp2" (two
     tensor-parallel workers, no tool-call parser),
     all-MiniLM-L6-v2 as "minilm" and, with prompts and Matryoshka dimensions, as "minilm-st", a random BERT
     cross-encoder "cross" and a 3-label BERT "classifier"."""
@@ -344,8 +350,9 @@ def server(ray_cluster, model_dirs, encoder_dirs, minilm_st_dir, lora_dirs):
              ModelSpec(model=encoder_dirs("bert", "classify", 1), served_model_name="cross", num_cpus=0.25),
              ModelSpec(model=encoder_dirs("bert", "classify", 3), served_model_name="classifier", num_cpus=0.25)]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(specs, api_key=API_KEY, allow_runtime_lora_updating=True), name="shardserve", route_prefix="/",
-              blocking=False)
+    app = build_app(specs, api_key=API_KEY, allow_runtime_lora_updating=True,
+                    lora_resolver_cache_dir=str(lora_resolver_dir))
+    serve.run(app, name="shardserve", route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.delete("shardserve")
     serve.shutdown()

@@ -610,6 +610,36 @@ def test_lora_adapters_load_and_unload_at_run_time(server, client, model_dirs, l
     offline.shutdown()
 
 
+def test_lora_resolver_finds_adapters_by_name(server, client, model_dirs, lora_resolver_dir):
+    """vLLM's filesystem resolver (VLLM_LORA_RESOLVER_CACHE_DIR; the session's app has one): a request naming a model
+    the app does not know finds the adapter in the folder's subfolder of that name, made for a served model (its
+    base_model_name_or_path), and runs through it, loaded from then on. An adapter of another model, or none, is a
+    model that does not exist; one the model cannot run is refused in the engine's words."""
+    from conftest import make_lora_dir
+    from openai import NotFoundError
+
+    from shardserve.lora.request import LoRARequest
+    found = make_lora_dir(lora_resolver_dir / "found-lora", model_dirs("llama"), seed=3)
+    make_lora_dir(lora_resolver_dir / "other-model", model_dirs("qwen3"))
+    make_lora_dir(lora_resolver_dir / "too-big", model_dirs("llama"), rank=32)
+    offline = LLM(model_dirs("llama"), dtype="float32", enable_lora=True, **ENGINE)
+    expected = offline.generate(PROMPTS, greedy(max_tokens=8), use_tqdm=False,
+                                lora_request=LoRARequest("found-lora", 1, found))
+    offline.shutdown()
+    for _ in range(2):  # found, then loaded
+        got = client.completions.create(model="found-lora", prompt=PROMPTS, max_tokens=8, temperature=0)
+        assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected] and got.model == "found-lora"
+    models = {m["id"]: m for m in httpx.get(f"{server}/v1/models", headers=_headers()).json()["data"]}
+    assert (models["found-lora"]["parent"], models["found-lora"]["root"]) == ("tiny", found)
+    for name in ("other-model", "missing", "../found-lora", "found-lora/"):
+        with pytest.raises(NotFoundError):
+            client.completions.create(model=name, prompt="x", max_tokens=2)
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(), json={"model": "too-big", "prompt": "x"})
+    assert r.status_code == 400 and "greater than max_lora_rank" in r.json()["error"]["message"]
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", headers=_headers(),
+                      json={"lora_name": "found-lora"}).status_code == 200
+
+
 @pytest.fixture
 def think_client(server, model_dirs):
     """A Llama with thinking tags in its vocabulary, served for one test as "tiny-think" (--reasoning-parser qwen3,

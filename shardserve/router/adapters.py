@@ -1,6 +1,7 @@
 """The LoRA adapters an app serves, by name: those given at start-up (--lora-modules) and, with runtime updating
 on (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING), those loaded and unloaded while it runs (/v1/load_lora_adapter,
-/v1/unload_lora_adapter).
+/v1/unload_lora_adapter), or found when a request names them: vLLM's filesystem resolver, a folder
+(VLLM_LORA_RESOLVER_CACHE_DIR) whose subfolder of the name holds an adapter of a served model.
 
 Run-time adapters live in Ray's cluster key-value store (the GCS) under a key of the app's build, not in one
 replica: every router replica of the app sees the same set at once, a replica Serve replaces finds it again, and
@@ -27,13 +28,22 @@ def runtime_updating_from_env() -> bool:
     return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
 
 
+def check_resolver_dir(folder: str | None) -> str | None:
+    if folder is not None and not os.path.isdir(folder):
+        raise ValueError(f"The LoRA resolver's cache folder (VLLM_LORA_RESOLVER_CACHE_DIR) {folder!r} is not a "
+                         f"folder.")
+    return folder
+
+
 class AppAdapters:
     """Adapter name -> (its base model's name, its LoRARequest). `scope`: the key of the app's build under which
     run-time adapters are kept; None where runtime updating is off."""
 
-    def __init__(self, static: dict[str, tuple[str, LoRARequest]], scope: str | None = None):
+    def __init__(self, static: dict[str, tuple[str, LoRARequest]], scope: str | None = None,
+                 resolver_dir: str | None = None):
         self.static = static
         self.scope = scope
+        self.resolver_dir = resolver_dir if scope is not None else None  # as vLLM: only with runtime updating
         self._next_id: int | None = None   # where this replica next tries to claim an id
 
     async def resolve(self, name: str) -> tuple[str, LoRARequest] | None:
@@ -65,6 +75,21 @@ class AppAdapters:
             raise APIError("Loading and unloading LoRA adapters at run time is off: start the app with "
                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or a Serve config's "
                            "allow_runtime_lora_updating: true).", 404)
+
+    def found(self, name: str) -> tuple[str, str] | None:
+        """(the folder, its base model's name or path) of the adapter the resolver's folder holds under `name`:
+        a subfolder of exactly that name (never a path out of the folder) with a PEFT LoRA config."""
+        if self.resolver_dir is None or not name or name in (".", "..") or os.path.basename(name) != name:
+            return None
+        folder = os.path.join(self.resolver_dir, name)
+        try:
+            with open(os.path.join(folder, "adapter_config.json")) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+            return None
+        return folder, config.get("base_model_name_or_path")
 
     def check_not_static(self, name: str) -> None:
         if name in self.static:

@@ -11,6 +11,7 @@ and per streamed chunk.
 """
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -110,11 +111,12 @@ class _EventStream(StreamingResponse):
 class Router:
     def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None, local=None,
                  cors: CORSOptions | None = None, adapters: dict[str, tuple[str, LoRARequest]] | None = None,
-                 runtime_adapters_scope: str | None = None):
+                 runtime_adapters_scope: str | None = None, lora_resolver_dir: str | None = None):
         """`models`: each served name's deployment; or `local`, the ModelSpec of the app's one model, which
         this replica then serves itself. `adapters`: each start-up LoRA adapter's name -> (its model's name, its
         request); a request naming one goes to its model's deployment, with the adapter. `runtime_adapters_scope`:
-        where adapters loaded at run time are kept (router/adapters.py); None: runtime updating is off."""
+        where adapters loaded at run time are kept (router/adapters.py); None: runtime updating is off.
+        `lora_resolver_dir`: where a request's unknown model name may be found as an adapter (vLLM's resolver)."""
         _ReplicaCORS.options = cors or CORSOptions()
         if local is not None:  # imported here: a router in front of model deployments needs no engine
             from shardserve.router.model_deployment import ModelServer
@@ -122,7 +124,8 @@ class Router:
         else:
             self.local = None
         self.models = {local.name: None} if local is not None else models
-        self.adapters = AppAdapters(adapters or {}, runtime_adapters_scope)
+        self.adapters = AppAdapters(adapters or {}, runtime_adapters_scope, lora_resolver_dir)
+        self._resolving: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.api_key = api_key
         self._info: dict[str, dict] = {}
         self.created = int(time.time())
@@ -151,12 +154,46 @@ class Router:
             name = next(iter(self.models))
         if name in self.models:
             return self.models[name], None
-        adapter = await self.adapters.resolve(name)
+        adapter = await self.adapters.resolve(name) or await self._resolve(name)
         if adapter is None:
             raise APIError(f"The model `{name}` does not exist. Served models: "
                            f"{', '.join([*self.models, *self.adapters.static])}.", 404, param="model")
         base, lora = adapter
         return self.models[base], lora
+
+    async def _resolve(self, name: str) -> tuple[str, LoRARequest] | None:
+        """The adapter the resolver's folder holds under `name`, loaded now for the served model it was made for
+        (vLLM's filesystem resolver), or None. One load per name at a time in this replica; another replica's
+        load of it first is taken as it is."""
+        found = self.adapters.found(name)
+        if found is None:
+            return None
+        async with self._resolving[name]:
+            folder, base_model = found
+            bases = [m for m in self.models if (await self._model_info(m))["root"] == base_model]
+            if not bases:
+                return None
+            try:
+                return bases[0], await self._load(name, folder, bases[0], load_inplace=False)
+            except APIError:
+                loaded = await self.adapters.resolve(name)
+                if loaded is None:  # not loadable: said in the engine's words (as vLLM, a 400)
+                    raise
+                return loaded
+
+    async def _load(self, name: str, path: str, base: str, load_inplace: bool) -> LoRARequest:
+        """Serve the adapter at `path` under `name` for the model `base`, once the model has checked it (`add`
+        refuses a name another replica loaded meanwhile)."""
+        lora = await self.adapters.new_request(name, path)
+        if self.local is not None:
+            answer = await self.local.check_adapter(lora)
+        else:
+            answer = await self.models[base].check_adapter.remote(lora)
+        if answer["status"] != 200:  # not an adapter this model can run, in the engine's words
+            raise APIError(answer["body"]["error"]["message"], answer["status"], param="lora_path")
+        await self.adapters.add(base, lora, load_inplace)
+        logger.info("Loaded LoRA adapter %r for %r from %s (id %d)", name, base, path, lora.lora_int_id)
+        return lora
 
     async def _relay(self, request: Request, route: str, schema: type[BaseModel]):
         try:
@@ -281,18 +318,9 @@ class Router:
             if name in self.models:
                 raise APIError(f"The lora adapter '{name}' conflicts with a served base model.", param="lora_name")
             await self.adapters.check_loadable(name, parsed.load_inplace)
-            base = self._adapter_base(parsed.base_model_name)
-            lora = await self.adapters.new_request(name, path)
-            if self.local is not None:
-                answer = await self.local.check_adapter(lora)
-            else:
-                answer = await self.models[base].check_adapter.remote(lora)
-            if answer["status"] != 200:  # not an adapter this model can run, in the engine's words
-                return JSONResponse(answer["body"], status_code=answer["status"])
-            await self.adapters.add(base, lora, parsed.load_inplace)
+            await self._load(name, path, self._adapter_base(parsed.base_model_name), parsed.load_inplace)
         except APIError as e:
             return _error(e)
-        logger.info("Loaded LoRA adapter %r for %r from %s (id %d)", name, base, path, lora.lora_int_id)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
