@@ -92,6 +92,7 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
               ("structured json, no whitespace", "", "the request's disable_any_whitespace is honoured (vLLM's "
                "xgrammar backend reads only the engine's structured_outputs_config)"),
               ("models", "owned_by", "shardserve serves them"),
+              ("models, with", "max_model_len", "an adapter's entry gives its model's max_model_len (vLLM's: null)"),
               ("models", "permission[0].id", "a permission id of its own"),
               ("error", "error.message", "errors in words of our own (vLLM adds the parameter and value)"),
               ("error", "error.param", "not done: vLLM names the parameter of more errors"),

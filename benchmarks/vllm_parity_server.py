@@ -61,6 +61,44 @@ def reasoning_requests(think_end: int) -> dict[str, tuple[str, str, dict]]:
     }
 
 
+def lora_requests(adapters: dict[str, str]) -> dict[str, tuple[str, str, dict]]:
+    """For --lora, in this order: adapters loaded, run, replaced, unloaded at run time, and one found by the
+    filesystem resolver. `adapters`: name -> folder ("rt", "rt2" loadable; "found-lora" in the resolver's
+    folder)."""
+    c = {"model": "rt", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
+    load = {"lora_name": "rt", "lora_path": adapters["rt"]}
+    return {
+        "lora: load": ("POST", "/v1/load_lora_adapter", load),
+        "lora: completion through it": ("POST", "/v1/completions", c),
+        "lora: chat stream through it": ("POST", "/v1/chat/completions", {
+            "model": "rt", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}),
+        "models, with a run-time adapter": ("GET", "/v1/models", None),
+        "lora: beam search through it": ("POST", "/v1/completions", {
+            **c, "n": 2, "use_beam_search": True, "max_tokens": 5}),
+        "error: lora, load it again": ("POST", "/v1/load_lora_adapter", load),
+        "error: lora, load a base model's name": ("POST", "/v1/load_lora_adapter", {**load, "lora_name": "parity"}),
+        "error: lora, no name": ("POST", "/v1/load_lora_adapter", {**load, "lora_name": ""}),
+        "lora: load in place": ("POST", "/v1/load_lora_adapter", {**load, "lora_path": adapters["rt2"],
+                                                                  "load_inplace": True}),
+        "lora: completion after the new one": ("POST", "/v1/completions", c),
+        "lora: unload": ("POST", "/v1/unload_lora_adapter", {"lora_name": "rt"}),
+        "error: lora, unload it again": ("POST", "/v1/unload_lora_adapter", {"lora_name": "rt"}),
+        "error: lora, completion after unload": ("POST", "/v1/completions", c),
+        "lora: found by the resolver": ("POST", "/v1/completions", {**c, "model": "found-lora"}),
+        "error: lora, not in the resolver's folder": ("POST", "/v1/completions", {**c, "model": "missing"}),
+    }
+
+
+def make_adapters(model: str, folder: Path) -> dict[str, str]:
+    """Random PEFT adapters of the model (as tests/conftest.py makes them): two to load, one in `folder`/resolver
+    for the filesystem resolver."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_lora_dir
+    return {"rt": make_lora_dir(folder / "rt", model, seed=1),
+            "rt2": make_lora_dir(folder / "rt2", model, targets=("q_proj", "v_proj"), rank=8, alpha=16, seed=2),
+            "found-lora": make_lora_dir(folder / "resolver" / "found-lora", model, seed=3)}
+
+
 def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
     """name -> (method, path, body)."""
     c = {"model": "parity", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
@@ -186,7 +224,8 @@ def wait_up(server: subprocess.Popen, log: Path) -> None:
         time.sleep(2)
 
 
-def serve_and_ask(engine: str, model: str, template: Path, reasoning_parser: str | None) -> dict:
+def serve_and_ask(engine: str, model: str, template: Path, reasoning_parser: str | None,
+                  adapters: dict[str, str] | None) -> dict:
     common = ["--port", str(PORT), "--host", "127.0.0.1", "--served-model-name", "parity", "--dtype", "float32",
               "--max-model-len", "256", "--chat-template", str(template), "--seed", "0"]
     common += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
@@ -195,15 +234,22 @@ def serve_and_ask(engine: str, model: str, template: Path, reasoning_parser: str
         from transformers import AutoTokenizer
         common += ["--reasoning-parser", reasoning_parser]
         asked |= reasoning_requests(AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("</think>"))
+    lora_env = {}
+    if adapters is not None:  # both read vLLM's variables (vLLM needs its filesystem resolver plugin named)
+        common += ["--enable-lora", "--max-lora-rank", "16"]
+        asked |= lora_requests(adapters)
+        lora_env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
+                    "VLLM_LORA_RESOLVER_CACHE_DIR": str(Path(adapters["found-lora"]).parent)}
     if engine == "vllm":
         # VLLM_ENFORCE_STRICT_TOOL_CALLING=0: forced tool calls as JSON of the tools' schemas, as we make them (by
         # default vLLM 0.32 writes them in the parser's own format, here hermes' <tool_call> tags)
         env = dict(os.environ, LD_PRELOAD=vllm_preload(), VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
-                   VLLM_ENFORCE_STRICT_TOOL_CALLING="0")
+                   VLLM_ENFORCE_STRICT_TOOL_CALLING="0", **lora_env)
         cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                *common, "--uvicorn-log-level", "warning"]
     else:
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), TOKENIZERS_PARALLELISM="false",
+                   **lora_env)
         cmd = [sys.executable, "-m", "shardserve", "serve", model, *common, "--kv-cache-memory-bytes", str(1 << 28)]
     log = CACHE_DIR / "logs" / f"parity-{engine}-serve.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -223,12 +269,15 @@ def main() -> None:
     p.add_argument("--out", help="also write both servers' answers here (JSON)")
     p.add_argument("--reasoning-parser", help="both servers read thinking so (the model's vocabulary must have its "
                    "tags), and the reasoning requests are asked too")
+    p.add_argument("--lora", action="store_true", help="both servers with --enable-lora and runtime LoRA updating: "
+                   "adapters loaded, run, replaced and unloaded, and one found by the filesystem resolver")
     a = p.parse_args()
     model = str(Path(a.model).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         template = Path(tmp) / "template.jinja"
         template.write_text(TEMPLATE)
-        answers = {engine: serve_and_ask(engine, model, template, a.reasoning_parser)
+        adapters = make_adapters(model, Path(tmp)) if a.lora else None
+        answers = {engine: serve_and_ask(engine, model, template, a.reasoning_parser, adapters)
                    for engine in ("vllm", "shardserve")}
     if a.out:
         Path(a.out).write_text(json.dumps(answers, indent=1))

@@ -228,12 +228,17 @@ def test_chat_beam_search(client, offline):
     """use_beam_search on the Chat API: the n best beams of the chat prompt, each a message; it does not stream."""
     prompt = list(offline.chat(MESSAGES, greedy(max_tokens=1), use_tqdm=False)[0].prompt_token_ids)
     expected = offline.beam_search([TokensPrompt(prompt_token_ids=prompt)],
-                                   BeamSearchParams(beam_width=3, max_tokens=6))[0]
-    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=6, n=3,
+                                   BeamSearchParams(beam_width=4, max_tokens=8))[0]
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=8, n=4,
                                          extra_body={"use_beam_search": True})
     assert [c.message.content for c in got.choices] == [
         offline.get_tokenizer().decode(s.tokens[len(prompt):], skip_special_tokens=True) for s in expected.sequences]
-    assert got.usage.completion_tokens == sum(len(s.tokens) - len(prompt) for s in expected.sequences)
+    # as vLLM's server: a beam that ended in EOS answers without it, the EOS its stop_reason
+    eos = offline.get_tokenizer().eos_token_id
+    assert any(s.tokens[-1] == eos for s in expected.sequences)  # (one beam here ends so)
+    assert got.usage.completion_tokens == sum(len(s.tokens) - len(prompt) - (s.tokens[-1] == eos)
+                                              for s in expected.sequences)
+    assert [c.stop_reason for c in got.choices] == [eos if s.tokens[-1] == eos else None for s in expected.sequences]
     with pytest.raises(BadRequestError, match="does not stream"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, stream=True,
                                        extra_body={"use_beam_search": True})

@@ -18,6 +18,7 @@ from shardserve.lora.request import LoRARequest
 from shardserve.router.errors import APIError
 
 _NAMESPACE = "shardserve"
+INVALID = "InvalidUserInput"   # vLLM's error type for a load or unload it refuses
 # Run-time adapters' ids start above any start-up adapter's and are never reused: an engine that saw an id keeps
 # its weights (and its prefix-cache blocks) under it, so an adapter reloaded in place gets a new one.
 _FIRST_RUNTIME_ID = 1 << 20
@@ -94,7 +95,7 @@ class AppAdapters:
     def check_not_static(self, name: str) -> None:
         if name in self.static:
             raise APIError(f"The lora adapter '{name}' was given at start-up (--lora-modules): it cannot be "
-                           f"replaced or unloaded.", param="lora_name")
+                           f"replaced or unloaded.", type=INVALID)
 
     async def check_loadable(self, name: str, load_inplace: bool) -> None:
         """Refuse a name that cannot take a new adapter before any work: one of start-up, or one loaded already
@@ -129,7 +130,7 @@ class AppAdapters:
         self.check_not_static(name)
         deleted = await asyncio.to_thread(_kv("del"), self._key("name", name), namespace=_NAMESPACE)
         if not deleted:
-            raise APIError(f"The lora adapter '{name}' cannot be found.", 404, param="lora_name")
+            raise APIError(f"The lora adapter '{name}' cannot be found.", 404)
 
     def _key(self, kind: str, name: str) -> bytes:
         return f"lora/{self.scope}/{kind}/{name}".encode()
@@ -137,7 +138,7 @@ class AppAdapters:
 
 def _already_loaded(name: str) -> APIError:
     return APIError(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
-                    f"set 'load_inplace' to True.", param="lora_name")
+                    f"set 'load_inplace' to True.", type=INVALID)
 
 
 def _from_record(name: str, record: bytes) -> tuple[str, LoRARequest]:

@@ -6,13 +6,13 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundErro
 
 
 class APIError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, type: str | None = None):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
+        self.type = type or _TYPES.get(status, "Error")  # vLLM names some errors otherwise (InvalidUserInput)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "Error"), "param": self.param,
-                          "code": self.status}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
 
 def to_api_error(e: BaseException) -> APIError:

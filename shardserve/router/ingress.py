@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 import shardserve
 from shardserve.lora.request import LoRARequest
-from shardserve.router.adapters import AppAdapters
+from shardserve.router.adapters import INVALID, AppAdapters
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
@@ -314,9 +314,9 @@ class Router:
             parsed, _ = await _parse(request, LoadLoRAAdapterRequest)
             name, path = parsed.lora_name, parsed.lora_path
             if not name or not path:
-                raise APIError("Both 'lora_name' and 'lora_path' must be provided.")
+                raise APIError("Both 'lora_name' and 'lora_path' must be provided.", type=INVALID)
             if name in self.models:
-                raise APIError(f"The lora adapter '{name}' conflicts with a served base model.", param="lora_name")
+                raise APIError(f"The lora adapter '{name}' conflicts with a served base model.", type=INVALID)
             await self.adapters.check_loadable(name, parsed.load_inplace)
             await self._load(name, path, self._adapter_base(parsed.base_model_name), parsed.load_inplace)
         except APIError as e:
@@ -330,7 +330,7 @@ class Router:
             self.adapters.check_runtime_updating()
             parsed, _ = await _parse(request, UnloadLoRAAdapterRequest)
             if not parsed.lora_name:
-                raise APIError("'lora_name' needs to be provided to unload a LoRA adapter.")
+                raise APIError("'lora_name' needs to be provided to unload a LoRA adapter.", type=INVALID)
             await self.adapters.remove(parsed.lora_name)
         except APIError as e:
             return _error(e)

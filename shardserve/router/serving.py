@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps escapes strings with
 
-from shardserve.beam_search import AsyncEngineBeamStepper, BeamSearchOutput, BeamSearchParams, run_beam_search
+from shardserve.beam_search import AsyncEngineBeamStepper, BeamSearchParams, run_beam_search
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.engine.reasoning import reasoning_parser_for
 from shardserve.entrypoints.chat_utils import render_chat
@@ -379,21 +379,18 @@ class OpenAIServing:
         if any(p.embeds is not None for p in prompts):
             raise APIError("use_beam_search takes text or token prompts, not prompt embeddings.")
         results = await self._beam_search(req, [p.token_ids for p in prompts], req.max_tokens, lora)
-        choices, completion_tokens = [], 0
-        for i, (prompt, result) in enumerate(zip(prompts, results)):
-            for j, seq in enumerate(result.sequences):
-                new = seq.tokens[len(prompt.token_ids):]
-                completion_tokens += len(new)
-                text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
-                choices.append({"index": i * req.n + j, "text": text, "logprobs": None,
-                                "finish_reason": seq.finish_reason or "length", "stop_reason": None})
+        choices = [{"index": i * req.n + c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason} for i, beams in enumerate(results) for c in beams]
         return {"id": f"cmpl-{req.request_id or uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name, "choices": choices,
-                "usage": _usage(sum(len(p.token_ids) for p in prompts), completion_tokens)}
+                "usage": _usage(sum(len(p.token_ids) for p in prompts),
+                                sum(len(c.token_ids) for beams in results for c in beams))}
 
     async def _beam_search(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
-                           max_tokens: int | None, lora: LoRARequest | None) -> list[BeamSearchOutput]:
-        """The request's n best beams for each prompt (vLLM's use_beam_search), through `lora`'s adapter."""
+                           max_tokens: int | None, lora: LoRARequest | None) -> list[list[CompletionOutput]]:
+        """The request's n best beams for each prompt (vLLM's use_beam_search), through `lora`'s adapter. As
+        vLLM's server answers them: a beam that ended in EOS without it (unless include_stop_str_in_output),
+        the EOS its stop_reason."""
         if req.stream:
             raise APIError("use_beam_search does not stream.", param="stream")
         if req.structured() is not None:
@@ -413,7 +410,19 @@ class OpenAIServing:
                                        lora_requests=[lora] * len(prompts))
             finally:
                 stepper.close()  # here, not in the caller: the search may outlive a caller that went away
-        return await asyncio.to_thread(search)
+        outputs = []
+        for prompt, result in zip(prompts, await asyncio.to_thread(search)):
+            beams = []
+            for j, seq in enumerate(result.sequences):
+                new, eos = seq.tokens[len(prompt):], seq.finish_reason == "stop"
+                if eos and not req.include_stop_str_in_output:
+                    new = new[:-1]
+                text = self.tokenizer.decode(new, skip_special_tokens=req.skip_special_tokens) if self.tokenizer \
+                    else ""
+                beams.append(CompletionOutput(j, text, new, seq.cum_logprob, None, seq.finish_reason or "length",
+                                              seq.tokens[-1] if eos else None))
+            outputs.append(beams)
+        return outputs
 
     # chat -------------------------------------------------------------------------------------------
 
@@ -470,16 +479,13 @@ class OpenAIServing:
     async def _chat_beam_search(self, req: ChatCompletionRequest, answers: ChatAnswers, prompt: list[int],
                                 max_tokens: int | None, lora: LoRARequest | None, model_name: str) -> dict:
         """The n best beams as choices, each answer read as any other (its thinking, its tool calls)."""
-        (result,) = await self._beam_search(req, [prompt], max_tokens, lora)
-        choices, outputs = [], []
-        for j, seq in enumerate(result.sequences):
-            new = seq.tokens[len(prompt):]
-            text = self.tokenizer.decode(new, skip_special_tokens=req.skip_special_tokens) if self.tokenizer else ""
-            outputs.append(CompletionOutput(j, text, new, seq.cum_logprob, None, seq.finish_reason or "length"))
-            message, called = answers.message(text)
-            choices.append({"index": j, "message": message, "logprobs": None,
-                            "finish_reason": answers.finish_reason(outputs[-1].finish_reason, called),
-                            "stop_reason": None})
+        (outputs,) = await self._beam_search(req, [prompt], max_tokens, lora)
+        choices = []
+        for c in outputs:
+            message, called = answers.message(c.text)
+            choices.append({"index": c.index, "message": message, "logprobs": None,
+                            "finish_reason": answers.finish_reason(c.finish_reason, called),
+                            "stop_reason": c.stop_reason})
         return {"id": f"chatcmpl-{req.request_id or uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name, "choices": choices,
                 "usage": _usage(len(prompt), sum(len(c.token_ids) for c in outputs), None,
