@@ -169,6 +169,9 @@ class Router:
         if found is None:
             return None
         async with self._resolving[name]:
+            loaded = await self.adapters.resolve(name)  # by a request that held the lock before this one
+            if loaded is not None:
+                return loaded
             folder, base_model = found
             bases = [m for m in self.models if (await self._model_info(m))["root"] == base_model]
             if not bases:
