@@ -157,7 +157,7 @@ def run(engine: str, model: str, thinking: str, loras: dict[str, str]) -> dict:
 
 def lora_scenarios(engine: str, mod, model: str, loras: dict[str, str]) -> dict:
     """One batch through LoRA adapters (each engine's LoRARequest, the same PEFT folders) and without: greedy
-    tokens and logprobs."""
+    tokens and logprobs; then beam search through each adapter."""
     import gc
     gc.collect()
     kwargs = dict(dtype="float32", max_model_len=128, seed=0, enable_lora=True, max_loras=2, max_lora_rank=8)
@@ -170,9 +170,17 @@ def lora_scenarios(engine: str, mod, model: str, loras: dict[str, str]) -> dict:
     params = mod.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = llm.generate([tokens_prompt(prompt_token_ids=PROMPT)] * len(requests), params, use_tqdm=False,
                         lora_request=requests)
-    return {f"lora, {r.lora_name if r else 'none'}": {"token_ids": list(o.outputs[0].token_ids),
-                                                        "logprobs": _logprobs(o.outputs[0].logprobs)}
-            for r, o in zip(requests, outs)}
+    results = {f"lora, {r.lora_name if r else 'none'}": {"token_ids": list(o.outputs[0].token_ids),
+                                                           "logprobs": _logprobs(o.outputs[0].logprobs)}
+               for r, o in zip(requests, outs)}
+    beam_params = getattr(mod, "BeamSearchParams", None) or importlib.import_module(
+        f"{engine}.sampling_params").BeamSearchParams
+    for r in requests[:-1]:  # beam search through each adapter
+        out = llm.beam_search([tokens_prompt(prompt_token_ids=PROMPT)], beam_params(beam_width=2, max_tokens=5),
+                              lora_request=r)[0]
+        results[f"lora beam search, {r.lora_name}"] = {
+            "sequences": [{"tokens": list(b.tokens), "cum_logprob": b.cum_logprob} for b in out.sequences]}
+    return results
 
 
 def reasoning_gate(engine: str, mod, model: str) -> dict:
