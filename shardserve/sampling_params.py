@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 _GREEDY_EPS = 1e-5
 
 
+class ParameterError(ValueError):
+    """A request parameter's bad value, named as vLLM's validation errors name it: in the message's last words,
+    and as the `param` of the server's error."""
+
+    def __init__(self, message: str, parameter: str, value):
+        super().__init__(f"{message} (parameter={parameter}, value={value})")
+        self.parameter, self.value = parameter, value
+
+
 class RequestOutputKind(enum.Enum):
     """When the engine reports a request: every step with everything so far, or once at the end (what the
     offline API uses: no per-step output to build). vLLM's DELTA comes with the streaming server."""
@@ -111,7 +120,7 @@ class SamplingParams:
 
     def _verify(self) -> None:
         def bad(name: str, value, limit: str) -> ValueError:
-            return ValueError(f"{name} must be {limit}, got {value!r}.")
+            return ParameterError(f"{name} must be {limit}, got {value!r}.", name, value)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", self.n, "at least 1")

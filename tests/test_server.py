@@ -383,6 +383,17 @@ def test_errors_in_openai_shape(server, body, status, message):
     assert error["error"]["code"] == status and message in error["error"]["message"]
 
 
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("logprobs", 21), ("max_tokens", 257),
+                                         ("min_tokens", -1)])
+def test_errors_name_the_parameter_as_vllm(server, field, value):
+    """A bad parameter's error names it (`param`) and ends in vLLM's "(parameter=..., value=...)"."""
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(),
+                   json={"model": "tiny", "prompt": "x", "temperature": 1.0, field: value})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == field
+    assert error["message"].endswith(f" (parameter={field}, value={value})"), error
+
+
 class Verdict(pydantic.BaseModel):
     ok: bool
     colour: Literal["red", "green"]

@@ -17,7 +17,7 @@ from shardserve.entrypoints.prompt_embeds import validate_prompt_embeds
 from shardserve.inputs import PromptType
 from shardserve.models.pooling import PoolingModelConfig
 from shardserve.pooling_params import TASK_PARAMETERS, PoolingParams
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import ParameterError, SamplingParams
 
 
 @dataclass
@@ -151,8 +151,8 @@ class Processor:
                   for name in ("logprobs", "prompt_logprobs")}
         for name, what in (("logprobs", "sample logprobs"), ("prompt_logprobs", "prompt logprobs")):
             if counts[name] is not None and counts[name] > self.max_logprobs:
-                raise ValueError(f"Requested {what} of {counts[name]}, which is greater than max allowed: "
-                                 f"{self.max_logprobs}.")
+                raise ParameterError(f"Requested {what} of {counts[name]}, which is greater than max allowed: "
+                                     f"{self.max_logprobs}", name, counts[name])
         params = params.clone(**counts)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         if not params.ignore_eos:

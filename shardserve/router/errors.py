@@ -1,6 +1,8 @@
 """Errors in OpenAI's shape, as vLLM sends them: {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
+from shardserve.sampling_params import ParameterError
+
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
           500: "InternalServerError", 503: "ServiceUnavailableError"}
 
@@ -19,6 +21,8 @@ def to_api_error(e: BaseException) -> APIError:
     """Bad input (the processor's ValueError / TypeError) is the client's fault; anything else is ours."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ParameterError):
+        return APIError(str(e), 400, param=e.parameter)
     if isinstance(e, (ValueError, TypeError)):
         return APIError(str(e), 400)
     from shardserve.engine.async_engine import EngineDeadError

@@ -26,7 +26,7 @@ from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
 from shardserve.router.tool_calls import ChatAnswers, ToolCallParser
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import ParameterError, SamplingParams
 
 
 _MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf, which JSON cannot write
@@ -192,8 +192,9 @@ class OpenAIServing:
     def _max_tokens(self, max_tokens: int | None) -> int | None:
         """Online, vLLM refuses a max_tokens past the model's length (offline it runs to the length)."""
         if max_tokens is not None and max_tokens > self.engine.max_model_len:
-            raise APIError(f"max_tokens={max_tokens} cannot be greater than max_model_len={self.engine.max_model_len}."
-                           f" Please request fewer output tokens.", param="max_tokens")
+            raise ParameterError(f"max_tokens={max_tokens} cannot be greater than max_model_len="
+                                 f"{self.engine.max_model_len}. Please request fewer output tokens.", "max_tokens",
+                                 max_tokens)
         return max_tokens
 
     async def _compile_ahead(self, params: SamplingParams) -> None:
