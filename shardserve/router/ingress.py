@@ -156,7 +156,7 @@ class Router:
             return self.models[name], None
         adapter = await self.adapters.resolve(name) or await self._resolve(name)
         if adapter is None:
-            raise APIError(f"The model `{name}` does not exist. Served models: "
+            raise APIError(f"The model `{name}` does not exist. Valid aliases: "
                            f"{', '.join([*self.models, *self.adapters.static])}.", 404, param="model")
         base, lora = adapter
         return self.models[base], lora
