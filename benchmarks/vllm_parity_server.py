@@ -26,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import _stop  # noqa: E402
 from throughput import CACHE_DIR, VLLM_VENV, vllm_preload  # noqa: E402
-from vllm_parity import TEMPLATE, report  # noqa: E402
+from vllm_parity import TEMPLATE, lora_adapters, report  # noqa: E402
 
 PORT = 8123
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The capital of France"}]
@@ -90,12 +90,11 @@ def lora_requests(adapters: dict[str, str]) -> dict[str, tuple[str, str, dict]]:
 
 
 def make_adapters(model: str, folder: Path) -> dict[str, str]:
-    """Random PEFT adapters of the model (as tests/conftest.py makes them): two to load, one in `folder`/resolver
-    for the filesystem resolver."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_lora_dir
-    return {"rt": make_lora_dir(folder / "rt", model, seed=1),
-            "rt2": make_lora_dir(folder / "rt2", model, targets=("q_proj", "v_proj"), rank=8, alpha=16, seed=2),
+    """vllm_parity.py's two adapters of the model to load ("rt": its "all", "rt2": its "qv"), and one more in
+    `folder`/resolver for the filesystem resolver."""
+    adapters = lora_adapters(Path(model), folder)
+    from conftest import make_lora_dir  # on the path now: lora_adapters put it there
+    return {"rt": adapters["all"], "rt2": adapters["qv"],
             "found-lora": make_lora_dir(folder / "resolver" / "found-lora", model, seed=3)}
 
 
