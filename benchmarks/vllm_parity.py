@@ -152,7 +152,7 @@ def run(engine: str, model: str, thinking: str, loras: dict[str, str]) -> dict:
     if thinks:
         results |= reasoning_gate(engine, mod, model)
     results |= lora_scenarios(engine, mod, model, loras)
-    return results | parse_tool_calls(engine, model) | parse_reasoning(engine, thinking)
+    return results | parse_tool_calls(engine, model) | tool_call_tags(engine, model) | parse_reasoning(engine, thinking)
 
 
 def lora_scenarios(engine: str, mod, model: str, loras: dict[str, str]) -> dict:
@@ -251,6 +251,62 @@ def parse_tool_calls(engine: str, model: str) -> dict:
                 content, read = TOOL_CALL_PARSERS[kind]().parse(text)
                 calls = [(c["function"]["name"], c["function"]["arguments"]) for c in read]
             results[f"tool calls, {kind} #{i}"] = {"content": content, "calls": [list(c) for c in calls]}
+    return results
+
+
+# Requests whose answer strict tool calling holds to the parser's format (vLLM 0.32's default): parser, level,
+# and the request's tools, tool_choice, parallel_tool_calls and structured outputs.
+_CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": _CITY}},
+          {"type": "function", "function": {"name": "get_time", "description": "Now.", "parameters": {
+              "type": "object", "properties": {"zone": {"type": "string"}}}}}]
+_STRICT = [{"type": "function", "function": {**_TOOLS[0]["function"], "strict": True}}, _TOOLS[1]]
+_NAMED = {"type": "function", "function": {"name": "get_time"}}
+TAGGED_REQUESTS = {
+    f"{parser}, {level}, {name}": (parser, level, request)
+    for parser in ("hermes", "llama3_json", "pythonic") for level in ("auto", "function", "parameter")
+    for name, request in {
+        "required": {"tools": _TOOLS, "tool_choice": "required"},
+        "required, one call": {"tools": _STRICT, "tool_choice": "required", "parallel_tool_calls": False},
+        "named": {"tools": _STRICT, "tool_choice": _NAMED},
+        "auto": {"tools": _TOOLS, "tool_choice": "auto"},
+        "auto, a strict tool": {"tools": _STRICT, "tool_choice": "auto"},
+        "auto, one call": {"tools": _TOOLS, "tool_choice": "auto", "parallel_tool_calls": False},
+        "auto, a strict tool and a schema": {"tools": _STRICT, "tool_choice": "auto",
+                                             "structured_outputs": {"json": _CITY}},
+        "auto, a strict tool and a choice": {"tools": _STRICT, "tool_choice": "auto",
+                                             "structured_outputs": {"choice": ["yes", "no"]}},
+        "none": {"tools": _STRICT, "tool_choice": "none"},
+    }.items()}
+
+
+def tool_call_tags(engine: str, model: str) -> dict:
+    """The structural tag (or other constraint) each engine's chat server puts on TAGGED_REQUESTS: vLLM's parser
+    adjusting its request, our request's `structured()` with the server's parser's tag."""
+    results = {}
+    if engine == "vllm":
+        from transformers import AutoTokenizer
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.parser.parser_manager import ParserManager
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|python_tag|>", "<tool_call>", "</tool_call>"]})
+    else:
+        from shardserve.router.protocol import ChatCompletionRequest
+        from shardserve.router.tool_calls import TOOL_CALL_PARSERS
+        from shardserve.router.tool_tags import ToolStrictLevel
+    for name, (parser, level, fields) in TAGGED_REQUESTS.items():
+        request = ChatCompletionRequest(model="x", messages=[{"role": "user", "content": "hi"}], **fields)
+        if engine == "vllm":
+            parser_cls = ParserManager.get_parser(tool_parser_name=parser, enable_auto_tools=True,
+                                                  tool_strict_level=level)
+            structured = parser_cls(tokenizer, request.tools).adjust_request(request).structured_outputs
+        else:
+            structured = request.structured(TOOL_CALL_PARSERS[parser]().tag_model, ToolStrictLevel.from_name(level))
+        given = {} if structured is None else {k: getattr(structured, k) for k in (
+            "json", "regex", "choice", "grammar", "structural_tag") if getattr(structured, k, None) is not None}
+        if "structural_tag" in given:
+            given["structural_tag"] = json.loads(given["structural_tag"])
+        results[f"tool call tag, {name}"] = given
     return results
 
 

@@ -37,6 +37,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {
              "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+STRICT_TOOLS = [{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS]
 
 
 def reasoning_requests(think_end: int) -> dict[str, tuple[str, str, dict]]:
@@ -135,6 +136,20 @@ def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
         "chat, required tool call": ("POST", "/v1/chat/completions", {
             **chat, "max_tokens": 64, "tools": TOOLS, "tool_choice": "required"}),
+        "chat stream, named tool call": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 48, "tools": TOOLS, "stream": True,
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+        "chat, required tool call, strict tools": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 64, "tools": STRICT_TOOLS, "tool_choice": "required"}),
+        "chat stream, required tool call, strict tools": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 64, "tools": STRICT_TOOLS, "tool_choice": "required", "stream": True}),
+        "chat, required tool call, one at most": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 96, "tools": STRICT_TOOLS, "tool_choice": "required", "parallel_tool_calls": False}),
+        "chat, auto, strict tools": ("POST", "/v1/chat/completions", {**chat, "max_tokens": 24, "tools": STRICT_TOOLS}),
+        "chat, auto, strict tools and a choice": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 96, "tools": STRICT_TOOLS, "structured_outputs": {"choice": ["yes", "no"]}}),
+        "chat, auto, one call at most": ("POST", "/v1/chat/completions", {
+            **chat, "max_tokens": 24, "tools": TOOLS, "parallel_tool_calls": False}),
         "chat, auto tool call (hermes)": ("POST", "/v1/chat/completions", {
             **chat, "max_tokens": 200, "tools": TOOLS, "structured_outputs": {"choice": [CALL]}}),
         "chat stream, auto tool call (hermes)": ("POST", "/v1/chat/completions", {
@@ -240,10 +255,10 @@ def serve_and_ask(engine: str, model: str, template: Path, reasoning_parser: str
         lora_env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
                     "VLLM_LORA_RESOLVER_CACHE_DIR": str(Path(adapters["found-lora"]).parent)}
     if engine == "vllm":
-        # VLLM_ENFORCE_STRICT_TOOL_CALLING=0: forced tool calls as JSON of the tools' schemas, as we make them (by
-        # default vLLM 0.32 writes them in the parser's own format, here hermes' <tool_call> tags)
+        # (both read VLLM_ENFORCE_STRICT_TOOL_CALLING from this environment: run with it 0 to compare forced tool
+        # calls as JSON, by default they are written in the parser's format, hermes' tags)
         env = dict(os.environ, LD_PRELOAD=vllm_preload(), VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
-                   VLLM_ENFORCE_STRICT_TOOL_CALLING="0", **lora_env)
+                   **lora_env)
         cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                *common, "--uvicorn-log-level", "warning"]
     else:

@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                help="the model family's tool-call format: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
                     "Qwen3, ...), llama3_json / llama4_json (JSON objects with name and parameters: Llama 3.x, 4), "
                     "pythonic / llama4_pythonic (a Python list of calls: Llama 3.2, Llama 4)")
+    _spec_flag(model, "--tool-strict-level", choices=["auto", "function", "parameter"],
+               help="where a parser's format is a structural tag (hermes, llama3_json, llama4_json) and "
+                    "VLLM_ENFORCE_STRICT_TOOL_CALLING is on (the default), forced calls are written in it; tool_choice "
+                    "auto is held to it for tools marked strict (auto), for every request with tools (function), "
+                    "with every tool's arguments held to its schema too (parameter)")
     _spec_flag(model, "--enable-lora", action="store_true",
                help="requests may run through LoRA adapters: those of --lora-modules, each served under its name")
     _spec_flag(model, "--lora-modules", nargs="+", metavar="NAME=PATH",

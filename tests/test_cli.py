@@ -19,6 +19,7 @@ from shardserve import LLM, SamplingParams
 from shardserve.cli import build_parser, main, model_specs
 from shardserve.cluster.ray_cluster import _haproxy_config, _processes, haproxy_available
 from shardserve.router.spec import ModelSpec
+from shardserve.router.tool_tags import ToolStrictLevel
 
 GENERATION_DEFAULTS = {"top_k": 1, "max_new_tokens": 5}
 PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and of Italy, Rome."
@@ -91,7 +92,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--max-logprobs", "-1", "--scheduling-policy", "priority",
              "--structured-outputs-config", '{"disable_any_whitespace": true}',
              "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
-             "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8"]
+             "--tool-strict-level", "parameter", "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -105,6 +106,10 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     assert (config.scheduling_policy, config.structured_outputs_config) == \
         ("priority", {"disable_any_whitespace": True})
     assert type(specs[1].tool_parser()).__name__ == "HermesToolParser" and config.reasoning_parser == "qwen3"
+    assert specs[1].tool_strict() == ToolStrictLevel.PARAMETER
+    monkeypatch.setenv("VLLM_ENFORCE_STRICT_TOOL_CALLING", "0")   # read where the spec is made
+    assert model_specs(build_parser().parse_args(["serve", "a", *flags]))[0].tool_strict() is None
+    monkeypatch.delenv("VLLM_ENFORCE_STRICT_TOOL_CALLING")
     assert (config.enable_lora, config.max_loras, config.max_lora_rank) == (True, 2, 8)
     assert specs[1].lora_requests()["ad"].lora_path == lora_dirs("llama")
     args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
@@ -121,7 +126,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
                            match=r"shardserve serve: error: .*(must be|is not available|requires|greater than)"):
             main(["serve", "a", *bad])
     for bad in (["--hf-overrides", "[1]"], ["--allowed-origins", '"*"'], ["--scheduling-policy", "lifo"],
-                ["--tool-call-parser", "mistral"], ["--reasoning-parser", "granite"]):
+                ["--tool-call-parser", "mistral"], ["--reasoning-parser", "granite"], ["--tool-strict-level", "x"]):
         with pytest.raises(SystemExit):  # argparse's own: not a JSON object / list, not a choice
             main(["serve", "a", *bad])
 

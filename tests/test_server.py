@@ -460,15 +460,16 @@ def _streamed_tool_calls(chunks, content: bool = False) -> tuple[dict[int, dict]
 
 
 def test_forced_tool_calls_are_structured_outputs(client, offline):
-    """tool_choice naming a function, or "required" (as vLLM): the answer is JSON of the function's parameters,
-    or a list of {"name", "parameters"} calls, held there by structured outputs (the offline engine under the
-    same schema gives the same text) and returned as the message's tool_calls, plain and streamed."""
+    """tool_choice naming a function, or "required", on a model without a tool-call parser ("tiny-tp2", as
+    vLLM): the answer is JSON of the function's parameters, or a list of {"name", "parameters"} calls, held there
+    by structured outputs (the offline engine under the same schema gives the same text) and returned as the
+    message's tool_calls, plain and streamed."""
     def offline_text(schema):
         params = greedy(max_tokens=64, structured_outputs={"json": schema, "disable_any_whitespace": True})
         return offline.chat(MESSAGES, params, use_tqdm=False, tools=TOOLS)[0].outputs[0].text
 
     named = {"type": "function", "function": {"name": "get_weather"}}
-    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=64, temperature=0, tools=TOOLS, extra_body=COMPACT)
+    kwargs = dict(model="tiny-tp2", messages=MESSAGES, max_tokens=64, temperature=0, tools=TOOLS, extra_body=COMPACT)
     got = client.chat.completions.create(tool_choice=named, **kwargs).choices[0]
     (call,) = got.message.tool_calls
     assert call.function.name == "get_weather" and call.type == "function" and call.id.startswith("chatcmpl-tool-")
@@ -493,6 +494,46 @@ def test_forced_tool_calls_are_structured_outputs(client, offline):
         tool_choice="required", parallel_tool_calls=False, stream=True, **kwargs))
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [(call.function.name, call.function.arguments)]
     assert finish == "tool_calls"
+
+
+def test_forced_tool_calls_in_the_models_format(client, offline):
+    """vLLM's strict tool calling (on by default) on a server whose tool-call parser has a structural tag ("tiny",
+    hermes): a forced call is written in hermes' <tool_call> tags under a grammar of the given tools (the offline
+    engine under the same tag writes the same text), and the parser reads it: a named call's content "" and
+    finish "stop", "required" with parallel_tool_calls false one call and "tool_calls"; streamed alike. Strict
+    tools' arguments follow their schemas. (The tags' JSON may hold any whitespace, which a random model would
+    write on and on: a logit bias keeps it to what the format needs.)"""
+    from shardserve.router.tool_calls import HermesToolParser
+    from shardserve.router.tool_tags import ToolStrictLevel, tool_call_tag
+    tools = [{"type": t["type"], "function": {**t["function"], "strict": True}} for t in TOOLS]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    tokenizer = offline.get_tokenizer()
+    no_spaces = {i: -100.0 for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()}
+
+    def offline_calls(tool_choice, parallel=None):
+        tag = tool_call_tag("hermes", tools, tool_choice, parallel, ToolStrictLevel.AUTO, None)
+        params = greedy(max_tokens=128, skip_special_tokens=False, structured_outputs={"structural_tag": tag},
+                        logit_bias=no_spaces)
+        text = offline.chat(MESSAGES, params, use_tqdm=False, tools=tools)[0].outputs[0].text
+        assert text.startswith("<tool_call>") and text.endswith("</tool_call>")
+        return [(c["function"]["name"], c["function"]["arguments"]) for c in HermesToolParser().parse(text)[1]]
+
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=128, temperature=0, tools=tools, logit_bias=no_spaces)
+    for choice, parallel, finish in ((named, None, "stop"), ("required", False, "tool_calls")):
+        expected = offline_calls(choice, parallel)
+        (name, arguments), = expected
+        schema = {t["function"]["name"]: t["function"]["parameters"] for t in tools}[name]
+        assert set(json.loads(arguments)) == set(schema["required"]) and (choice != named or name == "get_weather")
+        extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+        got = client.chat.completions.create(tool_choice=choice, **extra, **kwargs).choices[0]
+        assert [(c.function.name, c.function.arguments) for c in got.message.tool_calls] == expected
+        assert got.message.content == "" and got.finish_reason == finish
+        assert got.message.tool_calls[0].id.startswith("chatcmpl-tool-")
+        calls, streamed_finish = _streamed_tool_calls(client.chat.completions.create(
+            tool_choice=choice, stream=True, **extra, **kwargs))
+        # (streamed, the arguments come as the model writes them; whole, as JSON re-written: vLLM's hermes)
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [(name, json.loads(arguments))]
+        assert streamed_finish == finish
 
 
 def test_auto_tool_calls_are_read_in_the_models_format(client, offline):

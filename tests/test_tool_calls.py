@@ -138,6 +138,9 @@ def test_answers_by_tool_choice():
     message, called = auto.message(text)
     assert called and message["content"] is None and message["tool_calls"][0]["function"]["name"] == "get_weather"
     assert auto.finish_reason("stop", True) == "tool_calls" and auto.finish_reason("length", False) == "length"
+    # vLLM's rule differs in its stream: there calls are "tool_calls" only where the answer ended normally
+    assert auto.finish_reason("length", True) == "tool_calls"
+    assert auto.finish_reason("length", True, streamed=True) == "length"
     named = ChatAnswers({"type": "function", "function": {"name": "get_weather"}}, None)
     message, called = named.message('{"city": "Paris"}')
     assert message["content"] == "" and message["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
@@ -147,6 +150,8 @@ def test_answers_by_tool_choice():
     assert message["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
     assert required.finish_reason("stop", called) == "tool_calls"
     assert required.message("[{") == ({"role": "assistant", "content": ""}, False)  # cut short: no calls
+    assert required.finish_reason("stop", False) == "tool_calls"
+    assert required.finish_reason("stop", False, streamed=True) == "stop"
 
 
 def test_answers_of_a_reasoning_model():
@@ -172,3 +177,96 @@ def test_answers_of_a_reasoning_model():
     (head,) = deltas[2]["tool_calls"]
     assert head["function"] == {"name": "get_weather", "arguments": '{"city"'} and head["id"]
     assert deltas[3] == {"tool_calls": [{"index": 0, "function": {"arguments": ': "Paris"}'}}]}
+
+
+# strict tool calling: forced (and strict) calls held to the model's own format -------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY, "strict": True}},
+                {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+LOOSE_TOOLS = [{"type": "function", "function": t["function"] | {"strict": None}} for t in STRICT_TOOLS]
+
+
+def _hermes(name: str, arguments: dict, newlines: bool = True) -> str:
+    body = json.dumps({"name": name, "arguments": arguments})
+    return f"<tool_call>\n{body}\n</tool_call>" if newlines else f"<tool_call>{body}</tool_call>"
+
+
+PARIS, OSLO, LLAMA_PARIS = (_hermes("get_weather", {"city": "Paris"}), _hermes("get_weather", {"city": "Oslo"}),
+                            json.dumps({"name": "get_weather", "parameters": {"city": "Paris"}}))
+NOW = _hermes("get_time", {"any": [1, "json"]}, newlines=False)
+NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.mark.parametrize("model,tools,choice,parallel,level,structured,accepted,refused", [
+    # "required": one call or more of the given tools, in either of hermes' layouts; a strict tool's arguments
+    # follow its schema, another's are any JSON; nothing else
+    ("hermes", STRICT_TOOLS, "required", None, "auto", None, [PARIS, PARIS + NOW],
+     ["Paris", OSLO, _hermes("get_date", {}), PARIS + " done"]),
+    ("hermes", STRICT_TOOLS, "required", False, "auto", None, [PARIS], [PARIS + NOW]),   # one call at most
+    ("hermes", STRICT_TOOLS, NAMED_TIME, None, "auto", None, [NOW], [PARIS, NOW + NOW]),  # that tool, once
+    # auto: free text, and once a call opens, a call of the given tools
+    ("hermes", STRICT_TOOLS, "auto", None, "auto", None, ["Sunny.", "Let me see." + PARIS, ""],
+     ["Let me see." + OSLO]),
+    ("hermes", LOOSE_TOOLS, "auto", None, "function", None, ["Sunny.", _hermes("get_weather", {"city": 1})],
+     [_hermes("get_date", {})]),
+    ("hermes", LOOSE_TOOLS, "auto", None, "parameter", None, [PARIS], [_hermes("get_weather", {"city": 1})]),
+    ("hermes", LOOSE_TOOLS, "auto", False, "auto", None, ["Sunny.", PARIS], [PARIS + PARIS]),
+    # auto with a constraint of its own: a call, or an answer that keeps to that constraint
+    ("hermes", STRICT_TOOLS, "auto", None, "auto", {"json": CITY}, [PARIS, '{"city": "Rome"}'],
+     ["Sunny.", '{"city": "Oslo"}']),
+    ("hermes", STRICT_TOOLS, "auto", None, "auto", {"regex": "(sun|rain)"}, ["sun", PARIS], ["snow"]),
+    # Llama 3's JSON calls (xgrammar's own tag)
+    ("llama", STRICT_TOOLS, "required", None, "auto", None, [LLAMA_PARIS], [LLAMA_PARIS.replace("Paris", "Oslo")]),
+])
+def test_strict_tool_call_tags(model, tools, choice, parallel, level, structured, accepted, refused):
+    """vLLM's strict tool calling (tool_tags.py): what the structural tag of each tool choice lets the model write,
+    read character by character by xgrammar."""
+    import xgrammar as xgr
+
+    from shardserve.router.tool_tags import ToolStrictLevel, tool_call_tag
+    from shardserve.sampling_params import StructuredOutputsParams
+    tag = tool_call_tag(model, tools, choice, parallel, ToolStrictLevel.from_name(level),
+                        structured and StructuredOutputsParams(**structured))
+    vocab = [chr(c) for c in range(32, 127)] + ["\n", "</s>"]
+    grammar = xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1])).compile_structural_tag(tag)
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        return matcher.accept_string(text) and matcher.accept_token(len(vocab) - 1)
+    assert [t for t in accepted if not accepts(t)] == []
+    assert [t for t in refused if accepts(t)] == []
+
+
+def test_no_strict_tag_where_auto_has_no_strict_tool():
+    """auto at the auto level without a strict tool: the answer is free (no tag), as vLLM; a constraint of the
+    request's own then applies alone."""
+    from shardserve.router.tool_tags import ToolStrictLevel, tool_call_tag
+    assert tool_call_tag("hermes", LOOSE_TOOLS, "auto", None, ToolStrictLevel.AUTO, None) is None
+    with pytest.raises(ValueError, match="tool_strict_level must be one of"):
+        ToolStrictLevel.from_name("loose")
+
+
+def test_forced_answers_read_by_the_parser():
+    """Under strict tool calling a forced choice's answer is in the parser's format and read as auto's: a named
+    call's content is "" and its finish reason "stop"; "required" ends with "tool_calls"; streamed alike."""
+    hermes = HermesToolParser()
+    named = ChatAnswers({"type": "function", "function": {"name": "get_weather"}}, hermes, parser_reads_forced=True)
+    message, called = named.message(PARIS)
+    assert called and message["content"] == "" and json.loads(message["tool_calls"][0]["function"]["arguments"]) == \
+        {"city": "Paris"}
+    assert named.finish_reason("stop", called) == "stop"
+    required = ChatAnswers("required", hermes, parser_reads_forced=True)
+    message, called = required.message(PARIS + NOW)
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
+    assert required.finish_reason("stop", called) == "tool_calls"
+    assert required.message("") == ({"role": "assistant", "content": ""}, False)
+    text, calls = "", []
+    for piece in [PARIS[:15], PARIS[15:40], PARIS[40:], NOW]:
+        text += piece
+        calls += required.delta(0, text, piece, not calls, text == PARIS + NOW)[0].get("tool_calls", [])
+    assert [c["function"].get("name") for c in calls if "id" in c] == ["get_weather", "get_time"]
+    assert json.loads("".join(c["function"].get("arguments", "") for c in calls if c["index"] == 0)) == \
+        {"city": "Paris"}
+    # without strict tool calling (or with a parser of no tag, pythonic), the forced answer is JSON
+    assert ChatAnswers("required", hermes).json_calls and not ChatAnswers("auto", hermes).json_calls

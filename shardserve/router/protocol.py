@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shardserve.engine.processor import TokenizationParams
-from shardserve.router.tool_calls import tool_choice_schema
+from shardserve.router.tool_calls import checked_functions, tool_choice_schema
+from shardserve.router.tool_tags import ToolStrictLevel, tool_call_tag
 from shardserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
@@ -107,9 +108,9 @@ class SamplingRequest(OpenAIBase):
             {**prompt, "cache_salt": self.cache_salt}
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, stream: bool,
-                           defaults: dict[str, Any]) -> SamplingParams:
+                           defaults: dict[str, Any], structured: StructuredOutputsParams | None) -> SamplingParams:
         """`defaults`: the engine's sampling defaults (the model's generation config), for the fields the
-        request leaves out; then vLLM's neutral values."""
+        request leaves out; then vLLM's neutral values. `structured`: the request's `structured()`."""
         def given(name):
             value = getattr(self, name)
             return defaults.get(name, _NEUTRAL[name]) if value is None else value
@@ -126,7 +127,7 @@ class SamplingRequest(OpenAIBase):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
-            structured_outputs=self.structured(),
+            structured_outputs=structured,
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
 
 
@@ -185,7 +186,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None   # false: "required" makes one call at most
+    parallel_tool_calls: bool | None = None   # false: one call at most
     # vLLM's extras
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -214,15 +215,28 @@ class ChatCompletionRequest(SamplingRequest):
             self.chat_template_kwargs = kwargs
         return self
 
-    def structured(self) -> StructuredOutputsParams | None:
-        """A forced tool call's JSON schema (`tool_calls.tool_choice_schema`), or the request's structured outputs.
-        A forced call takes structured_outputs' options (disable_any_whitespace), not another constraint."""
+    def structured(self, tool_tag_model: str | None = None,
+                   tool_strict_level: ToolStrictLevel = ToolStrictLevel.AUTO) -> StructuredOutputsParams | None:
+        """The answer's constraint: a forced tool choice ("required", a named function) holds it to calls of the
+        given tools, in the model's own format where the server's tool-call parser names one (`tool_tag_model`:
+        vLLM's strict tool calling, `tool_tags.py`), else as JSON (`tool_calls.tool_choice_schema`); "auto" is
+        held to the model's format where the strict level asks for it. Otherwise the request's structured
+        outputs. A forced call takes structured_outputs' options (disable_any_whitespace), not another
+        constraint."""
         fields = self.structured_fields()
-        schema = tool_choice_schema(self.tool_choice, self.tools, self.parallel_tool_calls)
+        functions = checked_functions(self.tool_choice, self.tools)
+        if functions is None:
+            return _structured_outputs(fields)
+        forced = self.tool_choice != "auto"
+        if forced and set(fields) - {"disable_any_whitespace"}:
+            raise ValueError("tool_choice 'required' or a named function constrains the answer itself: it "
+                             "cannot be combined with structured outputs or response_format.")
+        if tool_tag_model is not None:
+            tag = tool_call_tag(tool_tag_model, self.tools, self.tool_choice, self.parallel_tool_calls,
+                                tool_strict_level, None if forced else _structured_outputs(fields))
+            return StructuredOutputsParams(structural_tag=tag) if tag is not None else _structured_outputs(fields)
+        schema = tool_choice_schema(self.tool_choice, functions, self.parallel_tool_calls)
         if schema is not None:
-            if set(fields) - {"disable_any_whitespace"}:
-                raise ValueError("tool_choice 'required' or a named function constrains the answer itself: it "
-                                 "cannot be combined with structured outputs or response_format.")
             fields["json"] = schema
         return _structured_outputs(fields)
 

@@ -26,6 +26,7 @@ from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
 from shardserve.router.tool_calls import ChatAnswers, ToolCallParser
+from shardserve.router.tool_tags import ToolStrictLevel
 from shardserve.sampling_params import ParameterError, SamplingParams
 
 
@@ -180,12 +181,15 @@ def _fields(fields: dict | None) -> str:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
                  prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, tool_strict_level: ToolStrictLevel | None = None):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
         self.prompt_tokens_details = prompt_tokens_details
         self.tool_parser = tool_parser  # reads "auto" tool calls (--enable-auto-tool-choice --tool-call-parser)
+        # vLLM's strict tool calling (tool_tags.py), None where it is off: the parser's format as a structural tag
+        self.tool_strict_level = tool_strict_level
+        self.tool_tag_model = tool_parser.tag_model if tool_parser and tool_strict_level is not None else None
         # reads the thinking of a reasoning model's chat answers (a tokenizer without its tags fails here)
         self.reasoning_parser = reasoning_parser_for(reasoning_parser, self.tokenizer)
 
@@ -258,7 +262,7 @@ class OpenAIServing:
         if req.echo and req.logprobs is not None and req.prompt_embeds is None:
             req.prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
         params = req.to_sampling_params(self._max_tokens(req.max_tokens), req.logprobs, req.stream,
-                                        self.engine.default_sampling_params)
+                                        self.engine.default_sampling_params, req.structured())
         request_id = f"cmpl-{uuid.uuid4().hex}"
         # Validate every prompt before any is queued (a request is queued when its stream is first read).
         tokenization = req.tokenization()
@@ -429,14 +433,15 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, lora: LoRARequest | None = None) -> dict | AsyncIterator[str]:
         _refuse_unsupported(req)
-        if req.tool_choice == "auto":
-            if self.tool_parser is None:
-                raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
-                               'set.', param="tool_choice")
+        if req.tool_choice == "auto" and self.tool_parser is None:
+            raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set.',
+                           param="tool_choice")
+        parser_reads_forced = self.tool_tag_model is not None
+        if req.tool_choice == "auto" or (parser_reads_forced and req.tool_choice not in (None, "none")):
             req.skip_special_tokens = False  # a model's tool-call tags may be special tokens (vLLM's hermes rule)
         # per request: whether the model thinks can depend on its chat-template arguments (Qwen3's enable_thinking)
         reasoning = self.reasoning_parser and self.reasoning_parser.for_chat(req.chat_template_kwargs)
-        answers = ChatAnswers(req.tool_choice, self.tool_parser, reasoning, req.include_reasoning)
+        answers = ChatAnswers(req.tool_choice, self.tool_parser, reasoning, req.include_reasoning, parser_reads_forced)
         usage = _stream_usage(req)
         prompt = self.engine.processor.process_prompt(req.salted(self._chat_prompt(req, req.add_special_tokens)),
                                                       req.tokenization())
@@ -446,7 +451,8 @@ class OpenAIServing:
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.to_sampling_params(self._max_tokens(max_tokens), top if req.logprobs else None, req.stream,
-                                        self.engine.default_sampling_params)
+                                        self.engine.default_sampling_params,
+                                        req.structured(self.tool_tag_model, self.tool_strict_level))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model_name = lora.lora_name if lora else self.model_name
         if req.use_beam_search:
@@ -531,7 +537,7 @@ class OpenAIServing:
                         delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
                     else:
                         fields, called = answers.delta(c.index, c.text, d.text, d.first, finish_reason is not None)
-                        delta, finish_reason = json.dumps(fields), answers.finish_reason(finish_reason, called)
+                        delta, finish_reason = json.dumps(fields), answers.finish_reason(finish_reason, called, True)
                     # continuous usage: this choice's tokens so far, and of them its thinking (vLLM's counts)
                     yield encoder.choice(c.index, "delta", delta, logprobs, finish_reason, c.stop_reason,
                                          _usage(prompt_tokens, cursor.sent[c.index][1], None,

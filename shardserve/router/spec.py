@@ -9,6 +9,7 @@ from shardserve.config import EngineConfig
 from shardserve.lora.adapter import read_adapter_config
 from shardserve.lora.request import LoRARequest
 from shardserve.router.tool_calls import TOOL_CALL_PARSERS
+from shardserve.router.tool_tags import ToolStrictLevel, strict_tool_calling
 
 
 @dataclass
@@ -26,6 +27,9 @@ class ModelSpec:
     enable_prompt_tokens_details: bool = False   # usage reports the prompt tokens the prefix cache served
     enable_auto_tool_choice: bool = False        # chat's tool_choice "auto", read by tool_call_parser
     tool_call_parser: str | None = None          # the model family's tool-call format (router/tool_calls.py)
+    tool_strict_level: str = "auto"              # vLLM's --tool-strict-level: auto, function, parameter (tool_tags.py)
+    # vLLM's VLLM_ENFORCE_STRICT_TOOL_CALLING (None: that variable where the spec is made; default on)
+    strict_tool_calling: bool | None = None
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     runner: str = "auto"
     convert: str = "auto"
@@ -75,6 +79,9 @@ class ModelSpec:
                              f"{self.tool_call_parser!r}.")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice requires tool_call_parser (--tool-call-parser).")
+        ToolStrictLevel.from_name(self.tool_strict_level)
+        if self.strict_tool_calling is None:
+            self.strict_tool_calling = strict_tool_calling()
 
     def lora_requests(self) -> dict[str, LoRARequest]:
         """Each adapter's request, by its served name (ids in the order given)."""
@@ -83,6 +90,10 @@ class ModelSpec:
     def tool_parser(self):
         """The parser of "auto" tool calls, where they are enabled."""
         return TOOL_CALL_PARSERS[self.tool_call_parser]() if self.enable_auto_tool_choice else None
+
+    def tool_strict(self) -> ToolStrictLevel | None:
+        """The strict level of tool calls in the parser's format, None where strict tool calling is off."""
+        return ToolStrictLevel.from_name(self.tool_strict_level) if self.strict_tool_calling else None
 
     @property
     def name(self) -> str:

@@ -1,12 +1,14 @@
 """Tool calls in chat answers, as vLLM makes them.
 
-Forced (OpenAI's `tool_choice` "required" or a named function): structured outputs hold the model to JSON of
-the tool's parameters (named) or to a list of {"name", "parameters"} objects (required), and the answer's text
-becomes the message's `tool_calls`.
-
 "auto" (the model decides whether to call a tool, in its own format): a tool-call parser of the model family's
 format reads the calls out of the answer (`--enable-auto-tool-choice --tool-call-parser NAME`). Without one,
 "auto" is refused, as vLLM refuses it.
+
+Forced (OpenAI's `tool_choice` "required" or a named function): where the server's parser knows its format as a
+structural tag (hermes, llama3_json), the model writes calls in that format under a grammar of the given tools
+(vLLM's strict tool calling, `tool_tags.py`) and the parser reads them as auto's. Otherwise structured outputs
+hold the model to JSON of the tool's parameters (named) or to a list of {"name", "parameters"} objects
+(required), and the answer's text becomes the message's `tool_calls`.
 """
 from __future__ import annotations
 
@@ -48,9 +50,9 @@ def forced_tool_name(tool_choice) -> str | None:
     return None
 
 
-def tool_choice_schema(tool_choice, tools: list[dict[str, Any]] | None,
-                       parallel_tool_calls: bool | None) -> dict[str, Any] | None:
-    """The JSON schema the answer must follow for a forced tool choice; None for "none" (or no choice)."""
+def checked_functions(tool_choice, tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+    """The request's functions' parameters by name, once its tool choice and tools are checked; None where the
+    choice is "none" (or not made)."""
     if tool_choice in (None, "none"):
         return None
     if tool_choice not in ("required", "auto") and not isinstance(tool_choice, dict):
@@ -59,12 +61,20 @@ def tool_choice_schema(tool_choice, tools: list[dict[str, Any]] | None,
         raise ValueError("When using `tool_choice`, `tools` must be set.")
     functions = _functions(tools)
     name = forced_tool_name(tool_choice)
+    if name is not None and name not in functions:
+        raise ValueError(f"Tool '{name}' has not been passed in `tools`.")
+    return functions
+
+
+def tool_choice_schema(tool_choice, functions: dict[str, dict[str, Any]],
+                       parallel_tool_calls: bool | None) -> dict[str, Any] | None:
+    """The JSON schema the answer must follow for a forced tool choice (the named function's parameters, or a
+    list of calls); None for "auto". `functions`: `checked_functions`."""
+    name = forced_tool_name(tool_choice)
     if name is not None:
-        if name not in functions:
-            raise ValueError(f"Tool '{name}' has not been passed in `tools`.")
         return functions[name]
     if tool_choice == "auto":
-        return None  # the caller refuses it: no parser
+        return None
     # "required": one call or more (one only when parallel_tool_calls is false), each naming a given function
     calls = [{"properties": {"name": {"type": "string", "enum": [n]}, "parameters": schema},
               "required": ["name", "parameters"]} for n, schema in functions.items()]
@@ -97,6 +107,7 @@ class HermesToolParser:
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the answer's text before the first one is its
     content. A call cut short (no closing tag) still counts when its JSON is whole."""
     start, end = "<tool_call>", "</tool_call>"
+    tag_model = "hermes"   # the format as a structural tag (tool_tags.py)
     _calls = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -204,6 +215,7 @@ class Llama3JsonToolParser:
     vLLM: every JSON object the answer holds must be a call, and then none of the text is content. Streamed, as
     vLLM: an answer that starts with a call (or the tag) is read when it ends; any other streams as content."""
     tag = "<|python_tag|>"
+    tag_model = "llama"   # xgrammar's structural tag of the format (tool_tags.py)
     _objects = re.compile(r"\{")
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -239,6 +251,7 @@ class PythonicToolParser:
     literal (JSON's null / true / false too; tuples and sets become lists). Any other answer is content; as
     vLLM, streamed, an answer that starts with "[" is read when it ends."""
     start, end = "<|python_start|>", "<|python_end|>"
+    tag_model = None   # no structural tag: forced calls are JSON (as vLLM)
     # as vLLM's pattern: "[" then a call at once; names (of functions and arguments) begin with an ASCII letter
     _opens, _name = re.compile(r"\[[a-zA-Z]"), re.compile(r"[a-zA-Z]")
 
@@ -318,19 +331,22 @@ TOOL_CALL_PARSERS: dict[str, Callable[[], ToolCallParser]] = {
 
 
 class ChatAnswers:
-    """A chat request's answers as assistant messages: the text as content, or its tool calls (forced: the JSON
-    the schema held the answer to; "auto": what the server's parser reads out of it). A reasoning model's thinking
+    """A chat request's answers as assistant messages: the text as content, or its tool calls (what the server's
+    parser reads out of it, or a forced choice's JSON). A reasoning model's thinking
     (--reasoning-parser) comes first, as `reasoning`; the tool calls are read from the rest. Streamed, one state
     per choice."""
 
     def __init__(self, tool_choice, parser: ToolCallParser | None, reasoning: ReasoningParser | None = None,
-                 include_reasoning: bool = True):
+                 include_reasoning: bool = True, parser_reads_forced: bool = False):
+        """`parser_reads_forced`: a forced choice's answer is in the parser's format (strict tool calling)."""
         self.tool_choice = tool_choice
         self.named = forced_tool_name(tool_choice)
-        self.parser = parser if tool_choice == "auto" else None
+        self.forced = self.named is not None or tool_choice == "required"
+        self.parser = parser if tool_choice == "auto" or (self.forced and parser_reads_forced) else None
+        self.json_calls = self.forced and self.parser is None   # the answer is JSON of the call(s)
         self.reasoning = reasoning
         self.include_reasoning = include_reasoning
-        self.plain = self.named is None and tool_choice != "required" and self.parser is None and reasoning is None
+        self.plain = not self.json_calls and self.parser is None and reasoning is None
         self._streams: dict[int, HermesStream | WholeAnswerStream] = {}
         self._thoughts: dict[int, ReasoningStream] = {}
 
@@ -348,20 +364,28 @@ class ChatAnswers:
         if self.reasoning is not None:
             reasoning, text = self.reasoning.split(text)
             thinking = {"reasoning": reasoning if self.include_reasoning else None}
-        if self.named is None and self.tool_choice != "required" and self.parser is None:
+        if not self.json_calls and self.parser is None:
             return {"role": "assistant", "content": text, **thinking}, False
         if self.parser:  # (text None: the answer is all thinking)
             content, calls = self.parser.parse(text) if text is not None else (None, [])
+            if calls and content is not None and not content.strip():
+                content = None   # only whitespace before the calls (vLLM)
+            if self.forced:   # as vLLM: a forced call's content is "" where it has none
+                content = content if content and content.strip() else ""
         else:
             content, calls = "", tool_calls_from_text(self.tool_choice, text or "")
         return {"role": "assistant", "content": content, **thinking, **({"tool_calls": calls} if calls else {})}, \
             bool(calls)
 
-    def finish_reason(self, finish_reason: str | None, called: bool) -> str | None:
+    def finish_reason(self, finish_reason: str | None, called: bool, streamed: bool = False) -> str | None:
         """OpenAI's rule, as vLLM: "tool_calls" where auto found calls, or "required" calls ended normally;
-        "stop" for a named call."""
-        if finish_reason is not None and ((self.parser and called) or
-                                          (self.tool_choice == "required" and finish_reason == "stop")):
+        "stop" for a named call. Streamed (vLLM's stream): "tool_calls" where calls were sent and the answer
+        ended normally."""
+        if finish_reason is None or self.named is not None:
+            return finish_reason
+        if streamed:
+            return "tool_calls" if called and finish_reason == "stop" else finish_reason
+        if (self.parser and called) or (self.tool_choice == "required" and finish_reason == "stop"):
             return "tool_calls"
         return finish_reason
 
@@ -378,13 +402,13 @@ class ChatAnswers:
             text, first = thought.content, not started and bool(new_text)
             if new_reasoning and self.include_reasoning:
                 fields["reasoning"] = new_reasoning
-        if self.named is not None:
+        if self.json_calls and self.named is not None:
             call = {"index": 0, "function": {"arguments": new_text}}
             if first:
                 call = {"index": 0, "id": tool_call_id(), "type": "function",
                         "function": {"name": self.named, "arguments": new_text}}
             return ({**fields, "tool_calls": [call]} if new_text or first else fields), True
-        if self.tool_choice == "required":
+        if self.json_calls:   # "required"
             calls = tool_calls_from_text(self.tool_choice, text) if finished else []
             return ({**fields, "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else fields), \
                 bool(calls)
