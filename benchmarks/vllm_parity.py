@@ -94,9 +94,15 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
               ("models", "owned_by", "shardserve serves them"),
               ("models, with", "max_model_len", "an adapter's entry gives its model's max_model_len (vLLM's: null)"),
               ("models", "permission[0].id", "a permission id of its own"),
-              ("error", "error.message", "errors in words of our own (vLLM adds the parameter and value)"),
-              ("error", "error.param", "not done: vLLM names the parameter of more errors"),
-              ("error", "error.type", 'vLLM says "Bad Request" for a body that is not JSON or fails its schema'),
+              ("error: prompt too long", "error.message", "the prompt's whole length in tokens (vLLM's: 'at least' "
+               "the model's length + 1, where it stops tokenizing)"),
+              ("error: bad regex", "error.message", "xgrammar's words for a bad regex, which it compiles (vLLM "
+               "checks a regex with a parser of its own first)"),
+              ("error: not JSON", "", "a body that is not JSON: a sentence of ours (vLLM: pydantic's error "
+               'list, type "Bad Request", param "body.1")'),
+              ("error: no messages", "error.message", "a body that fails its schema: each error's place and "
+               "message (vLLM: pydantic's error list)"),
+              ("error: no messages", "error.type", 'BadRequestError, as any 400 of ours (vLLM: "Bad Request")'),
               ("chat stream", "reasoning_tokens", "a stream's usage counts the thinking tokens its whole answer "
                "counts (vLLM's stream counted fewer: those of its reasoning deltas)"),
               ("reasoning: thinking all along, stream", "reasoning_tokens", "a stream's usage counts the thinking "

@@ -11,8 +11,9 @@ class ParameterError(ValueError):
     """A request parameter's bad value, named as vLLM's validation errors name it: in the message's last words,
     and as the `param` of the server's error."""
 
-    def __init__(self, message: str, parameter: str, value):
-        super().__init__(f"{message} (parameter={parameter}, value={value})")
+    def __init__(self, message: str, parameter: str, value=None):
+        named = f"parameter={parameter}" + ("" if value is None else f", value={value}")   # (vLLM: None unsaid)
+        super().__init__(f"{message} ({named})")
         self.parameter, self.value = parameter, value
 
 

@@ -33,7 +33,8 @@ def test_invalid_sampling_params(kwargs, message):
 def test_bad_prompts_are_refused_before_anything_is_queued(llm):
     vocab = llm.llm_engine.processor.vocab_size
     cases = [
-        ("x " * 200, ValueError, "longer than the maximum model length of 64"),
+        ("x " * 200, ValueError, r"maximum context length is 64 tokens. However, your prompt contains \d+ input"),
+        ("x" * 10**7, ValueError, r"contains 10000000 characters \(more than"),   # refused before tokenizing
         ("", ValueError, "cannot be empty"),
         (TokensPrompt(prompt_token_ids=[]), ValueError, "cannot be empty"),
         (TokensPrompt(prompt_token_ids=[1, vocab + 5]), ValueError, f"Token id {vocab + 5} is out of vocabulary"),

@@ -92,7 +92,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--max-logprobs", "-1", "--scheduling-policy", "priority",
              "--structured-outputs-config", '{"disable_any_whitespace": true}',
              "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
-             "--tool-strict-level", "parameter", "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8"]
+             "--tool-strict-level", "parameter",
+             "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()

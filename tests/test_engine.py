@@ -94,7 +94,7 @@ def test_tokenization_kwargs_truncate_and_leave_out_special_tokens(llm):
     max_len = llm.llm_engine.max_model_len
     too_long = TokensPrompt(prompt_token_ids=[5] * (max_len + 10))
     assert len(run(too_long, truncate_prompt_tokens=-1).prompt_token_ids) == max_len - 1
-    with pytest.raises(ValueError, match="greater than the maximum model length"):
+    with pytest.raises(ValueError, match="cannot be greater than max_model_len"):
         run(text, truncate_prompt_tokens=max_len + 1)
     with pytest.raises(ValueError, match="truncation_side must be"):
         run(text, truncate_prompt_tokens=3, truncation_side="middle")

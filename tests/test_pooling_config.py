@@ -101,7 +101,11 @@ def test_truncation(encoder_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(long_text)["input_ids"]
     assert len(ids) > 16
-    with pytest.raises(ValueError, match=rf"length {len(ids)}\) is longer than the maximum model length of 16"):
+    with pytest.raises(ValueError, match=rf"maximum context length is 16 tokens. However, your prompt contains "
+                                         rf"{len(ids)} input tokens"):
+        llm.embed({"prompt_token_ids": ids}, use_tqdm=False)
+    # a text of more characters than 16 of the vocabulary's longest tokens: refused before it is tokenized (vLLM)
+    with pytest.raises(ValueError, match=rf"your prompt contains {len(long_text)} characters \(more than"):
         llm.embed(long_text, use_tqdm=False)
     # -1: to the model's length, as the tokenizer truncates ([CLS] ... [SEP] kept)
     (out,) = llm.encode(long_text, PoolingParams(use_activation=False), pooling_task="token_embed",
@@ -127,7 +131,7 @@ def test_truncation(encoder_dirs):
     assert cut.prompt_token_ids == ids[-5:]
     with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
         PoolingParams(truncation_side="middle")
-    with pytest.raises(ValueError, match="truncate_prompt_tokens=17 is greater than the maximum model length"):
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=17 cannot be greater than max_model_len = 16"):
         llm.embed(long_text, truncate_prompt_tokens=17, use_tqdm=False)
 
 
@@ -142,7 +146,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(encoder_dirs):
     with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1"):
         PoolingParams(truncate_prompt_tokens=0)
     cases = [
-        (lambda: llm.embed(["fine", "x " * 40], use_tqdm=False), ValueError, "maximum model length of 32"),
+        (lambda: llm.embed(["fine", "x " * 40], use_tqdm=False), ValueError, "maximum context length is 32 tokens"),
         (lambda: llm.embed(["fine", ""], use_tqdm=False), ValueError, "cannot be empty"),
         (lambda: llm.embed(["fine", TokensPrompt(prompt_token_ids=[2, vocab])], use_tqdm=False), ValueError,
          "out of vocabulary"),

@@ -110,5 +110,5 @@ def test_roberta_positions_fill_the_table(encoder_dirs):
     with torch.no_grad():
         expected = AutoModel.from_pretrained(model_dir)(torch.tensor([ids])).last_hidden_state[0]
     assert_close_f32(out.outputs.data, expected)
-    with pytest.raises(ValueError, match="maximum model length of 64"):
+    with pytest.raises(ValueError, match="maximum context length is 64 tokens"):
         llm.embed({"prompt_token_ids": ids + [5]}, use_tqdm=False)

@@ -49,7 +49,7 @@ def test_embeddings_equal_sentence_transformers(models):
         assert out.outputs.hidden_size == 384
         assert F.cosine_similarity(torch.tensor(out.outputs.embedding), ref, dim=0).item() > 0.99999
     assert [len(o.prompt_token_ids) for o in outputs][-2:] == [256, 256]
-    with pytest.raises(ValueError, match="maximum model length of 256; pass truncate_prompt_tokens=-1"):
+    with pytest.raises(ValueError, match=r"maximum context length is 256 tokens.*\(Or pass truncate_prompt_tokens=-1"):
         llm.embed(SENTENCES[-1], use_tqdm=False)
 
 

@@ -347,7 +347,7 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": "tiny", "prompt": "word " * 400}, 400, "maximum model length of 256"),
+    ({"model": "tiny", "prompt": "word " * 400}, 400, "maximum context length is 256 tokens"),
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"model": "tiny", "prompt": "x", "stream": True, "stream_interval": 0}, 400, "stream_interval"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream=True"),
@@ -368,7 +368,8 @@ def test_tokenize_detokenize_models_health_version(server, offline):
     ({"model": "tiny", "prompt": "x", "max_tokens": 257}, 400, "max_tokens=257 cannot be greater than max_model_len"),
     ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "greater than max allowed: 20"),
     ({"model": "tiny", "prompt": "x", "priority": 3}, 400, "priority scheduling is not enabled"),
-    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 300}, 400, "greater than the maximum model length"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 300}, 400,
+     "cannot be greater than max_model_len = 256"),
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
     ({"model": "tiny", "prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"model": "tiny", "prompt": "x", "guided_choice": ["a"], "ignore_eos": True}, 400, "ignore_eos"),
@@ -783,17 +784,24 @@ def test_reasoning_is_told_apart_from_the_answer(server, think_client, model_dir
     assert r.status_code == 404 and "at run time is off" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body,message", [
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "'nope' has not been passed"),
-    ({"tool_choice": "required"}, "`tools` must be set"),
-    ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice must be"),
-    ({"tool_choice": "required", "tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be combined"),
-    ({"tool_choice": "required", "tools": [{"type": "function"}]}, "Each tool must be"),
+@pytest.mark.parametrize("body,message,param", [   # in vLLM's words, naming the parameter as vLLM does
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS},
+     "The tool specified in `tool_choice` does not match any of the specified `tools` (parameter=tool_choice)",
+     "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {}}, "tools": TOOLS}, "Expected field `name`",
+     "tool_choice.function.name"),
+    ({"tool_choice": "required"}, "When using `tool_choice`, `tools` must be set.", "tool_choice"),
+    ({"tool_choice": "sometimes", "tools": TOOLS}, "Invalid value for `tool_choice`: sometimes!", "tool_choice"),
+    ({"tools": []}, "`tools` must not be an empty array.", "tools"),
+    ({"tool_choice": "required", "tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be combined",
+     None),
+    ({"tool_choice": "required", "tools": [{"type": "function"}]}, "Each tool must be", None),
 ])
-def test_bad_tool_choices_are_refused(server, body, message):
+def test_bad_tool_choices_are_refused(server, body, message, param):
     r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(),
                    json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4, **body})
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.json()["error"].get("param") == param
 
 
 def test_constraints_the_server_cannot_apply_are_refused_not_ignored(server, client):

@@ -99,7 +99,7 @@ def test_cohere_embed_inputs_and_truncation(server, minilm):
     r = post(server, "/v2/embed", {"model": "minilm", "texts": [text], "max_tokens": 10_000})
     assert r.json()["meta"]["billed_units"]["input_tokens"] == 256  # no more than the model takes
     r = post(server, "/v2/embed", {"model": "minilm", "texts": [text], "truncate": "NONE"})
-    assert r.status_code == 400 and "maximum model length of 256" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "maximum context length is 256 tokens" in r.json()["error"]["message"]
     r = post(server, "/v2/embed", {"model": "minilm", "texts": SENTENCES, "truncate": "NONE", "max_tokens": 5})
     assert r.status_code == 400 and "max_tokens=5" in r.json()["error"]["message"]
 

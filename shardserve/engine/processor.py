@@ -4,6 +4,7 @@ Bad input raises `ValueError` / `TypeError` here, before anything is queued, so 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,13 @@ class Processor:
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise ValueError("cache_salt must be a non-empty string.")
         text, ids = self._split_prompt(prompt)
-        if ids is None:
-            ids = self.tokenizer.encode(text, add_special_tokens=tokenization.add_special_tokens)
         max_length = self._truncation_length(tokenization.truncate_prompt_tokens, generate=True)
+        side = self._truncation_side(tokenization.truncation_side)
+        if ids is None:
+            text = self._checked_text(text, side if max_length is not None else None)
+            ids = self.tokenizer.encode(text, add_special_tokens=tokenization.add_special_tokens)
         if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
             # vLLM's rule for generation: the token list is cut as it is, special tokens included
-            side = self._truncation_side(tokenization.truncation_side)
             ids = ids[len(ids) - max_length:] if side == "left" else ids[:max_length]
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else None  # what is left of it
         return ProcessedPrompt(text, self.validate_token_ids(ids), cache_salt=salt)
@@ -126,9 +128,32 @@ class Processor:
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary (the model's vocab_size is {self.vocab_size}).")
         if len(ids) > self.max_model_len:
-            raise ValueError(f"The prompt (length {len(ids)}) is longer than the maximum model length of "
-                             f"{self.max_model_len}.")
+            raise self._too_long(len(ids))
         return list(ids)
+
+    def _too_long(self, num_tokens: int, hint: str = "") -> ParameterError:
+        return ParameterError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                              f"prompt contains {num_tokens} input tokens, which exceeds this limit even without any "
+                              f"output tokens. Please reduce the length of the input prompt.{hint}", "input_tokens",
+                              num_tokens)
+
+    @functools.cached_property
+    def _max_chars_per_token(self) -> int:
+        return max(len(token) for token in self.tokenizer.get_vocab())
+
+    def _checked_text(self, text: str, truncation_side: str | None) -> str:
+        """A text with more characters than the model's length in the vocabulary's longest tokens cannot fit: it
+        is refused before it is tokenized (as vLLM: a prompt of megabytes must not hold the server), or, where it
+        is to be truncated (`truncation_side`), first cut to that many characters on that side."""
+        limit = self.max_model_len * self._max_chars_per_token
+        if len(text) <= limit:
+            return text
+        if truncation_side is None:
+            raise ParameterError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                 f"your prompt contains {len(text)} characters (more than {limit} characters, which "
+                                 f"is the upper bound for {self.max_model_len} input tokens). Please reduce the "
+                                 f"length of the input prompt.", "input_text", len(text))
+        return text[len(text) - limit:] if truncation_side == "left" else text[:limit]
 
     def require_generation(self) -> None:
         if self.pooling is not None:
@@ -325,8 +350,9 @@ class Processor:
         if k == -1:
             return self.max_model_len - 1 if generate else self.max_model_len
         if k > self.max_model_len:
-            raise ValueError(f"truncate_prompt_tokens={k} is greater than the maximum model length "
-                             f"({self.max_model_len}); choose a smaller truncation size.")
+            raise ParameterError(f"truncate_prompt_tokens={k} cannot be greater than max_model_len = "
+                                 f"{self.max_model_len}. Please request a smaller truncation size.",
+                                 "truncate_prompt_tokens", k)
         return k
 
     def model_prompts(self) -> dict[str, str]:
@@ -373,10 +399,10 @@ class Processor:
                 raise ValueError("Pooling models take text or token prompts, not prompt embeddings.")
             text, ids = self._split_prompt(self.named_prompt(prompt, prompt_name))
             truncation = (self._truncation_length(p.truncate_prompt_tokens), self._truncation_side(p.truncation_side))
-            if ids is None:
-                texts.setdefault(truncation, []).append((i, text))
-                continue
             max_length, side = truncation
+            if ids is None:
+                texts.setdefault(truncation, []).append((i, self._checked_text(text, side if max_length else None)))
+                continue
             if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
                 ids = ids[-max_length:] if side == "left" else ids[:max_length]  # token ids: no special tokens
             out[i] = ProcessedPrompt(text, self._check_pooling_length(ids))
@@ -431,8 +457,7 @@ class Processor:
 
     def _check_pooling_length(self, ids: list[int]) -> list[int]:
         if isinstance(ids, (list, tuple)) and len(ids) > self.max_model_len:
-            raise ValueError(f"The prompt (length {len(ids)}) is longer than the maximum model length of "
-                             f"{self.max_model_len}; pass truncate_prompt_tokens=-1 to truncate it.")
+            raise self._too_long(len(ids), " (Or pass truncate_prompt_tokens=-1 to truncate it.)")
         return self.validate_token_ids(ids)
 
 

@@ -88,8 +88,9 @@ async def _parse(request: Request, schema: type[BaseModel]) -> tuple[BaseModel, 
         raise APIError("The request body must be a JSON object.")
     try:
         return schema.model_validate(body), body
-    except ValidationError as e:
-        raise APIError(_validation_message(e)) from None
+    except ValidationError as e:   # (vLLM's param: where the first error is, as "body.messages")
+        where = ".".join(str(x) for x in ("body", *e.errors()[0].get("loc", ())))
+        raise APIError(_validation_message(e), param=where) from None
 
 
 class _EventStream(StreamingResponse):

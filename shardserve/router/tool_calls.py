@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardserve.engine.reasoning import ReasoningParser, ReasoningStream
+from shardserve.sampling_params import ParameterError
 
 
 def tool_call_id() -> str:
@@ -40,29 +41,44 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return functions
 
 
+_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
 def forced_tool_name(tool_choice) -> str | None:
-    """The function a named tool_choice forces, else None."""
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
-        if tool_choice.get("type") != "function" or not isinstance(name, str):
-            raise ValueError("A named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}.")
-        return name
-    return None
+    """The function a named tool_choice forces, else None (checked as vLLM checks it, in its words)."""
+    if not isinstance(tool_choice, dict):
+        return None
+    function = tool_choice.get("function")
+    if not isinstance(function, dict):
+        raise ParameterError(f"Invalid value for `function`: `{function}` in `tool_choice`! {_USAGE}",
+                             "tool_choice.function")
+    if "name" not in function:
+        raise ParameterError(f"Expected field `name` in `function` in `tool_choice`! {_USAGE}",
+                             "tool_choice.function.name")
+    if not isinstance(function["name"], str) or not function["name"]:
+        raise ParameterError(f"Invalid `name` in `function`: `{function['name']}` in `tool_choice`! {_USAGE}",
+                             "tool_choice.function.name")
+    return function["name"]
 
 
 def checked_functions(tool_choice, tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
-    """The request's functions' parameters by name, once its tool choice and tools are checked; None where the
-    choice is "none" (or not made)."""
+    """The request's functions' parameters by name, once its tool choice and tools are checked (in vLLM's
+    words); None where the choice is "none" (or not made)."""
+    if tools == []:
+        raise ParameterError("`tools` must not be an empty array. Either provide at least one tool or omit the "
+                             "field entirely.", "tools")
     if tool_choice in (None, "none"):
         return None
-    if tool_choice not in ("required", "auto") and not isinstance(tool_choice, dict):
-        raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {tool_choice!r}.")
     if not tools:
-        raise ValueError("When using `tool_choice`, `tools` must be set.")
+        raise ParameterError("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if tool_choice not in ("required", "auto") and not isinstance(tool_choice, dict):
+        raise ParameterError(f'Invalid value for `tool_choice`: {tool_choice}! Only named tools, "none", "auto" or '
+                             f'"required" are supported.', "tool_choice")
     functions = _functions(tools)
     name = forced_tool_name(tool_choice)
     if name is not None and name not in functions:
-        raise ValueError(f"Tool '{name}' has not been passed in `tools`.")
+        raise ParameterError("The tool specified in `tool_choice` does not match any of the specified `tools`",
+                             "tool_choice")
     return functions
 
 
