@@ -86,7 +86,8 @@ def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
     }
 
 
-# Where we answer otherwise on purpose: (scenario prefix, field suffix, why).
+# Where we answer otherwise on purpose: (scenario prefix or prefixes, field suffix, why).
+_RESPONSES = ("responses", "reasoning: responses", "error: responses")
 ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says "stop" offline too (vLLM leaves it '
                'None offline and says "stop" online)'),
               ("structured json, no whitespace", "", "the request's disable_any_whitespace is honoured (vLLM's "
@@ -103,6 +104,17 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
               ("error: no messages", "error.message", "a body that fails its schema: each error's place and "
                "message (vLLM: pydantic's error list)"),
               ("error: no messages", "error.type", 'BadRequestError, as any 400 of ours (vLLM: "Bad Request")'),
+              (_RESPONSES, "input_tokens", "a response's prompt is the chat's (vLLM 0.32's Responses API adds the "
+               "tokenizer's special tokens to what the chat template wrote: here a BOS, twice where a template "
+               "writes one), so the answers after it differ too"),
+              (_RESPONSES, "text", "the same prompt difference (input_tokens)"),
+              (_RESPONSES, "arguments", "the same prompt difference (input_tokens)"),
+              (_RESPONSES, "delta", "the same prompt difference (input_tokens)"),
+              (_RESPONSES, "reasoning_tokens", "the same prompt difference (input_tokens)"),
+              (_RESPONSES, "total_tokens", "the same prompt difference (input_tokens)"),
+              (_RESPONSES, "_per_turn", "vLLM's usage fields for multi-turn tool runs, empty here, left out"),
+              (_RESPONSES, "tool_output_tokens", "vLLM's usage fields for multi-turn tool runs, left out"),
+              (_RESPONSES, "cache_write_tokens", "a vLLM usage field for KV transfer, left out"),
               ("chat stream", "reasoning_tokens", "a stream's usage counts the thinking tokens its whole answer "
                "counts (vLLM's stream counted fewer: those of its reasoning deltas)"),
               ("reasoning: thinking all along, stream", "reasoning_tokens", "a stream's usage counts the thinking "

@@ -30,7 +30,7 @@ from vllm_parity import TEMPLATE, lora_adapters, report  # noqa: E402
 
 PORT = 8123
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The capital of France"}]
-IGNORED = {"id", "created", "system_fingerprint"}
+IGNORED = {"id", "created", "system_fingerprint", "created_at", "item_id", "call_id", "sequence_number"}
 # an answer in hermes' format, which a structured-output choice makes the random model write
 CALL = 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -38,6 +38,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
          {"type": "function", "function": {"name": "get_time", "parameters": {
              "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
 STRICT_TOOLS = [{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS]
+RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in STRICT_TOOLS]
 
 
 def reasoning_requests(think_end: int) -> dict[str, tuple[str, str, dict]]:
@@ -47,6 +48,7 @@ def reasoning_requests(think_end: int) -> dict[str, tuple[str, str, dict]]:
     ended = {**chat, "max_tokens": 200, "tools": TOOLS, "logit_bias": {str(think_end): 30},
              "structured_outputs": {"choice": [CALL]}}
     plain = {**chat, "max_tokens": 16, "structured_outputs": {"choice": ["Paris", "Rome"]}}
+    thought = {"model": "parity", "input": MESSAGES[1]["content"], "max_output_tokens": 12, "temperature": 0}
     return {
         "reasoning: thinking all along": ("POST", "/v1/chat/completions", chat),
         "reasoning: thinking all along, stream": ("POST", "/v1/chat/completions", {
@@ -59,6 +61,12 @@ def reasoning_requests(think_end: int) -> dict[str, tuple[str, str, dict]]:
         "reasoning: enable_thinking false": ("POST", "/v1/chat/completions", {
             **plain, "chat_template_kwargs": {"enable_thinking": False}}),
         "reasoning: reasoning_effort none": ("POST", "/v1/chat/completions", {**plain, "reasoning_effort": "none"}),
+        "reasoning: responses, thinking all along": ("POST", "/v1/responses", thought),
+        "reasoning: responses stream, thinking all along": ("POST", "/v1/responses", {**thought, "stream": True}),
+        "reasoning: responses, thinking ended, then JSON": ("POST", "/v1/responses", {
+            **thought, "max_output_tokens": 48, "logit_bias": {str(think_end): 30}, "text": {"format": {
+                "type": "json_schema", "name": "city", "schema": {
+                    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}}),
     }
 
 
@@ -103,6 +111,8 @@ def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
     """name -> (method, path, body)."""
     c = {"model": "parity", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
     chat = {"model": "parity", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    responses = {"model": "parity", "instructions": MESSAGES[0]["content"], "input": MESSAGES[1]["content"],
+                 "max_output_tokens": 8, "temperature": 0}
     return {
         "completion": ("POST", "/v1/completions", c),
         "completion, two token prompts": ("POST", "/v1/completions", {**c, "prompt": [[5, 6, 7], [8, 9, 10, 11]]}),
@@ -167,6 +177,26 @@ def requests() -> dict[str, tuple[str, str, dict | bytes | None]]:
         "error: logprobs 21": ("POST", "/v1/completions", {**c, "logprobs": 21}),
         "error: prompt too long": ("POST", "/v1/completions", {**c, "prompt": "word " * 300}),
         "error: max_tokens past the model": ("POST", "/v1/completions", {**c, "max_tokens": 1000}),
+        "responses": ("POST", "/v1/responses", responses),
+        "responses stream": ("POST", "/v1/responses", {**responses, "stream": True}),
+        "responses, input items and logprobs": ("POST", "/v1/responses", {
+            **responses, "instructions": None, "top_logprobs": 2, "include": ["message.output_text.logprobs"],
+            "input": [{"type": "message", "role": m["role"], "content": [{"type": "input_text", "text": m["content"]}]}
+                      for m in MESSAGES]}),
+        "responses, named function": ("POST", "/v1/responses", {
+            **responses, "max_output_tokens": 64, "tools": RESPONSES_TOOLS,
+            "tool_choice": {"type": "function", "name": "get_weather"}}),
+        "responses stream, required function": ("POST", "/v1/responses", {
+            **responses, "max_output_tokens": 64, "tools": RESPONSES_TOOLS, "tool_choice": "required",
+            "parallel_tool_calls": False, "stream": True}),
+        "responses, a call given back": ("POST", "/v1/responses", {
+            **responses, "tools": RESPONSES_TOOLS, "tool_choice": "none", "input": [
+                {"type": "message", "role": "user", "content": "Weather in Paris?"},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                 "arguments": '{"city": "Paris"}'},
+                {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}]}),
+        "error: responses, previous_response_id": ("POST", "/v1/responses", {
+            **responses, "previous_response_id": "resp_nope"}),
         "error: unknown model": ("POST", "/v1/completions", {**c, "model": "nope"}),
         "error: not JSON": ("POST", "/v1/completions", b"{not json"),
         "error: no messages": ("POST", "/v1/chat/completions", {"model": "parity"}),
@@ -180,12 +210,29 @@ def ask(method: str, path: str, body) -> dict:
     r = httpx.request(method, url, timeout=120, **kwargs)
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         chunks = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-        return {"status": r.status_code, "stream": _merged([c if c == "[DONE]" else _clean(json.loads(c))
-                                                            for c in chunks])}
+        chunks = [c if c == "[DONE]" else _clean(json.loads(c)) for c in chunks]
+        if chunks and isinstance(chunks[0], dict) and "type" in chunks[0]:   # the Responses API's events
+            return {"status": r.status_code, "stream": _merged_events(chunks)}
+        return {"status": r.status_code, "stream": _merged(chunks)}
     try:
         return {"status": r.status_code, "body": _clean(r.json())}
     except ValueError:
         return {"status": r.status_code, "text": r.text[:300]}
+
+
+def _merged_events(events: list[dict]) -> dict:
+    """What a Responses event stream says in all: the events in order (a run of deltas as one), each kind of
+    delta joined, and the completed response."""
+    kinds, joined, final = [], {}, None
+    for event in events:
+        kind = event["type"]
+        if kind.endswith(".delta"):
+            joined[kind] = joined.get(kind, "") + event["delta"]
+            if kinds and kinds[-1] == kind:
+                continue
+        kinds.append(kind)
+        final = event.get("response", final)
+    return {"events": kinds, "deltas": joined, "response": final}
 
 
 def _merged(chunks: list) -> dict:

@@ -567,6 +567,99 @@ def test_auto_tool_calls_are_read_in_the_models_format(client, offline):
     assert plain.message.content == expected[0].outputs[0].text
 
 
+RESPONSES_TOOLS = [{"type": "function", **t["function"], "strict": True} for t in TOOLS]   # (Responses' shape)
+
+
+def test_responses_are_chat_answers(client, offline):
+    """/v1/responses (OpenAI's Responses API through the openai client): `instructions` and `input` make the
+    chat's messages and the answer is the chat's (the offline engine's), as output items; max_output_tokens ends
+    it "incomplete"; streamed, the events add up to the same response (the client's stream helper checks their
+    order); function tools and tool_choice make function_call items, which later input items give back."""
+    conversation = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPTS[1]}]
+    expected = offline.chat(conversation, greedy(max_tokens=8), use_tqdm=False)[0]
+    assert expected.outputs[0].text   # (the tiny model's answer to MESSAGES is special tokens only)
+    kwargs = dict(model="tiny", instructions=conversation[0]["content"], input=conversation[1]["content"],
+                  max_output_tokens=8, temperature=0)
+    got = client.responses.create(**kwargs)
+    assert got.id.startswith("resp_") and got.object == "response" and got.model == "tiny"
+    assert got.output_text == expected.outputs[0].text and [o.type for o in got.output] == ["message"]
+    assert (got.status, got.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (len(expected.prompt_token_ids), 8)
+    assert (got.temperature, got.max_output_tokens, got.instructions) == (0, 8, "You are terse.")
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        streamed = stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert streamed.output_text == expected.outputs[0].text and streamed.status == "incomplete"
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == streamed.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events))) and streamed.usage.output_tokens == 8
+    # the input as items, the text's logprobs asked for: the same answer and logprobs as the chat's
+    items = [{"type": "message", "role": m["role"], "content": [{"type": "input_text", "text": m["content"]}]}
+             for m in conversation]
+    got = client.responses.create(model="tiny", input=items, max_output_tokens=4, temperature=0, top_logprobs=2,
+                                  include=["message.output_text.logprobs"])
+    chat = client.chat.completions.create(model="tiny", messages=conversation, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2).choices[0]
+    (text,) = got.output[0].content
+    assert text.text == chat.message.content
+    assert [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in text.logprobs] == \
+        [(lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in chat.logprobs.content]
+
+    # a named function (strict tool calling: hermes' tags): a function_call item, streamed as its arguments
+    tokenizer = offline.get_tokenizer()
+    no_spaces = {i: -100.0 for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()}
+    call_kwargs = dict(model="tiny", input=items, max_output_tokens=128, temperature=0, tools=RESPONSES_TOOLS,
+                       tool_choice={"type": "function", "name": "get_weather"}, extra_body={"logit_bias": no_spaces})
+    got = client.responses.create(**call_kwargs)
+    chat = client.chat.completions.create(
+        model="tiny", messages=conversation, max_tokens=128, temperature=0, logit_bias=no_spaces,
+        tools=[{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0].message
+    (call,) = got.output
+    assert (call.type, call.name, call.arguments, call.status) == \
+        ("function_call", "get_weather", chat.tool_calls[0].function.arguments, "completed")
+    assert call.call_id.startswith("chatcmpl-tool-") and call.id.startswith("fc_") and got.status == "completed"
+    with client.responses.stream(**call_kwargs) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.function_call_arguments.delta")
+        (streamed,) = stream.get_final_response().output
+    assert streamed.name == "get_weather" and json.loads(deltas) == json.loads(streamed.arguments) == \
+        json.loads(call.arguments)
+    # the call and its output given back as input items: the chat's answer to the same conversation
+    followed = items + [{"type": "function_call", "call_id": call.call_id, "name": call.name,
+                         "arguments": call.arguments},
+                        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}]
+    got = client.responses.create(model="tiny", input=followed, max_output_tokens=6, temperature=0,
+                                  tools=RESPONSES_TOOLS, tool_choice="none")
+    chat = client.chat.completions.create(
+        model="tiny", max_tokens=6, temperature=0, tools=TOOLS, tool_choice="none", messages=conversation + [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+                "name": call.name, "arguments": call.arguments}}]},
+            {"role": "tool", "tool_call_id": call.call_id, "content": "Sunny, 21 C"}]).choices[0].message
+    assert got.output_text == chat.content
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"input": "x", "previous_response_id": "resp_1"}, 404, "Response with id 'resp_1' not found."),
+    ({"input": "x", "background": True}, 400, "background mode"),
+    ({"input": "x", "tools": [{"type": "web_search_preview"}]}, 400, "function tools only"),
+    ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+     "'input_image' are not supported"),
+    ({"input": "x", "max_output_tokens": 1000}, 400, "max_output_tokens=1000 cannot be greater than max_model_len"),
+    ({"input": "x", "tool_choice": "required"}, 400, "Tool choice 'required' must be specified with 'tools'"),
+    ({"input": "x", "tools": RESPONSES_TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, 400,
+     "Tool choice 'function' not found in 'tools' parameter."),
+])
+def test_bad_responses_requests_are_refused(server, body, status, message):
+    """What the Responses API cannot do here is refused in its error shape, not ignored (as vLLM without its
+    response store: nothing to continue from, no background mode)."""
+    r = httpx.post(f"{server}/v1/responses", headers=_headers(), json={"model": "tiny", **body})
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+
+
 def test_lora_adapters_are_served_under_their_own_names(server, client, model_dirs, lora_dirs):
     """--enable-lora --lora-modules tiny-lora=PATH on "tiny": a request naming the adapter runs through it (the
     offline engine with its LoRARequest gives the same answer, plain and streamed, and the answer names the
@@ -762,6 +855,21 @@ def test_reasoning_is_told_apart_from_the_answer(server, think_client, model_dir
     assert "".join(d.content or "" for d in deltas) == "Let me look."
     assert [c["name"] for c in _streamed_tool_calls(chunks, content=True)[0].values()] == ["get_weather"]
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == len(thinking_tokens)
+    # the Responses API: the thinking as a reasoning item before the text, whole and streamed, as the chat's
+    chat = think_client.chat.completions.create(model="tiny-think", messages=MESSAGES, max_tokens=40, temperature=0,
+                                                logit_bias={str(end): bias})
+    kwargs = dict(model="tiny-think", instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"],
+                  max_output_tokens=40, temperature=0, extra_body={"logit_bias": {str(end): bias}})
+    got = think_client.responses.create(**kwargs)
+    assert chat.choices[0].message.reasoning and got.output[0].type == "reasoning"
+    assert got.output[0].content[0].text == chat.choices[0].message.reasoning
+    assert got.output_text == (chat.choices[0].message.content or "")
+    assert got.usage.output_tokens_details.reasoning_tokens == chat.usage.completion_tokens_details.reasoning_tokens
+    with think_client.responses.stream(**kwargs) as stream:
+        thinking = "".join(e.delta for e in stream if e.type == "response.reasoning_text.delta")
+        streamed = stream.get_final_response()
+    assert thinking == streamed.output[0].content[0].text == chat.choices[0].message.reasoning
+    assert [o.type for o in streamed.output] == [o.type for o in got.output]
 
     # without thinking: the template closes it (enable_thinking false, or reasoning_effort "none"), or it is not
     # returned (include_reasoning false); either way the answer is held to the grammar from its first token

@@ -33,6 +33,7 @@ from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest
                                         LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
 from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmbedRequest, EmbeddingRequest,
                                                 PoolingRequest, RerankRequest, ScoreRequest)
+from shardserve.router.responses import ResponsesRequest
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,10 @@ class Router:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._relay(request, "chat", ChatCompletionRequest)
+
+    @app.post("/v1/responses")
+    async def responses(self, request: Request):
+        return await self._relay(request, "responses", ResponsesRequest)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request):

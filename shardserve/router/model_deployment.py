@@ -30,6 +30,7 @@ from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest
                                         TokenizeRequest)
 from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmbedRequest, EmbeddingRequest,
                                                 PoolingRequest, RerankRequest, ScoreRequest)
+from shardserve.router.responses import ResponsesRequest
 from shardserve.router.serving import OpenAIServing
 from shardserve.router.serving_pooling import PoolingServing
 from shardserve.router.spec import ModelSpec
@@ -39,11 +40,11 @@ logger = logging.getLogger(__name__)
 _REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest, "tokenize": TokenizeRequest,
              "detokenize": DetokenizeRequest, "embeddings": EmbeddingRequest, "pooling": PoolingRequest,
              "classify": ClassificationRequest, "score": ScoreRequest, "rerank": RerankRequest,
-             "cohere_embed": CohereEmbedRequest}
+             "cohere_embed": CohereEmbedRequest, "responses": ResponsesRequest}
 _POOLING_ROUTES = {"embeddings", "pooling", "classify", "score", "rerank", "cohere_embed"}
-_ADAPTER_ROUTES = {"completion", "chat"}   # the routes that run a request through a LoRA adapter
+_ADAPTER_ROUTES = {"completion", "chat", "responses"}   # the routes that run a request through a LoRA adapter
 # The routes each runner serves; the others answer 400 naming the runner that serves them.
-_RUNNER_ROUTES = {"generate": {"completion", "chat", "tokenize", "detokenize"},
+_RUNNER_ROUTES = {"generate": {"completion", "chat", "responses", "tokenize", "detokenize"},
                   "pooling": _POOLING_ROUTES | {"tokenize", "detokenize"}}
 
 
@@ -134,7 +135,7 @@ class ModelServer:
         except Exception as e:
             error = to_api_error(e)
             return {"status": error.status, "body": error.body()}, None
-        events = _sse_events(chunks)
+        events = _sse_events(chunks, framed=route == "responses")
         if through_serve or self.spec.stream_interval_s > 0:
             events = _coalesce(events, self.spec.stream_interval_s)
         return {"status": 200}, events
@@ -151,15 +152,18 @@ class ModelServer:
                 yield text
 
 
-async def _sse_events(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Server-sent events of a stream's chunks (JSON text)."""
+async def _sse_events(chunks: AsyncIterator[str], framed: bool = False) -> AsyncIterator[str]:
+    """Server-sent events of a stream's chunks (JSON text), ended by [DONE]; `framed`: the chunks are whole
+    events already (`event: TYPE`, `data: JSON`: the Responses API's, which has no [DONE])."""
     async with contextlib.aclosing(chunks):
         try:
             async for chunk in chunks:
-                yield f"data: {chunk}\n\n"
+                yield chunk if framed else f"data: {chunk}\n\n"
         except Exception as e:  # mid-stream failure: an error event, then the stream ends
-            yield f"data: {json.dumps(to_api_error(e).body())}\n\n"
-    yield "data: [DONE]\n\n"
+            body = json.dumps(to_api_error(e).body())
+            yield f"event: error\ndata: {body}\n\n" if framed else f"data: {body}\n\n"
+    if not framed:
+        yield "data: [DONE]\n\n"
 
 
 async def _coalesce(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:

@@ -25,6 +25,7 @@ from shardserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from shardserve.router.errors import APIError
 from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
+from shardserve.router.responses import ResponsesRequest, create_response
 from shardserve.router.tool_calls import ChatAnswers, ToolCallParser
 from shardserve.router.tool_tags import ToolStrictLevel
 from shardserve.sampling_params import ParameterError, SamplingParams
@@ -549,6 +550,12 @@ class OpenAIServing:
         if final_usage:
             yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens, self._cached([last]),
                                        answers.reasoning_tokens(list(latest.values()))))
+
+    # responses ------------------------------------------------------------------------------------------
+
+    async def responses(self, req: ResponsesRequest, lora: LoRARequest | None = None) -> dict | AsyncIterator[str]:
+        """OpenAI's Responses API, made of a chat answer (`responses.py`)."""
+        return await create_response(self, req, lora)
 
     # tokens -----------------------------------------------------------------------------------------
 
