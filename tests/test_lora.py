@@ -60,13 +60,27 @@ def llm(model_dir):
 def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora_dirs):
     """One batch: a prompt through adapter "all" (every projection), one through "qv" (q and v only, rank 8,
     rsLoRA), one through none, and the first prompt again through none: each is greedy of its own merged model,
-    and the same prompt under an adapter and without shares no prefix-cache blocks (its KV differs). max_loras=1:
-    a step's adapters are loaded even past the limit."""
+    and the same prompt under an adapter and without shares no prefix-cache blocks (its KV differs). max_loras=1
+    (vLLM's rule): one adapter runs at a time, the "qv" request waiting for the "all" one while the base model's
+    requests run beside them."""
     all_, qv = lora_dirs("llama", "all"), lora_dirs("llama", "qv")
     loras = [LoRARequest("all", 1, all_), LoRARequest("qv", 2, qv), None, None]
     prompts = PROMPTS + PROMPTS[:1]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False,
-                        lora_request=loras)
+    scheduler, steps = llm.llm_engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def recorded():
+        out = schedule()
+        steps.append(({r.lora_request.lora_int_id for r in scheduler.running if r.lora_request},
+                      len(scheduler.running)))
+        return out
+    scheduler.schedule = recorded
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False,
+                            lora_request=loras)
+    finally:
+        del scheduler.schedule
+    assert steps[0] == ({1}, 3) and max(len(adapters) for adapters, _ in steps) == 1 and ({2}, 1) in steps
     references = {path: merged_reference(model_dir, path) for path in (all_, qv, None)}
     for prompt, lora, out in zip(prompts, loras, outs):
         expected = hf_greedy(references[lora and lora.lora_path], prompt, 12)

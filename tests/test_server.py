@@ -660,6 +660,17 @@ def test_bad_responses_requests_are_refused(server, body, status, message):
     assert r.status_code == status and message in r.json()["error"]["message"], r.text
 
 
+def test_stored_responses_are_not_found(server, client):
+    """Retrieving or cancelling a response by its id: none is stored, so none is found (in the openai client's
+    NotFoundError)."""
+    from openai import NotFoundError
+    with pytest.raises(NotFoundError, match="Response with id 'resp_1' not found."):
+        client.responses.retrieve("resp_1")
+    with pytest.raises(NotFoundError, match="Response with id 'resp_1' not found."):
+        client.responses.cancel("resp_1")
+    assert httpx.get(f"{server}/v1/responses/resp_1").status_code == 401   # the API key still applies
+
+
 def test_lora_adapters_are_served_under_their_own_names(server, client, model_dirs, lora_dirs):
     """--enable-lora --lora-modules tiny-lora=PATH on "tiny": a request naming the adapter runs through it (the
     offline engine with its LoRARequest gives the same answer, plain and streamed, and the answer names the

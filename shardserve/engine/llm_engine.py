@@ -85,7 +85,8 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
-                                   config.max_num_seqs, max_batched, config.scheduling_policy)
+                                   config.max_num_seqs, max_batched, config.scheduling_policy,
+                                   config.max_loras if config.enable_lora else 0)
         generation_config = load_generation_config(self.source.path, config.revision)
         # What a request leaves out of its sampling parameters, from the model's generation config (vLLM's rule).
         self.default_sampling_params = sampling_defaults(generation_config, config.generation_config,

@@ -5,6 +5,9 @@ prefill the rest of its prompt), then waiting requests, all within `max_num_batc
 `max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the last running
 request is preempted: its blocks are freed and it recomputes later.
 
+With LoRA, at most `max_loras` adapters run at once (vLLM's rule): a waiting request of another adapter stays
+in its place while the requests behind it are admitted.
+
 The policy orders both queues. "fcfs": arrival order, and running in admission order, so the victim is the
 most recently admitted request, and a preempted request waits at the head of the queue. "priority" (vLLM's
 `--scheduling-policy priority`): both queues sorted by (priority, arrival), lower first, so the waiting
@@ -83,8 +86,9 @@ def _urgency(req: Request) -> tuple[int, float]:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs"):
+                 policy: str = "fcfs", max_loras: int = 0):
         self.block_manager = block_manager
+        self.max_loras = max_loras   # (enable_lora) the adapters running at once at most; 0: no limit
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.by_priority = policy == "priority"
@@ -138,13 +142,19 @@ class Scheduler:
                 i += 1
 
         # Admit waiting requests only if nothing had to make room this step.
-        num_pooling = 0
-        while self.waiting and budget > 0 and len(self.running) + num_pooling < self.max_num_seqs and not preempted:
-            req = self.waiting[0]
+        num_pooling, j = 0, 0
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request} if self.max_loras else set()
+        while j < len(self.waiting) and budget > 0 and len(self.running) + num_pooling < self.max_num_seqs and \
+                not preempted:
+            req = self.waiting[j]
+            if self.max_loras and req.lora_request and req.lora_request.lora_int_id not in adapters and \
+                    len(adapters) >= self.max_loras:
+                j += 1   # (vLLM's rule) its adapter waits for one of the running ones to finish; others go on
+                continue
             if req.pooling_params is not None:
                 if req.num_tokens > budget:
                     break
-                self.waiting.popleft()
+                del self.waiting[j]
                 req.status = RequestStatus.RUNNING
                 out.scheduled.append(self._schedule(req, req.num_tokens, new=True))
                 budget -= req.num_tokens
@@ -157,7 +167,9 @@ class Scheduler:
                 if self._make_room(req, stuck=not out.scheduled):
                     continue  # blocks came free: try again
                 break
-            self.waiting.popleft()
+            del self.waiting[j]
+            if req.lora_request and self.max_loras:
+                adapters.add(req.lora_request.lora_int_id)
             if req.status == RequestStatus.WAITING:
                 req.num_cached_tokens = num_cached_tokens
             req.num_computed_tokens += num_cached_tokens

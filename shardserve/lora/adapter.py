@@ -198,7 +198,7 @@ def _pack(module: LinearBase, parts: list[tuple[object, torch.Tensor, torch.Tens
 
 class AdapterCache:
     """A worker's loaded adapters, by id, up to `max_loras` (the least recently used is dropped for a new one;
-    a step's own adapters are always loaded, even past the limit)."""
+    the scheduler runs no more adapters at once, and a step's own are never dropped)."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.model, self.max_loras, self.max_rank, self.dtype, self.device = model, max_loras, max_rank, dtype, device

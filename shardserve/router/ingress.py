@@ -33,7 +33,7 @@ from shardserve.router.protocol import (ChatCompletionRequest, CompletionRequest
                                         LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
 from shardserve.router.protocol_pooling import (ClassificationRequest, CohereEmbedRequest, EmbeddingRequest,
                                                 PoolingRequest, RerankRequest, ScoreRequest)
-from shardserve.router.responses import ResponsesRequest
+from shardserve.router.responses import ResponsesRequest, not_stored
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,16 @@ class Router:
     @app.post("/v1/responses")
     async def responses(self, request: Request):
         return await self._relay(request, "responses", ResponsesRequest)
+
+    @app.get("/v1/responses/{response_id}")
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def stored_response(self, request: Request, response_id: str):
+        """Retrieving or cancelling a response: none is stored (as vLLM without its response store)."""
+        try:
+            self._check_key(request)
+            raise not_stored(response_id)
+        except APIError as e:
+            return _error(e)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request):

@@ -73,9 +73,8 @@ class ResponsesRequest(OpenAIBase):
         if self.background:
             raise APIError("This server does not support `store=True` and therefore does not support the "
                            "background mode (nothing is stored).", param="background", type=_INVALID)
-        if self.previous_response_id is not None:  # nothing is stored (vLLM's answer without its store)
-            raise APIError(f"Response with id '{self.previous_response_id}' not found.", 404,
-                           param="response_id", type=_INVALID)
+        if self.previous_response_id is not None:
+            raise not_stored(self.previous_response_id)
         self._check_tool_choice()
         logprobs = _LOGPROBS in (self.include or [])
         fields = {name: getattr(self, name) for name in (
@@ -128,6 +127,11 @@ class ResponsesRequest(OpenAIBase):
                 raise APIError(f"Input items of type {kind!r} are not supported (message, function_call, "
                                f"function_call_output, reasoning).", param="input")
         return messages
+
+
+def not_stored(response_id: str) -> APIError:
+    """A response asked for by its id: nothing is stored (vLLM's answer without its store)."""
+    return APIError(f"Response with id '{response_id}' not found.", 404, param="response_id", type=_INVALID)
 
 
 def _text(content) -> str:
