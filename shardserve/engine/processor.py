@@ -401,7 +401,8 @@ class Processor:
             truncation = (self._truncation_length(p.truncate_prompt_tokens), self._truncation_side(p.truncation_side))
             max_length, side = truncation
             if ids is None:
-                texts.setdefault(truncation, []).append((i, self._checked_text(text, side if max_length else None)))
+                text = self._checked_text(text, side if max_length is not None else None)
+                texts.setdefault(truncation, []).append((i, text))
                 continue
             if max_length is not None and isinstance(ids, (list, tuple)) and len(ids) > max_length:
                 ids = ids[-max_length:] if side == "left" else ids[:max_length]  # token ids: no special tokens

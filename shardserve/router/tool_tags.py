@@ -51,10 +51,11 @@ def tool_call_tag(model: str, tools: list[dict[str, Any]], tool_choice, parallel
     single = parallel_tool_calls is False
     if single and not (auto and structured is not None):
         level = max(level, ToolStrictLevel.FUNCTION)
-    if auto and level == ToolStrictLevel.AUTO and not any(_function(t).get("strict") is True for t in tools):
+    functions = [t["function"] for t in tools]
+    if auto and level == ToolStrictLevel.AUTO and not any(f.get("strict") is True for f in functions):
         return None
-    tools = [{"type": "function", "function": {**_function(t), "strict": level >= ToolStrictLevel.PARAMETER or
-                                               _function(t).get("strict") is True}} for t in tools]
+    tools = [{"type": "function", "function": {**f, "strict": level >= ToolStrictLevel.PARAMETER or
+                                               f.get("strict") is True}} for f in functions]
     answer_format = None
     if auto and structured is not None:
         # the answer is a call or follows its own constraint: "required" calls, or that constraint
@@ -68,10 +69,6 @@ def tool_call_tag(model: str, tools: list[dict[str, Any]], tool_choice, parallel
     if answer_format is not None:
         tag = StructuralTag(format=OrFormat(elements=[tag.format, answer_format]))
     return json.dumps(tag.model_dump())
-
-
-def _function(tool: dict[str, Any]) -> dict[str, Any]:
-    return tool["function"]
 
 
 def _model_tag(model: str, tools: list[dict[str, Any]], tool_choice):
