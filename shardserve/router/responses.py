@@ -85,7 +85,8 @@ class ResponsesRequest(OpenAIBase):
             fields |= {"tools": [_chat_tool(t) for t in self.tools], "tool_choice": _chat_tool_choice(self.tool_choice)}
         return ChatCompletionRequest(
             messages=self._messages(), max_completion_tokens=self.max_output_tokens, stream=self.stream,
-            stream_options={"include_usage": True, "continuous_usage_stats": True} if self.stream else None,
+            # streamed: the first chunk's prompt token ids tell the prompt's length, the last chunk the usage
+            stream_options={"include_usage": True} if self.stream else None, return_token_ids=self.stream,
             logprobs=logprobs, top_logprobs=self.top_logprobs if logprobs else None,
             response_format=_response_format(self.text), reasoning_effort=(self.reasoning or {}).get("effort"),
             truncate_prompt_tokens=-1 if self.truncation == "auto" else None, **fields)
@@ -355,9 +356,8 @@ async def _stream(response: _Response, chunks: AsyncIterator[str]) -> AsyncItera
     async with contextlib.aclosing(chunks):   # closed with this stream: a request still running is aborted
         async for text in chunks:
             chunk = json.loads(text)
-            if usage is None:   # the first chunk: the prompt's length is known, and the response begins
-                usage = chunk["usage"]
-                response.prompt_tokens(usage["prompt_tokens"])
+            if "prompt_token_ids" in chunk:   # the first chunk: the prompt's length is known, the response begins
+                response.prompt_tokens(len(chunk["prompt_token_ids"]))
                 yield events.event("response.created", response=response.fields) + \
                     events.event("response.in_progress", response=response.fields)
             usage = chunk.get("usage") or usage
