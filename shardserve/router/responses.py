@@ -247,8 +247,8 @@ def _output_text(text: str, logprobs: list | None) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
 
-def _function_call(call_id: str, name: str, arguments: str, status: str, item_id: str | None = None) -> dict:
-    return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call_id, "name": name,
+def _function_call(call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": _id("fc"), "call_id": call_id, "name": name,
             "arguments": arguments, "status": status}
 
 
@@ -278,7 +278,8 @@ class _Events:
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
         self.item: dict[str, Any] | None = None   # the open item
-        self.text, self.logprobs = "", []
+        self.parts: list[str] = []                # its text (thinking, answer or arguments) so far
+        self.logprobs: list = []
 
     def event(self, kind: str, **fields) -> str:
         data = json.dumps({"type": kind, "sequence_number": self.sequence, **fields})
@@ -290,7 +291,7 @@ class _Events:
 
     def _open(self, item: dict[str, Any]) -> list[str]:
         events = self.close()
-        self.item, self.text, self.logprobs = item, "", []
+        self.item, self.parts, self.logprobs = item, [], []
         events.append(self.event("response.output_item.added", output_index=len(self.output), item=item))
         if item["type"] == "message":
             events.append(self.event("response.content_part.added", **self._where(), content_index=0,
@@ -305,14 +306,14 @@ class _Events:
         if delta.get("reasoning"):
             if self.item is None or self.item["type"] != "reasoning":
                 events += self._open({"type": "reasoning", "id": _id("rs"), "summary": [], "status": "in_progress"})
-            self.text += delta["reasoning"]
+            self.parts.append(delta["reasoning"])
             events.append(self.event("response.reasoning_text.delta", **self._where(), content_index=0,
                                      delta=delta["reasoning"]))
         if delta.get("content"):
             if self.item is None or self.item["type"] != "message":
                 events += self._open({"type": "message", "id": _id("msg"), "status": "in_progress",
                                       "role": "assistant", "content": []})
-            self.text += delta["content"]
+            self.parts.append(delta["content"])
             self.logprobs += logprobs or []
             events.append(self.event("response.output_text.delta", **self._where(), content_index=0,
                                      delta=delta["content"], logprobs=logprobs or []))
@@ -321,7 +322,7 @@ class _Events:
                 events += self._open(_function_call(call["id"], call["function"]["name"], "", "in_progress"))
             arguments = call.get("function", {}).get("arguments")
             if arguments:
-                self.text += arguments
+                self.parts.append(arguments)
                 events.append(self.event("response.function_call_arguments.delta", **self._where(),
                                          delta=arguments))
         return events
@@ -331,21 +332,21 @@ class _Events:
         item, self.item = self.item, None
         if item is None:
             return []
-        where = {"output_index": len(self.output), "item_id": item["id"]}
+        where, text = {"output_index": len(self.output), "item_id": item["id"]}, "".join(self.parts)
         if item["type"] == "message":
-            part = _output_text(self.text, self.logprobs or None)
-            events = [self.event("response.output_text.done", **where, content_index=0, text=self.text, logprobs=[]),
+            part = _output_text(text, self.logprobs or None)
+            events = [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
                       self.event("response.content_part.done", **where, content_index=0, part=part)]
             item = {**item, "status": "completed", "content": [part]}
         elif item["type"] == "reasoning":
-            part = {"type": "reasoning_text", "text": self.text}
-            events = [self.event("response.reasoning_text.done", **where, content_index=0, text=self.text),
+            part = {"type": "reasoning_text", "text": text}
+            events = [self.event("response.reasoning_text.done", **where, content_index=0, text=text),
                       self.event("response.content_part.done", **where, content_index=0, part=part)]
             item = {**item, "status": "completed", "content": [part]}
         else:
-            events = [self.event("response.function_call_arguments.done", **where, arguments=self.text,
+            events = [self.event("response.function_call_arguments.done", **where, arguments=text,
                                  name=item["name"])]
-            item = {**item, "status": "completed", "arguments": self.text}
+            item = {**item, "status": "completed", "arguments": text}
         events.append(self.event("response.output_item.done", output_index=len(self.output), item=item))
         self.output.append(item)
         return events
