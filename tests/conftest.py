@@ -82,10 +82,18 @@ def _config(arch: str, vocab: int):
                          max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=0, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    if arch == "gemma3":
+        from transformers import Gemma3TextConfig
+        # Local layers with a window of 8 around a global one: the test prompts (5 to 40 tokens) and their
+        # 32 new tokens outgrow the window in prefill, in chunks over a cached prefix and in decode.
+        return Gemma3TextConfig(**{**llama_like, "tie_word_embeddings": True, "num_hidden_layers": 3},
+                                head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                architectures=["Gemma3ForCausalLM"])
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gemma3"]
 
 
 def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0, **config_overrides) -> str:
@@ -96,6 +104,11 @@ def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int
         setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "gemma3":  # its norms start as (1 + 0): make each one different, so none can stand in for another
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(torch.randn_like(p) * 0.5)
     # Random init gives near-uniform logits; widen them so greedy choices are far from ties.
     return save_widened(model, tokenizer, path, 3.0)
 

@@ -32,15 +32,17 @@ def _decode_case(num_heads, num_kv_heads, head_dim, lens, block_size=16, num_blo
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size",
                          [(4, 4, 64, 16), (8, 2, 32, 16), (12, 1, 80, 16), (6, 3, 40, 5), (2, 2, 128, 32)])
-def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("window", [None, 1, 21])
+def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window):
     # head_dim 80 and 40 leave a partial 16-lane vector; block sizes 5 and 32 a partial 16-key chunk.
     q, cache, meta = _decode_case(num_heads, num_kv_heads, head_dim, lens=[1, 17, 200, 33, 16],
                                   block_size=block_size, num_blocks=128)
     q = 4 * q  # peaked softmaxes: later keys often raise the running maximum, so the rescaling runs
     # as the layer has it: a view into the QKV output, rows strided past the keys and values
     q = torch.cat([q.flatten(1), torch.randn(q.shape[0], 40)], 1)[:, :q[0].numel()].view(q.shape)
-    ref = TorchAttentionBackend().decode(q, cache, meta, head_dim ** -0.5)
-    out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, head_dim ** -0.5)
+    # a sliding window of 21 starts mid-block and mid-chunk, and covers all of the shorter sequences
+    ref = TorchAttentionBackend().decode(q, cache, meta, head_dim ** -0.5, window)
+    out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, head_dim ** -0.5, window)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -101,6 +103,50 @@ def test_engine_takes_the_backend_it_is_given(model_dirs):
         LLM(model_dirs("llama"), attention_backend="sdpa")
 
 
+def _naive_attention(q, keys, values, query_pos, causal, window, scale):
+    """Query by query, head by head: softmax over the keys each query may see (by key position)."""
+    out = torch.empty_like(q)
+    group = q.size(1) // keys.size(1)
+    for i, p in enumerate(query_pos):
+        seen = [j for j in range(keys.size(0)) if (not causal or j <= p) and (not window or abs(p - j) < window)]
+        for h in range(q.size(1)):
+            kh, vh = keys[seen, h // group], values[seen, h // group]
+            out[i, h] = torch.softmax(kh @ q[i, h] * scale, 0) @ vh
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_sliding_window_of_each_path_matches_naive_attention(window):
+    """The torch reference's windowed decode, prefill over a cached prefix and packed self-attention (causal
+    and not) against attention written out query by query."""
+    g = torch.Generator().manual_seed(4)
+    H, Hkv, D, bs, n, ctx = 4, 2, 8, 4, 13, 6
+    q, k, v = (torch.randn(n, h, D, generator=g) for h in (H, Hkv, Hkv))
+    scale, backend = D ** -0.5, TorchAttentionBackend()
+    slots = torch.tensor([[3, 0, 5, 1][i // bs] * bs + i % bs for i in range(n)])
+    cache = torch.zeros(2, 6, Hkv, bs, D)
+    # the first ctx tokens as a prompt, the rest as a chunk over them, the last one also as a decode
+    first = backend.forward(q[:ctx], k[:ctx], v[:ctx], cache, AttentionMetadata(
+        slot_mapping=slots[:ctx], block_size=bs, prefills=[PrefillSeq(0, ctx, 0, slots[:ctx])]), scale, window)
+    torch.testing.assert_close(first, _naive_attention(q[:ctx], k[:ctx], v[:ctx], range(ctx), True, window, scale))
+    chunk = backend.forward(q[ctx:], k[ctx:], v[ctx:], cache, AttentionMetadata(
+        slot_mapping=slots[ctx:], block_size=bs, prefills=[PrefillSeq(0, n - ctx, ctx, slots)]), scale, window)
+    torch.testing.assert_close(chunk, _naive_attention(q[ctx:], k, v, range(ctx, n), True, window, scale))
+    meta = AttentionMetadata(slot_mapping=slots[-1:], block_size=bs, num_decode_tokens=1,
+                             decode_block_tables=torch.tensor([[3, 0, 5, 1]]), decode_seq_lens=torch.tensor([n]))
+    decode = backend.forward(q[-1:], k[-1:], v[-1:], cache, meta, scale, window)
+    torch.testing.assert_close(decode, _naive_attention(q[-1:], k, v, [n - 1], True, window, scale))
+    for causal in (True, False):  # two prompts of one length, one of another: no KV cache
+        meta = AttentionMetadata(slot_mapping=None, causal=causal,
+                                 prefills=[PrefillSeq(0, 5, 0, None), PrefillSeq(5, 5, 0, None),
+                                           PrefillSeq(10, 3, 0, None)])
+        out = backend.forward(q, k, v, None, meta, scale, window)
+        for start, length in ((0, 5), (5, 5), (10, 3)):
+            rows = slice(start, start + length)
+            torch.testing.assert_close(out[rows], _naive_attention(q[rows], k[rows], v[rows], range(length), causal,
+                                                                   window, scale))
+
+
 def test_prefill_over_cached_prefix_equals_full_causal_attention():
     """A chunk attending to cached context gives what one causal pass over the whole sequence gives."""
     g = torch.Generator().manual_seed(1)
@@ -142,10 +188,11 @@ def test_packed_self_attention_equals_one_prompt_at_a_time(causal, num_heads, nu
 
 
 def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale, causal,
-                      block_table, out):
+                      block_table, out, window_size=(-1, -1)):
     """`flash_attn_varlen_func` over a paged cache as its documentation defines it: k, v are
     [num_blocks, block_size, Hkv, D]; sequence i has queries cu_seqlens_q[i]..[i + 1] and its first
-    seqused_k[i] keys through block_table[i]; the causal mask is aligned to the bottom right."""
+    seqused_k[i] keys through block_table[i]; the causal mask is aligned to the bottom right; a query at
+    position p sees no key before p - window_size[0] (-1: no bound)."""
     import torch.nn.functional as F
     assert k.stride(-1) == 1 and causal and max_seqlen_q >= int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     assert cu_seqlens_q.dtype == seqused_k.dtype == block_table.dtype == torch.int32
@@ -156,7 +203,10 @@ def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused
         pos = torch.arange(num_keys)
         blocks = block_table[i, pos // k.shape[1]].long()
         keys, values = k[blocks, pos % k.shape[1]], v[blocks, pos % k.shape[1]]  # [L, Hkv, D]
-        mask = pos[None, :] <= (num_keys - num_queries + torch.arange(num_queries))[:, None]
+        query_pos = (num_keys - num_queries + torch.arange(num_queries))[:, None]
+        mask = pos[None, :] <= query_pos
+        if window_size[0] >= 0:
+            mask &= pos[None, :] >= query_pos - window_size[0]
         o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
                                            attn_mask=mask, scale=softmax_scale, enable_gqa=True)
         out[rows] = o.transpose(0, 1)
@@ -206,11 +256,12 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
                                  decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for _, t in decodes]),
                                  decode_seq_lens=torch.tensor([n for n, _ in decodes]), prefills=prefills)
 
-    ref_cache = cache.clone()
-    ref = TorchAttentionBackend().forward(q, k, v, ref_cache, metadata(), D ** -0.5)
-    out = flash_backend.FlashAttentionBackend().forward(q, k, v, cache, metadata(), D ** -0.5)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache, ref_cache)
+    for window in (None, 5):
+        ref_cache, flash_cache = cache.clone(), cache.clone()
+        ref = TorchAttentionBackend().forward(q, k, v, ref_cache, metadata(), D ** -0.5, window)
+        out = flash_backend.FlashAttentionBackend().forward(q, k, v, flash_cache, metadata(), D ** -0.5, window)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flash_cache, ref_cache)
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")

@@ -82,7 +82,7 @@ def test_greedy_matches_transformers_generate(arch, references):
         assert out.outputs[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gemma3"])
 def test_greedy_same_under_prefix_cache_chunking_and_preemption(arch, references):
     path, _, prompts, greedy = references(arch)
     shared = prompts[2][:32]
@@ -139,10 +139,11 @@ def test_half_precision_runs_close_to_float32(dtype, references):
 
 
 @pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
-def test_triton_backend_greedy_matches_transformers(references):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])  # GQA, head_dim 32 != hidden / heads; sliding windows
+def test_triton_backend_greedy_matches_transformers(arch, references):
     """The Triton kernels serving whole requests (in Triton's interpreter without a GPU): prompts, decodes,
     a prefill over a prefix-cache hit, and chunks short enough to run as decode rows."""
-    path, hf, prompts, greedy = references("qwen3")  # GQA, head_dim 32 != hidden / heads
+    path, hf, prompts, greedy = references(arch)
     for kwargs in (dict(), dict(max_num_batched_tokens=8)):
         llm = LLM(path, dtype="float32", attention_backend="triton", **kwargs)
         assert llm.llm_engine.executor.worker.attention_backend.name == "triton"

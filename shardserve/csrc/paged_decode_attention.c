@@ -3,7 +3,8 @@
 // Parallel over (sequence, kv head); the query heads of a GQA group share each loaded key/value row.
 // One pass, block by block, sixteen keys at a time, with the softmax kept online: a chunk's keys and then
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
-// token.
+// token. With a sliding window (window > 0) a sequence attends to its last `window` keys only: the blocks
+// before them are neither read nor prefetched.
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -114,7 +115,7 @@ void paged_decode_attention_f32(
     const int64_t *seq_lens,   // [num_seqs]
     float *out,                // [num_seqs, num_heads, head_dim]
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t max_blocks, int64_t stride_q, float scale, int num_threads) {
+    int64_t block_size, int64_t max_blocks, int64_t stride_q, float scale, int64_t window, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t width = (head_dim + 15) / 16 * 16;  // a head's accumulator, padded to whole vectors
   const int64_t num_items = num_seqs * num_kv_heads;  // (sequence, kv head) pairs, in equal runs per thread
@@ -125,14 +126,17 @@ void paged_decode_attention_f32(
     for (int64_t item = first; item < end; item++) {
       const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t len = seq_lens[s];
+      const int64_t start = window > 0 && len > window ? len - window : 0;  // the first key attended
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t *table = block_tables + s * max_blocks;
       // The blocks prefetched ahead of block b: this item's, then the next item's first ones.
       const int64_t next_s = (item + 1) / num_kv_heads, next_kvh = (item + 1) % num_kv_heads;
-      const int64_t next_blocks = item + 1 < end ? (seq_lens[next_s] + block_size - 1) / block_size : 0;
+      const int64_t next_len = item + 1 < end ? seq_lens[next_s] : 0;
+      const int64_t next_first = window > 0 && next_len > window ? (next_len - window) / block_size : 0;
+      const int64_t next_blocks = (next_len + block_size - 1) / block_size;
       const int64_t *next_table = block_tables + next_s * max_blocks;
       if (item == first)
-        for (int64_t b = 0; b < PREFETCH_BLOCKS && b < num_blocks; b++)
+        for (int64_t b = start / block_size; b < start / block_size + PREFETCH_BLOCKS && b < num_blocks; b++)
           prefetch_head_block(k_cache, v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
       const float *qh = q + s * stride_q + kvh * group * head_dim;
       float acc[group * width];  // [group, width]
@@ -142,17 +146,18 @@ void paged_decode_attention_f32(
         maxv[g] = -INFINITY;
         sum[g] = 0.f;
       }
-      for (int64_t b = 0; b < num_blocks; b++) {
+      for (int64_t b = start / block_size; b < num_blocks; b++) {
         const int64_t ahead = b + PREFETCH_BLOCKS;
         if (ahead < num_blocks)
           prefetch_head_block(k_cache, v_cache, table[ahead], num_kv_heads, kvh, block_size, head_dim);
-        else if (ahead - num_blocks < next_blocks)
-          prefetch_head_block(k_cache, v_cache, next_table[ahead - num_blocks], num_kv_heads, next_kvh, block_size,
-                              head_dim);
+        else if (next_first + ahead - num_blocks < next_blocks)
+          prefetch_head_block(k_cache, v_cache, next_table[next_first + ahead - num_blocks], num_kv_heads, next_kvh,
+                              block_size, head_dim);
         const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
         const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
         const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
-        for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+        const int64_t j_first = b * block_size < start ? start - b * block_size : 0;
+        for (int64_t j0 = j_first; j0 < n; j0 += CHUNK) {
           const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
           for (int64_t g = 0; g < group; g++)
             attend_chunk(qh + g * head_dim, kb + j0 * head_dim, vb + j0 * head_dim, m, head_dim, scale,

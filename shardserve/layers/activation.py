@@ -18,6 +18,19 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
+class GeluAndMul(nn.Module):
+    """GeGLU on the merged gate/up projection: gelu(gate) * up (`approximate="tanh"`: Gemma's
+    gelu_pytorch_tanh)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
+
+
 def get_act_fn(name: str) -> nn.Module:
     if name not in ACT2FN:
         raise ValueError(f"Unsupported activation {name!r}.")

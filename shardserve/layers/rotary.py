@@ -8,30 +8,37 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from shardserve.layers import fused_kernels
 
 
-def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """`layer_type`: for models whose kinds of layer rotate differently (Gemma 3: "sliding_attention" and
+    "full_attention"), the kind whose frequencies these are."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if not params:  # transformers < 5 keeps these as separate fields
+    kwargs = {}
+    if layer_type is not None and layer_type in params:  # transformers 5: one entry per kind of layer
+        params, kwargs = dict(params[layer_type]), {"layer_type": layer_type}
+    elif not params:  # transformers < 5 keeps these as separate fields
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        if layer_type == "sliding_attention" and hasattr(hf_config, "rope_local_base_freq"):
+            params = {"rope_type": "default", "rope_theta": hf_config.rope_local_base_freq}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         base = params["rope_theta"]
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"Unsupported rope type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}.")
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
 
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotation (halves, not interleaved pairs), as the HF Llama family stores its weights."""
 
-    def __init__(self, hf_config, head_dim: int, max_position: int):
+    def __init__(self, hf_config, head_dim: int, max_position: int, layer_type: str | None = None):
         super().__init__()
         # Computed on the CPU in fp32 (as transformers does), then placed where the model is being built:
         # the device of an enclosing `torch.device(...)` block.
         device = torch.get_default_device()
         with torch.device("cpu"):
-            inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
+            inv_freq, scaling = rope_inv_freq(hf_config, head_dim, layer_type)
             freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
             cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)

@@ -1,4 +1,5 @@
 """Llama (and the families that are Llama with a twist: Mistral; Qwen2 adds QKV bias; Qwen3 adds QK-norm).
+Layers whose config gives them a sliding window (Mistral 7B v0.1, Qwen2 with use_sliding_window) keep it.
 
 Pre-norm decoder: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)), rotary positions on q and k,
 grouped-query attention. Tokens of the whole step arrive flattened: [num_tokens, hidden].
@@ -12,7 +13,7 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.layers.activation import SiluAndMul
-from shardserve.layers.attention import Attention, AttentionMetadata
+from shardserve.layers.attention import Attention, AttentionMetadata, layer_sliding_window
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -23,7 +24,8 @@ from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_fir
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, layer_index: int, qkv_bias: bool, qk_norm: bool, norm: type[RMSNorm] = RMSNorm,
+                 scale: float | None = None):
         super().__init__()
         hidden = config.hidden_size
         total_heads = config.num_attention_heads
@@ -35,10 +37,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden,
                                         bias=getattr(config, "attention_bias", False) and not qk_norm)
         if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = norm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.head_dim ** -0.5 if scale is None else scale,
+                              sliding_window=layer_sliding_window(config, layer_index))
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -51,23 +55,25 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, bias: bool = False):
+    """Gated MLP: down(act(gate) * up), SwiGLU unless the family gives another gated activation."""
+
+    def __init__(self, config, bias: bool = False, act: nn.Module | None = None):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
-        if getattr(config, "hidden_act", "silu") != "silu":
+        if act is None and getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"Unsupported activation {config.hidden_act!r} for a Llama-style MLP (silu only).")
-        self.act = SiluAndMul()
+        self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, layer_index: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, layer_index, qkv_bias, qk_norm)
         self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -88,7 +94,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = on_first_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size))
         self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, qkv_bias, qk_norm))
+            config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, i, qkv_bias, qk_norm))
         self.norm = on_last_stage(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings)

@@ -18,6 +18,7 @@ _GENERATION_MODELS = {
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
     "OPTForCausalLM": ("opt", "OPTForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
 }
 
 # architecture -> (module, class); each class says what it outputs (`pooling_kind`).

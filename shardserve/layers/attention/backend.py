@@ -44,14 +44,21 @@ class AttentionMetadata:
         return self.memo("prefill_block_tables",
                          lambda: [seq.kv_slots[::self.block_size] // self.block_size for seq in self.prefills])
 
-    def decode_slots_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[num_decodes, max_len] cache slot of every key, and where a key exists."""
+    def decode_slots_and_mask(self, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[num_decodes, max_len] cache slot of every key, and where a key exists (and, with a sliding window,
+        is one of the sequence's last `sliding_window`)."""
         def compute():
             bs = self.block_size
             pos = torch.arange(int(self.decode_seq_lens.max()), device=self.slot_mapping.device)
             slots = self.decode_block_tables[:, pos // bs] * bs + pos % bs
             return slots, pos[None, :] < self.decode_seq_lens[:, None]
-        return self.memo("decode_slots", compute)
+        slots, mask = self.memo("decode_slots", compute)
+        if sliding_window:
+            def windowed():
+                pos = torch.arange(mask.shape[1], device=mask.device)
+                return mask & (pos[None, :] >= self.decode_seq_lens[:, None] - sliding_window)
+            mask = self.memo(("decode_window", sliding_window), windowed)
+        return slots, mask
 
 
 class AttentionBackend:
@@ -61,7 +68,9 @@ class AttentionBackend:
     supports_cuda_graphs = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """`sliding_window`: a query at position p sees the keys at p - sliding_window + 1 .. p only (the
+        layer's own window, e.g. Gemma 3's local layers); None: every earlier key."""
         raise NotImplementedError
 
 

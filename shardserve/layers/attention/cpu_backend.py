@@ -32,14 +32,15 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
             slots.numel(), k.shape[1], k.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             kv_cache.shape[3], torch.get_num_threads())
 
-    def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None = None) -> torch.Tensor:
         if not _runs(q, kv_cache) or q.stride(1) != q.shape[2]:
-            return super().decode(q, kv_cache, meta, scale)
+            return super().decode(q, kv_cache, meta, scale, sliding_window)
         num_heads, head_dim = q.shape[1], q.shape[2]
         out = torch.empty(q.shape, dtype=q.dtype)
         tables, lens = meta.decode_block_tables, meta.decode_seq_lens
         cpu_kernels.lib().paged_decode_attention_f32(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), lens.data_ptr(),
             out.data_ptr(), q.shape[0], num_heads, kv_cache.shape[2], head_dim, meta.block_size, tables.shape[1],
-            q.stride(0), scale, torch.get_num_threads())
+            q.stride(0), scale, sliding_window or 0, torch.get_num_threads())
         return out

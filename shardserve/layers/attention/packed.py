@@ -26,14 +26,29 @@ def equal_length_runs(starts: list[int], lens: list[int]) -> list[tuple[int, int
     return [tuple(r) for r in runs]
 
 
+def window_mask(query_pos: torch.Tensor, num_keys: int, causal: bool, sliding_window: int | None) -> torch.Tensor:
+    """[queries, keys] where the query at each position may see the key at 0 .. num_keys - 1: causally (no key
+    after it) and, with a sliding window, none `sliding_window` or more before it (or, not causal, after it)."""
+    key_pos = torch.arange(num_keys, device=query_pos.device)[None, :]
+    query_pos = query_pos[:, None]
+    mask = key_pos <= query_pos if causal else torch.ones(1, num_keys, dtype=torch.bool, device=key_pos.device)
+    if sliding_window:
+        mask = mask & ((query_pos - key_pos).abs() < sliding_window)
+    return mask
+
+
 def packed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]],
-                          scale: float, causal: bool) -> torch.Tensor:
+                          scale: float, causal: bool, sliding_window: int | None = None) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]; `runs` cover rows 0..T in order."""
     outs = []
     heads, head_dim = q.size(1), q.size(2)
     for start, count, length in runs:
         rows = slice(start, start + count * length)
         qb, kb, vb = (t[rows].view(count, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, enable_gqa=heads != k.size(1))
+        mask, is_causal = None, causal
+        if sliding_window and length > sliding_window:
+            mask, is_causal = window_mask(torch.arange(length, device=q.device), length, causal, sliding_window), False
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                           enable_gqa=heads != k.size(1))
         outs.append(o.transpose(1, 2).reshape(-1, heads, head_dim))
     return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.layers.attention.backend import AttentionBackend, AttentionMetadata
-from shardserve.layers.attention.packed import equal_length_runs, packed_self_attention
+from shardserve.layers.attention.packed import equal_length_runs, packed_self_attention, window_mask
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):
@@ -36,21 +36,22 @@ def read_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
         if meta.slot_mapping is None:
-            return self.self_attention(q, k, v, meta, scale)
+            return self.self_attention(q, k, v, meta, scale, sliding_window)
         if kv_cache is not None:
             self.store_kv(k, v, kv_cache, meta)
         nd = meta.num_decode_tokens
         if nd == q.size(0):  # a decode-only step
-            return self.decode(q, kv_cache, meta, scale)
+            return self.decode(q, kv_cache, meta, scale, sliding_window)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self.decode(q[:nd], kv_cache, meta, scale)
+            out[:nd] = self.decode(q[:nd], kv_cache, meta, scale, sliding_window)
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta.causal, scale)
+            out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta.causal, scale, sliding_window)
         return out
 
     def store_kv(self, k, v, kv_cache, meta: AttentionMetadata) -> None:
@@ -59,27 +60,32 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv(kv_cache[0], rows, k)
         write_kv(kv_cache[1], rows, v)
 
-    def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def self_attention(self, q, k, v, meta: AttentionMetadata, scale: float,
+                       sliding_window: int | None = None) -> torch.Tensor:
         """A step without a KV cache (pooling models): every prompt attends to its own tokens only, prompts
         of one length side by side as one batch (layers/attention/packed.py)."""
         runs = meta.memo("equal_length_runs", lambda: equal_length_runs(
             [s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills]))
-        return packed_self_attention(q, k, v, runs, scale, meta.causal)
+        return packed_self_attention(q, k, v, runs, scale, meta.causal, sliding_window)
 
-    def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """One query token per sequence against its whole cached context."""
-        slots, mask = meta.decode_slots_and_mask()
+    def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None = None) -> torch.Tensor:
+        """One query token per sequence against its whole cached context (or its window of it)."""
+        slots, mask = meta.decode_slots_and_mask(sliding_window)
         k, v = read_kv(kv_cache[0], slots), read_kv(kv_cache[1], slots)
         o = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask[:, None, None, :])
         return o.squeeze(2)
 
-    def prefill(self, q, k, v, kv_cache, seq, causal: bool, scale: float) -> torch.Tensor:
+    def prefill(self, q, k, v, kv_cache, seq, causal: bool, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         """Several query tokens of one sequence, over its cached prefix (if any) and themselves."""
         mask = None
-        if seq.context_len and kv_cache is not None:
+        cached = seq.context_len and kv_cache is not None
+        if cached:
             k, v = read_kv(kv_cache[0], seq.kv_slots), read_kv(kv_cache[1], seq.kv_slots)
-            query_pos = torch.arange(seq.query_len, device=q.device) + seq.context_len
-            mask = torch.arange(k.size(0), device=q.device)[None, :] <= query_pos[:, None]
+        if cached or (sliding_window and seq.query_len > sliding_window):
+            mask = window_mask(torch.arange(seq.query_len, device=q.device) + (seq.context_len if cached else 0),
+                               k.size(0), causal or bool(cached), sliding_window)
             causal = False
         o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                   v.transpose(0, 1).unsqueeze(0), scale, mask, causal)

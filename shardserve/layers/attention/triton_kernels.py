@@ -12,6 +12,9 @@ block size works.
 - `paged_prefill`: many query tokens per sequence, over the sequence's cached prefix and themselves
   (already stored), causal; one launch for all the step's prefills.
 
+A sliding window (`window`: keys a query sees back from itself, itself included) bounds every loop over keys
+from below, so keys before a query's window are not read; without one it is passed as _NO_WINDOW.
+
 Scores accumulate in fp32 whatever the cache dtype. Grids depend only on host-known sizes (the block-table
 width, the number of sequences), never on device values, so decode launches can be captured in a CUDA graph.
 On a CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported).
@@ -92,7 +95,7 @@ def _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE: tl.constexpr):
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr,
                          part_out_ptr, part_lse_ptr, scale,
-                         stride_qt, stride_qh, stride_ot, stride_oh, stride_table, tokens_per_split,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_table, tokens_per_split, window,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -101,8 +104,8 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
+    end = tl.minimum(split * tokens_per_split + tokens_per_split, seq_len)
+    start = tl.maximum(split * tokens_per_split, seq_len - window)  # a split before the window reads nothing
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -144,7 +147,7 @@ def _join_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_o
     part = (seq * NUM_HEADS + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM_PAD)
     lse = tl.load(part_lse_ptr + part)
-    weight = tl.exp(lse - tl.max(lse, 0))  # split 0 always has keys: the maximum is finite
+    weight = tl.exp(lse - tl.max(lse, 0))  # the split of the last key has keys: the maximum is finite
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
     out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -165,7 +168,7 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_len: int, block_n: int) 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                 block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                 block_n: int | None = None, num_warps: int = 4, sliding_window: int | None = None) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] (int32/int64); seq_lens: [B], each >= 1. -> [B, H, D].
     The grid depends on B and the table's width only. `block_n` (keys per tile) and `num_warps` are the
     tuning knobs benchmarks/gpu_kernels.py sweeps."""
@@ -187,7 +190,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), tokens_per_split,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        sliding_window or _NO_WINDOW, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
         num_warps=num_warps)
@@ -201,7 +204,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 @triton.jit
 def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_starts_ptr, query_lens_ptr,
                           context_lens_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                          stride_table,
+                          stride_table, window,
                           NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
@@ -228,13 +231,15 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_sta
         if CAUSAL:  # keys past this tile's last query are masked for all its rows: not read at all
             total = tl.minimum(total, context_len + (m_block + 1) * BLOCK_M)
         table_row = tables_ptr + seq.to(tl.int64) * stride_table
-        for n0 in range(0, total, BLOCK_N):
+        first = tl.maximum(context_len + m_block * BLOCK_M - window + 1, 0)  # the tile's first query's window
+        for n0 in range(first, total, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             k, v, valid = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, pos, total, kv_head, d, d_ok,
                                         NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
-            keep = valid[None, :]
+            distance = query_pos[:, None] - pos[None, :]
+            keep = valid[None, :] & (distance < window) & (distance > -window)
             if CAUSAL:
-                keep = keep & (pos[None, :] <= query_pos[:, None])
+                keep = keep & (distance >= 0)
             m_i, l_i, acc = _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -243,7 +248,8 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_sta
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_starts: torch.Tensor,
                   query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
-                  out: torch.Tensor, causal: bool = True, block: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                  out: torch.Tensor, causal: bool = True, block: int | None = None, num_warps: int = 4,
+                  sliding_window: int | None = None) -> torch.Tensor:
     """q, out: [T, H, D] rows of the whole step; each sequence's rows are query_starts[i] ..
     + query_lens[i], its keys (context then query, all stored) found through block_tables[i]. `block` (the
     query and key tile) and `num_warps`: as paged_decode's knobs."""
@@ -253,10 +259,13 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     _paged_prefill_kernel[(triton.cdiv(max_query_len, block), len(query_lens), num_heads)](
         q, kv_cache[0], kv_cache[1], block_tables, query_starts, query_lens, context_lens, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        sliding_window or _NO_WINDOW, NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=causal,
         IEEE=q.dtype == torch.float32, num_warps=num_warps)
     return out
+
+
+_NO_WINDOW = 1 << 30  # a window longer than any context: every key is seen
 
 
 def _interpreting() -> bool:
