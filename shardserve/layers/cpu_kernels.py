@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from shardserve.cache import cache_dir
+
 _CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, size, float, threads
 # name -> ctypes argument types, in the C signatures' order
@@ -31,12 +33,6 @@ SIGNATURES = {
 RESTYPES = {"park_openmp_workers": _I}  # the others return nothing
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SHARDSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "shardserve")
-    return Path(root) / "kernels"
 
 
 def _cpu_signature() -> str:
@@ -59,7 +55,7 @@ def _build() -> ctypes.CDLL:
     digest = hashlib.sha256(" ".join([compiler, *flags, _cpu_signature()]).encode())
     for path in sorted(_CSRC.glob("*.[ch]")):
         digest.update(path.name.encode() + path.read_bytes())
-    target = _cache_dir() / f"shardserve_kernels_{digest.hexdigest()[:16]}.so"
+    target = cache_dir("kernels") / f"shardserve_kernels_{digest.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

