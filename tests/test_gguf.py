@@ -226,7 +226,8 @@ def test_converted_config_and_tokenizer_come_back_from_the_cache(tmp_path, monke
         assert tokenizer.decode(ids) == fresh_tokenizer.decode(ids)
         assert tokenizer.decode(ids, skip_special_tokens=True) == fresh_tokenizer.decode(ids, skip_special_tokens=True)
     assert tokenizer.chat_template == fresh_tokenizer.chat_template
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (fresh_tokenizer.bos_token_id, fresh_tokenizer.eos_token_id)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (fresh_tokenizer.bos_token_id,
+                                                                fresh_tokenizer.eos_token_id)
     os.utime(path, ns=(1, 1))
     gguf.load_gguf_config(path)
     assert converted == ["_convert_config"]
