@@ -21,10 +21,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import PRESETS, chosen_model, ensure_vllm_venv, vllm_preload  # noqa: E402
+from throughput import GEMMA3, PRESETS, chosen_model, ensure_vllm_venv, vllm_preload  # noqa: E402
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 LONG = list(range(20, 84))
+# past a 512-token sliding window (Gemma 3's local layers), where --max-model-len allows it
+PAST_WINDOW = [20 + (7 * i) % 3000 for i in range(600)]
 
 
 CHOICES = ["yes", "no", "maybe later", "maybe not"]
@@ -37,7 +39,7 @@ STRUCTURED = {"choice": {"choice": CHOICES}, "json": {"json": SCHEMA},
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t3{% endif %}"
 
 
-def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
+def scenarios(free: list[int], tokenizer, max_model_len: int) -> dict[str, tuple]:
     """name -> (prompt: token ids, text, or chat messages; SamplingParams kwargs, or BeamSearchParams kwargs
     for beam search; more keyword arguments of the call). `free`: the greedy continuation of PROMPT (from a
     first call), so stop tokens and words can be picked from what the model says."""
@@ -83,6 +85,8 @@ def scenarios(free: list[int], tokenizer) -> dict[str, tuple]:
         "truncate_prompt_tokens": (LONG, {**greedy, "ignore_eos": True},
                                    {"tokenization_kwargs": {"truncate_prompt_tokens": 10,
                                                             "truncation_side": "left"}}),
+        **({"600-token prompt, logprobs 2": (PAST_WINDOW, {**greedy, "logprobs": 2, "ignore_eos": True}, {})}
+           if max_model_len > len(PAST_WINDOW) + 12 else {}),
     }
 
 
@@ -129,12 +133,12 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
                "streamed or whole (vLLM's stream drops it too; its whole answer without thinking keeps it)")]
 
 
-def run(engine: str, model: str, thinking: str, loras: dict[str, str]) -> dict:
+def run(engine: str, model: str, thinking: str, loras: dict[str, str], max_model_len: int) -> dict:
     mod = importlib.import_module(engine)
     tokens_prompt = importlib.import_module(f"{engine}.inputs").TokensPrompt
     beam_params = getattr(mod, "BeamSearchParams", None) or importlib.import_module(
         f"{engine}.sampling_params").BeamSearchParams
-    kwargs = dict(dtype="float32", max_model_len=128, seed=0)
+    kwargs = dict(dtype="float32", max_model_len=max_model_len, seed=0)
     if engine == "vllm":
         kwargs["kv_cache_memory_bytes"] = 1 << 28
     llm = mod.LLM(model=model, **kwargs)
@@ -156,7 +160,7 @@ def run(engine: str, model: str, thinking: str, loras: dict[str, str]) -> dict:
                                  "logprobs": _logprobs(c.logprobs)} for c in out.outputs]}
     free = generate(PROMPT, dict(temperature=0.0, max_tokens=12, ignore_eos=True), {})["completions"][0]["token_ids"]
     results = {}
-    for name, (prompt, params, extra) in scenarios(free, llm.get_tokenizer()).items():
+    for name, (prompt, params, extra) in scenarios(free, llm.get_tokenizer(), max_model_len).items():
         if "structured_outputs" in params:  # each engine's own class, the same constraint
             so = getattr(mod, "StructuredOutputsParams", None) or importlib.import_module(
                 f"{engine}.sampling_params").StructuredOutputsParams
@@ -432,16 +436,19 @@ def _short(value) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-preset", choices=sorted(PRESETS), default="small")
+    src.add_argument("--model-preset", choices=sorted(PRESETS) + [GEMMA3], default="small")
     src.add_argument("--model", help="HF model directory (with tokenizer) instead of a preset")
     p.add_argument("--atol", type=float, default=1e-3, help="logprob values within this count as the same")
+    p.add_argument("--max-model-len", type=int, default=128,
+                   help="of both engines; past 612 a scenario with a 600-token prompt runs too")
     p.add_argument("--worker", choices=("shardserve", "vllm"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--thinking-tokenizer", help=argparse.SUPPRESS)
     p.add_argument("--loras", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        Path(a.out).write_text(json.dumps(run(a.worker, a.model, a.thinking_tokenizer, json.loads(a.loras))))
+        Path(a.out).write_text(json.dumps(run(a.worker, a.model, a.thinking_tokenizer, json.loads(a.loras),
+                                              a.max_model_len)))
         return
     model = str(chosen_model(p, a))
     results = {}
@@ -458,7 +465,8 @@ def main() -> None:
                 env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
             out = Path(tmp) / f"{engine}.json"
             proc = subprocess.run([python, __file__, "--worker", engine, "--model", model, "--out", str(out),
-                                   "--thinking-tokenizer", str(Path(tmp) / "thinking"), "--loras", json.dumps(loras)],
+                                   "--thinking-tokenizer", str(Path(tmp) / "thinking"), "--loras", json.dumps(loras),
+                                   "--max-model-len", str(a.max_model_len)],
                                   env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{engine} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
