@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.layers import cpu_kernels, fused_kernels
-from shardserve.layers.activation import SiluAndMul
+from shardserve.layers.activation import GeluAndMul, SiluAndMul
 from shardserve.layers.attention import triton_backend
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.rotary import RotaryEmbedding, _rotate
@@ -73,15 +73,17 @@ def test_rotary_in_place_matches_torch(impl, num_heads, num_kv_heads, head_dim):
 
 
 @needs_c
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("rows, inter", [(5, 40), (300, 688)])  # widths off the 16-lane vectors; threads
-def test_silu_and_mul_matches_torch(rows, inter, monkeypatch):
+def test_gated_act_and_mul_matches_torch(rows, inter, act, monkeypatch):
     g = torch.Generator().manual_seed(2)
     wide = 6 * torch.randn(rows, 2 * inter + 8, generator=g)  # large |gate| too: exp's range ends
     x = wide[:, 8:]                                            # rows of a wider tensor: a row stride of its own
     gate, up = x.chunk(2, dim=-1)
+    module, ref = (SiluAndMul(), F.silu(gate) * up) if act == "silu" else \
+        (GeluAndMul("tanh"), F.gelu(gate, approximate="tanh") * up)
     assert fused_kernels.enabled(x)
-    out = SiluAndMul()(x)
-    torch.testing.assert_close(out, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module(x), ref, atol=1e-5, rtol=1e-5)
     monkeypatch.setenv("SHARDSERVE_FUSED_KERNELS", "0")
     assert not fused_kernels.enabled(x)
-    torch.testing.assert_close(SiluAndMul()(x), F.silu(gate) * up, atol=0, rtol=0)
+    torch.testing.assert_close(module(x), ref, atol=0, rtol=0)

@@ -57,21 +57,33 @@ void rotary_neox_f32(float *q, float *k, const float *cos, const float *sin, int
   }
 }
 
-// x: [T, 2 * n] rows of stride stride_x holding gate then up; out: [T, n] = gate / (1 + e^-gate) * up.
-void silu_and_mul_f32(const float *x, float *out, int64_t rows, int64_t n, int64_t stride_x, int num_threads) {
+// x: [T, 2 * n] rows of stride stride_x holding gate then up; out: [T, n] = act(gate) * up, where act is
+// SiLU, g / (1 + e^-g), or (tanh_gelu) GELU's tanh form 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3),
+// written the same way: 0.5 (1 + tanh(u)) = 1 / (1 + e^-2u), so act(g) = g / (1 + e^a) with a = -g or -2u.
+#define GELU_K 0.7978845608028654f  // sqrt(2 / pi)
+void gated_act_and_mul_f32(const float *x, float *out, int64_t rows, int64_t n, int64_t stride_x, int64_t tanh_gelu,
+                           int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN)
   for (int64_t t = 0; t < rows; t++) {
     const float *gate = x + t * stride_x, *up = gate + n;
     float *o = out + t * n;
     int64_t i = 0;
 #if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+    const __m512 k2 = _mm512_set1_ps(-2.f * GELU_K), k3 = _mm512_set1_ps(-2.f * GELU_K * 0.044715f);
     for (; i + 16 <= n; i += 16) {
       const __m512 g = _mm512_loadu_ps(gate + i);
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+      // -2u = g * (-2k - 2k * 0.044715 g^2)
+      const __m512 a =
+          tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), k3, k2)) : _mm512_sub_ps(zero, g);
+      const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(a)));
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(act, _mm512_loadu_ps(up + i)));
     }
 #endif
-    for (; i < n; i++) o[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    for (; i < n; i++) {
+      const float g = gate[i];
+      const float a = tanh_gelu ? -2.f * GELU_K * (g + 0.044715f * g * g * g) : -g;
+      o[i] = g / (1.f + expf(a)) * up[i];
+    }
   }
 }

@@ -12,10 +12,14 @@ class SiluAndMul(nn.Module):
     """SwiGLU on the merged gate/up projection: silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and fused_kernels.enabled(x):
-            return fused_kernels.silu_and_mul(x)
+        if _fused(x):
+            return fused_kernels.act_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return not x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and fused_kernels.enabled(x)
 
 
 class GeluAndMul(nn.Module):
@@ -27,6 +31,8 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "tanh" and _fused(x):
+            return fused_kernels.act_and_mul(x, tanh_gelu=True)
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate=self.approximate) * up
 

@@ -27,7 +27,7 @@ SIGNATURES = {
     "store_kv_f32": [_P] * 5 + [_I] * 8 + [_T],
     "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
     "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
-    "silu_and_mul_f32": [_P] * 2 + [_I] * 3 + [_T],
+    "gated_act_and_mul_f32": [_P] * 2 + [_I] * 4 + [_T],
     "park_openmp_workers": [_I] * 3 + [_T],
 }
 RESTYPES = {"park_openmp_workers": _I}  # the others return nothing

@@ -4,7 +4,8 @@ or an operator dispatch and a temporary (CPU), and a round trip through memory:
 - `rms_norm`: (residual add +) RMSNorm in one pass: read x (and the residual) once, write the normed row
   (and the new residual) once, instead of the seven kernels of the torch expression;
 - `rotary_`: neox-style rotation of q and k in place from the step's cos/sin, one launch for both;
-- `silu_and_mul`: SwiGLU's silu(gate) * up in one pass (CPU only: on a GPU torch's two kernels stay).
+- `act_and_mul`: SwiGLU's silu(gate) * up, or GeGLU's (tanh GELU), in one pass (CPU only: on a GPU torch's
+  two kernels stay).
 
 On GPUs they are Triton kernels; on CPUs (fp32) the C kernels of csrc/fused_ops.c (layers/cpu_kernels.py).
 They compute what layers/layernorm.py, layers/rotary.py and layers/activation.py compute in torch (normalise
@@ -116,12 +117,13 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])))
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2 * n] CPU fp32 rows (last dim contiguous) holding gate then up -> [T, n] silu(gate) * up."""
+def act_and_mul(x: torch.Tensor, tanh_gelu: bool = False) -> torch.Tensor:
+    """x: [T, 2 * n] CPU fp32 rows (last dim contiguous) holding gate then up -> [T, n] act(gate) * up, act
+    SiLU or (tanh_gelu) GELU's tanh approximation."""
     rows, width = x.shape
     assert _use_c(x) and x.stride(-1) == 1
     out = torch.empty(rows, width // 2, dtype=x.dtype)
     if rows:
-        cpu_kernels.lib().silu_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0),
-                                           torch.get_num_threads())
+        cpu_kernels.lib().gated_act_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0),
+                                                int(tanh_gelu), torch.get_num_threads())
     return out
