@@ -51,7 +51,7 @@ class TorchAttentionBackend(AttentionBackend):
             out[:nd] = self.decode(q[:nd], kv_cache, meta, scale, sliding_window)
         for seq in meta.prefills:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta.causal, scale, sliding_window)
+            out[rows] = self.prefill(q[rows], k[rows], v[rows], kv_cache, seq, meta, scale, sliding_window)
         return out
 
     def store_kv(self, k, v, kv_cache, meta: AttentionMetadata) -> None:
@@ -76,16 +76,18 @@ class TorchAttentionBackend(AttentionBackend):
         o = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask[:, None, None, :])
         return o.squeeze(2)
 
-    def prefill(self, q, k, v, kv_cache, seq, causal: bool, scale: float,
+    def prefill(self, q, k, v, kv_cache, seq, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         """Several query tokens of one sequence, over its cached prefix (if any) and themselves."""
-        mask = None
+        mask, causal = None, meta.causal
         cached = seq.context_len and kv_cache is not None
         if cached:
             k, v = read_kv(kv_cache[0], seq.kv_slots), read_kv(kv_cache[1], seq.kv_slots)
         if cached or (sliding_window and seq.query_len > sliding_window):
-            mask = window_mask(torch.arange(seq.query_len, device=q.device) + (seq.context_len if cached else 0),
-                               k.size(0), causal or bool(cached), sliding_window)
+            # the same for every layer with this window: built by the first
+            mask = meta.memo(("prefill_mask", seq.query_start, sliding_window), lambda: window_mask(
+                torch.arange(seq.query_len, device=q.device) + (seq.context_len if cached else 0), k.size(0),
+                causal or bool(cached), sliding_window))
             causal = False
         o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                   v.transpose(0, 1).unsqueeze(0), scale, mask, causal)
