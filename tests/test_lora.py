@@ -95,6 +95,20 @@ def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora
     assert list(chat[0].outputs[0].token_ids) == expected
 
 
+def test_gemma3_through_adapters_answers_as_merged_weights(model_dirs, lora_dirs):
+    """Gemma 3's layers carry the same projections: its adapters, beside a request of none, in one batch."""
+    model_dir = model_dirs("gemma3")
+    llm = LLM(model_dir, dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes=1 << 26)
+    loras = [LoRARequest("all", 1, lora_dirs("gemma3", "all")), LoRARequest("qv", 2, lora_dirs("gemma3", "qv")),
+             None]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], GREEDY, use_tqdm=False,
+                        lora_request=loras)
+    for prompt, lora, out in zip(PROMPTS, loras, outs):
+        expected = hf_greedy(merged_reference(model_dir, lora and lora.lora_path), prompt, 12)
+        assert list(out.outputs[0].token_ids) == expected, lora
+    assert outs[0].outputs[0].token_ids != hf_greedy(merged_reference(model_dir, None), PROMPTS[0], 12)
+
+
 def test_beam_search_through_adapters_matches_transformers_on_merged_weights(llm, model_dir, lora_dirs):
     """LLM.beam_search(lora_request=[...]): each prompt's beams run through its own adapter (or none) in one
     search, and are those of transformers' beam search on that adapter's merged model."""

@@ -72,7 +72,7 @@ def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
 
 # The model families whose layers carry these projections (lora_modules under other models are refused).
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                     "Qwen3ForCausalLM"})
+                                     "Qwen3ForCausalLM", "Gemma3ForCausalLM"})
 
 
 def target_shapes(hf_config) -> dict[str, tuple[int, int]]:
