@@ -79,16 +79,32 @@ class TorchAttentionBackend(AttentionBackend):
     def prefill(self, q, k, v, kv_cache, seq, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         """Several query tokens of one sequence, over its cached prefix (if any) and themselves."""
-        mask, causal = None, meta.causal
         cached = seq.context_len and kv_cache is not None
         if cached:
             k, v = read_kv(kv_cache[0], seq.kv_slots), read_kv(kv_cache[1], seq.kv_slots)
-        if cached or (sliding_window and seq.query_len > sliding_window):
-            # the same for every layer with this window: built by the first
-            mask = meta.memo(("prefill_mask", seq.query_start, sliding_window), lambda: window_mask(
-                torch.arange(seq.query_len, device=q.device) + (seq.context_len if cached else 0), k.size(0),
-                causal or bool(cached), sliding_window))
-            causal = False
-        o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                  v.transpose(0, 1).unsqueeze(0), scale, mask, causal)
-        return o.squeeze(0).transpose(0, 1)
+        first = seq.context_len if cached else 0  # the first query's position (and its key's row)
+        causal = meta.causal or bool(cached)
+        if not sliding_window or (not cached and seq.query_len <= sliding_window):
+            mask = None
+            if cached:  # the same for every layer: built by the first
+                mask = meta.memo(("prefill_mask", seq.query_start), lambda: window_mask(
+                    torch.arange(seq.query_len, device=q.device) + first, k.size(0), True, None))
+            return _rows_attention(q, k, v, scale, mask, causal and mask is None)
+        # Keys past the window: a window's worth of queries at a time, each block over the keys its window
+        # reaches (at most twice the window) rather than all of them under a mask.
+        outs = []
+        for i in range(0, seq.query_len, sliding_window):
+            end = first + min(i + sliding_window, seq.query_len)  # one past the block's last query
+            lo = max(0, first + i - sliding_window + 1)
+            hi = end if causal else min(k.size(0), end + sliding_window - 1)
+            mask = meta.memo(("prefill_mask", seq.query_start, sliding_window, i), lambda: window_mask(
+                torch.arange(first + i - lo, end - lo, device=q.device), hi - lo, causal, sliding_window))
+            outs.append(_rows_attention(q[i:i + sliding_window], k[lo:hi], v[lo:hi], scale, mask, False))
+        return torch.cat(outs)
+
+
+def _rows_attention(q, k, v, scale, mask, causal) -> torch.Tensor:
+    """q: [Lq, H, D]; k, v: [Lk, Hkv, D] of one sequence -> [Lq, H, D]."""
+    o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale,
+              mask, causal)
+    return o.squeeze(0).transpose(0, 1)
