@@ -11,20 +11,15 @@ Tokens of the whole step arrive flattened: [num_tokens, hidden].
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
-from shardserve.distributed.parallel_state import get_pp_group
 from shardserve.layers.activation import GeluAndMul
-from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardserve.layers.embedding import VocabParallelEmbedding
 from shardserve.layers.layernorm import GemmaRMSNorm
 from shardserve.layers.rotary import RotaryEmbedding
-from shardserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
-from shardserve.models.loader import load_params
-from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_first_stage, on_last_stage, tie_head,
-                                         tied_head_weights)
+from shardserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from shardserve.models.pipeline import make_layers, on_first_stage, on_last_stage
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -63,9 +58,12 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
-class Gemma3Model(nn.Module):
+class Gemma3Model(LlamaModel):
+    """Llama's forward (models/llama.py) over Gemma's layers, with its embedding scale and a rope per kind of
+    layer."""
+
     def __init__(self, config):
-        super().__init__()
+        nn.Module.__init__(self)
         self.embed_tokens = on_first_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size))
         self.embed_scale = config.hidden_size ** 0.5
         self.start_layer, self.end_layer, self.layers = make_layers(
@@ -81,48 +79,22 @@ class Gemma3Model(nn.Module):
         # the scale rounded to the model's dtype first, as transformers does
         return x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None,
-                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
-        if intermediate is None:
-            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-            residual = None
-        else:
-            x, residual = intermediate["hidden"], intermediate["residual"]
-        ropes = {kind: rope.cos_sin(positions, x.dtype) for kind, rope in self.rotary_embs.items()}
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            x, residual = layer(ropes, x, residual, meta)
-        if not get_pp_group().is_last:
-            return {"hidden": x, "residual": residual}
-        x, _ = self.norm(x, residual)
-        return x
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
+        return {kind: rope.cos_sin(positions, dtype) for kind, rope in self.rotary_embs.items()}
 
 
-class Gemma3ForCausalLM(nn.Module):
-    stacked_params = LlamaForCausalLM.stacked_params
-    intermediate_keys = ("hidden", "residual")
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Llama's causal LM around Gemma's model; the tied head reads the unscaled embedding matrix."""
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = Gemma3Model(config)
-        self.lm_head = on_last_stage(lambda: ParallelLMHead(config.vocab_size, config.hidden_size))
-        tie_head(self.lm_head, self.model.embed_tokens, getattr(config, "tie_word_embeddings", True))
+        super().__init__(config)
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
-        return self.model(input_ids, positions, meta, inputs_embeds, intermediate)
-
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scaled, as the model's first layer takes them (and as transformers' embedding module gives them)."""
-        return self.model.embed(input_ids)
+    def build_model(self, config) -> nn.Module:
+        return Gemma3Model(config)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.compute_logits(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        weights, skip = tied_head_weights(weights, getattr(self.config, "tie_word_embeddings", True),
-                                          "model.embed_tokens.weight", "lm_head.weight")
-        return load_params(self, weights, self.stacked_params, skip + ("rotary_emb", "embed_scale"))

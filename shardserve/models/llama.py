@@ -99,14 +99,21 @@ class LlamaModel(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """What every layer's rotation reads this step, computed once."""
+        return self.rotary_emb.cos_sin(positions, dtype)
+
     def forward(self, input_ids, positions, meta, inputs_embeds=None,
                 intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         if intermediate is None:
-            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
             residual = None
         else:
             x, residual = intermediate["hidden"], intermediate["residual"]
-        rope = self.rotary_emb.cos_sin(positions, x.dtype)
+        rope = self.rope(positions, x.dtype)
         for layer in self.layers[self.start_layer:self.end_layer]:
             x, residual = layer(rope, x, residual, meta)
         if not get_pp_group().is_last:
@@ -126,16 +133,20 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
+        self.model = self.build_model(config)
         self.lm_head = on_last_stage(lambda: ParallelLMHead(config.vocab_size, config.hidden_size))
         tie_head(self.lm_head, self.model.embed_tokens, getattr(config, "tie_word_embeddings", False))
+
+    def build_model(self, config) -> nn.Module:
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        return LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
         return self.model(input_ids, positions, meta, inputs_embeds, intermediate)
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        """As the model's first layer takes them (Gemma's scaled)."""
+        return self.model.embed(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
