@@ -260,8 +260,8 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         q, kv_cache[0], kv_cache[1], block_tables, query_starts, query_lens, context_lens, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         sliding_window or _NO_WINDOW, NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads,
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=causal,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps)
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block,
+        BLOCK_N=block, CAUSAL=causal, IEEE=q.dtype == torch.float32, num_warps=num_warps)
     return out
 
 
