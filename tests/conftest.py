@@ -90,10 +90,21 @@ def _config(arch: str, vocab: int):
                                 head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                 architectures=["Gemma3ForCausalLM"])
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+        return MixtralConfig(**{**llama_like, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen3_moe":  # a sparse layer (8 experts, top 2, renormalised) and a dense one
+        from transformers import Qwen3MoeConfig
+        return Qwen3MoeConfig(**llama_like, head_dim=32, moe_intermediate_size=32, num_experts=8,
+                              num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1])
+    if arch == "qwen2_moe":  # top 3 of 8, not renormalised, and a gated shared expert
+        from transformers import Qwen2MoeConfig
+        return Qwen2MoeConfig(**llama_like, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                              num_experts=8, num_experts_per_tok=3)
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0, **config_overrides) -> str:
@@ -114,10 +125,11 @@ def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int
 
 
 def save_widened(model, tokenizer, path, factor: float) -> str:
-    """Save a random model with its matrices scaled by `factor`, and its tokenizer, into `path`."""
+    """Save a random model with its matrices (and stacks of experts' matrices) scaled by `factor`, and its
+    tokenizer, into `path`."""
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.mul_(factor)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -258,7 +258,8 @@ def test_cuda_graph_sizes_cover_every_batch():
 
 
 @pytest.mark.parametrize("arch, architecture", [("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
-                                                ("opt", "OPTForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
+                                                ("opt", "OPTForCausalLM"), ("gpt2", "GPT2LMHeadModel"),
+                                                ("qwen2_moe", "Qwen2MoeForCausalLM")])
 def test_models_build_entirely_on_the_target_device(arch, architecture):
     """Workers build models inside `torch.device(device)`: every parameter and buffer (rotary tables with
     llama3 scaling included) must land there, or a GPU forward mixes devices. The meta device stands in."""

@@ -119,10 +119,11 @@ def test_beam_search_forks_kv_on_every_rank(ray_cluster, model_dirs):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "gpt2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "gpt2", "gemma3", "mixtral", "qwen2_moe"])
 def test_every_family_under_tp_and_pp(ray_cluster, model_dirs, reference, arch):
     """The other families at TP=2 x PP=2; Qwen2, OPT, GPT-2 and Gemma 3 tie their LM head to the embedding,
-    which then lives on another stage (Gemma 3's scaled one: the head takes the unscaled matrix)."""
+    which then lives on another stage (Gemma 3's scaled one: the head takes the unscaled matrix). Mixtures
+    of experts split every expert's MLP (and Qwen2-MoE's shared expert) across the tensor ranks."""
     model_dir = model_dirs(arch)
     ref_outputs, _ = reference(model_dir)
     llm = LLM(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_worker=0.5, **ENGINE)

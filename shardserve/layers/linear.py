@@ -13,22 +13,25 @@ from shardserve.layers.cpu_gemm import PackedWeight, linear
 from shardserve.lora.layers import add_lora
 
 
-def _divide(numerator: int, denominator: int) -> int:
+def divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} is not divisible by the tensor-parallel size {denominator}.")
     return numerator // denominator
 
 
 def check_tensor_parallel_sizes(hf_config, tp_size: int) -> None:
-    """Refuse, before any worker starts, a model whose heads or MLP cannot be split `tp_size` ways."""
+    """Refuse, before any worker starts, a model whose heads or MLPs cannot be split `tp_size` ways."""
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     mlp = (getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "ffn_dim", None)
            or getattr(hf_config, "n_inner", None) or 4 * hf_config.hidden_size)
-    _divide(heads, tp_size)
-    _divide(mlp, tp_size)
+    divide(heads, tp_size)
+    divide(mlp, tp_size)
+    for moe in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # each expert's MLP splits too
+        if getattr(hf_config, moe, None):
+            divide(getattr(hf_config, moe), tp_size)
     if kv_heads >= tp_size:
-        _divide(kv_heads, tp_size)
+        divide(kv_heads, tp_size)
     elif tp_size % kv_heads:
         raise ValueError(f"The tensor-parallel size {tp_size} is not a multiple of the model's {kv_heads} KV heads.")
 
@@ -69,7 +72,7 @@ class ReplicatedLinear(LinearBase):
 
 class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, _divide(output_size, get_tp_size()), bias, tp_dim=0)
+        super().__init__(input_size, divide(output_size, get_tp_size()), bias, tp_dim=0)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -93,13 +96,13 @@ class QKVParallelLinear(ColumnParallelLinear):
                  bias: bool = False):
         tp = get_tp_size()
         self.head_dim = head_dim
-        self.num_heads = _divide(total_num_heads, tp)
+        self.num_heads = divide(total_num_heads, tp)
         if total_num_kv_heads >= tp:
-            self.num_kv_heads = _divide(total_num_kv_heads, tp)
+            self.num_kv_heads = divide(total_num_kv_heads, tp)
             self.kv_replicas = 1
         else:
             self.num_kv_heads = 1
-            self.kv_replicas = _divide(tp, total_num_kv_heads)
+            self.kv_replicas = divide(tp, total_num_kv_heads)
         output = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, output, bias)
 
@@ -113,7 +116,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(_divide(input_size, get_tp_size()), output_size, bias, tp_dim=1)
+        super().__init__(divide(input_size, get_tp_size()), output_size, bias, tp_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the partial products are summed; so are the adapters' (partial) products.

@@ -6,7 +6,7 @@ grouped-query attention. Tokens of the whole step arrive flattened: [num_tokens,
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -57,9 +57,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """Gated MLP: down(act(gate) * up), SwiGLU unless the family gives another gated activation."""
 
-    def __init__(self, config, bias: bool = False, act: nn.Module | None = None):
+    def __init__(self, config, bias: bool = False, act: nn.Module | None = None, intermediate_size: int | None = None):
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         if act is None and getattr(config, "hidden_act", "silu") != "silu":
@@ -71,10 +71,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, layer_index: int, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_index, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -90,11 +90,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool = False, qk_norm: bool = False):
+    def __init__(self, config, qkv_bias: bool = False, qk_norm: bool = False,
+                 build_mlp: Callable[[int], nn.Module] | None = None):
+        """`build_mlp(layer_index)`: the layer's MLP where it is not Llama's (None: Llama's)."""
         super().__init__()
         self.embed_tokens = on_first_stage(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size))
         self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda i: LlamaDecoderLayer(config, i, qkv_bias, qk_norm))
+            config.num_hidden_layers,
+            lambda i: LlamaDecoderLayer(config, i, qkv_bias, qk_norm, build_mlp(i) if build_mlp else None))
         self.norm = on_last_stage(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings)
@@ -129,6 +132,7 @@ class LlamaForCausalLM(nn.Module):
     stacked_params = [("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v"),
                       ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", 1)]
     intermediate_keys = ("hidden", "residual")
+    expert_projections: dict[str, tuple[str, str]] | None = None  # mixtures of experts (models/moe.py)
 
     def __init__(self, config):
         super().__init__()
@@ -139,7 +143,12 @@ class LlamaForCausalLM(nn.Module):
 
     def build_model(self, config) -> nn.Module:
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        return LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm)
+        return LlamaModel(config, qkv_bias=qkv_bias, qk_norm=self.qk_norm,
+                          build_mlp=lambda i: self.build_mlp(config, i))
+
+    def build_mlp(self, config, layer_index: int) -> nn.Module | None:
+        """The MLP of a layer where it is not Llama's (None): a mixture of experts, models/moe.py."""
+        return None
 
     def forward(self, input_ids, positions, meta, inputs_embeds=None, intermediate=None):
         return self.model(input_ids, positions, meta, inputs_embeds, intermediate)
@@ -154,7 +163,8 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         weights, skip = tied_head_weights(weights, getattr(self.config, "tie_word_embeddings", False),
                                           "model.embed_tokens.weight", "lm_head.weight")
-        return load_params(self, weights, self.stacked_params, skip + ("rotary_emb.inv_freq",))
+        return load_params(self, weights, self.stacked_params, skip + ("rotary_emb.inv_freq",),
+                           self.expert_projections)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

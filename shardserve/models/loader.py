@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -32,17 +33,32 @@ def iterate_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
         del state
 
 
+# "<layer>.experts.<e>.<projection>.weight": one expert's projection, in a mixture-of-experts layer
+_EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
+
+
 def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                stacked_params: list[tuple[str, str, object]] = (), skip: tuple[str, ...] = ()) -> set[str]:
+                stacked_params: list[tuple[str, str, object]] = (), skip: tuple[str, ...] = (),
+                expert_projections: dict[str, tuple[str, str]] | None = None) -> set[str]:
     """Copy checkpoint tensors into `model`; returns the names of parameters that were loaded.
 
     `stacked_params` maps a checkpoint name part to the merged parameter that holds it and its shard id.
+    `expert_projections` maps the projection names of per-expert checkpoint tensors to the stacked parameter
+    of the experts (layers/fused_moe.py) that holds them and the projection's name there.
     Raises if a parameter of the model received no weight.
     """
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
         if any(s in name for s in skip):
+            continue
+        expert = _EXPERT_WEIGHT.fullmatch(name) if expert_projections else None
+        if expert and expert[3] in expert_projections:
+            stacked, projection = expert_projections[expert[3]]
+            target = f"{expert[1]}.{stacked}"
+            if target in params:
+                params[target].weight_loader(params[target], tensor, (int(expert[2]), projection))
+                loaded.add(target)
             continue
         for part, merged, shard_id in stacked_params:
             if f".{part}." in name:

@@ -128,9 +128,10 @@ class Worker:
 
     def uses_cuda_graphs(self) -> bool:
         """Generation on a GPU, one pipeline stage (a stage's send/recv stays outside graphs), an attention
-        backend that can be captured, and not turned off by enforce_eager."""
+        backend and a model that can be captured, and not turned off by enforce_eager."""
         return (self.device.type == "cuda" and not self.config.enforce_eager and bool(self.attention_layers)
                 and self.attention_backend.supports_cuda_graphs and get_pp_group().size == 1
+                and getattr(self.model, "supports_cuda_graphs", True)
                 and getattr(self.model, "pooling_kind", None) is None)
 
     @property

@@ -1,0 +1,88 @@
+"""Mixture-of-experts MLP: a router picks each token's top-k experts, and the token's output is their
+gated MLPs' outputs, weighted by the router's probabilities.
+
+The experts' weights are stacked: `w13` [E, 2 * I, H] (each expert's gate and up projections, one above the
+other) and `w2` [E, H, I]. Tensor parallelism splits every expert's intermediate size I, as a column- then
+row-parallel MLP does, and the partial outputs are all-reduced once for all experts.
+
+A step's (token, expert) pairs are sorted by expert, so each expert's tokens are one contiguous run of rows:
+both projections are then one grouped GEMM over those runs (`torch._grouped_mm`, on CPUs), or one GEMM per
+expert that has tokens (elsewhere, and where torch has no grouped GEMM), instead of a pass per token.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shardserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from shardserve.layers.activation import SiluAndMul
+from shardserve.layers.linear import divide
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k experts and their weights (fp32): the softmax over all experts, taken at the top k,
+    rescaled to sum to 1 where `renormalize` (Mixtral; Qwen MoEs with norm_topk_prob)."""
+    probs = router_logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """Rows x[ends[e-1]:ends[e]] times w[e]^T for every expert e."""
+    if counts is None:
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+    out = x.new_empty(x.size(0), w.size(1))
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.matmul(x[start:start + count], w[expert].t(), out=out[start:start + count])
+            start += count
+    return out
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    # Measured on CPUs only; a GPU's grouped GEMM has its own dtype and alignment rules, untested here.
+    return x.device.type == "cpu" and hasattr(torch, "_grouped_mm")
+
+
+class FusedMoE(nn.Module):
+    """The experts of one layer, taking the tokens and the router's logits for them."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
+                 act: nn.Module | None = None):
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.intermediate = divide(intermediate_size, self.tp_size)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate), requires_grad=False)
+        for param in (self.w13, self.w2):
+            param.weight_loader = self.weight_loader
+        self.act = act or SiluAndMul()
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
+        """One expert's projection from a checkpoint ("gate", "up" or "down"), this rank's slice of it."""
+        expert, projection = shard_id
+        size, start = self.intermediate, self.tp_rank * self.intermediate
+        if projection == "down":
+            param.data[expert].copy_(loaded.narrow(1, start, size))
+        else:
+            offset = 0 if projection == "gate" else size
+            param.data[expert].narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        # (token, expert) pairs in expert order; a stable sort keeps each expert's tokens in step order.
+        order = ids.flatten().argsort(stable=True)
+        token_of_pair = order // self.top_k
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
+        ends = counts.cumsum(0).to(torch.int32)
+        per_expert = None if _use_grouped_mm(x) else counts.tolist()
+        h = _grouped_gemm(x[token_of_pair], self.w13, ends, per_expert)
+        y = _grouped_gemm(self.act(h), self.w2, ends, per_expert)
+        # weighted in fp32, as the router's probabilities are, then summed over each token's experts
+        y = (y.float() * weights.flatten()[order, None]).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of_pair, y)
+        return tp_all_reduce(out)
