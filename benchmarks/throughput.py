@@ -50,6 +50,11 @@ PRESETS = {
     # big enough that a tensor-parallel split has work to split (benchmarks/parallel.py)
     "large": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=8, intermediate_size=2816, vocab_size=32000),
+    # a mixture of experts: Qwen3-30B-A3B's shape scaled down (top 8 of 64 experts, QK-norm), ~250M parameters
+    # of which ~40M are active per token
+    "qwen3-moe": dict(model_type="qwen3_moe", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=64, intermediate_size=1536, moe_intermediate_size=192,
+                      num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32000),
 }
 
 
@@ -62,20 +67,21 @@ GEMMA3 = "gemma3-270m"
 
 
 def build_model(preset: str) -> Path:
-    """Random-weight Llama of the preset plus a WordLevel tokenizer (or Gemma-3-270m), cached under /tmp."""
+    """Random-weight model of the preset (a Llama unless it names another model_type) plus a WordLevel
+    tokenizer (or Gemma-3-270m), cached under /tmp."""
     if preset == GEMMA3:
         return build_gemma3()
-    out = CACHE_DIR / f"llama-{preset}"
+    cfg = dict(model_type="llama", max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               tie_word_embeddings=False) | PRESETS[preset]
+    out = CACHE_DIR / f"{cfg['model_type']}-{preset}"
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    cfg = dict(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               tie_word_embeddings=False) | PRESETS[preset]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials)}
     vocab.update({f"t{i}": i for i in range(len(specials), cfg["vocab_size"])})

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from shardserve import LLM
-from shardserve.layers import fused_moe
+from shardserve.layers import cpu_kernels, fused_moe
+from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.layers.fused_moe import FusedMoE, select_experts
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -39,25 +41,54 @@ def _one_token_at_a_time(x, router_logits, checkpoint, top_k, renormalize):
     return out
 
 
+def _paths(device, dtype, hidden, inter):
+    """The GEMM paths this case can take: the CPU's C kernel in fp32 where the C library builds (it does in
+    CI), torch's grouped GEMM on CPUs for 16-byte aligned rows (torch has had it since 2.8), a GEMM per expert
+    anywhere."""
+    if device != "cpu":
+        return ["loop"]
+    aligned = all(d * torch.finfo(dtype).bits // 8 % 16 == 0 for d in (hidden, inter))
+    return ["loop"] + (["grouped"] if aligned and hasattr(torch, "_grouped_mm") else []) + \
+        (["c"] if dtype == torch.float32 and cpu_kernels.available() else [])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("top_k, renormalize", [(2, True), (3, False), (1, False)])
-def test_experts_match_each_token_through_its_own_experts(device, dtype, tol, grouped, top_k, renormalize,
-                                                          monkeypatch):
-    """8 experts and 5 tokens: some experts get several tokens, some none. Both ways of running the experts'
-    GEMMs (one grouped GEMM, one GEMM per expert) give what running each token alone gives."""
-    if grouped and (device != "cpu" or not hasattr(torch, "_grouped_mm")):
-        pytest.skip("the grouped GEMM is taken on CPUs, where torch has it")
-    monkeypatch.setattr(fused_moe, "_use_grouped_mm", lambda x: grouped)
-    moe, checkpoint = _experts(8, top_k, 32, 16, renormalize, dtype, device)
+@pytest.mark.parametrize("hidden, inter, tokens", [(32, 16, 5), (30, 13, 5), (32, 16, 40)])
+def test_experts_match_each_token_through_its_own_experts(device, dtype, tol, top_k, renormalize, hidden, inter,
+                                                          tokens):
+    """8 experts: with 5 tokens some get several tokens and some none, with 40 most get more than the C
+    kernel's 8 rows at once; (30, 13): sizes no vector width or block of columns divides. Every way of running
+    the experts' GEMMs (the C kernel on packed weights, torch's grouped GEMM, a GEMM per expert) gives what
+    running each token alone gives."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 32, generator=g).to(dtype=dtype, device=device)
-    router_logits = (torch.randn(5, 8, generator=g) * 3).to(dtype=dtype, device=device)
-    expected = _one_token_at_a_time(x, router_logits, checkpoint, top_k, renormalize)
-    out = moe(x, router_logits)
-    assert out.dtype == dtype and out.shape == x.shape
-    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype=dtype, device=device)
+    router_logits = (torch.randn(tokens, 8, generator=g) * 3).to(dtype=dtype, device=device)
+    paths = _paths(device, dtype, hidden, inter)
+    for path in paths:
+        moe, checkpoint = _experts(8, top_k, hidden, inter, renormalize, dtype, device)
+        expected = _one_token_at_a_time(x, router_logits, checkpoint, top_k, renormalize)
+        if path == "c":
+            assert moe.pack_for_cpu()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_moe, "gemm_path", lambda *args, path=path: path)
+            out = moe(x, router_logits)
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, msg=lambda m: f"{path}: {m}")
+
+
+def test_the_c_kernel_takes_fp32_on_cpus_and_the_grouped_gemm_other_dtypes():
+    if not cpu_kernels.available():
+        pytest.skip(f"the C kernels do not build here: {cpu_kernels.build_error()}")
+    fp32, _ = _experts(4, 2, 32, 16, True, torch.float32, "cpu")
+    bf16, _ = _experts(4, 2, 32, 16, True, torch.bfloat16, "cpu")
+    assert prepack_model(nn.Sequential(fp32, bf16), batch_hint=16) == 0  # no linear layers: only experts
+    assert fp32.packed_for_c and fp32.w13.shape == (4, 2, 32, 16) and fp32.w2.shape == (4, 2, 16, 16)
+    assert not bf16.packed_for_c
+    assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.bfloat16), 16) == \
+        ("grouped" if hasattr(torch, "_grouped_mm") else "loop")
+    assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.bfloat16), 13) == "loop"  # rows not 16-byte aligned
 
 
 def test_select_experts_keeps_softmax_weights_unless_renormalised():

@@ -92,7 +92,12 @@ def prepack_model(model: torch.nn.Module, batch_hint: int) -> int:
     """Pack the weight of every layer that takes a packed weight (a `packed` attribute); returns how many.
 
     Packed copies sit beside the originals, so packing is skipped when they would take more than a
-    quarter of the free memory (a large model on CPU then keeps plain GEMMs rather than running short)."""
+    quarter of the free memory (a large model on CPU then keeps plain GEMMs rather than running short).
+    Mixtures of experts rewrite their experts' weights in place into their own kernel's layout
+    (layers/fused_moe.py), on CPUs in fp32."""
+    for module in model.modules():
+        if hasattr(module, "pack_for_cpu"):
+            module.pack_for_cpu()
     kernel = gemm_kernel()
     layers = [m for m in model.modules() if hasattr(m, "packed") and packed_gemm_supported(m.weight, kernel)]
     needed = sum(m.weight.numel() * m.weight.element_size() for m in layers)

@@ -2,8 +2,9 @@
 
 The library is built once per machine with the system C compiler (-O3 -march=native, OpenMP) into a cache
 directory and loaded with ctypes; where no compiler is found, `lib()` is None and layers keep their torch
-paths. What each kernel computes: paged decode attention (layers/attention/cpu_backend.py), and the fused
-elementwise steps of a decoder layer (layers/fused_kernels.py). Not a kernel, but OpenMP-built with them: the
+paths. What each kernel computes: paged decode attention (layers/attention/cpu_backend.py), the fused
+elementwise steps of a decoder layer (layers/fused_kernels.py), and the experts' GEMMs of a mixture of experts
+at decode sizes (layers/fused_moe.py). Not a kernel, but OpenMP-built with them: the
 parking of the engine thread's OpenMP team between steps (workers/cpu_openmp.py).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ SIGNATURES = {
     "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
     "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
     "gated_act_and_mul_f32": [_P] * 2 + [_I] * 4 + [_T],
+    "moe_grouped_gemm_f32": [_P] * 4 + [_I] * 3 + [_T],
     "park_openmp_workers": [_I] * 3 + [_T],
 }
 RESTYPES = {"park_openmp_workers": _I}  # the others return nothing

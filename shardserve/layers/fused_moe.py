@@ -6,8 +6,9 @@ other) and `w2` [E, H, I]. Tensor parallelism splits every expert's intermediate
 row-parallel MLP does, and the partial outputs are all-reduced once for all experts.
 
 A step's (token, expert) pairs are sorted by expert, so each expert's tokens are one contiguous run of rows:
-both projections are then one grouped GEMM over those runs (`torch._grouped_mm`, on CPUs), or one GEMM per
-expert that has tokens (elsewhere, and where torch has no grouped GEMM), instead of a pass per token.
+both projections are then one grouped GEMM over those runs instead of a pass per token: the package's C kernel
+on CPUs in fp32 (csrc/moe_gemm.c, on weights packed for it once loaded), torch's grouped GEMM on CPUs in other
+dtypes, else a GEMM per expert that has tokens (`gemm_path`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from shardserve.layers import cpu_kernels
 from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.linear import divide
 
@@ -29,22 +31,43 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
-def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] times w[e]^T for every expert e."""
-    if counts is None:
+PACK_LANES = 16  # output columns per block of a packed weight (csrc/moe_gemm.c's LANES)
+
+
+def pack_for_c_kernel(w: torch.Tensor) -> torch.Tensor:
+    """[E, n, k] -> [E, ceil(n / 16), k, 16]: each block of 16 output columns with its k rows of 16 weights
+    one after another, the order the C kernel streams them in (zero columns pad the last block)."""
+    experts, n, k = w.shape
+    blocks = -(-n // PACK_LANES)
+    padded = torch.nn.functional.pad(w, (0, 0, 0, blocks * PACK_LANES - n))
+    return padded.view(experts, blocks, PACK_LANES, k).transpose(2, 3).contiguous()
+
+
+def gemm_path(x: torch.Tensor, intermediate: int) -> str:
+    """How unpacked experts' GEMMs run: "grouped" (torch._grouped_mm, on CPUs: a GPU's grouped GEMM has its own
+    dtype and alignment rules, untested here) or "loop" (a GEMM per expert with rows: GPUs, torch without a
+    grouped GEMM, and rows not 16-byte aligned, which the grouped GEMM refuses)."""
+    aligned = (x.size(-1) * x.element_size()) % 16 == 0 and (intermediate * x.element_size()) % 16 == 0
+    return "grouped" if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm") else "loop"
+
+
+def _grouped_gemm(path: str, x: torch.Tensor, w: torch.Tensor, n: int, ends: torch.Tensor,
+                  counts: list[int] | None) -> torch.Tensor:
+    """Rows x[ends[e-1]:ends[e]] times w[e]^T ([n, k], or packed for the "c" path) for every expert e, x's rows
+    in expert order."""
+    if path == "grouped":
         return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
-    out = x.new_empty(x.size(0), w.size(1))
+    out = x.new_empty(x.size(0), n)
+    if path == "c":
+        cpu_kernels.lib().moe_grouped_gemm_f32(x.data_ptr(), w.data_ptr(), ends.data_ptr(), out.data_ptr(),
+                                               w.size(0), n, x.size(1), torch.get_num_threads())
+        return out
     start = 0
     for expert, count in enumerate(counts):
         if count:
             torch.matmul(x[start:start + count], w[expert].t(), out=out[start:start + count])
             start += count
     return out
-
-
-def _use_grouped_mm(x: torch.Tensor) -> bool:
-    # Measured on CPUs only; a GPU's grouped GEMM has its own dtype and alignment rules, untested here.
-    return x.device.type == "cpu" and hasattr(torch, "_grouped_mm")
 
 
 class FusedMoE(nn.Module):
@@ -54,6 +77,7 @@ class FusedMoE(nn.Module):
                  act: nn.Module | None = None):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.hidden_size = hidden_size
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.intermediate = divide(intermediate_size, self.tp_size)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden_size), requires_grad=False)
@@ -61,6 +85,18 @@ class FusedMoE(nn.Module):
         for param in (self.w13, self.w2):
             param.weight_loader = self.weight_loader
         self.act = act or SiluAndMul()
+        self.packed_for_c = False  # weights in the C kernel's layout (pack_for_cpu)
+
+    def pack_for_cpu(self) -> bool:
+        """Once loaded: on a CPU in fp32, rewrite the weights in place into the C kernel's layout, which then
+        runs every step (no copy is kept: the experts are most of the model). Returns whether it did."""
+        if self.packed_for_c or self.w13.device.type != "cpu" or self.w13.dtype != torch.float32 \
+                or not cpu_kernels.available():
+            return False
+        for param in (self.w13, self.w2):
+            param.data = pack_for_c_kernel(param.data)
+        self.packed_for_c = True
+        return True
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
         """One expert's projection from a checkpoint ("gate", "up" or "down"), this rank's slice of it."""
@@ -79,9 +115,10 @@ class FusedMoE(nn.Module):
         token_of_pair = order // self.top_k
         counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
         ends = counts.cumsum(0).to(torch.int32)
-        per_expert = None if _use_grouped_mm(x) else counts.tolist()
-        h = _grouped_gemm(x[token_of_pair], self.w13, ends, per_expert)
-        y = _grouped_gemm(self.act(h), self.w2, ends, per_expert)
+        path = "c" if self.packed_for_c else gemm_path(x, self.intermediate)
+        per_expert = counts.tolist() if path == "loop" else None
+        h = _grouped_gemm(path, x[token_of_pair], self.w13, 2 * self.intermediate, ends, per_expert)
+        y = _grouped_gemm(path, self.act(h), self.w2, self.hidden_size, ends, per_expert)
         # weighted in fp32, as the router's probabilities are, then summed over each token's experts
         y = (y.float() * weights.flatten()[order, None]).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of_pair, y)
