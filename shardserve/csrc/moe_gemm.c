@@ -2,9 +2,10 @@
 // by expert; each expert's rows are multiplied by its weight, packed at load time (layers/fused_moe.py) as
 // [E, ceil(n / 16), k, 16]: for every block of 16 output columns, the k rows of 16 weights one after another.
 // A task (expert, block of columns) streams its 16 * k weights once, in order, and uses each vector of 16
-// against up to 8 token rows held in registers; experts without rows are skipped. At decode sizes (a few rows per expert) that reads the
-// weights at the memory's speed, where a library GEMM per expert spends a call's setup and packing on 1-8
-// rows; at prefill sizes it still beat torch's grouped GEMM on the machine of benchmarks/RESULTS.md.
+// against up to 8 token rows held in registers; experts without rows are skipped. At decode sizes (a few
+// rows per expert) that reads the weights at the memory's speed, where a library GEMM per expert spends a
+// call's setup and packing on 1-8 rows; at prefill sizes it still beat torch's grouped GEMM on the machine
+// of benchmarks/RESULTS.md.
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
