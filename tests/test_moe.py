@@ -42,18 +42,18 @@ def _one_token_at_a_time(x, router_logits, checkpoint, top_k, renormalize):
 
 
 def _paths(device, dtype, hidden, inter):
-    """The GEMM paths this case can take: the CPU's C kernel in fp32 where the C library builds (it does in
-    CI), torch's grouped GEMM on CPUs for 16-byte aligned rows (torch has had it since 2.8), a GEMM per expert
+    """The GEMM paths this case can take: the CPU's C kernel (fp32 and bf16) where the C library builds (it does
+    in CI), torch's grouped GEMM on CPUs for 16-byte aligned rows (torch has had it since 2.8), a GEMM per expert
     anywhere."""
     if device != "cpu":
         return ["loop"]
     aligned = all(d * torch.finfo(dtype).bits // 8 % 16 == 0 for d in (hidden, inter))
     return ["loop"] + (["grouped"] if aligned and hasattr(torch, "_grouped_mm") else []) + \
-        (["c"] if dtype == torch.float32 and cpu_kernels.available() else [])
+        (["c"] if dtype in fused_moe.C_KERNEL_DTYPES and cpu_kernels.available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("top_k, renormalize", [(2, True), (3, False), (1, False)])
 @pytest.mark.parametrize("hidden, inter, tokens", [(32, 16, 5), (30, 13, 5), (32, 16, 40)])
 def test_experts_match_each_token_through_its_own_experts(device, dtype, tol, top_k, renormalize, hidden, inter,
@@ -78,17 +78,18 @@ def test_experts_match_each_token_through_its_own_experts(device, dtype, tol, to
         torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, msg=lambda m: f"{path}: {m}")
 
 
-def test_the_c_kernel_takes_fp32_on_cpus_and_the_grouped_gemm_other_dtypes():
+def test_the_c_kernel_takes_fp32_and_bf16_on_cpus_and_the_grouped_gemm_fp16():
     if not cpu_kernels.available():
         pytest.skip(f"the C kernels do not build here: {cpu_kernels.build_error()}")
-    fp32, _ = _experts(4, 2, 32, 16, True, torch.float32, "cpu")
-    bf16, _ = _experts(4, 2, 32, 16, True, torch.bfloat16, "cpu")
-    assert prepack_model(nn.Sequential(fp32, bf16), batch_hint=16) == 0  # no linear layers: only experts
-    assert fp32.packed_for_c and fp32.w13.shape == (4, 2, 32, 16) and fp32.w2.shape == (4, 2, 16, 16)
-    assert not bf16.packed_for_c
-    assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.bfloat16), 16) == \
+    fp32, bf16, fp16 = (_experts(4, 2, 32, 16, True, dtype, "cpu")[0]
+                        for dtype in (torch.float32, torch.bfloat16, torch.float16))
+    assert prepack_model(nn.Sequential(fp32, bf16, fp16), batch_hint=16) == 0  # no linear layers: only experts
+    for packed in (fp32, bf16):
+        assert packed.packed_for_c and packed.w13.shape == (4, 2, 32, 16) and packed.w2.shape == (4, 2, 16, 16)
+    assert not fp16.packed_for_c
+    assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.float16), 16) == \
         ("grouped" if hasattr(torch, "_grouped_mm") else "loop")
-    assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.bfloat16), 13) == "loop"  # rows not 16-byte aligned
+    assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.float16), 12) == "loop"  # rows not 16-byte aligned
 
 
 def test_select_experts_keeps_softmax_weights_unless_renormalised():

@@ -13,16 +13,27 @@
 #define LANES 16  // output columns per block: one AVX-512 vector (two AVX2 ones)
 #define TILE 8    // token rows per pass over a block
 
+// Weight idx of a packed block, fp32 or bf16 (bf16 is fp32's upper half: widened exactly by a shift).
+static inline __attribute__((always_inline)) float weight_at(const void *wp, int64_t idx, const int bf16) {
+  if (!bf16) return ((const float *)wp)[idx];
+  const uint32_t bits = (uint32_t)((const uint16_t *)wp)[idx] << 16;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
 // Rows x[0:rows] (of length k) times one block of packed weights, into out's columns j to j + 16 (fewer at
-// the matrix's edge). Inlined with a constant `rows`, so the accumulators live in registers.
-static inline __attribute__((always_inline)) void block_tile(const float *x, const float *wp, float *out, int64_t n,
-                                                             int64_t k, int64_t j, const int rows) {
+// the matrix's edge). Inlined with constant `rows` and `bf16`, so the accumulators live in registers.
+static inline __attribute__((always_inline)) void block_tile(const float *x, const void *wp, float *out, int64_t n,
+                                                             int64_t k, int64_t j, const int rows, const int bf16) {
   float acc[TILE][LANES];
   for (int t = 0; t < rows; t++)
 #pragma omp simd
     for (int l = 0; l < LANES; l++) acc[t][l] = 0.f;
   for (int64_t i = 0; i < k; i++) {
-    const float *wv = wp + i * LANES;
+    float wv[LANES];
+#pragma omp simd
+    for (int l = 0; l < LANES; l++) wv[l] = weight_at(wp, i * LANES + l, bf16);
     for (int t = 0; t < rows; t++) {
       const float xv = x[t * k + i];
 #pragma omp simd
@@ -33,15 +44,38 @@ static inline __attribute__((always_inline)) void block_tile(const float *x, con
   for (int t = 0; t < rows; t++) memcpy(out + t * n + j, acc[t], cols * sizeof(float));
 }
 
+// A tile of `rows` (1 to 8) rows, dispatched to its inlined copy.
+static void rows_tile(const float *x, const void *wp, float *out, int64_t n, int64_t k, int64_t j, int64_t rows,
+                      int bf16) {
+#define TILE_CASES(b)                                     \
+  switch (rows) {                                         \
+    case 1: block_tile(x, wp, out, n, k, j, 1, b); break; \
+    case 2: block_tile(x, wp, out, n, k, j, 2, b); break; \
+    case 3: block_tile(x, wp, out, n, k, j, 3, b); break; \
+    case 4: block_tile(x, wp, out, n, k, j, 4, b); break; \
+    case 5: block_tile(x, wp, out, n, k, j, 5, b); break; \
+    case 6: block_tile(x, wp, out, n, k, j, 6, b); break; \
+    case 7: block_tile(x, wp, out, n, k, j, 7, b); break; \
+    default: block_tile(x, wp, out, n, k, j, TILE, b);    \
+  }
+  if (bf16)
+    TILE_CASES(1)
+  else
+    TILE_CASES(0)
+#undef TILE_CASES
+}
+
 // out[p, :] = x[p, :] @ w[e]^T for the rows p of expert e: rows ends[e-1] (0 for e = 0) to ends[e] of x.
-// x: [P, k], packed w: [E, ceil(n / 16), k, 16], out: [P, n], all contiguous.
+// x: [P, k] fp32, packed w: [E, ceil(n / 16), k, 16] fp32 or (weights_bf16) bf16, out: [P, n] fp32, all
+// contiguous.
 //
 // Each thread takes one contiguous run of the (expert, block) tasks, runs cut so the threads' costs are equal
 // (a task costs its weights' stream plus its tiles of rows). Contiguous runs keep each thread's reads one
 // forward stream the prefetchers follow: handing tasks out one by one (dynamic scheduling) read the weights
 // of a decode step at 25 GB/s where this reads them at 31, the memory's speed (benchmarks/RESULTS.md).
-void moe_grouped_gemm_f32(const float *x, const float *w_packed, const int32_t *ends, float *out,
-                          int64_t num_experts, int64_t n, int64_t k, int num_threads) {
+void moe_grouped_gemm(const float *x, const void *w_packed, const int32_t *ends, float *out, int64_t num_experts,
+                      int64_t n, int64_t k, int64_t weights_bf16, int num_threads) {
+  const int64_t weight_bytes = weights_bf16 ? 2 : 4;
   const int64_t blocks = (n + LANES - 1) / LANES;
   int64_t total = 0;  // in units of one block's weight stream; a tile of rows costs about two
   for (int64_t e = 0; e < num_experts; e++) {
@@ -59,22 +93,10 @@ void moe_grouped_gemm_f32(const float *x, const float *w_packed, const int32_t *
       const int64_t task_cost = 1 + 2 * ((end - start + TILE - 1) / TILE);
       for (int64_t block = 0; block < blocks; block++, cost += task_cost) {
         if (cost < lo || cost >= hi) continue;  // another thread's task
-        const float *wp = w_packed + (e * blocks + block) * k * LANES;
+        const char *wp = (const char *)w_packed + (e * blocks + block) * k * LANES * weight_bytes;
         const int64_t j = block * LANES;
-        for (int64_t p = start; p < end; p += TILE) {
-          const float *xp = x + p * k;
-          float *op = out + p * n;
-          switch (end - p < TILE ? end - p : TILE) {
-            case 1: block_tile(xp, wp, op, n, k, j, 1); break;
-            case 2: block_tile(xp, wp, op, n, k, j, 2); break;
-            case 3: block_tile(xp, wp, op, n, k, j, 3); break;
-            case 4: block_tile(xp, wp, op, n, k, j, 4); break;
-            case 5: block_tile(xp, wp, op, n, k, j, 5); break;
-            case 6: block_tile(xp, wp, op, n, k, j, 6); break;
-            case 7: block_tile(xp, wp, op, n, k, j, 7); break;
-            default: block_tile(xp, wp, op, n, k, j, TILE); break;
-          }
-        }
+        for (int64_t p = start; p < end; p += TILE)
+          rows_tile(x + p * k, wp, out + p * n, n, k, j, end - p < TILE ? end - p : TILE, weights_bf16 != 0);
       }
     }
   }

@@ -94,7 +94,7 @@ def prepack_model(model: torch.nn.Module, batch_hint: int) -> int:
     Packed copies sit beside the originals, so packing is skipped when they would take more than a
     quarter of the free memory (a large model on CPU then keeps plain GEMMs rather than running short).
     Mixtures of experts rewrite their experts' weights in place into their own kernel's layout
-    (layers/fused_moe.py), on CPUs in fp32."""
+    (layers/fused_moe.py), on CPUs in fp32 and bf16."""
     for module in model.modules():
         if hasattr(module, "pack_for_cpu"):
             module.pack_for_cpu()

@@ -29,7 +29,7 @@ SIGNATURES = {
     "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
     "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
     "gated_act_and_mul_f32": [_P] * 2 + [_I] * 4 + [_T],
-    "moe_grouped_gemm_f32": [_P] * 4 + [_I] * 3 + [_T],
+    "moe_grouped_gemm": [_P] * 4 + [_I] * 4 + [_T],
     "park_openmp_workers": [_I] * 3 + [_T],
 }
 RESTYPES = {"park_openmp_workers": _I}  # the others return nothing

@@ -7,8 +7,8 @@ row-parallel MLP does, and the partial outputs are all-reduced once for all expe
 
 A step's (token, expert) pairs are sorted by expert, so each expert's tokens are one contiguous run of rows:
 both projections are then one grouped GEMM over those runs instead of a pass per token: the package's C kernel
-on CPUs in fp32 (csrc/moe_gemm.c, on weights packed for it once loaded), torch's grouped GEMM on CPUs in other
-dtypes, else a GEMM per expert that has tokens (`gemm_path`).
+on CPUs (csrc/moe_gemm.c, fp32 or bf16 weights packed for it once loaded), torch's grouped GEMM on CPUs in
+other dtypes, else a GEMM per expert that has tokens (`gemm_path`).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 
 PACK_LANES = 16  # output columns per block of a packed weight (csrc/moe_gemm.c's LANES)
+C_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # of the weights; the kernel computes in fp32
 
 
 def pack_for_c_kernel(w: torch.Tensor) -> torch.Tensor:
@@ -58,10 +59,12 @@ def _grouped_gemm(path: str, x: torch.Tensor, w: torch.Tensor, n: int, ends: tor
     if path == "grouped":
         return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
     out = x.new_empty(x.size(0), n)
-    if path == "c":
-        cpu_kernels.lib().moe_grouped_gemm_f32(x.data_ptr(), w.data_ptr(), ends.data_ptr(), out.data_ptr(),
-                                               w.size(0), n, x.size(1), torch.get_num_threads())
-        return out
+    if path == "c":  # fp32 rows in and out, the weights fp32 or bf16
+        x32, out32 = x.float(), out.float()
+        cpu_kernels.lib().moe_grouped_gemm(x32.data_ptr(), w.data_ptr(), ends.data_ptr(), out32.data_ptr(),
+                                           w.size(0), n, x.size(1), int(w.dtype == torch.bfloat16),
+                                           torch.get_num_threads())
+        return out32.to(out.dtype)
     start = 0
     for expert, count in enumerate(counts):
         if count:
@@ -88,9 +91,9 @@ class FusedMoE(nn.Module):
         self.packed_for_c = False  # weights in the C kernel's layout (pack_for_cpu)
 
     def pack_for_cpu(self) -> bool:
-        """Once loaded: on a CPU in fp32, rewrite the weights in place into the C kernel's layout, which then
-        runs every step (no copy is kept: the experts are most of the model). Returns whether it did."""
-        if self.packed_for_c or self.w13.device.type != "cpu" or self.w13.dtype != torch.float32 \
+        """Once loaded: on a CPU in fp32 or bf16, rewrite the weights in place into the C kernel's layout, which
+        then runs every step (no copy is kept: the experts are most of the model). Returns whether it did."""
+        if self.packed_for_c or self.w13.device.type != "cpu" or self.w13.dtype not in C_KERNEL_DTYPES \
                 or not cpu_kernels.available():
             return False
         for param in (self.w13, self.w2):
