@@ -33,17 +33,22 @@ def _decode_case(num_heads, num_kv_heads, head_dim, lens, block_size=16, num_blo
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size",
                          [(4, 4, 64, 16), (8, 2, 32, 16), (12, 1, 80, 16), (6, 3, 40, 5), (2, 2, 128, 32)])
 @pytest.mark.parametrize("window", [None, 1, 21])
-def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window, dtype):
     # head_dim 80 and 40 leave a partial 16-lane vector; block sizes 5 and 32 a partial 16-key chunk.
     q, cache, meta = _decode_case(num_heads, num_kv_heads, head_dim, lens=[1, 17, 200, 33, 16],
                                   block_size=block_size, num_blocks=128)
     q = 4 * q  # peaked softmaxes: later keys often raise the running maximum, so the rescaling runs
     # as the layer has it: a view into the QKV output, rows strided past the keys and values
     q = torch.cat([q.flatten(1), torch.randn(q.shape[0], 40)], 1)[:, :q[0].numel()].view(q.shape)
+    q, cache = q.to(dtype), cache.to(dtype)
     # a sliding window of 21 starts mid-block and mid-chunk, and covers all of the shorter sequences
-    ref = TorchAttentionBackend().decode(q, cache, meta, head_dim ** -0.5, window)
     out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, head_dim ** -0.5, window)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # bf16: against the reference in fp32 on the same (bf16) values; the kernel computes in fp32 and rounds once
+    ref = TorchAttentionBackend().decode(q.float(), cache.float(), meta, head_dim ** -0.5, window).to(dtype)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")

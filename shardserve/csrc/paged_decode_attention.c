@@ -4,11 +4,13 @@
 // One pass, block by block, sixteen keys at a time, with the softmax kept online: a chunk's keys and then
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
 // token. With a sliding window (window > 0) a sequence attends to its last `window` keys only: the blocks
-// before them are neither read nor prefetched.
+// before them are neither read nor prefetched. The cache holds fp32 or bf16 (widened to fp32 as it is loaded:
+// bf16 is fp32's upper half); queries, sums and outputs are fp32.
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd_math.h"
 
@@ -22,36 +24,51 @@
 // one block ahead into L1 read 15 (benchmarks/RESULTS.md).
 #define PREFETCH_BLOCKS 2
 
-static inline const float *head_block(const float *cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
-                                      int64_t block_size, int64_t head_dim) {
-  return cache + (block * num_kv_heads + kvh) * block_size * head_dim;
+// The address of element `index` of a cache (fp32, or bf16 where bf16 is set).
+static inline const char *element(const void *cache, int64_t index, const int bf16) {
+  return (const char *)cache + index * (bf16 ? 2 : 4);
 }
 
-// One kv head's keys and values in one block, into L2 (prefetcht1).
-static inline void prefetch_head_block(const float *k_cache, const float *v_cache, int64_t block,
-                                       int64_t num_kv_heads, int64_t kvh, int64_t block_size, int64_t head_dim) {
-  const float *k = head_block(k_cache, block, num_kv_heads, kvh, block_size, head_dim);
-  const float *v = head_block(v_cache, block, num_kv_heads, kvh, block_size, head_dim);
-  for (int64_t i = 0; i < block_size * head_dim; i += 16) __builtin_prefetch(k + i, 0, 2);
-  for (int64_t i = 0; i < block_size * head_dim; i += 16) __builtin_prefetch(v + i, 0, 2);
+static inline const char *head_block(const void *cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
+                                     int64_t block_size, int64_t head_dim, const int bf16) {
+  return element(cache, (block * num_kv_heads + kvh) * block_size * head_dim, bf16);
+}
+
+// One kv head's keys and values in one block, into L2 (prefetcht1), a 64-byte line at a time.
+static inline void prefetch_head_block(const void *k_cache, const void *v_cache, int64_t block,
+                                       int64_t num_kv_heads, int64_t kvh, int64_t block_size, int64_t head_dim,
+                                       const int bf16) {
+  const char *k = head_block(k_cache, block, num_kv_heads, kvh, block_size, head_dim, bf16);
+  const char *v = head_block(v_cache, block, num_kv_heads, kvh, block_size, head_dim, bf16);
+  const int64_t bytes = block_size * head_dim * (bf16 ? 2 : 4);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(k + i, 0, 2);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(v + i, 0, 2);
 }
 
 // One query head against m <= CHUNK keys k[i] = k0 + i * head_dim (values likewise): raises the running
 // maximum *maxv if the chunk has a larger score (rescaling acc and *sum), then adds e^(score - max) * v
 // to acc (head_dim values, padded to a multiple of 16 with zeros) and e^(score - max) to *sum.
-#if defined(__AVX512F__)
-static inline void attend_chunk(const float *qg, const float *k0, const float *v0, int64_t m, int64_t head_dim,
-                                float scale, float *acc, float *maxv, float *sum) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// 16 (masked) cache values from `row`, as fp32.
+static inline __m512 load16(const char *row, int64_t offset, __mmask16 mask, const int bf16) {
+  if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)row + offset);
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)row + offset);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+static inline __attribute__((always_inline)) void attend_chunk(const float *qg, const char *k0, const char *v0,
+                                                               int64_t m, int64_t head_dim, float scale, float *acc,
+                                                               float *maxv, float *sum, const int bf16) {
   const int64_t nvec = (head_dim + 15) / 16;
   const __mmask16 last = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : (__mmask16)0xFFFF;
   const __mmask16 valid = (__mmask16)((1u << m) - 1);
   float sc[CHUNK];
   for (int64_t i = 0; i < m; i++) {
-    const float *k = k0 + i * head_dim;
+    const char *k = element(k0, i * head_dim, bf16);
     __m512 dot = _mm512_setzero_ps();
     for (int64_t c = 0; c < nvec; c++) {
       const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
-      dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qg + 16 * c), _mm512_maskz_loadu_ps(mask, k + 16 * c), dot);
+      dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qg + 16 * c), load16(k, 16 * c, mask, bf16), dot);
     }
     sc[i] = _mm512_reduce_add_ps(dot);
   }
@@ -73,20 +90,30 @@ static inline void attend_chunk(const float *qg, const float *k0, const float *v
     const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
     __m512 o = _mm512_loadu_ps(acc + 16 * c);
     for (int64_t i = 0; i < m; i++)
-      o = _mm512_fmadd_ps(_mm512_set1_ps(pw[i]), _mm512_maskz_loadu_ps(mask, v0 + i * head_dim + 16 * c), o);
+      o = _mm512_fmadd_ps(_mm512_set1_ps(pw[i]), load16(element(v0, i * head_dim, bf16), 16 * c, mask, bf16), o);
     _mm512_storeu_ps(acc + 16 * c, o);
   }
 }
 #else
-static inline void attend_chunk(const float *qg, const float *k0, const float *v0, int64_t m, int64_t head_dim,
-                                float scale, float *acc, float *maxv, float *sum) {
+// Cache value d of `row`, as fp32.
+static inline float load1(const char *row, int64_t d, const int bf16) {
+  if (!bf16) return ((const float *)row)[d];
+  const uint32_t bits = (uint32_t)((const uint16_t *)row)[d] << 16;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+static inline __attribute__((always_inline)) void attend_chunk(const float *qg, const char *k0, const char *v0,
+                                                               int64_t m, int64_t head_dim, float scale, float *acc,
+                                                               float *maxv, float *sum, const int bf16) {
   float sc[CHUNK];
   float chunk_max = -INFINITY;
   for (int64_t i = 0; i < m; i++) {
-    const float *k = k0 + i * head_dim;
+    const char *k = element(k0, i * head_dim, bf16);
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
+    for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * load1(k, d, bf16);
     sc[i] = dot * scale;
     if (sc[i] > chunk_max) chunk_max = sc[i];
   }
@@ -99,23 +126,19 @@ static inline void attend_chunk(const float *qg, const float *k0, const float *v
   }
   for (int64_t i = 0; i < m; i++) {
     const float p = expf(sc[i] - *maxv);
-    const float *v = v0 + i * head_dim;
+    const char *v = element(v0, i * head_dim, bf16);
     *sum += p;
 #pragma omp simd
-    for (int64_t d = 0; d < head_dim; d++) acc[d] += p * v[d];
+    for (int64_t d = 0; d < head_dim; d++) acc[d] += p * load1(v, d, bf16);
   }
 }
 #endif
 
-void paged_decode_attention_f32(
-    const float *q,            // [num_seqs, num_heads, head_dim], rows of stride stride_q (heads contiguous)
-    const float *k_cache,      // [num_blocks, num_kv_heads, block_size, head_dim]
-    const float *v_cache,      // same layout as k_cache
-    const int64_t *block_tables,  // [num_seqs, max_blocks]
-    const int64_t *seq_lens,   // [num_seqs]
-    float *out,                // [num_seqs, num_heads, head_dim]
-    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t max_blocks, int64_t stride_q, float scale, int64_t window, int num_threads) {
+// The kernel for one cache dtype (inlined with a constant bf16 into each of the exported function's branches).
+static inline __attribute__((always_inline)) void decode_attention(
+    const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables, const int64_t *seq_lens,
+    float *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    int64_t max_blocks, int64_t stride_q, float scale, int64_t window, int num_threads, const int bf16) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t width = (head_dim + 15) / 16 * 16;  // a head's accumulator, padded to whole vectors
   const int64_t num_items = num_seqs * num_kv_heads;  // (sequence, kv head) pairs, in equal runs per thread
@@ -137,7 +160,7 @@ void paged_decode_attention_f32(
       const int64_t *next_table = block_tables + next_s * max_blocks;
       if (item == first)
         for (int64_t b = start / block_size; b < start / block_size + PREFETCH_BLOCKS && b < num_blocks; b++)
-          prefetch_head_block(k_cache, v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+          prefetch_head_block(k_cache, v_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
       const float *qh = q + s * stride_q + kvh * group * head_dim;
       float acc[group * width];  // [group, width]
       float maxv[group], sum[group];
@@ -149,19 +172,19 @@ void paged_decode_attention_f32(
       for (int64_t b = start / block_size; b < num_blocks; b++) {
         const int64_t ahead = b + PREFETCH_BLOCKS;
         if (ahead < num_blocks)
-          prefetch_head_block(k_cache, v_cache, table[ahead], num_kv_heads, kvh, block_size, head_dim);
+          prefetch_head_block(k_cache, v_cache, table[ahead], num_kv_heads, kvh, block_size, head_dim, bf16);
         else if (next_first + ahead - num_blocks < next_blocks)
           prefetch_head_block(k_cache, v_cache, next_table[next_first + ahead - num_blocks], num_kv_heads, next_kvh,
-                              block_size, head_dim);
-        const float *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
-        const float *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim);
+                              block_size, head_dim, bf16);
+        const char *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
+        const char *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
         const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
         const int64_t j_first = b * block_size < start ? start - b * block_size : 0;
         for (int64_t j0 = j_first; j0 < n; j0 += CHUNK) {
           const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
           for (int64_t g = 0; g < group; g++)
-            attend_chunk(qh + g * head_dim, kb + j0 * head_dim, vb + j0 * head_dim, m, head_dim, scale,
-                         acc + g * width, &maxv[g], &sum[g]);
+            attend_chunk(qh + g * head_dim, element(kb, j0 * head_dim, bf16), element(vb, j0 * head_dim, bf16), m,
+                         head_dim, scale, acc + g * width, &maxv[g], &sum[g], bf16);
         }
       }
       for (int64_t g = 0; g < group; g++) {
@@ -172,6 +195,23 @@ void paged_decode_attention_f32(
       }
     }
   }
+}
+
+void paged_decode_attention(
+    const float *q,            // [num_seqs, num_heads, head_dim], rows of stride stride_q (heads contiguous)
+    const void *k_cache,       // [num_blocks, num_kv_heads, block_size, head_dim], fp32 or (cache_bf16) bf16
+    const void *v_cache,       // same layout and dtype as k_cache
+    const int64_t *block_tables,  // [num_seqs, max_blocks]
+    const int64_t *seq_lens,   // [num_seqs]
+    float *out,                // [num_seqs, num_heads, head_dim]
+    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    int64_t max_blocks, int64_t stride_q, float scale, int64_t window, int64_t cache_bf16, int num_threads) {
+  if (cache_bf16)
+    decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
+                     block_size, max_blocks, stride_q, scale, window, num_threads, 1);
+  else
+    decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
+                     block_size, max_blocks, stride_q, scale, window, num_threads, 0);
 }
 
 // Writes a step's new keys and values into the paged cache: token t's rows go to slot slots[t] (block

@@ -1,7 +1,7 @@
 """CPU attention: decode reads the paged KV cache in place with a small compiled C kernel.
 
 The pure-torch backend must gather every decode's keys and values into a padded copy each layer; on a
-CPU that copy costs as much as the attention itself. New keys and values go into the cache by slot with a
+CPU that copy costs as much as the attention itself. The decode kernel reads fp32 and bf16 caches. New keys and values go into the cache by slot with a
 kernel too, straight from their strided views of the QKV output. The kernels (csrc/paged_decode_attention.c)
 come from the package's C library (layers/cpu_kernels.py); where that cannot be built, `auto` falls back
 to the torch backend. Prefill stays on torch SDPA.
@@ -15,9 +15,9 @@ from shardserve.layers.attention.backend import AttentionMetadata
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 
-def _runs(*tensors: torch.Tensor) -> bool:
-    """Whether the C kernels take these: fp32 CPU tensors whose last dimension is contiguous."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+def _runs(*tensors: torch.Tensor, dtypes=(torch.float32,)) -> bool:
+    """Whether the C kernels take these: CPU tensors of one of `dtypes` whose last dimension is contiguous."""
+    return all(t.device.type == "cpu" and t.dtype in dtypes and t.stride(-1) == 1 for t in tensors)
 
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
@@ -34,13 +34,17 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None = None) -> torch.Tensor:
-        if not _runs(q, kv_cache) or q.stride(1) != q.shape[2]:
+        """fp32 or bf16 caches; the kernel takes fp32 queries (a bf16 step's are widened: a few KB) and gives
+        fp32 outputs."""
+        if not _runs(q, kv_cache, dtypes=(torch.float32, torch.bfloat16)) or q.dtype != kv_cache.dtype:
             return super().decode(q, kv_cache, meta, scale, sliding_window)
+        if q.dtype != torch.float32 or q.stride(1) != q.shape[2]:  # heads one after another, as the kernel reads
+            q = q.to(torch.float32, memory_format=torch.contiguous_format)
         num_heads, head_dim = q.shape[1], q.shape[2]
-        out = torch.empty(q.shape, dtype=q.dtype)
+        out = torch.empty(q.shape, dtype=torch.float32)
         tables, lens = meta.decode_block_tables, meta.decode_seq_lens
-        cpu_kernels.lib().paged_decode_attention_f32(
+        cpu_kernels.lib().paged_decode_attention(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), lens.data_ptr(),
             out.data_ptr(), q.shape[0], num_heads, kv_cache.shape[2], head_dim, meta.block_size, tables.shape[1],
-            q.stride(0), scale, sliding_window or 0, torch.get_num_threads())
-        return out
+            q.stride(0), scale, sliding_window or 0, int(kv_cache.dtype == torch.bfloat16), torch.get_num_threads())
+        return out.to(kv_cache.dtype)
