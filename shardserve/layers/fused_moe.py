@@ -58,13 +58,13 @@ def _grouped_gemm(path: str, x: torch.Tensor, w: torch.Tensor, n: int, ends: tor
     in expert order."""
     if path == "grouped":
         return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
-    out = x.new_empty(x.size(0), n)
     if path == "c":  # fp32 rows in and out, the weights fp32 or bf16
-        x32, out32 = x.float(), out.float()
+        x32, out32 = x.float(), torch.empty(x.size(0), n)
         cpu_kernels.lib().moe_grouped_gemm(x32.data_ptr(), w.data_ptr(), ends.data_ptr(), out32.data_ptr(),
                                            w.size(0), n, x.size(1), int(w.dtype == torch.bfloat16),
                                            torch.get_num_threads())
-        return out32.to(out.dtype)
+        return out32.to(x.dtype)
+    out = x.new_empty(x.size(0), n)
     start = 0
     for expert, count in enumerate(counts):
         if count:
@@ -114,9 +114,10 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
         # (token, expert) pairs in expert order; a stable sort keeps each expert's tokens in step order.
-        order = ids.flatten().argsort(stable=True)
+        expert_of_pair = ids.flatten()
+        order = expert_of_pair.argsort(stable=True)
         token_of_pair = order // self.top_k
-        counts = torch.bincount(ids.flatten(), minlength=self.num_experts)
+        counts = torch.bincount(expert_of_pair, minlength=self.num_experts)
         ends = counts.cumsum(0).to(torch.int32)
         path = "c" if self.packed_for_c else gemm_path(x, self.intermediate)
         per_expert = counts.tolist() if path == "loop" else None
