@@ -16,7 +16,7 @@ if [ "${1:-all}" = kernels ]; then
     exit "${PIPESTATUS[0]}"
 fi
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py \
-    tests/test_fused_kernels.py tests/test_attention_backends.py 2>&1 | tee "$out/tests.log"
+    tests/test_fused_kernels.py tests/test_attention_backends.py tests/test_moe.py 2>&1 | tee "$out/tests.log"
 status=${PIPESTATUS[0]}
 if [ "${1:-all}" != tests ]; then
     python3 benchmarks/gpu.py --json-out "$out/gpu-bench.json" 2>&1 | tee "$out/bench.log"

@@ -1,6 +1,7 @@
 """The GPU path (issue 8): bf16 greedy parity with transformers, CUDA graphs against eager, the memory
 budget, and NCCL tensor parallelism. Skipped without CUDA (CI has none); run on a lent GPU with
-`pytest tests/test_gpu.py tests/test_triton_attention.py tests/test_fused_kernels.py`."""
+`bash scripts/gpu-check.sh` (these, and the GPU cases of the kernel tests: Triton attention, fused kernels,
+mixture-of-experts layers)."""
 from __future__ import annotations
 
 import gc
