@@ -30,10 +30,15 @@ static inline __attribute__((always_inline)) void block_tile(const float *x, con
   for (int t = 0; t < rows; t++)
 #pragma omp simd
     for (int l = 0; l < LANES; l++) acc[t][l] = 0.f;
+  float widened[LANES];
   for (int64_t i = 0; i < k; i++) {
-    float wv[LANES];
+    // fp32 weights are read where they are (a copy first made fp32 prefill 2.4x slower); bf16 ones widened
+    const float *wv = (const float *)wp + i * LANES;
+    if (bf16) {
 #pragma omp simd
-    for (int l = 0; l < LANES; l++) wv[l] = weight_at(wp, i * LANES + l, bf16);
+      for (int l = 0; l < LANES; l++) widened[l] = weight_at(wp, i * LANES + l, 1);
+      wv = widened;
+    }
     for (int t = 0; t < rows; t++) {
       const float xv = x[t * k + i];
 #pragma omp simd
