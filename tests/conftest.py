@@ -90,6 +90,13 @@ def _config(arch: str, vocab: int):
                                 head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                 architectures=["Gemma3ForCausalLM"])
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+        # soft-capped logits low enough that the cap bends them (random weights give scores of a few units)
+        return Gemma2Config(**{**llama_like, "tie_word_embeddings": True, "num_hidden_layers": 3},
+                            head_dim=32, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=2.0,
+                            final_logit_softcapping=10.0,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     if arch == "mixtral":
         from transformers import MixtralConfig
         return MixtralConfig(**{**llama_like, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2)
@@ -104,7 +111,8 @@ def _config(arch: str, vocab: int):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gemma3", "gemma2", "mixtral", "qwen3_moe",
+         "qwen2_moe"]
 
 
 def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int = 0, **config_overrides) -> str:
@@ -115,7 +123,7 @@ def make_model_dir(path, arch: str, tokenizer_kind: str = "bytelevel", seed: int
         setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if arch == "gemma3":  # its norms start as (1 + 0): make each one different, so none can stand in for another
+    if arch in ("gemma3", "gemma2"):  # norms start as (1 + 0): make each one different, so none stands in for another
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):

@@ -5,7 +5,8 @@
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
 // token. With a sliding window (window > 0) a sequence attends to its last `window` keys only: the blocks
 // before them are neither read nor prefetched. The cache holds fp32 or bf16 (widened to fp32 as it is loaded:
-// bf16 is fp32's upper half); queries, sums and outputs are fp32.
+// bf16 is fp32's upper half); queries, sums and outputs are fp32. softcap > 0 caps each scaled score as
+// softcap * tanh(score / softcap) (Gemma 2).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -57,8 +58,9 @@ static inline __m512 load16(const char *row, int64_t offset, __mmask16 mask, con
 }
 
 static inline __attribute__((always_inline)) void attend_chunk(const float *qg, const char *k0, const char *v0,
-                                                               int64_t m, int64_t head_dim, float scale, float *acc,
-                                                               float *maxv, float *sum, const int bf16) {
+                                                               int64_t m, int64_t head_dim, float scale,
+                                                               float softcap, float *acc, float *maxv, float *sum,
+                                                               const int bf16) {
   const int64_t nvec = (head_dim + 15) / 16;
   const __mmask16 last = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : (__mmask16)0xFFFF;
   const __mmask16 valid = (__mmask16)((1u << m) - 1);
@@ -73,7 +75,13 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
     sc[i] = _mm512_reduce_add_ps(dot);
   }
   // The scores as one vector: the chunk's maximum, exponentials and their sum are one operation each.
-  const __m512 scores = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, sc), _mm512_set1_ps(scale));
+  __m512 scores = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, sc), _mm512_set1_ps(scale));
+  if (softcap > 0.f) {  // softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (1 + e^2x)
+    const __m512 e = exp16(_mm512_mul_ps(scores, _mm512_set1_ps(2.f / softcap)));
+    const __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f),
+                                                                     _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+    scores = _mm512_mul_ps(t, _mm512_set1_ps(softcap));
+  }
   const float chunk_max = _mm512_mask_reduce_max_ps(valid, scores);
   if (chunk_max > *maxv) {  // rescale what was summed under the old maximum
     const float r = expf(*maxv - chunk_max);
@@ -105,8 +113,9 @@ static inline float load1(const char *row, int64_t d, const int bf16) {
 }
 
 static inline __attribute__((always_inline)) void attend_chunk(const float *qg, const char *k0, const char *v0,
-                                                               int64_t m, int64_t head_dim, float scale, float *acc,
-                                                               float *maxv, float *sum, const int bf16) {
+                                                               int64_t m, int64_t head_dim, float scale,
+                                                               float softcap, float *acc, float *maxv, float *sum,
+                                                               const int bf16) {
   float sc[CHUNK];
   float chunk_max = -INFINITY;
   for (int64_t i = 0; i < m; i++) {
@@ -115,6 +124,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * load1(k, d, bf16);
     sc[i] = dot * scale;
+    if (softcap > 0.f) sc[i] = softcap * tanhf(sc[i] / softcap);
     if (sc[i] > chunk_max) chunk_max = sc[i];
   }
   if (chunk_max > *maxv) {  // rescale what was summed under the old maximum
@@ -138,7 +148,8 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
 static inline __attribute__((always_inline)) void decode_attention(
     const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables, const int64_t *seq_lens,
     float *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    int64_t max_blocks, int64_t stride_q, float scale, int64_t window, int num_threads, const int bf16) {
+    int64_t max_blocks, int64_t stride_q, float scale, int64_t window, float softcap, int num_threads,
+    const int bf16) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t width = (head_dim + 15) / 16 * 16;  // a head's accumulator, padded to whole vectors
   const int64_t num_items = num_seqs * num_kv_heads;  // (sequence, kv head) pairs, in equal runs per thread
@@ -184,7 +195,7 @@ static inline __attribute__((always_inline)) void decode_attention(
           const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
           for (int64_t g = 0; g < group; g++)
             attend_chunk(qh + g * head_dim, element(kb, j0 * head_dim, bf16), element(vb, j0 * head_dim, bf16), m,
-                         head_dim, scale, acc + g * width, &maxv[g], &sum[g], bf16);
+                         head_dim, scale, softcap, acc + g * width, &maxv[g], &sum[g], bf16);
         }
       }
       for (int64_t g = 0; g < group; g++) {
@@ -205,13 +216,14 @@ void paged_decode_attention(
     const int64_t *seq_lens,   // [num_seqs]
     float *out,                // [num_seqs, num_heads, head_dim]
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    int64_t max_blocks, int64_t stride_q, float scale, int64_t window, int64_t cache_bf16, int num_threads) {
+    int64_t max_blocks, int64_t stride_q, float scale, int64_t window, float softcap, int64_t cache_bf16,
+    int num_threads) {
   if (cache_bf16)
     decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
-                     block_size, max_blocks, stride_q, scale, window, num_threads, 1);
+                     block_size, max_blocks, stride_q, scale, window, softcap, num_threads, 1);
   else
     decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads, head_dim,
-                     block_size, max_blocks, stride_q, scale, window, num_threads, 0);
+                     block_size, max_blocks, stride_q, scale, window, softcap, num_threads, 0);
 }
 
 // Writes a step's new keys and values into the paged cache: token t's rows go to slot slots[t] (block

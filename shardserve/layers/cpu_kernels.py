@@ -24,7 +24,7 @@ _CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, size, float, threads
 # name -> ctypes argument types, in the C signatures' order
 SIGNATURES = {
-    "paged_decode_attention": [_P] * 6 + [_I] * 7 + [_F, _I, _I, _T],
+    "paged_decode_attention": [_P] * 6 + [_I] * 7 + [_F, _I, _F, _I, _T],
     "store_kv_f32": [_P] * 5 + [_I] * 8 + [_T],
     "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
     "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],

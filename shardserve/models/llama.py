@@ -25,7 +25,7 @@ from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_fir
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_index: int, qkv_bias: bool, qk_norm: bool, norm: type[RMSNorm] = RMSNorm,
-                 scale: float | None = None):
+                 scale: float | None = None, softcap: float | None = None):
         super().__init__()
         hidden = config.hidden_size
         total_heads = config.num_attention_heads
@@ -42,7 +42,7 @@ class LlamaAttention(nn.Module):
         self.qk_norm = qk_norm
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               self.head_dim ** -0.5 if scale is None else scale,
-                              sliding_window=layer_sliding_window(config, layer_index))
+                              sliding_window=layer_sliding_window(config, layer_index), softcap=softcap)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

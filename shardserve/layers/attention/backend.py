@@ -68,9 +68,11 @@ class AttentionBackend:
     supports_cuda_graphs = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         """`sliding_window`: a query at position p sees the keys at p - sliding_window + 1 .. p only (the
-        layer's own window, e.g. Gemma 3's local layers); None: every earlier key."""
+        layer's own window, e.g. Gemma 3's local layers); None: every earlier key. `softcap`: the attention
+        logits are capped as softcap * tanh(logits / softcap) (Gemma 2); None: not capped."""
         raise NotImplementedError
 
 

@@ -74,14 +74,16 @@ def usable(device: torch.device, dtype: torch.dtype, block_size: int, head_dim: 
 
 
 def _varlen(fn, q, kv_cache, cu_seqlens_q, seqused_k, block_table, max_q, max_k, scale, out,
-            sliding_window: int | None = None):
+            sliding_window: int | None = None, softcap: float | None = None):
     # The cache is [num_blocks, Hkv, block_size, D]; FlashAttention reads [num_blocks, block_size, Hkv, D]
     # through its strides, so the same memory is passed as a transposed view.
     return fn(q, kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2), max_seqlen_q=max_q,
               cu_seqlens_q=cu_seqlens_q, max_seqlen_k=max_k, seqused_k=seqused_k, softmax_scale=scale,
               causal=True, block_table=block_table, out=out,
               # FlashAttention's window counts the keys left of the query's own
-              window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1))
+              window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1),
+              # passed only when set: builds before FlashAttention 2.6 have no soft cap
+              **({"softcap": softcap} if softcap else {}))
 
 
 class FlashAttentionBackend(TorchAttentionBackend):
@@ -103,13 +105,14 @@ class FlashAttentionBackend(TorchAttentionBackend):
         self.triton_store_kv(k, v, kv_cache, meta.slot_mapping)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         if meta.slot_mapping is None or kv_cache is None or not meta.causal:
-            return super().forward(q, k, v, kv_cache, meta, scale, sliding_window)
+            return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap)
         self.store_kv(k, v, kv_cache, meta)
         cu_q, seqused_k, tables, max_q, max_k = meta.memo("flash_varlen", lambda: _varlen_inputs(meta))
         out = torch.empty_like(q)
-        _varlen(self.varlen, q, kv_cache, cu_q, seqused_k, tables, max_q, max_k, scale, out, sliding_window)
+        _varlen(self.varlen, q, kv_cache, cu_q, seqused_k, tables, max_q, max_k, scale, out, sliding_window,
+                softcap)
         return out
 
 

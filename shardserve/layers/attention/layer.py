@@ -23,10 +23,12 @@ class Attention(nn.Module):
     """Attention of one layer's local heads over its KV-cache shard (bound by the worker after allocation)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 backend: AttentionBackend | None = None, sliding_window: int | None = None):
+                 backend: AttentionBackend | None = None, sliding_window: int | None = None,
+                 softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window  # keys this layer sees back from each query (None: all)
+        self.softcap = softcap  # logits capped as softcap * tanh(logits / softcap) (Gemma 2; None: not)
         self.backend = backend or get_attention_backend()
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, num_kv_heads, block_size, head_dim]
 
@@ -35,5 +37,5 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale,
-                                   self.sliding_window).reshape(q.size(0), -1)
+        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window,
+                                   self.softcap).reshape(q.size(0), -1)

@@ -37,8 +37,27 @@ def window_mask(query_pos: torch.Tensor, num_keys: int, causal: bool, sliding_wi
     return mask
 
 
+def sdpa(q, k, v, scale, mask=None, causal=False, softcap: float | None = None) -> torch.Tensor:
+    """q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]; mask: True where a query sees a key; causal as SDPA's (query i
+    sees keys 0..i). `softcap`: logits capped as softcap * tanh(logits / softcap) before the softmax (Gemma 2),
+    which SDPA cannot do: written out then, in fp32."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=q.size(1) != k.size(1))
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    logits = q.float() @ k.transpose(-1, -2) * scale
+    logits = softcap * torch.tanh(logits / softcap)
+    if causal:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return (logits.softmax(-1) @ v).to(q.dtype)
+
+
 def packed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]],
-                          scale: float, causal: bool, sliding_window: int | None = None) -> torch.Tensor:
+                          scale: float, causal: bool, sliding_window: int | None = None,
+                          softcap: float | None = None) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]; `runs` cover rows 0..T in order."""
     outs = []
     heads, head_dim = q.size(1), q.size(2)
@@ -48,7 +67,6 @@ def packed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run
         mask, is_causal = None, causal
         if sliding_window and length > sliding_window:
             mask, is_causal = window_mask(torch.arange(length, device=q.device), length, causal, sliding_window), False
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                           enable_gqa=heads != k.size(1))
+        o = sdpa(qb, kb, vb, scale, mask, is_causal, softcap)
         outs.append(o.transpose(1, 2).reshape(-1, heads, head_dim))
     return torch.cat(outs) if len(outs) > 1 else outs[0]

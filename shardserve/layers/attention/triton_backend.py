@@ -36,20 +36,20 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self.kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         if meta.slot_mapping is None or kv_cache is None:
-            return super().forward(q, k, v, kv_cache, meta, scale, sliding_window)
+            return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap)
         self.store_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
             self.kernels.paged_decode(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                      out=out[:nd], sliding_window=sliding_window)
+                                      out=out[:nd], sliding_window=sliding_window, softcap=softcap)
         if meta.prefills:
             tables, starts, lens, contexts = meta.memo("triton_prefills", lambda: _prefill_tensors(meta))
             self.kernels.paged_prefill(q, kv_cache, tables, starts, lens, contexts,
                                        max(s.query_len for s in meta.prefills), scale, out, meta.causal,
-                                       sliding_window=sliding_window)
+                                       sliding_window=sliding_window, softcap=softcap)
         return out
 
 

@@ -72,14 +72,18 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, end, kv_head, d,
 
 
 @triton.jit
-def _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE: tl.constexpr):
-    """One key tile of flash attention: the scores of q's rows against k where `keep`, folded into each
-    row's running maximum m_i, softmax denominator l_i and weighted sum of values acc."""
+def _attend_tile(q, k, v, keep, scale, softcap, m_i, l_i, acc, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One key tile of flash attention: the scores of q's rows against k where `keep` (capped as
+    softcap * tanh(s / softcap) with SOFTCAP), folded into each row's running maximum m_i, softmax
+    denominator l_i and weighted sum of values acc."""
     if IEEE:  # fp32 inputs: no TF32 rounding, so results match the torch reference closely
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(keep, s * scale, float("-inf"))
+    s = s * scale
+    if SOFTCAP:  # tanh(x) = 1 - 2 / (1 + e^2x); e^2x overflowing to inf gives 1
+        s = softcap * (1.0 - 2.0 / (1.0 + tl.exp(s * (2.0 / softcap))))
+    s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
     alpha = tl.exp(m_i - m_safe)
@@ -94,12 +98,12 @@ def _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr,
-                         part_out_ptr, part_lse_ptr, scale,
+                         part_out_ptr, part_lse_ptr, scale, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh, stride_table, tokens_per_split, window,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -122,7 +126,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
     for n0 in range(start, end, BLOCK_N):
         k, v, valid = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row, n0 + tl.arange(0, BLOCK_N), end, kv_head,
                                     d, d_ok, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid[None, :], scale, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid[None, :], scale, softcap, m_i, l_i, acc, IEEE, SOFTCAP)
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -168,7 +172,8 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_len: int, block_n: int) 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                 block_n: int | None = None, num_warps: int = 4, sliding_window: int | None = None) -> torch.Tensor:
+                 block_n: int | None = None, num_warps: int = 4, sliding_window: int | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
     """q: [B, H, D]; block_tables: [B, max_blocks] (int32/int64); seq_lens: [B], each >= 1. -> [B, H, D].
     The grid depends on B and the table's width only. `block_n` (keys per tile) and `num_warps` are the
     tuning knobs benchmarks/gpu_kernels.py sweeps."""
@@ -188,12 +193,12 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         part_out = torch.empty(num_seqs * num_heads * splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale,
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), tokens_per_split,
         sliding_window or _NO_WINDOW, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps)
+        SOFTCAP=bool(softcap), num_warps=num_warps)
     if splits > 1:
         _join_splits_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
@@ -203,11 +208,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
 @triton.jit
 def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_starts_ptr, query_lens_ptr,
-                          context_lens_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                          context_lens_ptr, out_ptr, scale, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
                           stride_table, window,
                           NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -240,7 +245,7 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_sta
             keep = valid[None, :] & (distance < window) & (distance > -window)
             if CAUSAL:
                 keep = keep & (distance >= 0)
-            m_i, l_i, acc = _attend_tile(q, k, v, keep, scale, m_i, l_i, acc, IEEE)
+            m_i, l_i, acc = _attend_tile(q, k, v, keep, scale, softcap, m_i, l_i, acc, IEEE, SOFTCAP)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -249,7 +254,7 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_sta
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_starts: torch.Tensor,
                   query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, scale: float,
                   out: torch.Tensor, causal: bool = True, block: int | None = None, num_warps: int = 4,
-                  sliding_window: int | None = None) -> torch.Tensor:
+                  sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q, out: [T, H, D] rows of the whole step; each sequence's rows are query_starts[i] ..
     + query_lens[i], its keys (context then query, all stored) found through block_tables[i]. `block` (the
     query and key tile) and `num_warps`: as paged_decode's knobs."""
@@ -257,11 +262,11 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     block = block or (16 if _interpreting() else (64 if head_dim <= 128 else 32))
     _paged_prefill_kernel[(triton.cdiv(max_query_len, block), len(query_lens), num_heads)](
-        q, kv_cache[0], kv_cache[1], block_tables, query_starts, query_lens, context_lens, out, scale,
+        q, kv_cache[0], kv_cache[1], block_tables, query_starts, query_lens, context_lens, out, scale, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         sliding_window or _NO_WINDOW, NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_M=block,
-        BLOCK_N=block, CAUSAL=causal, IEEE=q.dtype == torch.float32, num_warps=num_warps)
+        BLOCK_N=block, CAUSAL=causal, IEEE=q.dtype == torch.float32, SOFTCAP=bool(softcap), num_warps=num_warps)
     return out
 
 
