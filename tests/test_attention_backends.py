@@ -52,6 +52,21 @@ def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 21])
+def test_cpu_paged_decode_soft_caps_scores_as_torch_does(dtype, window):
+    """Gemma 2's capped logits, softcap * tanh(s / softcap), with a cap low enough to bend most scores."""
+    q, cache, meta = _decode_case(8, 2, 64, lens=[1, 17, 200, 33], num_blocks=64)
+    q, cache = (4 * q).to(dtype), cache.to(dtype)
+    ref = TorchAttentionBackend().decode(q.float(), cache.float(), meta, 0.125, window, softcap=1.5).to(dtype)
+    uncapped = TorchAttentionBackend().decode(q.float(), cache.float(), meta, 0.125, window).to(dtype)
+    out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, 0.125, window, softcap=1.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    assert (out.float() - uncapped.float()).abs().max() > 0.1  # the cap changed the answer
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("num_kv_heads, lens", [(1, [200]), (2, [40, 1, 77])])
 def test_cpu_paged_decode_splits_its_items_across_any_team(threads, num_kv_heads, lens):
@@ -193,12 +208,12 @@ def test_packed_self_attention_equals_one_prompt_at_a_time(causal, num_heads, nu
 
 
 def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale, causal,
-                      block_table, out, window_size=(-1, -1)):
+                      block_table, out, window_size=(-1, -1), softcap=0.0):
     """`flash_attn_varlen_func` over a paged cache as its documentation defines it: k, v are
     [num_blocks, block_size, Hkv, D]; sequence i has queries cu_seqlens_q[i]..[i + 1] and its first
     seqused_k[i] keys through block_table[i]; the causal mask is aligned to the bottom right; a query at
-    position p sees no key before p - window_size[0] (-1: no bound)."""
-    import torch.nn.functional as F
+    position p sees no key before p - window_size[0] (-1: no bound); softcap > 0 caps the scaled scores as
+    softcap * tanh(score / softcap)."""
     assert k.stride(-1) == 1 and causal and max_seqlen_q >= int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     assert cu_seqlens_q.dtype == seqused_k.dtype == block_table.dtype == torch.int32
     for i in range(len(seqused_k)):
@@ -212,9 +227,13 @@ def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused
         mask = pos[None, :] <= query_pos
         if window_size[0] >= 0:
             mask &= pos[None, :] >= query_pos - window_size[0]
-        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                           attn_mask=mask, scale=softmax_scale, enable_gqa=True)
-        out[rows] = o.transpose(0, 1)
+        group = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[rows], keys) * softmax_scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[rows] = torch.einsum("hqk,khd->qhd", probs, values)
     return out
 
 
@@ -261,10 +280,11 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
                                  decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for _, t in decodes]),
                                  decode_seq_lens=torch.tensor([n for n, _ in decodes]), prefills=prefills)
 
-    for window in (None, 5):
+    for window, softcap in ((None, None), (5, None), (None, 1.5)):
         ref_cache, flash_cache = cache.clone(), cache.clone()
-        ref = TorchAttentionBackend().forward(q, k, v, ref_cache, metadata(), D ** -0.5, window)
-        out = flash_backend.FlashAttentionBackend().forward(q, k, v, flash_cache, metadata(), D ** -0.5, window)
+        ref = TorchAttentionBackend().forward(q, k, v, ref_cache, metadata(), D ** -0.5, window, softcap)
+        out = flash_backend.FlashAttentionBackend().forward(q, k, v, flash_cache, metadata(), D ** -0.5, window,
+                                                            softcap)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(flash_cache, ref_cache)
 

@@ -40,9 +40,10 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "c
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, window",
-                         [(4, 4, 16, 16, None), (8, 2, 32, 8, None), (6, 1, 24, 5, None), (8, 2, 32, 8, 19)])
-def test_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window, dtype):
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, window, softcap",
+                         [(4, 4, 16, 16, None, None), (8, 2, 32, 8, None, None), (6, 1, 24, 5, None, None),
+                          (8, 2, 32, 8, 19, None), (8, 2, 32, 8, None, 1.5)])
+def test_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window, softcap, dtype):
     lens = [1, 17, 70, 33, block_size]
     cache, tables = _paged_sequences(lens, num_kv_heads, head_dim, block_size, dtype)
     max_blocks = max(len(t) for t in tables)
@@ -53,23 +54,24 @@ def test_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, win
                              decode_seq_lens=torch.tensor(lens, device=DEVICE))
     q = torch.randn(len(lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     scale = head_dim ** -0.5
-    ref = TorchAttentionBackend().decode(q.float(), cache.float(), meta, scale, window)
+    ref = TorchAttentionBackend().decode(q.float(), cache.float(), meta, scale, window, softcap)
     kernels = triton_backend.TritonAttentionBackend().kernels
     # one program per sequence and head group, and the context split with a join (with a window, splits
     # before it read nothing)
     for splits in (1, 2, 8):
         out = kernels.paged_decode(q, cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                   num_splits=splits, sliding_window=window)
+                                   num_splits=splits, sliding_window=window, softcap=softcap)
         torch.testing.assert_close(out.float(), ref, **_tol(dtype))
     auto = kernels.paged_decode(q, cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                sliding_window=window)
+                                sliding_window=window, softcap=softcap)
     torch.testing.assert_close(auto.float(), ref, **_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, window",
-                         [(4, 2, 16, 4, None), (3, 3, 20, 16, None), (4, 2, 16, 4, 11)])
-def test_forward_mixed_step_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window, dtype):
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, window, softcap",
+                         [(4, 2, 16, 4, None, None), (3, 3, 20, 16, None, None), (4, 2, 16, 4, 11, None),
+                          (4, 2, 16, 4, None, 1.5)])
+def test_forward_mixed_step_matches_torch(num_heads, num_kv_heads, head_dim, block_size, window, softcap, dtype):
     """One step as the model runner lays it out: decode rows first, then prefills (from scratch and over a
     cached prefix), new K/V written at their slots (a slot of -1 is a padding row, written nowhere)."""
     # (context already cached, new query tokens) per sequence; the first three are decode rows
@@ -102,8 +104,8 @@ def test_forward_mixed_step_matches_torch(num_heads, num_kv_heads, head_dim, blo
     scale = head_dim ** -0.5
     ref_cache = cache.float().clone()
     ref = TorchAttentionBackend().forward(q.float()[:-1], k.float()[:-1], v.float()[:-1], ref_cache,
-                                          _trimmed(metadata()), scale, window)
-    out = triton_backend.TritonAttentionBackend().forward(q, k, v, cache, metadata(), scale, window)
+                                          _trimmed(metadata()), scale, window, softcap)
+    out = triton_backend.TritonAttentionBackend().forward(q, k, v, cache, metadata(), scale, window, softcap)
     torch.testing.assert_close(out[:-1].float(), ref, **_tol(dtype))
     torch.testing.assert_close(cache.float(), ref_cache, **_tol(dtype))  # same slots written, padding nowhere
 
