@@ -92,6 +92,24 @@ def test_the_c_kernel_takes_fp32_and_bf16_on_cpus_and_the_grouped_gemm_fp16():
     assert fused_moe.gemm_path(torch.zeros(1, 32, dtype=torch.float16), 12) == "loop"  # rows not 16-byte aligned
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernels")
+@pytest.mark.parametrize("top_k, renormalize", [(1, False), (2, True), (8, True), (3, False)])
+def test_c_routing_groups_pairs_as_torch_does(top_k, renormalize):
+    """csrc's moe_route against select_experts and a stable argsort: the same experts, pairs in the same order,
+    the same weights; 40 tokens over 16 experts (and 8 of 8: every expert chosen)."""
+    num_experts = 8 if top_k == 8 else 16
+    logits = torch.randn(40, num_experts, generator=torch.Generator().manual_seed(top_k)) * 2
+    weights, ids = select_experts(logits, top_k, renormalize)
+    order = ids.flatten().argsort(stable=True)
+    pair_token, pair_weight = torch.empty(40 * top_k, dtype=torch.int64), torch.empty(40 * top_k)
+    ends = torch.empty(num_experts, dtype=torch.int32)
+    cpu_kernels.lib().moe_route(logits.data_ptr(), 40, num_experts, top_k, int(renormalize), pair_token.data_ptr(),
+                                pair_weight.data_ptr(), ends.data_ptr())
+    assert pair_token.tolist() == (order // top_k).tolist()
+    assert ends.tolist() == torch.bincount(ids.flatten(), minlength=num_experts).cumsum(0).tolist()
+    torch.testing.assert_close(pair_weight, weights.flatten()[order])
+
+
 def test_select_experts_keeps_softmax_weights_unless_renormalised():
     logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
     probs = logits.softmax(-1)

@@ -30,6 +30,8 @@ SIGNATURES = {
     "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
     "gated_act_and_mul_f32": [_P] * 2 + [_I] * 4 + [_T],
     "moe_grouped_gemm": [_P] * 4 + [_I] * 4 + [_T],
+    "moe_route": [_P] + [_I] * 4 + [_P] * 3,
+    "moe_combine": [_P] * 4 + [_I] * 2 + [_T],
     "park_openmp_workers": [_I] * 3 + [_T],
 }
 RESTYPES = {"park_openmp_workers": _I}  # the others return nothing

@@ -59,11 +59,10 @@ def _grouped_gemm(path: str, x: torch.Tensor, w: torch.Tensor, n: int, ends: tor
     if path == "grouped":
         return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
     if path == "c":  # fp32 rows in and out, the weights fp32 or bf16
-        x32, out32 = x.float(), torch.empty(x.size(0), n)
-        cpu_kernels.lib().moe_grouped_gemm(x32.data_ptr(), w.data_ptr(), ends.data_ptr(), out32.data_ptr(),
-                                           w.size(0), n, x.size(1), int(w.dtype == torch.bfloat16),
-                                           torch.get_num_threads())
-        return out32.to(x.dtype)
+        out = torch.empty(x.size(0), n)
+        cpu_kernels.lib().moe_grouped_gemm(x.data_ptr(), w.data_ptr(), ends.data_ptr(), out.data_ptr(), w.size(0),
+                                           n, x.size(1), int(w.dtype == torch.bfloat16), torch.get_num_threads())
+        return out
     out = x.new_empty(x.size(0), n)
     start = 0
     for expert, count in enumerate(counts):
@@ -112,6 +111,29 @@ class FusedMoE(nn.Module):
             param.data[expert].narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        out = self._forward_packed(x, router_logits) if self.packed_for_c else self._forward_torch(x, router_logits)
+        return tp_all_reduce(out)
+
+    def _forward_packed(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The C kernels end to end, in fp32: routing (csrc/moe_gemm.c's moe_route), the two grouped GEMMs on
+        the packed weights, and the weighted sum of each token's experts."""
+        lib, threads = cpu_kernels.lib(), torch.get_num_threads()
+        tokens, pairs = x.size(0), x.size(0) * self.top_k
+        logits = router_logits.float().contiguous()
+        pair_token = torch.empty(pairs, dtype=torch.int64)
+        pair_weight = torch.empty(pairs)
+        ends = torch.empty(self.num_experts, dtype=torch.int32)
+        lib.moe_route(logits.data_ptr(), tokens, self.num_experts, self.top_k, int(self.renormalize),
+                      pair_token.data_ptr(), pair_weight.data_ptr(), ends.data_ptr())
+        rows = x.float().index_select(0, pair_token)
+        h = _grouped_gemm("c", rows, self.w13, 2 * self.intermediate, ends, None)
+        y = _grouped_gemm("c", self.act(h), self.w2, self.hidden_size, ends, None)
+        out = torch.zeros(tokens, self.hidden_size)
+        lib.moe_combine(y.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), out.data_ptr(), pairs,
+                        self.hidden_size, threads)
+        return out.to(x.dtype)
+
+    def _forward_torch(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
         # (token, expert) pairs in expert order; a stable sort keeps each expert's tokens in step order.
         expert_of_pair = ids.flatten()
@@ -119,11 +141,10 @@ class FusedMoE(nn.Module):
         token_of_pair = order // self.top_k
         counts = torch.bincount(expert_of_pair, minlength=self.num_experts)
         ends = counts.cumsum(0).to(torch.int32)
-        path = "c" if self.packed_for_c else gemm_path(x, self.intermediate)
+        path = gemm_path(x, self.intermediate)
         per_expert = counts.tolist() if path == "loop" else None
         h = _grouped_gemm(path, x[token_of_pair], self.w13, 2 * self.intermediate, ends, per_expert)
         y = _grouped_gemm(path, self.act(h), self.w2, self.hidden_size, ends, per_expert)
         # weighted in fp32, as the router's probabilities are, then summed over each token's experts
         y = (y.float() * weights.flatten()[order, None]).to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_pair, y)
-        return tp_all_reduce(out)
+        return torch.zeros_like(x).index_add_(0, token_of_pair, y)
