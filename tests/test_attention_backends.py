@@ -290,17 +290,18 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_kv_heads, head_dim, block_size", [(2, 64, 16), (3, 40, 5)])
-def test_cpu_kv_store_writes_what_the_torch_backend_writes(num_kv_heads, head_dim, block_size):
+def test_cpu_kv_store_writes_what_the_torch_backend_writes(num_kv_heads, head_dim, block_size, dtype):
     g = torch.Generator().manual_seed(3)
     num_heads, tokens = 2 * num_kv_heads, 11
     # k and v as the attention layer has them: strided views of one QKV projection output
-    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
     _, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
     k, v = k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim)
     slots = torch.randperm(8 * block_size, generator=g)[:tokens]
     meta = AttentionMetadata(slot_mapping=slots, block_size=block_size)
-    caches = [torch.zeros(2, 8, num_kv_heads, block_size, head_dim) for _ in range(2)]
+    caches = [torch.zeros(2, 8, num_kv_heads, block_size, head_dim, dtype=dtype) for _ in range(2)]
     TorchAttentionBackend().store_kv(k, v, caches[0], meta)
     cpu_backend.CpuPagedAttentionBackend().store_kv(k, v, caches[1], meta)
     assert torch.equal(caches[0], caches[1]) and caches[1].count_nonzero() > 0

@@ -12,17 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd_math.h"
+
 #define LANES 16  // output columns per block: one AVX-512 vector (two AVX2 ones)
 #define TILE 8    // token rows per pass over a block
-
-// Weight idx of a packed block, fp32 or bf16 (bf16 is fp32's upper half: widened exactly by a shift).
-static inline __attribute__((always_inline)) float weight_at(const void *wp, int64_t idx, const int bf16) {
-  if (!bf16) return ((const float *)wp)[idx];
-  const uint32_t bits = (uint32_t)((const uint16_t *)wp)[idx] << 16;
-  float value;
-  memcpy(&value, &bits, sizeof value);
-  return value;
-}
 
 // Rows x[0:rows] (of length k) times one block of packed weights, into out's columns j to j + 16 (fewer at
 // the matrix's edge). Inlined with constant `rows` and `bf16`, so the accumulators live in registers.
@@ -38,7 +31,7 @@ static inline __attribute__((always_inline)) void block_tile(const float *x, con
     const float *wv = (const float *)wp + i * LANES;
     if (bf16) {
 #pragma omp simd
-      for (int l = 0; l < LANES; l++) widened[l] = weight_at(wp, i * LANES + l, 1);
+      for (int l = 0; l < LANES; l++) widened[l] = load_f32(wp, i * LANES + l, 1);
       wv = widened;
     }
     for (int t = 0; t < rows; t++) {

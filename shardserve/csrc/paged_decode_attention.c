@@ -103,15 +103,6 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
   }
 }
 #else
-// Cache value d of `row`, as fp32.
-static inline float load1(const char *row, int64_t d, const int bf16) {
-  if (!bf16) return ((const float *)row)[d];
-  const uint32_t bits = (uint32_t)((const uint16_t *)row)[d] << 16;
-  float value;
-  memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
 static inline __attribute__((always_inline)) void attend_chunk(const float *qg, const char *k0, const char *v0,
                                                                int64_t m, int64_t head_dim, float scale,
                                                                float softcap, float *acc, float *maxv, float *sum,
@@ -122,7 +113,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
     const char *k = element(k0, i * head_dim, bf16);
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * load1(k, d, bf16);
+    for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * load_f32(k, d, bf16);
     sc[i] = dot * scale;
     if (softcap > 0.f) sc[i] = softcap * tanhf(sc[i] / softcap);
     if (sc[i] > chunk_max) chunk_max = sc[i];
@@ -139,7 +130,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
     const char *v = element(v0, i * head_dim, bf16);
     *sum += p;
 #pragma omp simd
-    for (int64_t d = 0; d < head_dim; d++) acc[d] += p * load1(v, d, bf16);
+    for (int64_t d = 0; d < head_dim; d++) acc[d] += p * load_f32(v, d, bf16);
   }
 }
 #endif
@@ -228,23 +219,22 @@ void paged_decode_attention(
 
 // Writes a step's new keys and values into the paged cache: token t's rows go to slot slots[t] (block
 // slots[t] / block_size, offset slots[t] % block_size); a slot of -1 is a padding row, written nowhere.
-// k, v: [T, num_kv_heads, head_dim] with their own token and head strides (views of one QKV output).
-void store_kv_f32(const float *k, const float *v, float *k_cache, float *v_cache, const int64_t *slots,
-                  int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t stride_kt, int64_t stride_kh,
-                  int64_t stride_vt, int64_t stride_vh, int64_t block_size, int num_threads) {
+// k, v: [T, num_kv_heads, head_dim] with their own token and head strides (views of one QKV output), of the
+// cache's dtype: elements of `element_size` bytes, copied.
+void store_kv(const void *k, const void *v, void *k_cache, void *v_cache, const int64_t *slots, int64_t tokens,
+              int64_t num_kv_heads, int64_t head_dim, int64_t stride_kt, int64_t stride_kh, int64_t stride_vt,
+              int64_t stride_vh, int64_t block_size, int64_t element_size, int num_threads) {
+  const int64_t row_bytes = head_dim * element_size;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (tokens * num_kv_heads * head_dim >= 65536)
   for (int64_t t = 0; t < tokens; t++) {
     const int64_t slot = slots[t];
     if (slot < 0) continue;
     for (int64_t h = 0; h < num_kv_heads; h++) {
       const int64_t row = ((slot / block_size) * num_kv_heads + h) * block_size + slot % block_size;
-      float *kd = k_cache + row * head_dim, *vd = v_cache + row * head_dim;
-      const float *ks = k + t * stride_kt + h * stride_kh, *vs = v + t * stride_vt + h * stride_vh;
-#pragma omp simd
-      for (int64_t d = 0; d < head_dim; d++) {
-        kd[d] = ks[d];
-        vd[d] = vs[d];
-      }
+      memcpy((char *)k_cache + row * row_bytes, (const char *)k + (t * stride_kt + h * stride_kh) * element_size,
+             row_bytes);
+      memcpy((char *)v_cache + row * row_bytes, (const char *)v + (t * stride_vt + h * stride_vh) * element_size,
+             row_bytes);
     }
   }
 }

@@ -25,10 +25,10 @@ _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  
 # name -> ctypes argument types, in the C signatures' order
 SIGNATURES = {
     "paged_decode_attention": [_P] * 6 + [_I] * 7 + [_F, _I, _F, _I, _T],
-    "store_kv_f32": [_P] * 5 + [_I] * 8 + [_T],
-    "rms_norm_f32": [_P] * 5 + [_I] * 4 + [_F, _T],
-    "rotary_neox_f32": [_P] * 4 + [_I] * 9 + [_T],
-    "gated_act_and_mul_f32": [_P] * 2 + [_I] * 4 + [_T],
+    "store_kv": [_P] * 5 + [_I] * 9 + [_T],
+    "rms_norm": [_P] * 5 + [_I] * 4 + [_F, _I, _T],
+    "rotary_neox": [_P] * 4 + [_I] * 10 + [_T],
+    "gated_act_and_mul": [_P] * 2 + [_I] * 5 + [_T],
     "moe_grouped_gemm": [_P] * 4 + [_I] * 4 + [_T],
     "moe_route": [_P] + [_I] * 4 + [_P] * 3,
     "moe_combine": [_P] * 4 + [_I] * 2 + [_T],

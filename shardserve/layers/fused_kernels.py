@@ -7,7 +7,7 @@ or an operator dispatch and a temporary (CPU), and a round trip through memory:
 - `act_and_mul`: SwiGLU's silu(gate) * up, or GeGLU's (tanh GELU), in one pass (CPU only: on a GPU torch's
   two kernels stay).
 
-On GPUs they are Triton kernels; on CPUs (fp32) the C kernels of csrc/fused_ops.c (layers/cpu_kernels.py).
+On GPUs they are Triton kernels; on CPUs (fp32, bf16) the C kernels of csrc/fused_ops.c (layers/cpu_kernels.py).
 They compute what layers/layernorm.py, layers/rotary.py and layers/activation.py compute in torch (normalise
 in fp32, scale in the model dtype), which stay the path for other dtypes and where neither builds.
 `enabled(x)` says whether a tensor takes the fused path; SHARDSERVE_FUSED_KERNELS=0 turns them all off.
@@ -25,7 +25,7 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _use_c(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.available()
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -85,10 +85,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     residual_out = torch.empty_like(x) if residual is not None else out
     if rows and _use_c(x):
         assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1) and weight.is_contiguous()
-        cpu_kernels.lib().rms_norm_f32(
+        assert weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+        cpu_kernels.lib().rms_norm(
             x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
             residual_out.data_ptr(), rows, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
-            torch.get_num_threads())
+            int(x.dtype == torch.bfloat16), torch.get_num_threads())
     elif rows:
         _rms_norm_kernel[(rows,)](
             x, residual if residual is not None else x, weight, out, residual_out, eps,
@@ -105,10 +106,11 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     cos, sin = cos.reshape(tokens, -1), sin.reshape(tokens, -1)
     assert cos.stride() == sin.stride() and q.stride(-1) == 1 and k.stride(-1) == 1
     if _use_c(q):
-        assert cos.stride(-1) == 1
-        cpu_kernels.lib().rotary_neox_f32(
+        assert cos.stride(-1) == 1 and q.dtype == k.dtype == cos.dtype == sin.dtype
+        cpu_kernels.lib().rotary_neox(
             q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, num_heads, k.shape[1], head_dim,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), torch.get_num_threads())
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), int(q.dtype == torch.bfloat16),
+            torch.get_num_threads())
         return
     half = head_dim // 2
     _rotary_kernel[(tokens,)](
@@ -118,12 +120,12 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 def act_and_mul(x: torch.Tensor, tanh_gelu: bool = False) -> torch.Tensor:
-    """x: [T, 2 * n] CPU fp32 rows (last dim contiguous) holding gate then up -> [T, n] act(gate) * up, act
-    SiLU or (tanh_gelu) GELU's tanh approximation."""
+    """x: [T, 2 * n] CPU fp32 or bf16 rows (last dim contiguous) holding gate then up -> [T, n] act(gate) * up,
+    act SiLU or (tanh_gelu) GELU's tanh approximation."""
     rows, width = x.shape
     assert _use_c(x) and x.stride(-1) == 1
     out = torch.empty(rows, width // 2, dtype=x.dtype)
     if rows:
-        cpu_kernels.lib().gated_act_and_mul_f32(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0),
-                                                int(tanh_gelu), torch.get_num_threads())
+        cpu_kernels.lib().gated_act_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0),
+                                            int(tanh_gelu), int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return out

@@ -2,8 +2,8 @@
 
 The pure-torch backend must gather every decode's keys and values into a padded copy each layer; on a
 CPU that copy costs as much as the attention itself. The decode kernel reads fp32 and bf16 caches. New keys
-and values go into an fp32 cache by slot with a kernel too, straight from their strided views of the QKV
-output (bf16 ones by torch's index_copy_). The kernels (csrc/paged_decode_attention.c) come from the package's
+and values go into the cache by slot with a kernel too, straight from their strided views of the QKV output.
+The kernels (csrc/paged_decode_attention.c) come from the package's
 C library (layers/cpu_kernels.py); where that cannot be built, `auto` falls back to the torch backend.
 Prefill stays on torch SDPA.
 """
@@ -16,9 +16,11 @@ from shardserve.layers.attention.backend import AttentionMetadata
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 
-def _runs(*tensors: torch.Tensor, dtypes=(torch.float32,)) -> bool:
-    """Whether the C kernels take these: CPU tensors of one of `dtypes` whose last dimension is contiguous."""
-    return all(t.device.type == "cpu" and t.dtype in dtypes and t.stride(-1) == 1 for t in tensors)
+def _runs(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels take these: CPU tensors of one dtype, fp32 or bf16, whose last dimension is
+    contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == tensors[0].dtype and t.stride(-1) == 1 for t in tensors) \
+        and tensors[0].dtype in (torch.float32, torch.bfloat16)
 
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
@@ -28,16 +30,16 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
         if not _runs(k, v, kv_cache):
             return super().store_kv(k, v, kv_cache, meta)
         slots = meta.slot_mapping
-        cpu_kernels.lib().store_kv_f32(
+        cpu_kernels.lib().store_kv(
             k.data_ptr(), v.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slots.data_ptr(),
             slots.numel(), k.shape[1], k.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            kv_cache.shape[3], torch.get_num_threads())
+            kv_cache.shape[3], kv_cache.element_size(), torch.get_num_threads())
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """fp32 or bf16 caches; the kernel takes fp32 queries (a bf16 step's are widened: a few KB) and gives
         fp32 outputs."""
-        if not _runs(q, kv_cache, dtypes=(torch.float32, torch.bfloat16)) or q.dtype != kv_cache.dtype:
+        if not _runs(q, kv_cache):
             return super().decode(q, kv_cache, meta, scale, sliding_window, softcap)
         if q.dtype != torch.float32 or q.stride(1) != q.shape[2]:  # heads one after another, as the kernel reads
             q = q.to(torch.float32, memory_format=torch.contiguous_format)
