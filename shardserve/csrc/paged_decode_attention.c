@@ -4,8 +4,8 @@
 // One pass, block by block, sixteen keys at a time, with the softmax kept online: a chunk's keys and then
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
 // token. With a sliding window (window > 0) a sequence attends to its last `window` keys only: the blocks
-// before them are neither read nor prefetched. The cache holds fp32 or bf16 (widened to fp32 as it is loaded:
-// bf16 is fp32's upper half); queries, sums and outputs are fp32. softcap > 0 caps each scaled score as
+// before them are neither read nor prefetched. Queries, cache and outputs are fp32 or bf16 (widened to fp32 as
+// they are loaded: bf16 is fp32's upper half; outputs rounded once); the arithmetic is fp32. softcap > 0 caps each scaled score as
 // softcap * tanh(score / softcap) (Gemma 2).
 #include <math.h>
 #include <omp.h>
@@ -137,8 +137,8 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
 
 // The kernel for one cache dtype (inlined with a constant bf16 into each of the exported function's branches).
 static inline __attribute__((always_inline)) void decode_attention(
-    const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables, const int64_t *seq_lens,
-    float *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables, const int64_t *seq_lens,
+    void *out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     int64_t max_blocks, int64_t stride_q, float scale, int64_t window, float softcap, int num_threads,
     const int bf16) {
   const int64_t group = num_heads / num_kv_heads;
@@ -163,7 +163,13 @@ static inline __attribute__((always_inline)) void decode_attention(
       if (item == first)
         for (int64_t b = start / block_size; b < start / block_size + PREFETCH_BLOCKS && b < num_blocks; b++)
           prefetch_head_block(k_cache, v_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
-      const float *qh = q + s * stride_q + kvh * group * head_dim;
+      const float *qh = (const float *)q + s * stride_q + kvh * group * head_dim;
+      float widened_q[bf16 ? group * head_dim : 1];  // a bf16 step's queries of this kv head, as fp32
+      if (bf16) {
+        const uint16_t *qb = (const uint16_t *)q + s * stride_q + kvh * group * head_dim;
+        for (int64_t i = 0; i < group * head_dim; i++) widened_q[i] = load_f32(qb, i, 1);
+        qh = widened_q;
+      }
       float acc[group * width];  // [group, width]
       float maxv[group], sum[group];
       for (int64_t i = 0; i < group * width; i++) acc[i] = 0.f;
@@ -190,22 +196,22 @@ static inline __attribute__((always_inline)) void decode_attention(
         }
       }
       for (int64_t g = 0; g < group; g++) {
-        float *o = out + (s * num_heads + kvh * group + g) * head_dim;
+        const int64_t o = (s * num_heads + kvh * group + g) * head_dim;
         const float inv = 1.f / sum[g];
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; d++) o[d] = acc[g * width + d] * inv;
+        for (int64_t d = 0; d < head_dim; d++) store_f32(out, o + d, acc[g * width + d] * inv, bf16);
       }
     }
   }
 }
 
 void paged_decode_attention(
-    const float *q,            // [num_seqs, num_heads, head_dim], rows of stride stride_q (heads contiguous)
+    const void *q,             // [num_seqs, num_heads, head_dim], rows of stride stride_q (heads contiguous)
     const void *k_cache,       // [num_blocks, num_kv_heads, block_size, head_dim], fp32 or (cache_bf16) bf16
     const void *v_cache,       // same layout and dtype as k_cache
     const int64_t *block_tables,  // [num_seqs, max_blocks]
     const int64_t *seq_lens,   // [num_seqs]
-    float *out,                // [num_seqs, num_heads, head_dim]
+    void *out,                 // [num_seqs, num_heads, head_dim]; q and out are of the cache's dtype
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     int64_t max_blocks, int64_t stride_q, float scale, int64_t window, float softcap, int64_t cache_bf16,
     int num_threads) {

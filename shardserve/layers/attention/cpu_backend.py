@@ -37,18 +37,17 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
 
     def decode(self, q, kv_cache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-        """fp32 or bf16 caches; the kernel takes fp32 queries (a bf16 step's are widened: a few KB) and gives
-        fp32 outputs."""
+        """fp32 or bf16 queries and caches (of one dtype); fp32 arithmetic, outputs of the cache's dtype."""
         if not _runs(q, kv_cache):
             return super().decode(q, kv_cache, meta, scale, sliding_window, softcap)
-        if q.dtype != torch.float32 or q.stride(1) != q.shape[2]:  # heads one after another, as the kernel reads
-            q = q.to(torch.float32, memory_format=torch.contiguous_format)
+        if q.stride(1) != q.shape[2]:  # heads one after another, as the kernel reads them
+            q = q.contiguous()
         num_heads, head_dim = q.shape[1], q.shape[2]
-        out = torch.empty(q.shape, dtype=torch.float32)
+        out = torch.empty(q.shape, dtype=q.dtype)
         tables, lens = meta.decode_block_tables, meta.decode_seq_lens
         cpu_kernels.lib().paged_decode_attention(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), lens.data_ptr(),
             out.data_ptr(), q.shape[0], num_heads, kv_cache.shape[2], head_dim, meta.block_size, tables.shape[1],
             q.stride(0), scale, sliding_window or 0, softcap or 0.0, int(kv_cache.dtype == torch.bfloat16),
             torch.get_num_threads())
-        return out.to(kv_cache.dtype)
+        return out
