@@ -26,10 +26,13 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> 
     config_dtype = getattr(hf_config, "dtype", None)  # transformers >= 4.56 names it dtype
     if isinstance(config_dtype, str):
         config_dtype = _DTYPES.get(config_dtype)
-    if device.type == "cpu" or config_dtype in (None, torch.float32):
-        # Half precision matmuls are slow on most CPUs and the random test models are fp32.
-        return torch.float32
-    return config_dtype
+    if device.type == "cpu":
+        # A bf16 checkpoint runs in bf16 where oneDNN multiplies bf16 (AVX-512 and up), as vLLM runs it there;
+        # the fused kernels and decode attention take bf16 too. Otherwise fp32: fp16 arithmetic and bf16 on an
+        # AVX2-only CPU are slow, and the random test models are fp32.
+        from shardserve.layers.cpu_gemm import onednn_bf16_available
+        return torch.bfloat16 if config_dtype == torch.bfloat16 and onednn_bf16_available() else torch.float32
+    return torch.float32 if config_dtype is None else config_dtype
 
 
 @dataclass

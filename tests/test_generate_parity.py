@@ -1,6 +1,8 @@
 """Every supported architecture against Hugging Face transformers on the same weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -136,6 +138,28 @@ def test_half_precision_runs_close_to_float32(dtype, references):
         token = prompts[1][pos]
         assert out.prompt_logprobs[pos][token].logprob == pytest.approx(ref[pos - 1, token].item(), abs=0.25)
     assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("config_dtype", ["bfloat16", "float16", "float32"])
+def test_auto_dtype_on_a_cpu_runs_bf16_checkpoints_in_bf16_where_onednn_can(config_dtype, references, tmp_path):
+    """As vLLM on a CPU: a bf16 checkpoint runs in bf16 where the CPU multiplies bf16 (oneDNN: AVX-512 and up),
+    else in fp32; fp16 and fp32 checkpoints in fp32. On a GPU the checkpoint's dtype."""
+    import json
+    from shardserve.config import resolve_dtype
+    from shardserve.layers.cpu_gemm import onednn_bf16_available
+    path, _, _, _ = references("qwen2")
+    for f in Path(path).iterdir():
+        if f.name != "config.json":
+            (tmp_path / f.name).symlink_to(f)
+    config = json.loads((Path(path) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"dtype": config_dtype, "torch_dtype": config_dtype}))
+    expected = torch.bfloat16 if config_dtype == "bfloat16" and onednn_bf16_available() else torch.float32
+    worker = LLM(str(tmp_path)).llm_engine.executor.worker
+    assert worker.dtype == expected and next(worker.model.parameters()).dtype == expected
+    assert worker.kv_caches[0].dtype == expected
+    hf_config = type("Config", (), {"dtype": config_dtype})()
+    assert resolve_dtype("auto", hf_config, torch.device("cuda")) == getattr(torch, config_dtype)
+    assert resolve_dtype("float16", hf_config, torch.device("cpu")) == torch.float16  # asked for: given
 
 
 @pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")

@@ -5,8 +5,8 @@
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
 // token. With a sliding window (window > 0) a sequence attends to its last `window` keys only: the blocks
 // before them are neither read nor prefetched. Queries, cache and outputs are fp32 or bf16 (widened to fp32 as
-// they are loaded: bf16 is fp32's upper half; outputs rounded once); the arithmetic is fp32. softcap > 0 caps each scaled score as
-// softcap * tanh(score / softcap) (Gemma 2).
+// they are loaded: bf16 is fp32's upper half; outputs rounded once); the arithmetic is fp32. softcap > 0 caps
+// each scaled score as softcap * tanh(score / softcap) (Gemma 2).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>

@@ -28,7 +28,7 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_bf16_available() -> bool:
+def onednn_bf16_available() -> bool:
     """oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; on an AVX2-only CPU its reorder fails."""
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return supported is not None and bool(supported())
@@ -55,7 +55,7 @@ def packed_gemm_supported(weight: torch.Tensor, kernel: str | None = None) -> bo
     if weight.device.type != "cpu" or kernel not in ("onednn", "mkl"):
         return False
     return weight.dtype == torch.float32 or (kernel == "onednn" and weight.dtype == torch.bfloat16
-                                             and _onednn_bf16_available())
+                                             and onednn_bf16_available())
 
 
 class PackedWeight:
