@@ -172,14 +172,13 @@ def make_lora_dir(path, model_dir: str, targets=LORA_TARGETS, rank: int = 4, alp
 
     from shardserve.lora.adapter import target_shapes
     hf = AutoConfig.from_pretrained(model_dir)
-    shapes = target_shapes(hf)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(hf.num_hidden_layers):
-        for target in targets:
-            block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            name = f"base_model.model.model.layers.{layer}.{block}.{target}"
-            out_features, in_features = shapes[target]
+        shapes = target_shapes(hf, layer)  # a mixture of experts' sparse layers: the shared expert's MLP, if any
+        for module in [module for module in shapes if module.rpartition(".")[2] in targets]:
+            name = f"base_model.model.model.layers.{layer}.{module}"
+            out_features, in_features = shapes[module]
             tensors[f"{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
             tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
     Path(path).mkdir(parents=True, exist_ok=True)

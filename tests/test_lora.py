@@ -42,7 +42,9 @@ def merged_reference(model_dir: str, lora_dir: str | None):
 
 def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        # no EOS: the engine's ignore_eos (min_new_tokens would instead forbid the EOS token where it is greedy)
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -95,12 +97,13 @@ def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora
     assert list(chat[0].outputs[0].token_ids) == expected
 
 
-def test_gemma3_through_adapters_answers_as_merged_weights(model_dirs, lora_dirs):
-    """Gemma 3's layers carry the same projections: its adapters, beside a request of none, in one batch."""
-    model_dir = model_dirs("gemma3")
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe"])
+def test_other_families_through_adapters_answer_as_merged_weights(arch, model_dirs, lora_dirs):
+    """Gemma's layers carry the same projections, and so do the mixtures of experts' attention and dense MLPs
+    (Qwen3-MoE's dense layer, Qwen2-MoE's shared expert): adapters, beside a request of none, in one batch."""
+    model_dir = model_dirs(arch)
     llm = LLM(model_dir, dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes=1 << 26)
-    loras = [LoRARequest("all", 1, lora_dirs("gemma3", "all")), LoRARequest("qv", 2, lora_dirs("gemma3", "qv")),
-             None]
+    loras = [LoRARequest("all", 1, lora_dirs(arch, "all")), LoRARequest("qv", 2, lora_dirs(arch, "qv")), None]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], GREEDY, use_tqdm=False,
                         lora_request=loras)
     for prompt, lora, out in zip(PROMPTS, loras, outs):
@@ -159,3 +162,21 @@ def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, model_dir
     with pytest.raises(ValueError, match="LoRA adapters run on .*LlamaForCausalLM"):
         opt.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("all", 1, all_))
     opt.shutdown()
+
+
+def test_adapters_of_a_mixture_of_experts_experts_are_refused_in_words(model_dirs, tmp_path):
+    """An adapter that changes the experts' projections (not supported: attention and dense MLPs are) is refused
+    at the request, naming them; the engine serves on."""
+    from safetensors.torch import save_file
+    model_dir = model_dirs("qwen3_moe")
+    adapter = make_lora_dir(tmp_path / "experts", model_dir, targets=("q_proj", "gate_proj"))
+    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    expert = "base_model.model.model.layers.0.mlp.experts.3.gate_proj"  # layer 0 is sparse
+    tensors |= {f"{expert}.lora_A.weight": torch.zeros(4, 64), f"{expert}.lora_B.weight": torch.zeros(32, 4)}
+    save_file(tensors, str(Path(adapter) / "adapter_model.safetensors"))
+    llm = LLM(model_dir, dtype="float32", enable_lora=True, kv_cache_memory_bytes=1 << 24)
+    prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
+    with pytest.raises(ValueError, match=r"mlp\.experts\.3\.gate_proj.*mixture of experts' experts is not supp"):
+        llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("experts", 1, adapter))
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
+    llm.shutdown()

@@ -24,6 +24,7 @@ from torch import nn
 from shardserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardserve.lora.layers import LoRAWeights
 from shardserve.lora.request import LoRARequest
+from shardserve.models.moe import is_sparse_layer
 from shardserve.models.pipeline import PPMissingLayer
 
 # The checkpoint's linear layers an adapter may change (those of Llama-style decoders).
@@ -70,20 +71,30 @@ def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
     return AdapterConfig(rank, scaling)
 
 
-# The model families whose layers carry these projections (lora_modules under other models are refused).
+# The model families whose layers carry these projections (lora_modules under other models are refused). In the
+# mixtures of experts, the attention and the dense MLPs (Qwen3-MoE's dense layers, Qwen2-MoE's shared expert);
+# not the experts.
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                     "Qwen3ForCausalLM", "Gemma3ForCausalLM"})
+                                     "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
+                                     "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
+_MOE_ARCHITECTURES = frozenset({"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
 
 
-def target_shapes(hf_config) -> dict[str, tuple[int, int]]:
-    """Each supported projection's (out, in) features in a Llama-style model of this config (whole, not
-    sharded)."""
+def target_shapes(hf_config, layer: int) -> dict[str, tuple[int, int]]:
+    """The (out, in) features (whole, not sharded) of each projection an adapter may change in decoder layer
+    `layer` of this config's model, by its path in the layer ("self_attn.q_proj", "mlp.down_proj", ...)."""
     hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     q, kv = heads * head_dim, (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
-    inter = hf_config.intermediate_size
-    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    shapes = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+              "self_attn.o_proj": (hidden, q)}
+    mlp, inter = "mlp", hf_config.intermediate_size
+    if set(getattr(hf_config, "architectures", None) or []) & _MOE_ARCHITECTURES and is_sparse_layer(hf_config, layer):
+        mlp, inter = "mlp.shared_expert", getattr(hf_config, "shared_expert_intermediate_size", 0)
+    if inter:
+        shapes |= {f"{mlp}.gate_proj": (inter, hidden), f"{mlp}.up_proj": (inter, hidden),
+                   f"{mlp}.down_proj": (hidden, inter)}
+    return shapes
 
 
 def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:
@@ -94,14 +105,16 @@ def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:
     if not set(architectures) & SUPPORTED_ARCHITECTURES:
         raise ValueError(f"LoRA adapters run on {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models; this one is "
                          f"{'/'.join(architectures) or 'of unknown architecture'}.")
-    shapes, layers = target_shapes(hf_config), hf_config.num_hidden_layers
+    layers = hf_config.num_hidden_layers
     for name, pair in _pairs(path, _tensor_shapes(path)).items():
-        leaf = name.rpartition(".")[2]
-        layer = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.\w+", name)
-        if leaf not in shapes or layer is None or int(layer[1]) >= layers:
-            raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have (supported: "
-                             f"{', '.join(sorted(SUPPORTED_TARGETS))} of its {layers} layers).")
-        out_features, in_features = shapes[leaf]
+        layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        shapes = target_shapes(hf_config, int(layer[1])) if layer and int(layer[1]) < layers else {}
+        if layer is None or layer[2] not in shapes:
+            experts = " (LoRA on a mixture of experts' experts is not supported)" if ".experts." in name else ""
+            raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have{experts}; "
+                             f"supported: {', '.join(sorted(SUPPORTED_TARGETS))} of its {layers} layers' attention "
+                             f"and dense MLPs.")
+        out_features, in_features = shapes[layer[2]]
         if pair.get("A") != (config.rank, in_features) or pair.get("B") != (out_features, config.rank):
             raise ValueError(f"LoRA adapter {path!r}: {name} is not a rank-{config.rank} pair for a "
                              f"{out_features} x {in_features} projection (A {pair.get('A')}, B {pair.get('B')}): "

@@ -23,6 +23,13 @@ def num_experts(config) -> int:
     return getattr(config, "num_experts", None) or config.num_local_experts
 
 
+def is_sparse_layer(config, layer_index: int) -> bool:
+    """Whether the layer's MLP is a mixture of experts (Mixtral: every layer; Qwen MoEs: all but
+    `mlp_only_layers`, every `decoder_sparse_step`-th)."""
+    return layer_index not in (getattr(config, "mlp_only_layers", None) or []) and bool(num_experts(config)) \
+        and (layer_index + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0
+
+
 class SparseMoeBlock(nn.Module):
     def __init__(self, config, intermediate_size: int, renormalize: bool, shared_expert_size: int = 0):
         super().__init__()
@@ -64,8 +71,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
     shared_expert = False
 
     def build_mlp(self, config, layer_index: int) -> nn.Module | None:
-        if layer_index in (getattr(config, "mlp_only_layers", None) or []) or not num_experts(config) \
-                or (layer_index + 1) % getattr(config, "decoder_sparse_step", 1):
+        if not is_sparse_layer(config, layer_index):
             return None  # a dense layer
         shared = getattr(config, "shared_expert_intermediate_size", 0) if self.shared_expert else 0
         return SparseMoeBlock(config, config.moe_intermediate_size, getattr(config, "norm_topk_prob", False),
