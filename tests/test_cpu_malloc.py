@@ -90,3 +90,29 @@ def test_the_worker_puts_its_cpu_kv_cache_on_huge_pages(model_dirs):
             assert all("hg" in _vm_flags(c.data_ptr()) for c in caches)
     finally:
         llm.shutdown()
+
+
+def test_cpu_workers_start_on_tcmalloc_where_it_is_installed(monkeypatch):
+    """The environment Ray starts a CPU worker with: tcmalloc preloaded (before any LD_PRELOAD of ours, once),
+    the library named, or nothing."""
+    import ctypes.util
+
+    from shardserve.router.spec import ModelSpec
+    from shardserve.workers.cpu_malloc import tcmalloc_env
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("SHARDSERVE_CPU_TCMALLOC", raising=False)
+    installed = ctypes.util.find_library("tcmalloc_minimal")
+    assert tcmalloc_env() == ({"LD_PRELOAD": installed} if installed else {})
+    monkeypatch.setenv("SHARDSERVE_CPU_TCMALLOC", "/opt/lib/libtcmalloc.so")
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libother.so")
+    assert tcmalloc_env() == {"LD_PRELOAD": "/opt/lib/libtcmalloc.so:/lib/libother.so"}
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libtcmalloc.so")
+    assert tcmalloc_env() == {"LD_PRELOAD": "/opt/lib/libtcmalloc.so"}
+    monkeypatch.setenv("SHARDSERVE_CPU_TCMALLOC", "0")
+    assert tcmalloc_env() == {}
+    # a CPU replica's actor options carry it; a GPU one's do not
+    monkeypatch.setenv("SHARDSERVE_CPU_TCMALLOC", "/opt/lib/libtcmalloc.so")
+    env = ModelSpec(model="m", device="cpu").deployment_options(0)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["LD_PRELOAD"] == "/opt/lib/libtcmalloc.so"
+    env = ModelSpec(model="m", device="cuda").deployment_options(0)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert "LD_PRELOAD" not in env

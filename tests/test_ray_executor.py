@@ -5,9 +5,11 @@ CPU each so four of them fit the head node of this 2-core machine.
 """
 from __future__ import annotations
 
+import ctypes.util
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -96,6 +98,10 @@ def test_parallel_matches_single_worker(ray_cluster, model_dirs, reference, arch
         # tensor ranks on one machine reduce through shared memory, not gloo over loopback
         stats = llm.llm_engine.executor.collective_rpc("comm_stats")
         assert all(s["shared_memory"] == (tp > 1 and shm_comm.supported()) for s in stats)
+        # the worker processes started on tcmalloc where it is installed (workers/cpu_malloc.py)
+        tcmalloc = bool(ctypes.util.find_library("tcmalloc_minimal"))
+        for info in llm.llm_engine.executor.node_info:
+            assert ("tcmalloc" in Path(f"/proc/{info['pid']}/maps").read_text()) == tcmalloc
     finally:
         llm.shutdown()
 

@@ -22,6 +22,7 @@ from shardserve.config import EngineConfig
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.executor.base import Executor
 from shardserve.models.source import ModelSource
+from shardserve.workers.cpu_malloc import tcmalloc_env
 from shardserve.workers.model_runner import ModelRunnerOutput
 from shardserve.workers.ray_worker import RayWorker
 
@@ -55,6 +56,7 @@ class RayExecutor(Executor):
         threads = 1 if use_gpu else max(1, math.floor(config.num_cpus_per_worker))
         self.workers = [actor.options(num_cpus=0 if use_gpu else config.num_cpus_per_worker,
                                       num_gpus=1 if use_gpu else 0,
+                                      runtime_env={"env_vars": {} if use_gpu else tcmalloc_env()},
                                       scheduling_strategy=self.placement.strategy(rank)).remote(threads)
                         for rank in range(world)]
         self._dead: WorkerDiedError | None = None

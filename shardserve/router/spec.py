@@ -10,6 +10,7 @@ from shardserve.lora.adapter import read_adapter_config
 from shardserve.lora.request import LoRARequest
 from shardserve.router.tool_calls import TOOL_CALL_PARSERS
 from shardserve.router.tool_tags import ToolStrictLevel, strict_tool_calling
+from shardserve.workers.cpu_malloc import tcmalloc_env
 
 
 @dataclass
@@ -143,10 +144,11 @@ class ModelSpec:
         # every streamed chunk would otherwise cross between the two threads, and the engine's hand-off
         # (async_engine) could not see the chunks written. The code never blocks that loop: the engine
         # steps in its own thread, health pings run in one.
+        # A replica that runs a CPU model starts on tcmalloc where it is installed (workers/cpu_malloc.py).
         threads = str(self.num_threads)
         options["ray_actor_options"] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": {
             "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "SHARDSERVE_NUM_THREADS": threads,
-            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **({} if on_gpu else tcmalloc_env())}}}
         if on_gpu and self.world_size == 1:  # the replica runs the model itself: Ray must give it the GPU
             options["ray_actor_options"]["num_gpus"] = 1
         return options

@@ -9,6 +9,12 @@ about 8% of the step here (benchmarks/RESULTS.md). vLLM's CPU guide preloads tcm
 that must be set before the process starts, while glibc's thresholds can be raised at any time. The cost:
 the process keeps the heap it peaked at instead of shrinking back.
 
+Where tcmalloc is installed (libtcmalloc-minimal4), the worker processes Ray starts for a CPU model run on it
+(`tcmalloc_env`): a step's many small tensors are allocated faster than by glibc, 4-6% of a decode step's time on
+the machine of benchmarks/RESULTS.md. It has to be preloaded as the process starts, which Ray does with the
+actor's environment; the offline `LLM` runs in the caller's process, which can be started under
+`LD_PRELOAD=libtcmalloc_minimal.so.4` (as vLLM's CPU guide says).
+
 The KV cache is read by the decode attention kernel in 4 KiB runs (one head's block) scattered over GiBs: on
 4 KiB pages nearly every run misses the TLB, and in a VM each miss walks two levels of page tables. On 2 MiB
 pages the kernel read 5-20% faster from DRAM (benchmarks/RESULTS.md). Transparent huge pages are commonly
@@ -51,6 +57,20 @@ def keep_freed_memory() -> bool:
         logger.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", _MMAP_THRESHOLD >> 20,
                      _TRIM_THRESHOLD >> 20)
     return _done
+
+
+def tcmalloc_env() -> dict[str, str]:
+    """Environment variables that start a CPU worker process on tcmalloc: LD_PRELOAD with the library where it is
+    installed (added to any LD_PRELOAD of this process), else none. SHARDSERVE_CPU_TCMALLOC=0 turns it off, or
+    names the library to load."""
+    choice = os.environ.get("SHARDSERVE_CPU_TCMALLOC", "1")
+    if choice == "0":
+        return {}
+    library = choice if choice != "1" else ctypes.util.find_library("tcmalloc_minimal")
+    if not library:
+        return {}
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    return {"LD_PRELOAD": ":".join(preload if any("tcmalloc" in p for p in preload) else [library, *preload])}
 
 
 def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
