@@ -10,8 +10,8 @@ that must be set before the process starts, while glibc's thresholds can be rais
 the process keeps the heap it peaked at instead of shrinking back.
 
 Where tcmalloc is installed (libtcmalloc-minimal4), the worker processes Ray starts for a CPU model run on it
-(`tcmalloc_env`): a step's many small tensors are allocated faster than by glibc, 4-6% of a decode step's time on
-the machine of benchmarks/RESULTS.md. It has to be preloaded as the process starts, which Ray does with the
+(`tcmalloc_env`): a step's many small tensors are allocated faster than by glibc, 8-14% of bf16 decode
+throughput on the machine of benchmarks/RESULTS.md (nothing measurable in fp32). It has to be preloaded as the process starts, which Ray does with the
 actor's environment; the offline `LLM` runs in the caller's process, which can be started under
 `LD_PRELOAD=libtcmalloc_minimal.so.4` (as vLLM's CPU guide says).
 
