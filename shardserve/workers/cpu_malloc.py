@@ -11,9 +11,9 @@ the process keeps the heap it peaked at instead of shrinking back.
 
 Where tcmalloc is installed (libtcmalloc-minimal4), the worker processes Ray starts for a CPU model run on it
 (`tcmalloc_env`): a step's many small tensors are allocated faster than by glibc, 8-14% of bf16 decode
-throughput on the machine of benchmarks/RESULTS.md (nothing measurable in fp32). It has to be preloaded as the process starts, which Ray does with the
-actor's environment; the offline `LLM` runs in the caller's process, which can be started under
-`LD_PRELOAD=libtcmalloc_minimal.so.4` (as vLLM's CPU guide says).
+throughput on the machine of benchmarks/RESULTS.md (nothing measurable in fp32). It has to be preloaded as the
+process starts, which Ray does with the actor's environment; the offline `LLM` runs in the caller's process,
+which can be started under `LD_PRELOAD=libtcmalloc_minimal.so.4` (as vLLM's CPU guide says).
 
 The KV cache is read by the decode attention kernel in 4 KiB runs (one head's block) scattered over GiBs: on
 4 KiB pages nearly every run misses the TLB, and in a VM each miss walks two levels of page tables. On 2 MiB
