@@ -3,9 +3,8 @@
 The pure-torch backend must gather every decode's keys and values into a padded copy each layer; on a
 CPU that copy costs as much as the attention itself. The decode kernel reads fp32 and bf16 caches. New keys
 and values go into the cache by slot with a kernel too, straight from their strided views of the QKV output.
-The kernels (csrc/paged_decode_attention.c) come from the package's
-C library (layers/cpu_kernels.py); where that cannot be built, `auto` falls back to the torch backend.
-Prefill stays on torch SDPA.
+The kernels (csrc/paged_decode_attention.c) come from the package's C library (layers/cpu_kernels.py); where
+that cannot be built, `auto` falls back to the torch backend. Prefill stays on torch SDPA.
 """
 from __future__ import annotations
 
