@@ -50,13 +50,6 @@ static inline void prefetch_head_block(const void *k_cache, const void *v_cache,
 // maximum *maxv if the chunk has a larger score (rescaling acc and *sum), then adds e^(score - max) * v
 // to acc (head_dim values, padded to a multiple of 16 with zeros) and e^(score - max) to *sum.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// 16 (masked) cache values from `row`, as fp32.
-static inline __m512 load16(const char *row, int64_t offset, __mmask16 mask, const int bf16) {
-  if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)row + offset);
-  const __m256i half = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)row + offset);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 static inline __attribute__((always_inline)) void attend_chunk(const float *qg, const char *k0, const char *v0,
                                                                int64_t m, int64_t head_dim, float scale,
                                                                float softcap, float *acc, float *maxv, float *sum,
@@ -70,7 +63,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
     __m512 dot = _mm512_setzero_ps();
     for (int64_t c = 0; c < nvec; c++) {
       const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
-      dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qg + 16 * c), load16(k, 16 * c, mask, bf16), dot);
+      dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qg + 16 * c), masked_load16_f32(k, 16 * c, mask, bf16), dot);
     }
     sc[i] = _mm512_reduce_add_ps(dot);
   }
@@ -97,8 +90,10 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
   for (int64_t c = 0; c < nvec; c++) {
     const __mmask16 mask = c + 1 < nvec ? (__mmask16)0xFFFF : last;
     __m512 o = _mm512_loadu_ps(acc + 16 * c);
-    for (int64_t i = 0; i < m; i++)
-      o = _mm512_fmadd_ps(_mm512_set1_ps(pw[i]), load16(element(v0, i * head_dim, bf16), 16 * c, mask, bf16), o);
+    for (int64_t i = 0; i < m; i++) {
+      const __m512 v = masked_load16_f32(element(v0, i * head_dim, bf16), 16 * c, mask, bf16);
+      o = _mm512_fmadd_ps(_mm512_set1_ps(pw[i]), v, o);
+    }
     _mm512_storeu_ps(acc + 16 * c, o);
   }
 }

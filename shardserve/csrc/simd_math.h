@@ -53,6 +53,15 @@ ALWAYS_INLINE __m512 load16_f32(const void *p, int64_t i, const int bf16) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// The lanes of `mask` of load16_f32 (the others zero), read without touching memory past them.
+ALWAYS_INLINE __m512 masked_load16_f32(const void *p, int64_t i, __mmask16 mask, const int bf16) {
+  if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#endif
+
 // v rounded to bf16 as torch rounds, in the upper halves of fp32 lanes (the lower halves zero).
 ALWAYS_INLINE __m512i bf16_rounded16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);

@@ -18,9 +18,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from shardserve.cache import cache_dir
 
 _CSRC = Path(__file__).resolve().parents[1] / "csrc"
+DTYPES = (torch.float32, torch.bfloat16)  # the tensors' dtypes the kernels read and write
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int  # pointer, size, float, threads
 # name -> ctypes argument types, in the C signatures' order
 SIGNATURES = {

@@ -25,7 +25,7 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _use_c(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+    return x.device.type == "cpu" and x.dtype in cpu_kernels.DTYPES and cpu_kernels.available()
 
 
 def enabled(x: torch.Tensor) -> bool:

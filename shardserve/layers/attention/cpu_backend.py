@@ -19,7 +19,7 @@ def _runs(*tensors: torch.Tensor) -> bool:
     """Whether the C kernels take these: CPU tensors of one dtype, fp32 or bf16, whose last dimension is
     contiguous."""
     return all(t.device.type == "cpu" and t.dtype == tensors[0].dtype and t.stride(-1) == 1 for t in tensors) \
-        and tensors[0].dtype in (torch.float32, torch.bfloat16)
+        and tensors[0].dtype in cpu_kernels.DTYPES
 
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
