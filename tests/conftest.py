@@ -157,13 +157,15 @@ def model_dirs(tmp_path_factory):
     return get
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "gate", "shared_expert_gate", "w1", "w2", "w3")  # the last: a mixture of experts' routers, experts
 
 
 def make_lora_dir(path, model_dir: str, targets=LORA_TARGETS, rank: int = 4, alpha: float = 8, seed: int = 1,
                   **config) -> str:
     """A PEFT LoRA adapter of random weights (B too: a trained adapter's B is not zero) for the Llama-style model
-    in `model_dir`, as PEFT saves one."""
+    in `model_dir`, as PEFT saves one; a mixture of experts' experts get a pair per expert and projection, as PEFT
+    made them on transformers 4."""
     import json
     from pathlib import Path
 
@@ -173,33 +175,56 @@ def make_lora_dir(path, model_dir: str, targets=LORA_TARGETS, rank: int = 4, alp
     from shardserve.lora.adapter import target_shapes
     hf = AutoConfig.from_pretrained(model_dir)
     generator = torch.Generator().manual_seed(seed)
-    tensors = {}
+    tensors, names = {}, set()
     for layer in range(hf.num_hidden_layers):
-        shapes = target_shapes(hf, layer)  # a mixture of experts' sparse layers: the shared expert's MLP, if any
-        for module in [module for module in shapes if module.rpartition(".")[2] in targets]:
+        for module, target in target_shapes(hf, layer).items():
+            if module.rpartition(".")[2] not in targets or target.experts:
+                continue
             name = f"base_model.model.model.layers.{layer}.{module}"
-            out_features, in_features = shapes[module]
-            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
-            tensors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, target.in_features, generator=generator) * 0.1
+            tensors[f"{name}.lora_B.weight"] = torch.randn(target.out_features, rank, generator=generator) * 0.1
+            names.add(module.rpartition(".")[2])
     Path(path).mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(Path(path) / "adapter_model.safetensors"))
     (Path(path) / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(names), "bias": "none",
         "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM", **config}))
+    return str(path)
+
+
+def make_stacked_experts_lora_dir(path, model_dir: str, seed: int = 3) -> str:
+    """An adapter of a mixture of experts as PEFT makes one on transformers 5's stacked experts
+    (`target_parameters`: a pair per stacked parameter, every expert's rows in it) and its linear layers
+    ("all-linear"), random B included. For Mixtral PEFT adds the router and gives gate_up_proj twice the rank and
+    alpha (`rank_pattern`, `alpha_pattern`), as it does to carry transformers 4's adapters over."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    adapted = peft.get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's random B is small: make the adapter matter
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20)
+    adapted.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def lora_dirs(tmp_path_factory, model_dirs):
-    """(arch, name) -> a random adapter of the arch's model: "all" (every projection, rank 4), "qv" (q and v only,
-    rank 8, rsLoRA's scaling)."""
+    """(arch, name) -> a random adapter of the arch's model: "all" (every projection, rank 4; a mixture of experts'
+    experts a pair each, routers too), "qv" (q and v only, rank 8, rsLoRA's scaling), "stacked" (a mixture of
+    experts' adapter as PEFT makes one on transformers 5, `make_stacked_experts_lora_dir`)."""
     cache: dict[tuple[str, str], str] = {}
     kinds = {"all": dict(seed=1), "qv": dict(targets=("q_proj", "v_proj"), rank=8, alpha=16, seed=2, use_rslora=True)}
 
     def get(arch: str, name: str = "all") -> str:
         if (arch, name) not in cache:
-            cache[arch, name] = make_lora_dir(tmp_path_factory.mktemp(f"lora-{arch}-{name}"), model_dirs(arch),
-                                              **kinds[name])
+            path = tmp_path_factory.mktemp(f"lora-{arch}-{name}")
+            cache[arch, name] = make_stacked_experts_lora_dir(path, model_dirs(arch)) if name == "stacked" else \
+                make_lora_dir(path, model_dirs(arch), **kinds[name])
         return cache[arch, name]
     return get
 

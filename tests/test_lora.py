@@ -3,8 +3,10 @@ the adapter merged into its weights (W + scaling B A) answers in transformers, w
 and of none, share its steps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def merged_reference(model_dir: str, lora_dir: str | None):
-    """The model in transformers with the adapter merged into its weights (the definition of what LoRA computes)."""
+    """The model in transformers with the adapter merged into its weights (the definition of what LoRA computes):
+    W + scaling B A for each pair, an expert's into its rows of transformers' stacked experts (gate's above up's)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if lora_dir is None:
         return model
@@ -35,8 +38,19 @@ def merged_reference(model_dir: str, lora_dir: str | None):
         for key, a in tensors.items():
             if key.endswith("lora_A.weight"):
                 name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                b = tensors[key.replace("lora_A", "lora_B")]
-                modules[name].weight += scaling * b @ a
+                delta = scaling * tensors[key.replace("lora_A", "lora_B")] @ a
+                expert = re.fullmatch(r"(.+\.experts)\.(\d+)\.(\w+)", name.replace("block_sparse_moe", "mlp"))
+                if expert is None:
+                    modules[name].weight += delta
+                    continue
+                experts, e, projection = modules[expert[1]], int(expert[2]), expert[3]
+                inter = experts.down_proj.size(-1)
+                if projection in ("gate_proj", "w1"):
+                    experts.gate_up_proj[e, :inter] += delta
+                elif projection in ("up_proj", "w3"):
+                    experts.gate_up_proj[e, inter:] += delta
+                else:
+                    experts.down_proj[e] += delta
     return model
 
 
@@ -99,8 +113,10 @@ def test_requests_through_adapters_answer_as_merged_weights(llm, model_dir, lora
 
 @pytest.mark.parametrize("arch", ["gemma3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe"])
 def test_other_families_through_adapters_answer_as_merged_weights(arch, model_dirs, lora_dirs):
-    """Gemma's layers carry the same projections, and so do the mixtures of experts' attention and dense MLPs
-    (Qwen3-MoE's dense layer, Qwen2-MoE's shared expert): adapters, beside a request of none, in one batch."""
+    """Gemma's layers carry the same projections; a mixture of experts' adapter "all" changes its attention, its
+    dense MLPs (Qwen3-MoE's dense layer, Qwen2-MoE's shared expert and its gate), its routers and every expert's
+    projections (a pair per expert, as PEFT saved them from transformers 4): adapters, beside a request of none,
+    in one batch."""
     model_dir = model_dirs(arch)
     llm = LLM(model_dir, dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes=1 << 26)
     loras = [LoRARequest("all", 1, lora_dirs(arch, "all")), LoRARequest("qv", 2, lora_dirs(arch, "qv")), None]
@@ -110,6 +126,34 @@ def test_other_families_through_adapters_answer_as_merged_weights(arch, model_di
         expected = hf_greedy(merged_reference(model_dir, lora and lora.lora_path), prompt, 12)
         assert list(out.outputs[0].token_ids) == expected, lora
     assert outs[0].outputs[0].token_ids != hf_greedy(merged_reference(model_dir, None), PROMPTS[0], 12)
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_peft_stacked_experts_adapters_answer_as_peft(arch, model_dirs, lora_dirs):
+    """PEFT on transformers 5's stacked experts (`target_parameters`): one pair per stacked parameter with every
+    expert's rows in it, and every linear layer (Qwen2-MoE's shared expert and its gate); for Mixtral PEFT also
+    adapts the router and gives gate_up_proj twice the rank (`rank_pattern`, `alpha_pattern`). The engine
+    answers as PEFT's model under the adapter does, beside a request of none. (Every GEMM path and dtype of the
+    experts' adapters: test_moe.py.)"""
+    from peft import PeftModel
+    model_dir, adapter = model_dirs(arch), lora_dirs(arch, "stacked")
+    saved = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    assert any(key.endswith("experts.base_layer.lora_A.weight") for key in saved)
+    if arch == "mixtral":
+        assert json.loads((Path(adapter) / "adapter_config.json").read_text())["rank_pattern"]
+        assert any(key.endswith("mlp.gate.lora_A.weight") for key in saved)
+    reference = PeftModel.from_pretrained(merged_reference(model_dir, None), adapter).eval()
+    llm = LLM(model_dir, dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes=1 << 26)
+    loras = [LoRARequest("stacked", 1, adapter), None, LoRARequest("stacked", 1, adapter)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], GREEDY, use_tqdm=False,
+                        lora_request=loras)
+    for prompt, lora, out in zip(PROMPTS, loras, outs):
+        with reference.disable_adapter() if lora is None else contextlib.nullcontext():
+            assert list(out.outputs[0].token_ids) == hf_greedy(reference, prompt, 12), lora
+    with reference.disable_adapter():
+        assert outs[0].outputs[0].token_ids != hf_greedy(reference, PROMPTS[0], 12)
+    llm.shutdown()
 
 
 def test_beam_search_through_adapters_matches_transformers_on_merged_weights(llm, model_dir, lora_dirs):
@@ -164,19 +208,30 @@ def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, model_dir
     opt.shutdown()
 
 
-def test_adapters_of_a_mixture_of_experts_experts_are_refused_in_words(model_dirs, tmp_path):
-    """An adapter that changes the experts' projections (not supported: attention and dense MLPs are) is refused
-    at the request, naming them; the engine serves on."""
+def test_bad_adapters_of_a_mixture_of_experts_are_refused_in_words(model_dirs, tmp_path):
+    """An adapter of an expert the model does not have, or a stacked experts' pair of another expert count, is
+    refused at the request, naming it; the engine serves on."""
     from safetensors.torch import save_file
-    model_dir = model_dirs("qwen3_moe")
-    adapter = make_lora_dir(tmp_path / "experts", model_dir, targets=("q_proj", "gate_proj"))
-    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-    expert = "base_model.model.model.layers.0.mlp.experts.3.gate_proj"  # layer 0 is sparse
-    tensors |= {f"{expert}.lora_A.weight": torch.zeros(4, 64), f"{expert}.lora_B.weight": torch.zeros(32, 4)}
-    save_file(tensors, str(Path(adapter) / "adapter_model.safetensors"))
+    model_dir = model_dirs("qwen3_moe")  # 8 experts of intermediate size 32; layer 0 is sparse, layer 1 dense
     llm = LLM(model_dir, dtype="float32", enable_lora=True, kv_cache_memory_bytes=1 << 24)
     prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
-    with pytest.raises(ValueError, match=r"mlp\.experts\.3\.gate_proj.*mixture of experts' experts is not supp"):
-        llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest("experts", 1, adapter))
+    for name, tensors, message in [
+            ("no expert 8", {"layers.0.mlp.experts.8.gate_proj": (torch.zeros(4, 64), torch.zeros(32, 4))},
+             r"mlp\.experts\.8\.gate_proj, which this model does not have"),
+            ("no experts in a dense layer", {"layers.1.mlp.experts.0.gate_proj": (torch.zeros(4, 64),
+                                                                                 torch.zeros(32, 4))},
+             r"layers\.1\.mlp\.experts\.0\.gate_proj, which this model does not have"),
+            ("4 experts' stacked pair", {"layers.0.mlp.experts.base_layer": (torch.zeros(16, 64),
+                                                                              torch.zeros(64, 16))},
+             r"not a rank-4 pair for a 64 x 64 projection of 8 experts")]:
+        adapter = make_lora_dir(tmp_path / name, model_dir, targets=("q_proj",))
+        path = Path(adapter) / "adapter_model.safetensors"
+        saved = load_file(str(path))
+        for module, (a, b) in tensors.items():
+            saved |= {f"base_model.model.model.{module}.lora_A.weight": a,
+                      f"base_model.model.model.{module}.lora_B.weight": b}
+        save_file(saved, str(path))
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest(name, len(name), adapter))
     assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
     llm.shutdown()

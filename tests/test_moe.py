@@ -12,6 +12,7 @@ from shardserve import LLM
 from shardserve.layers import cpu_kernels, fused_moe
 from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.layers.fused_moe import FusedMoE, select_experts
+from shardserve.lora.layers import LoRAWeights, active_loras, stack_loras, step_loras
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -76,6 +77,51 @@ def test_experts_match_each_token_through_its_own_experts(device, dtype, tol, to
             out = moe(x, router_logits)
         assert out.dtype == dtype and out.shape == x.shape
         torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, msg=lambda m: f"{path}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_experts_adapters_match_each_token_through_its_adapters_merged_experts(device, dtype, tol):
+    """Two adapters of the experts (ranks 6 and 2; the second leaves expert 5 alone) and tokens of neither in one
+    pass: every GEMM path gives each token what its experts with its adapter merged into their weights
+    (W_e + B_e A_e) give it alone."""
+    hidden, inter, tokens, num_experts, top_k = 32, 16, 12, 8, 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype=dtype, device=device)
+    router_logits = (torch.randn(tokens, num_experts, generator=g) * 3).to(dtype=dtype, device=device)
+    owner = torch.tensor([0, 1, -1] * 4, dtype=torch.int32, device=device)  # each token's adapter, -1 none
+    adapters = []  # per adapter: {projection: (A, B)}, A (experts, rank, in), B (experts, out, rank)
+    for rank in (6, 2):
+        pair = {"w13": (torch.randn(num_experts, rank, hidden, generator=g) / hidden ** 0.5,
+                        torch.randn(num_experts, 2 * inter, rank, generator=g) / rank ** 0.5),
+                "w2": (torch.randn(num_experts, rank, inter, generator=g) / inter ** 0.5,
+                       torch.randn(num_experts, hidden, rank, generator=g) / rank ** 0.5)}
+        if rank == 2:
+            for a, b in pair.values():
+                b[5] = 0
+        adapters.append({k: (a.to(dtype).float(), b.to(dtype).float()) for k, (a, b) in pair.items()})
+    for path in _paths(device, dtype, hidden, inter):
+        moe, checkpoint = _experts(num_experts, top_k, hidden, inter, True, dtype, device)
+        expected = torch.empty(tokens, hidden)
+        for t in range(tokens):
+            merged = dict(checkpoint)
+            if owner[t] >= 0:
+                (a13, b13), (a2, b2) = (adapters[owner[t]][k] for k in ("w13", "w2"))
+                for e in range(num_experts):
+                    delta13 = b13[e] @ a13[e]
+                    merged[e, "gate"] = checkpoint[e, "gate"].float() + delta13[:inter]
+                    merged[e, "up"] = checkpoint[e, "up"].float() + delta13[inter:]
+                    merged[e, "down"] = checkpoint[e, "down"].float() + b2[e] @ a2[e]
+            expected[t] = _one_token_at_a_time(x[t:t + 1], router_logits[t:t + 1], merged, top_k, True)[0].cpu()
+        stacked = stack_loras([{(moe, k): LoRAWeights(a.to(device, dtype), b.to(device, dtype))
+                                for k, (a, b) in adapter.items()} for adapter in adapters])
+        if path == "c":
+            assert moe.pack_for_cpu()
+        with pytest.MonkeyPatch.context() as mp, active_loras(step_loras(stacked, owner)):
+            if path == "loop":  # else the real choice: grouped for the 16-byte aligned sizes here (8 columns)
+                mp.setattr(fused_moe, "gemm_path", lambda *args: "loop")
+            out = moe(x, router_logits)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=tol, rtol=tol, msg=lambda m: f"{path}: {m}")
 
 
 def test_the_c_kernel_takes_fp32_and_bf16_on_cpus_and_the_grouped_gemm_fp16():

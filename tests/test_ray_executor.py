@@ -64,12 +64,14 @@ def reference(model_dirs):
     return get
 
 
-def test_lora_adapters_split_with_their_layers(ray_cluster, model_dirs, lora_dirs):
+@pytest.mark.parametrize("arch, second", [("llama", "qv"), ("qwen2_moe", "stacked")])
+def test_lora_adapters_split_with_their_layers(ray_cluster, model_dirs, lora_dirs, arch, second):
     """Each rank keeps its slice of an adapter (column-parallel layers the rows of B, row-parallel ones the
-    columns of A, added before the all-reduce) and each stage its own layers' pairs: under TP = PP = 2, requests
-    through two adapters and through none answer as they do on one worker."""
-    model_dir = model_dirs("llama")
-    loras = [LoRARequest("all", 1, lora_dirs("llama", "all")), None, LoRARequest("qv", 2, lora_dirs("llama", "qv"))]
+    columns of A, added before the all-reduce; each expert's likewise) and each stage its own layers' pairs:
+    under TP = PP = 2, requests through two adapters and through none answer as they do on one worker (for a
+    mixture of experts, adapters of its experts in both of PEFT's formats)."""
+    model_dir = model_dirs(arch)
+    loras = [LoRARequest("all", 1, lora_dirs(arch, "all")), None, LoRARequest(second, 2, lora_dirs(arch, second))]
     lora_engine = dict(ENGINE, enable_lora=True, max_loras=2, max_lora_rank=8)
     single = LLM(model_dir, **lora_engine)
     expected = single.generate(PROMPTS, PARAMS, use_tqdm=False, lora_request=loras)

@@ -9,8 +9,16 @@ A step's (token, expert) pairs are sorted by expert, so each expert's tokens are
 both projections are then one grouped GEMM over those runs instead of a pass per token: the package's C kernel
 on CPUs (csrc/moe_gemm.c, fp32 or bf16 weights packed for it once loaded), torch's grouped GEMM on CPUs in
 other dtypes, else a GEMM per expert that has tokens (`gemm_path`).
+
+LoRA adapters of the experts (lora/adapter.py) add each expert's low-rank pair to both projections the same way:
+`(rows A_e^T) B_e^T` over each expert's run of rows, two more grouped GEMMs a projection, with the step's other
+adapters' columns masked off each row as lora/layers.py does for linear layers. Where the experts run in the C
+kernel, so do their adapters, packed for it on first use (a decode step's experts have a row or two each: a
+torch GEMM per expert costs more in calls than in arithmetic).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -19,6 +27,7 @@ from shardserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_a
 from shardserve.layers import cpu_kernels
 from shardserve.layers.activation import SiluAndMul
 from shardserve.layers.linear import divide
+from shardserve.lora.layers import LoRAWeights, active_lora
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +53,25 @@ def pack_for_c_kernel(w: torch.Tensor) -> torch.Tensor:
     return padded.view(experts, blocks, PACK_LANES, k).transpose(2, 3).contiguous()
 
 
-def gemm_path(x: torch.Tensor, intermediate: int) -> str:
-    """How unpacked experts' GEMMs run: "grouped" (torch._grouped_mm, on CPUs: a GPU's grouped GEMM has its own
-    dtype and alignment rules, untested here) or "loop" (a GEMM per expert with rows: GPUs, torch without a
-    grouped GEMM, and rows not 16-byte aligned, which the grouped GEMM refuses)."""
-    aligned = (x.size(-1) * x.element_size()) % 16 == 0 and (intermediate * x.element_size()) % 16 == 0
+# id of an adapter's stacked pairs (A or B, [E, n, k]) -> the same packed for the C kernel, while they live
+# (by id: tensors compare elementwise, so they cannot be weak dictionary keys)
+_PACKED_LORA: dict[int, torch.Tensor] = {}
+
+
+def _packed_lora(w: torch.Tensor) -> torch.Tensor:
+    packed = _PACKED_LORA.get(id(w))
+    if packed is None:
+        packed = _PACKED_LORA[id(w)] = pack_for_c_kernel(w)
+        weakref.finalize(w, _PACKED_LORA.pop, id(w), None)
+    return packed
+
+
+def gemm_path(x: torch.Tensor, *sizes: int) -> str:
+    """How unpacked experts' GEMMs from rows `x` through matrices of `sizes` run: "grouped" (torch._grouped_mm,
+    on CPUs: a GPU's grouped GEMM has its own dtype and alignment rules, untested here) or "loop" (a GEMM per
+    expert with rows: GPUs, torch without a grouped GEMM, and rows not 16-byte aligned, which the grouped GEMM
+    refuses)."""
+    aligned = all(size * x.element_size() % 16 == 0 for size in (x.size(-1), *sizes))
     return "grouped" if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm") else "loop"
 
 
@@ -100,15 +123,19 @@ class FusedMoE(nn.Module):
         self.packed_for_c = True
         return True
 
+    def shard(self, loaded: torch.Tensor, projection: str) -> tuple[int, torch.Tensor]:
+        """This rank's slice of an expert's projection ("gate", "up": rows; "down": columns of the intermediate
+        size), and the row of its stacked matrix where the slice starts."""
+        size, start = self.intermediate, self.tp_rank * self.intermediate
+        if projection == "down":
+            return 0, loaded.narrow(1, start, size)
+        return 0 if projection == "gate" else size, loaded.narrow(0, start, size)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
         """One expert's projection from a checkpoint ("gate", "up" or "down"), this rank's slice of it."""
         expert, projection = shard_id
-        size, start = self.intermediate, self.tp_rank * self.intermediate
-        if projection == "down":
-            param.data[expert].copy_(loaded.narrow(1, start, size))
-        else:
-            offset = 0 if projection == "gate" else size
-            param.data[expert].narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+        offset, part = self.shard(loaded, projection)
+        param.data[expert].narrow(0, offset, part.size(0)).copy_(part)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         out = self._forward_packed(x, router_logits) if self.packed_for_c else self._forward_torch(x, router_logits)
@@ -127,7 +154,9 @@ class FusedMoE(nn.Module):
                       pair_token.data_ptr(), pair_weight.data_ptr(), ends.data_ptr())
         rows = x.float().index_select(0, pair_token)
         h = _grouped_gemm("c", rows, self.w13, 2 * self.intermediate, ends, None)
-        y = _grouped_gemm("c", self.act(h), self.w2, self.hidden_size, ends, None)
+        h = self._add_lora("w13", rows, h, pair_token, ends)
+        g = self.act(h)
+        y = self._add_lora("w2", g, _grouped_gemm("c", g, self.w2, self.hidden_size, ends, None), pair_token, ends)
         out = torch.zeros(tokens, self.hidden_size)
         lib.moe_combine(y.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), out.data_ptr(), pairs,
                         self.hidden_size, threads)
@@ -143,8 +172,29 @@ class FusedMoE(nn.Module):
         ends = counts.cumsum(0).to(torch.int32)
         path = gemm_path(x, self.intermediate)
         per_expert = counts.tolist() if path == "loop" else None
-        h = _grouped_gemm(path, x[token_of_pair], self.w13, 2 * self.intermediate, ends, per_expert)
-        y = _grouped_gemm(path, self.act(h), self.w2, self.hidden_size, ends, per_expert)
+        rows = x[token_of_pair]
+        h = self._add_lora("w13", rows, _grouped_gemm(path, rows, self.w13, 2 * self.intermediate, ends, per_expert),
+                           token_of_pair, ends)
+        g = self.act(h)
+        y = self._add_lora("w2", g, _grouped_gemm(path, g, self.w2, self.hidden_size, ends, per_expert),
+                           token_of_pair, ends)
         # weighted in fp32, as the router's probabilities are, then summed over each token's experts
         y = (y.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_pair, y)
+
+    def _add_lora(self, param: str, rows: torch.Tensor, out: torch.Tensor, token_of_row: torch.Tensor,
+                  ends: torch.Tensor) -> torch.Tensor:
+        """`out` (rows, in expert order, times `param`'s experts) with the pass's adapters of those experts
+        added in place; `token_of_row`: each row's token, whose adapter's columns its row keeps."""
+        lora: LoRAWeights | None = active_lora((self, param))
+        if lora is None:
+            return out
+        if self.packed_for_c:  # fp32 rows, the adapter's weights in the model's dtype, as the experts'
+            a, b, path = _packed_lora(lora.a), _packed_lora(lora.b), "c"
+        else:
+            a, b, path = lora.a, lora.b, gemm_path(rows, lora.a.size(1), lora.b.size(1))
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist() if path == "loop" else None
+        xa = _grouped_gemm(path, rows, a, lora.a.size(1), ends, counts)
+        if lora.mask is not None:
+            xa.mul_(lora.mask.index_select(0, token_of_row))
+        return out.add_(_grouped_gemm(path, xa, b, lora.b.size(1), ends, counts))

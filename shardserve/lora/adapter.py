@@ -8,6 +8,13 @@ Where the model stores projections merged (q, k, v in `qkv_proj`; gate and up in
 stacked and their B's placed block-diagonally, so the merged layer adds them all with two matmuls. Each tensor-
 parallel rank keeps the slice its layer keeps: a column-parallel layer the rows of B (as its weight's rows), a
 row-parallel one the columns of A (its partial product joins the layer's own before the all-reduce).
+
+A mixture of experts' adapter changes the router (`gate`) and the experts, in either of PEFT's formats: a pair
+per expert and projection (`experts.<e>.gate_proj`, Mixtral's `w1`; PEFT on transformers 4's experts), or one
+pair per stacked parameter with every expert's rows in it (`target_parameters`, PEFT on transformers 5's
+`gate_up_proj` and `down_proj`, saved as `experts.base_layer` and `experts`). Both become a pair per expert for
+each of the model's stacked projections (layers/fused_moe.py). Per-module ranks and alphas (`rank_pattern`,
+`alpha_pattern`) follow PEFT's rule; PEFT writes them when it stacks transformers 4 adapters for transformers 5.
 """
 from __future__ import annotations
 
@@ -15,27 +22,49 @@ import json
 import math
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from shardserve.layers.fused_moe import FusedMoE
 from shardserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from shardserve.lora.layers import LoRAWeights
+from shardserve.lora.layers import LoRATarget, LoRAWeights
 from shardserve.lora.request import LoRARequest
-from shardserve.models.moe import is_sparse_layer
+from shardserve.models.moe import is_sparse_layer, num_experts
+from shardserve.models.registry import resolve_model_class
 from shardserve.models.pipeline import PPMissingLayer
 
-# The checkpoint's linear layers an adapter may change (those of Llama-style decoders).
-SUPPORTED_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+# The checkpoint's linear layers an adapter may change: those of Llama-style decoders, and a mixture of experts'
+# router (`gate`; Qwen2-MoE's `shared_expert_gate` too) and experts (Mixtral's are w1, w3 and w2).
+SUPPORTED_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                               "gate", "shared_expert_gate", "w1", "w2", "w3"})
 _TENSOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight")
+# the module an expert's pair changes: PEFT's per expert "<experts>.<e>.<projection>", or stacked (every expert's
+# rows in one pair) "<experts>.base_layer" (gate_up_proj) and "<experts>" (down_proj)
+_EXPERTS = re.compile(r"(.+\.experts)(?:\.(\d+)\.(\w+)|\.(base_layer))?")
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     rank: int
-    scaling: float   # lora_alpha / rank (or / sqrt(rank), rsLoRA)
+    alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)    # PEFT's: a module name pattern -> its rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # and -> its alpha
+
+    def rank_and_scaling(self, module: str) -> tuple[int, float]:
+        """The rank and the scaling (alpha / rank, or / sqrt(rank) with rsLoRA) of the pair that changes `module`
+        (its name in the adapter). PEFT's rule: the first pattern that matches the end of the name at a dot wins."""
+        if module.endswith(".experts.base_layer"):  # PEFT names stacked experts' pairs by module, their patterns
+            module = module.removesuffix(".base_layer") + ".gate_up_proj"  # by parameter
+        elif module.endswith(".experts"):
+            module += ".down_proj"
+        rank = next((r for key, r in self.rank_pattern.items() if re.match(rf"(.*\.)?({key})$", module)), self.rank)
+        alpha = next((a for key, a in self.alpha_pattern.items() if re.match(rf"(.*\.)?({key})$", module)),
+                     self.alpha)
+        return rank, alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
 def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
@@ -50,50 +79,82 @@ def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
         raise ValueError(f"LoRA adapter {path!r}: adapter_config.json is not JSON ({e}).") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"LoRA adapter {path!r} is a {config.get('peft_type')} adapter; only LORA is supported.")
-    rank = config.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA adapter {path!r} has no valid rank r: {rank!r}.")
-    if rank > max_rank:
-        raise ValueError(f"LoRA rank {rank} of adapter {path!r} is greater than max_lora_rank={max_rank}.")
-    for key, what in [("rank_pattern", "ranks per module"), ("alpha_pattern", "alphas per module"),
-                      ("modules_to_save", "modules_to_save"), ("use_dora", "DoRA"),
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise ValueError(f"LoRA adapter {path!r}: rank_pattern and alpha_pattern must map module names to values.")
+    for where, rank in [("r", config.get("r"))] + [(f"rank_pattern[{k!r}]", r) for k, r in rank_pattern.items()]:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA adapter {path!r} has no valid rank {where}: {rank!r}.")
+        if rank > max_rank:
+            raise ValueError(f"LoRA rank {rank} ({where}) of adapter {path!r} is greater than "
+                             f"max_lora_rank={max_rank}.")
+    for where, alpha in [("lora_alpha", config.get("lora_alpha", 0))] + \
+            [(f"alpha_pattern[{k!r}]", a) for k, a in alpha_pattern.items()]:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"LoRA adapter {path!r} has no valid {where}: {alpha!r}.")
+    for key, what in [("modules_to_save", "modules_to_save"), ("use_dora", "DoRA"),
                       ("layers_to_transform", "layers_to_transform")]:
         if config.get(key):
             raise ValueError(f"LoRA adapter {path!r} uses {what}, which is not supported.")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"LoRA adapter {path!r} trains biases (bias={config['bias']!r}), which is not supported.")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ValueError(f"LoRA adapter {path!r} trains biases (bias={config.get('bias')!r}), which is not "
+                         f"supported.")
     targets = config.get("target_modules")
-    if isinstance(targets, list) and not set(targets) <= SUPPORTED_TARGETS:
-        raise ValueError(f"LoRA adapter {path!r} targets {sorted(set(targets) - SUPPORTED_TARGETS)}; supported: "
-                         f"{', '.join(sorted(SUPPORTED_TARGETS))}.")
-    alpha = config.get("lora_alpha", rank)
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return AdapterConfig(rank, scaling)
+    if isinstance(targets, list):  # names, or paths (PEFT writes paths when it was given modules one by one)
+        unsupported = sorted({name.rpartition(".")[2] for name in targets} - SUPPORTED_TARGETS)
+        if unsupported:
+            raise ValueError(f"LoRA adapter {path!r} targets {unsupported}; supported: "
+                             f"{', '.join(sorted(SUPPORTED_TARGETS))}.")
+    return AdapterConfig(config["r"], config.get("lora_alpha", config["r"]), bool(config.get("use_rslora")),
+                         rank_pattern, alpha_pattern)
 
 
-# The model families whose layers carry these projections (lora_modules under other models are refused). In the
-# mixtures of experts, the attention and the dense MLPs (Qwen3-MoE's dense layers, Qwen2-MoE's shared expert);
-# not the experts.
+# The model families whose layers carry these projections (lora_modules under other models are refused).
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                      "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
                                      "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
 _MOE_ARCHITECTURES = frozenset({"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
 
 
-def target_shapes(hf_config, layer: int) -> dict[str, tuple[int, int]]:
-    """The (out, in) features (whole, not sharded) of each projection an adapter may change in decoder layer
-    `layer` of this config's model, by its path in the layer ("self_attn.q_proj", "mlp.down_proj", ...)."""
+@dataclass(frozen=True)
+class Target:
+    """A projection an adapter may change, whole (not sharded): its pair is A (rank, in), B (out, rank), or for
+    PEFT's stacked experts (`experts` > 0) A (experts * rank, in), B (out, experts * rank)."""
+    out_features: int
+    in_features: int
+    experts: int = 0
+
+
+def target_shapes(hf_config, layer: int) -> dict[str, Target]:
+    """Each projection an adapter may change in decoder layer `layer` of this config's model, by its path in the
+    layer ("self_attn.q_proj", "mlp.down_proj", "mlp.experts.3.w1", "mlp.experts.base_layer", ...)."""
     hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     q, kv = heads * head_dim, (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
-    shapes = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-              "self_attn.o_proj": (hidden, q)}
+    shapes = {"self_attn.q_proj": Target(q, hidden), "self_attn.k_proj": Target(kv, hidden),
+              "self_attn.v_proj": Target(kv, hidden), "self_attn.o_proj": Target(hidden, q)}
     mlp, inter = "mlp", hf_config.intermediate_size
     if set(getattr(hf_config, "architectures", None) or []) & _MOE_ARCHITECTURES and is_sparse_layer(hf_config, layer):
         mlp, inter = "mlp.shared_expert", getattr(hf_config, "shared_expert_intermediate_size", 0)
+        shapes |= _expert_targets(hf_config)
+        if inter:
+            shapes["mlp.shared_expert_gate"] = Target(1, hidden)
     if inter:
-        shapes |= {f"{mlp}.gate_proj": (inter, hidden), f"{mlp}.up_proj": (inter, hidden),
-                   f"{mlp}.down_proj": (hidden, inter)}
+        shapes |= {f"{mlp}.gate_proj": Target(inter, hidden), f"{mlp}.up_proj": Target(inter, hidden),
+                   f"{mlp}.down_proj": Target(hidden, inter)}
+    return shapes
+
+
+def _expert_targets(hf_config) -> dict[str, Target]:
+    """A sparse layer's router and experts, in both of PEFT's formats."""
+    hidden, experts = hf_config.hidden_size, num_experts(hf_config)
+    inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+    shapes = {"mlp.gate": Target(experts, hidden),
+              "mlp.experts.base_layer": Target(2 * inter, hidden, experts),
+              "mlp.experts": Target(hidden, inter, experts)}
+    for name, (_, projection) in resolve_model_class(hf_config).expert_projections.items():
+        shape = Target(hidden, inter) if projection == "down" else Target(inter, hidden)
+        shapes |= {f"mlp.experts.{e}.{name}": shape for e in range(experts)}
     return shapes
 
 
@@ -106,18 +167,22 @@ def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:
         raise ValueError(f"LoRA adapters run on {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models; this one is "
                          f"{'/'.join(architectures) or 'of unknown architecture'}.")
     layers = hf_config.num_hidden_layers
+    targets_of_layer: dict[int, dict[str, Target]] = {}
     for name, pair in _pairs(path, _tensor_shapes(path)).items():
         layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-        shapes = target_shapes(hf_config, int(layer[1])) if layer and int(layer[1]) < layers else {}
-        if layer is None or layer[2] not in shapes:
-            experts = " (LoRA on a mixture of experts' experts is not supported)" if ".experts." in name else ""
-            raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have{experts}; "
-                             f"supported: {', '.join(sorted(SUPPORTED_TARGETS))} of its {layers} layers' attention "
-                             f"and dense MLPs.")
-        out_features, in_features = shapes[layer[2]]
-        if pair.get("A") != (config.rank, in_features) or pair.get("B") != (out_features, config.rank):
-            raise ValueError(f"LoRA adapter {path!r}: {name} is not a rank-{config.rank} pair for a "
-                             f"{out_features} x {in_features} projection (A {pair.get('A')}, B {pair.get('B')}): "
+        if layer and int(layer[1]) < layers and int(layer[1]) not in targets_of_layer:
+            targets_of_layer[int(layer[1])] = target_shapes(hf_config, int(layer[1]))
+        target = targets_of_layer.get(int(layer[1]), {}).get(layer[2]) if layer else None
+        if target is None:
+            raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have; supported: "
+                             f"{', '.join(sorted(SUPPORTED_TARGETS))} of its {layers} layers' attention, MLPs, "
+                             f"routers and experts.")
+        rank, _ = config.rank_and_scaling(name)
+        columns = rank * max(target.experts, 1)
+        if pair.get("A") != (columns, target.in_features) or pair.get("B") != (target.out_features, columns):
+            of_experts = f" of {target.experts} experts" if target.experts else ""
+            raise ValueError(f"LoRA adapter {path!r}: {name} is not a rank-{rank} pair for a {target.out_features} x "
+                             f"{target.in_features} projection{of_experts} (A {pair.get('A')}, B {pair.get('B')}): "
                              f"an adapter of another model?")
     return config
 
@@ -130,7 +195,8 @@ def _pairs(path: str, tensors: dict) -> dict[str, dict]:
         if match is None:
             raise ValueError(f"LoRA adapter {path!r} holds {key!r}: only lora_A / lora_B weights of linear layers "
                              f"are supported.")
-        pairs.setdefault(match[1], {})[match[2]] = value
+        # Mixtral's MLP is `block_sparse_moe` in transformers 4's names, `mlp` in ours and transformers 5's
+        pairs.setdefault(match[1].replace(".block_sparse_moe.", ".mlp."), {})[match[2]] = value
     return pairs
 
 
@@ -160,14 +226,31 @@ def _on_other_stage(modules: dict[str, nn.Module], name: str) -> bool:
 
 
 def load_adapter(path: str, model: nn.Module, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> dict[nn.Module, LoRAWeights]:
-    """Each linear layer of this worker's shard the adapter changes, with the low-rank pair it adds (an adapter
-    `check_adapter` passed for this model)."""
+                 device: torch.device) -> dict[LoRATarget, LoRAWeights]:
+    """Each linear layer (and stacked projection of experts) of this worker's shard the adapter changes, with the
+    low-rank pair it adds (an adapter `check_adapter` passed for this model)."""
     config = read_adapter_config(path, max_rank)
     stacked = {ckpt: (ours, shard) for ckpt, ours, shard in getattr(model, "stacked_params", [])}
     modules = dict(model.named_modules())
-    parts: dict[LinearBase, list[tuple[object, torch.Tensor, torch.Tensor]]] = {}
+    parts: dict[LinearBase, list[tuple[object, torch.Tensor, torch.Tensor, float]]] = {}
+    expert_parts: dict[tuple[FusedMoE, str], dict[int, list]] = {}  # (experts, "w13"/"w2") -> expert -> pairs
     for name, pair in _pairs(path, _read_tensors(path)).items():
+        rank, scaling = config.rank_and_scaling(name)
+        expert = _EXPERTS.fullmatch(name)
+        if expert and isinstance(modules.get(expert[1]), FusedMoE):
+            moe = modules[expert[1]]
+            if expert[2] is not None:  # one expert's projection
+                param, projection = model.expert_projections[expert[3]]
+                expert_parts.setdefault((moe, param), {}).setdefault(int(expert[2]), []).append(
+                    (projection, pair["A"], pair["B"], scaling))
+                continue
+            # every expert's pair in one: A's rows expert by expert, B's columns rank by rank (PEFT's layout)
+            a = pair["A"].view(moe.num_experts, rank, -1)
+            b = pair["B"].view(pair["B"].size(0), rank, moe.num_experts).permute(2, 0, 1)
+            param, projection = ("w13", "gate_up") if expert[4] else ("w2", "down")
+            for e in range(moe.num_experts):
+                expert_parts.setdefault((moe, param), {}).setdefault(e, []).append((projection, a[e], b[e], scaling))
+            continue
         prefix, _, leaf = name.rpartition(".")
         ours, shard_id = stacked.get(leaf, (leaf, None))
         module = modules.get(f"{prefix}.{ours}")
@@ -175,8 +258,12 @@ def load_adapter(path: str, model: nn.Module, max_rank: int, dtype: torch.dtype,
             if _on_other_stage(modules, name):
                 continue
             raise ValueError(f"LoRA adapter {path!r} changes {name}, which this model does not have.")
-        parts.setdefault(module, []).append((shard_id, pair["A"], pair["B"]))
-    return {module: _pack(module, layer_parts, config, dtype, device) for module, layer_parts in parts.items()}
+        parts.setdefault(module, []).append((shard_id, pair["A"], pair["B"], scaling))
+    weights: dict[LoRATarget, LoRAWeights] = {module: _pack(module, layer_parts, dtype, device)
+                                              for module, layer_parts in parts.items()}
+    for (moe, param), by_expert in expert_parts.items():
+        weights[moe, param] = _pack_experts(moe, param, by_expert, dtype, device)
+    return weights
 
 
 def _shard_order(module: LinearBase) -> list:
@@ -187,16 +274,17 @@ def _shard_order(module: LinearBase) -> list:
     return [None]
 
 
-def _pack(module: LinearBase, parts: list[tuple[object, torch.Tensor, torch.Tensor]], config: AdapterConfig,
-          dtype: torch.dtype, device: torch.device) -> LoRAWeights:
+def _pack(module: LinearBase, parts: list[tuple[object, torch.Tensor, torch.Tensor, float]], dtype: torch.dtype,
+          device: torch.device) -> LoRAWeights:
     """The layer's projections' pairs as one: A's stacked, B's block-diagonal (scaled), cut to this rank."""
     order = _shard_order(module)
     parts = sorted(parts, key=lambda p: order.index(p[0]))
-    r, (out_features, in_features) = config.rank, module.weight.shape
-    a_all = torch.zeros(len(parts) * r, in_features)
-    b_all = torch.zeros(out_features, len(parts) * r)
-    for j, (shard_id, a, b) in enumerate(parts):
-        offset = 0
+    out_features, in_features = module.weight.shape
+    a_all = torch.zeros(sum(a.size(0) for _, a, _, _ in parts), in_features)
+    b_all = torch.zeros(out_features, a_all.size(0))
+    column = 0
+    for shard_id, a, b, scaling in parts:
+        offset, rank = 0, a.size(0)
         if isinstance(module, RowParallelLinear):
             a = module.shard(a)[1]
         else:
@@ -204,8 +292,38 @@ def _pack(module: LinearBase, parts: list[tuple[object, torch.Tensor, torch.Tens
         if a.size(1) != in_features or offset + b.size(0) > out_features:
             raise ValueError(f"A LoRA pair of shape {tuple(b.shape)} x {tuple(a.shape)} does not fit a layer of "
                              f"{out_features} x {in_features} (this rank's shard): an adapter of another model?")
-        a_all[j * r:(j + 1) * r] = a.float()
-        b_all[offset:offset + b.size(0), j * r:(j + 1) * r] = b.float() * config.scaling
+        a_all[column:column + rank] = a.float()
+        b_all[offset:offset + b.size(0), column:column + rank] = b.float() * scaling
+        column += rank
+    return LoRAWeights(a_all.to(device, dtype), b_all.to(device, dtype))
+
+
+def _pack_experts(moe: FusedMoE, param: str, by_expert: dict[int, list[tuple[str, torch.Tensor, torch.Tensor,
+                                                                             float]]],
+                  dtype: torch.dtype, device: torch.device) -> LoRAWeights:
+    """The experts' pairs for one stacked projection ("w13": gate and up, or "w13" whole as "gate_up"; "w2":
+    down) as A (experts, columns, in) and B (experts, out, columns), each expert's pairs side by side as `_pack`
+    places a layer's, cut to this rank; experts the adapter leaves alone get zeros."""
+    out_features, in_features = ((2 * moe.intermediate, moe.hidden_size) if param == "w13"
+                                 else (moe.hidden_size, moe.intermediate))
+    columns = max(sum(a.size(0) for _, a, _, _ in pairs) for pairs in by_expert.values())
+    a_all = torch.zeros(moe.num_experts, columns, in_features)
+    b_all = torch.zeros(moe.num_experts, out_features, columns)
+    for e, pairs in by_expert.items():
+        column = 0
+        for projection, a, b, scaling in pairs:
+            rank = a.size(0)
+            if projection == "down":
+                a = moe.shard(a, "down")[1]
+                pieces = [("down", b)]
+            else:  # PEFT's stacked gate_up_proj: the gate's rows above the up's
+                pieces = [("gate", b[:len(b) // 2]), ("up", b[len(b) // 2:])] if projection == "gate_up" \
+                    else [(projection, b)]
+            a_all[e, column:column + rank] = a.float()
+            for piece_projection, piece in pieces:
+                offset, piece = (0, piece) if piece_projection == "down" else moe.shard(piece, piece_projection)
+                b_all[e, offset:offset + piece.size(0), column:column + rank] = piece.float() * scaling
+            column += rank
     return LoRAWeights(a_all.to(device, dtype), b_all.to(device, dtype))
 
 
@@ -215,9 +333,9 @@ class AdapterCache:
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.model, self.max_loras, self.max_rank, self.dtype, self.device = model, max_loras, max_rank, dtype, device
-        self.loaded: OrderedDict[int, dict[nn.Module, LoRAWeights]] = OrderedDict()
+        self.loaded: OrderedDict[int, dict[LoRATarget, LoRAWeights]] = OrderedDict()
 
-    def get(self, lora: LoRARequest, keep: set[int]) -> dict[nn.Module, LoRAWeights]:
+    def get(self, lora: LoRARequest, keep: set[int]) -> dict[LoRATarget, LoRAWeights]:
         """The adapter's weights (loaded now if they are not); `keep`: the ids the step uses."""
         if lora.lora_int_id in self.loaded:
             self.loaded.move_to_end(lora.lora_int_id)

@@ -6,7 +6,9 @@ in the step, A holds all their A's side by side (and B their B's), and the mask 
 its own adapter's columns (none for a token without one): one pair of matmuls serves every adapter of the step,
 where a matmul per adapter on its tokens' rows cost a gather, two matmuls and a scatter each (Punica's batched
 LoRA, done with a mask: the few extra columns cost far less than the calls they save). Without adapters in the
-step a layer does its matmul and nothing more.
+step a layer does its matmul and nothing more. A mixture of experts' stacked projections take a pair per expert
+(A: (experts, columns, in), B: (experts, out, columns)), keyed by (the experts' module, "w13" or "w2"), and
+apply them themselves (layers/fused_moe.py).
 """
 from __future__ import annotations
 
@@ -25,18 +27,26 @@ class LoRAWeights:
     mask: torch.Tensor | None = None   # (tokens, columns): 1 where a row's adapter owns the column; None: all
 
 
+# What an adapter changes: a linear layer, or a mixture of experts' stacked projection (module, "w13" / "w2").
+LoRATarget = nn.Module | tuple[nn.Module, str]
+
 # The pass's adapted layers and their weights.
-_ACTIVE: dict[nn.Module, LoRAWeights] = {}
+_ACTIVE: dict[LoRATarget, LoRAWeights] = {}
 
 
 @contextmanager
-def active_loras(weights: dict[nn.Module, LoRAWeights]) -> Iterator[None]:
+def active_loras(weights: dict[LoRATarget, LoRAWeights]) -> Iterator[None]:
     global _ACTIVE
     _ACTIVE = weights
     try:
         yield
     finally:
         _ACTIVE = {}
+
+
+def active_lora(target: LoRATarget) -> LoRAWeights | None:
+    """The pass's adapters of `target`, if any."""
+    return _ACTIVE.get(target)
 
 
 def add_lora(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,28 +64,28 @@ def add_lora(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 class StackedLoRAs:
     """Several adapters' weights side by side, per layer. `layouts[layer]`: its columns' owners, as (the adapter's
     index in the list stacked, its width) in order; `owners[layout]`: the owner of each column."""
-    weights: dict[nn.Module, LoRAWeights]
-    layouts: dict[nn.Module, tuple[tuple[int, int], ...]]
+    weights: dict[LoRATarget, LoRAWeights]
+    layouts: dict[LoRATarget, tuple[tuple[int, int], ...]]
     owners: dict[tuple[tuple[int, int], ...], torch.Tensor]
 
 
-def stack_loras(adapters: list[dict[nn.Module, LoRAWeights]]) -> StackedLoRAs:
-    by_layer: dict[nn.Module, list[tuple[int, LoRAWeights]]] = {}
+def stack_loras(adapters: list[dict[LoRATarget, LoRAWeights]]) -> StackedLoRAs:
+    by_layer: dict[LoRATarget, list[tuple[int, LoRAWeights]]] = {}
     for k, adapter in enumerate(adapters):
         for layer, w in adapter.items():
             by_layer.setdefault(layer, []).append((k, w))
     stacked = StackedLoRAs({}, {}, {})
-    for layer, pairs in by_layer.items():
-        a = torch.cat([w.a for _, w in pairs])
-        stacked.weights[layer] = LoRAWeights(a, torch.cat([w.b for _, w in pairs], dim=1))
-        layout = stacked.layouts[layer] = tuple((k, w.a.size(0)) for k, w in pairs)
+    for layer, pairs in by_layer.items():  # columns are A's second-last dimension and B's last (experts' too)
+        a = torch.cat([w.a for _, w in pairs], dim=-2)
+        stacked.weights[layer] = LoRAWeights(a, torch.cat([w.b for _, w in pairs], dim=-1))
+        layout = stacked.layouts[layer] = tuple((k, w.a.size(-2)) for k, w in pairs)
         if layout not in stacked.owners:
             stacked.owners[layout] = torch.tensor([k for k, width in layout for _ in range(width)],
                                                   dtype=torch.int32, device=a.device)
     return stacked
 
 
-def step_loras(stacked: StackedLoRAs, token_owner: torch.Tensor) -> dict[nn.Module, LoRAWeights]:
+def step_loras(stacked: StackedLoRAs, token_owner: torch.Tensor) -> dict[LoRATarget, LoRAWeights]:
     """The stacked weights with each layer's mask for this step: `token_owner[i]` is the index of token row i's
     adapter (-1: none). Layers of one layout share a mask."""
     masks = {}
