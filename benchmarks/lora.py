@@ -2,8 +2,9 @@
 """What LoRA adapters cost: offline generation through no adapter, one, and four at once (requests spread over
 them in one batch), shardserve against vLLM, same run, same model, same PEFT adapters, same prompts.
 
-The model: a preset's random Llama (benchmarks/throughput.py); the adapters: random rank-8 PEFT adapters on all
-seven projections, made as tests/conftest.py makes them. Each engine runs in its own subprocess with
+The model: a preset's random Llama (benchmarks/throughput.py), or its mixture of experts (`--model-preset
+qwen3-moe`); the adapters: random rank-8 PEFT adapters on all seven projections (a mixture of experts' routers and
+every expert's projections too, a pair each), made as tests/conftest.py makes them. Each engine runs in its own subprocess with
 enable_lora=True, max_loras=4, max_lora_rank=16: one warm-up call per mode, then a timed greedy `generate` of
 --num-prompts requests (ignore_eos, so every request makes --output-len tokens). Prints output tokens per second
 for each mode, each mode's share of the base model's, and ours / vLLM's.

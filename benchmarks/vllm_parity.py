@@ -124,7 +124,7 @@ ON_PURPOSE = [("beam search", "finish_reason", 'a beam that ended with EOS says 
               ("reasoning: thinking all along, stream", "reasoning_tokens", "a stream's usage counts the thinking "
                "tokens its whole answer counts (vLLM's stream counted fewer: those of its reasoning deltas)"),
               ("lora", "error", "vLLM 0.32 on a CPU runs no LoRA on a mixture of experts (its MoE LoRA kernels need "
-               "Triton's GPU backend); ours serves the adapter's attention and dense layers (tests/test_lora.py)"),
+               "Triton's GPU backend); ours serves the adapter, experts and routers too (tests/test_lora.py)"),
               ("lora, none", "", "a request without an adapter answers as the base model does (vLLM 0.32 on CPU "
                "answered otherwise beside adapter requests in one batch, and differently from run to run)"),
               ("reasoning, deepseek_r1 #5", "whole[0]", "a whole answer reads as its stream does: text before a late "
