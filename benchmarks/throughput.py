@@ -365,7 +365,7 @@ def main() -> None:
     p.add_argument("--peers", default="shardserve,transformers", help=f"comma list of {','.join(PEERS)}")
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per peer")
     p.add_argument("--repeat", type=int, default=1, help="timed generate calls per peer; the best counts")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every peer's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="every peer's")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
     a = p.parse_args()
