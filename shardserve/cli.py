@@ -226,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--lora-modules", nargs="+", metavar="NAME=PATH",
                help="PEFT LoRA adapters to serve, as name=path or JSON {\"name\": ..., \"path\": ...}; a request "
                     "whose `model` is the name runs through the adapter")
-    _spec_flag(model, "--max-loras", type=int, help="adapters each worker keeps loaded")
+    _spec_flag(model, "--max-loras", type=int, help="adapters that run at once (a request of another waits)")
+    _spec_flag(model, "--max-cpu-loras", type=int,
+               help="adapters each worker keeps loaded (at least --max-loras, its default): more are read from disk "
+                    "again when their requests come back")
     _spec_flag(model, "--max-lora-rank", type=int, help="the highest adapter rank accepted")
     _spec_flag(model, "--reasoning-parser", choices=sorted(REASONING_PARSERS),
                help="the model family's thinking tags: deepseek_r1 (DeepSeek-R1), qwen3 (Qwen3: off with "

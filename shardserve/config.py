@@ -78,11 +78,13 @@ class EngineConfig:
     # vLLM's --reasoning-parser: the model family's thinking tags (engine/reasoning.py). Structured outputs then
     # start after the thinking; the chat server returns it as `reasoning`.
     reasoning_parser: str | None = None
-    # vLLM's LoRA options: requests may run through PEFT LoRA adapters (lora/); each worker keeps up to
-    # max_loras of them loaded, of ranks up to max_lora_rank.
+    # vLLM's LoRA options: requests may run through PEFT LoRA adapters (lora/) of ranks up to max_lora_rank;
+    # max_loras of them at once, and each worker keeps up to max_cpu_loras loaded (None: max_loras), so that a
+    # request of a recent adapter does not read it from disk again.
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     skip_tokenizer_init: bool = False
     enable_prompt_embeds: bool = False
     # Parallelism: T x P worker shards per replica; "ray" runs them as actors, "uni" in this process.
@@ -136,6 +138,10 @@ class EngineConfig:
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or \
                     getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.max_cpu_loras is not None and (isinstance(self.max_cpu_loras, bool) or not isinstance(
+                self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras!r}) must be an integer of at least max_loras "
+                             f"({self.max_loras}).")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
                              f"{self.reasoning_parser!r}.")

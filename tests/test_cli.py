@@ -93,7 +93,8 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
              "--structured-outputs-config", '{"disable_any_whitespace": true}',
              "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
              "--tool-strict-level", "parameter",
-             "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8"]
+             "--enable-lora", "--lora-modules", f"ad={lora_dirs('llama')}", "--max-loras", "2", "--max-lora-rank", "8",
+             "--max-cpu-loras", "3"]
     specs = model_specs(build_parser().parse_args(["serve", "a", "b", "--served-model-name", "x", *flags]))
     assert [s.name for s in specs] == ["x", "b"]
     config = specs[1].engine_config()
@@ -111,7 +112,7 @@ def test_serve_flags_are_model_spec_fields_and_bad_ones_fail_before_a_cluster_st
     monkeypatch.setenv("VLLM_ENFORCE_STRICT_TOOL_CALLING", "0")   # read where the spec is made
     assert model_specs(build_parser().parse_args(["serve", "a", *flags]))[0].tool_strict() is None
     monkeypatch.delenv("VLLM_ENFORCE_STRICT_TOOL_CALLING")
-    assert (config.enable_lora, config.max_loras, config.max_lora_rank) == (True, 2, 8)
+    assert (config.enable_lora, config.max_loras, config.max_lora_rank, config.max_cpu_loras) == (True, 2, 8, 3)
     assert specs[1].lora_requests()["ad"].lora_path == lora_dirs("llama")
     args = build_parser().parse_args(["serve", "--allowed-origins", '["https://a.example"]', "--allowed-credentials"])
     assert (args.allowed_origins, args.allowed_credentials) == (["https://a.example"], True)

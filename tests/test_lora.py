@@ -178,6 +178,26 @@ def test_beam_search_through_adapters_matches_transformers_on_merged_weights(llm
         llm.beam_search([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], BeamSearchParams(2, 2), [None, None])
 
 
+def test_max_cpu_loras_keeps_more_adapters_loaded_than_run_at_once(model_dir, lora_dirs, tmp_path):
+    """vLLM's max_cpu_loras: one adapter runs at a time (max_loras=1) while the worker keeps two loaded, the least
+    recently used dropped for a third; answers stay each adapter's. Fewer than max_loras is refused."""
+    adapters = [LoRARequest("all", 1, lora_dirs("llama", "all")), LoRARequest("qv", 2, lora_dirs("llama", "qv")),
+                LoRARequest("third", 3, make_lora_dir(tmp_path / "third", model_dir, seed=7))]
+    llm = LLM(model_dir, dtype="float32", enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=8,
+              kv_cache_memory_bytes=1 << 26)
+    cache = llm.llm_engine.executor.worker.runner.adapters
+    prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
+    answers = {}
+    for lora, loaded in [(0, [1]), (1, [1, 2]), (0, [2, 1]), (2, [1, 3]), (0, [3, 1])]:
+        answer = llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=adapters[lora])[0].outputs[0].token_ids
+        assert answers.setdefault(lora, answer) == answer
+        assert list(cache.loaded) == loaded  # least recently used first
+    assert answers[0] == hf_greedy(merged_reference(model_dir, adapters[0].lora_path), PROMPTS[0], 12)
+    llm.shutdown()
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(1\) must be an integer of at least max_loras \(2\)"):
+        LLM(model_dir, enable_lora=True, max_loras=2, max_cpu_loras=1)
+
+
 def test_bad_adapters_are_refused_before_anything_runs(llm, model_dir, model_dirs, lora_dirs, tmp_path):
     """Refused at the request, in words, before a worker could fail on it: the engine serves on."""
     all_ = lora_dirs("llama", "all")

@@ -328,11 +328,12 @@ def _pack_experts(moe: FusedMoE, param: str, by_expert: dict[int, list[tuple[str
 
 
 class AdapterCache:
-    """A worker's loaded adapters, by id, up to `max_loras` (the least recently used is dropped for a new one;
-    the scheduler runs no more adapters at once, and a step's own are never dropped)."""
+    """A worker's loaded adapters, by id, up to `capacity` (vLLM's max_cpu_loras; the least recently used is
+    dropped for a new one; the scheduler runs at most max_loras <= capacity at once, and a step's own are never
+    dropped)."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
-        self.model, self.max_loras, self.max_rank, self.dtype, self.device = model, max_loras, max_rank, dtype, device
+    def __init__(self, model: nn.Module, capacity: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.model, self.capacity, self.max_rank, self.dtype, self.device = model, capacity, max_rank, dtype, device
         self.loaded: OrderedDict[int, dict[LoRATarget, LoRAWeights]] = OrderedDict()
 
     def get(self, lora: LoRARequest, keep: set[int]) -> dict[LoRATarget, LoRAWeights]:
@@ -341,7 +342,7 @@ class AdapterCache:
             self.loaded.move_to_end(lora.lora_int_id)
             return self.loaded[lora.lora_int_id]
         evictable = [i for i in self.loaded if i not in keep]   # least recently used first
-        while evictable and len(self.loaded) >= self.max_loras:
+        while evictable and len(self.loaded) >= self.capacity:
             del self.loaded[evictable.pop(0)]
         weights = load_adapter(lora.lora_path, self.model, self.max_rank, self.dtype, self.device)
         self.loaded[lora.lora_int_id] = weights

@@ -47,6 +47,7 @@ class ModelSpec:
     lora_modules: dict[str, str] | list = field(default_factory=dict)   # name -> PEFT adapter folder
     max_loras: int = 1
     max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     seed: int = 0
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -113,7 +114,7 @@ class ModelSpec:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             scheduling_policy=self.scheduling_policy, structured_outputs_config=dict(self.structured_outputs_config),
             reasoning_parser=self.reasoning_parser, enable_lora=self.enable_lora, max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank,
+            max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes, hf_overrides=dict(self.hf_overrides),
             enable_prompt_embeds=self.enable_prompt_embeds, tensor_parallel_size=self.tensor_parallel_size,

@@ -118,8 +118,8 @@ class Worker:
                     num_blocks * self.kv_bytes_per_block() / 2**20)
         self.runner = ModelRunner(self.model, bs, self.source.hf_config, self.dtype, self.device, self.config.seed)
         if self.config.enable_lora:
-            self.runner.adapters = AdapterCache(self.model, self.config.max_loras, self.config.max_lora_rank,
-                                                self.dtype, self.device)
+            self.runner.adapters = AdapterCache(self.model, self.config.max_cpu_loras or self.config.max_loras,
+                                                self.config.max_lora_rank, self.dtype, self.device)
         if self.uses_cuda_graphs():
             sizes = self.config.cuda_graph_sizes or default_graph_sizes(self.config.max_num_seqs)
             max_blocks = -(-self.config.max_model_len // bs)
