@@ -7,11 +7,14 @@ For each model shape (random bf16 weights, a WordLevel tokenizer, built once und
   - batch-1 time per output token: (time of 128 output tokens - time of 1) / 127, so prefill is not in it;
   - throughput at --batch concurrent requests of 128 prompt + 128 output tokens (ignore_eos): shardserve
     `LLM.generate` against transformers `generate` at the same batch;
-  - a ShareGPT-like mix (shardserve only: transformers has no continuous batching to compare): --num-requests
-    requests with prompt and output lengths uniform in 100..1024, all queued at once, stepped through the
-    engine with a timestamp per token: output and total tokens/s, TTFT and ITL percentiles.
-Every measurement runs in its own subprocess (GPU memory is released between peers) and prints one
-RESULT_TAG line of JSON; the driver prints the table (and --json-out writes everything).
+  - a ShareGPT-like mix (shardserve only: transformers has no continuous batching to compare; on the
+    --mix-models shapes): --num-requests requests with prompt and output lengths uniform in 100..1024, all
+    queued at once, stepped through the engine with a timestamp per token: output and total tokens/s, TTFT
+    and ITL percentiles.
+Every measurement runs in its own subprocess (GPU memory is released between peers; one that outlives
+--worker-timeout is stopped and reported) and prints one RESULT_TAG line of JSON; the driver prints each
+shape's results as they come and the tables at the end (--json-out is rewritten after each shape, so a run
+cut short keeps what it measured).
 
   .venv/bin/python benchmarks/gpu.py                      # both shapes, on the GPU
   .venv/bin/python benchmarks/gpu.py --smoke              # the whole flow at toy sizes on a CPU
@@ -62,7 +65,8 @@ def build_model(shape: str, dtype: str) -> Path:
     config = getattr(transformers, config_cls)(**fields, max_position_embeddings=4096, bos_token_id=1,
                                                eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a GPU's random init takes no time
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -136,7 +140,8 @@ def work_shardserve(a) -> dict:
     start = time.perf_counter()
     n = generate(random_prompts(vocab, a.batch, INPUT_LEN, seed=3), OUTPUT_LEN)
     res["tok_s"] = n / (time.perf_counter() - start)
-    res["mix"] = _mix(llm, vocab, a)
+    if a.mix:
+        res["mix"] = _mix(llm, vocab, a)
     worker = getattr(llm.llm_engine.executor, "worker", None)
     if worker is not None:
         res["attention_backend"] = worker.attention_backend.name
@@ -218,17 +223,22 @@ def worker_main(a) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_worker(name: str, a, model: Path | None = None) -> dict:
+def run_worker(name: str, a, model: Path | None = None, mix: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--device", a.device, "--dtype", a.dtype,
            "--batch", str(a.batch), "--num-requests", str(a.num_requests),
            "--mix-lens", *map(str, a.mix_lens)] + (["--model", str(model)] if model else [])
     if a.enforce_eager:
         cmd.append("--enforce-eager")
+    if mix:
+        cmd.append("--mix")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if a.attention_backend:
         env["SHARDSERVE_ATTENTION_BACKEND"] = a.attention_backend
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.worker_timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"stopped after --worker-timeout {a.worker_timeout} s: {str(e.stderr or '')[-400:]}"}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -246,6 +256,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--mix-lens", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    p.add_argument("--mix-models", default="qwen3-0.6b", help="the shapes the mix runs on (comma list, or all)")
+    p.add_argument("--worker-timeout", type=float, default=300, help="seconds one measurement may take")
+    p.add_argument("--mix", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--attention-backend", help="sets SHARDSERVE_ATTENTION_BACKEND for shardserve")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--smoke", action="store_true", help="toy sizes on a CPU: checks the script, not speed")
@@ -259,6 +272,7 @@ def main() -> None:
         return worker_main(a)
     if a.smoke:
         a.models, a.device, a.dtype, a.batch, a.num_requests, a.mix_lens = "tiny", "cpu", "float32", 8, 8, [8, 32]
+        a.mix_models = "tiny"
     peers = a.peers.split(",")
     bandwidth = run_worker("bandwidth", a)
     print(f"device: {bandwidth.get('device_name', '?')}; copy bandwidth "
@@ -266,9 +280,13 @@ def main() -> None:
     results = {"bandwidth": bandwidth, "models": {}}
     for shape in a.models.split(","):
         model = build_model(shape, a.dtype)
-        results["models"][shape] = {peer: run_worker(peer, a, model) for peer in peers}
-        for peer, res in results["models"][shape].items():
+        results["models"][shape] = {}
+        for peer in peers:
+            mix = peer == "shardserve" and (a.mix_models == "all" or shape in a.mix_models.split(","))
+            res = results["models"][shape][peer] = run_worker(peer, a, model, mix)
             print(f"{shape} {peer}: {json.dumps(res)}", flush=True)
+            if a.json_out:
+                Path(a.json_out).write_text(json.dumps(results, indent=2))
 
     bw = bandwidth.get("bandwidth_gbs")
     print(f"\n| model | floor ms/tok | ours ms/tok | transformers ms/tok | ours / floor | ours tok/s @{a.batch} "

@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
-# On a GPU machine that already has CUDA torch, transformers, tokenizers, safetensors and triton (Ray and gguf
-# are not needed): the GPU tests, then the GPU benchmark. Runs from the source tree, nothing installed.
-# Logs and the benchmark's JSON go to $OUT (default: ./gpu-check-out).
-#   bash scripts/gpu-check.sh            # tests + benchmark
-#   bash scripts/gpu-check.sh tests      # tests only
+# On a GPU machine that already has CUDA torch, transformers, tokenizers, safetensors, triton and pytest (Ray and
+# gguf are not needed): the GPU tests, then the GPU benchmark. Runs from the source tree, nothing installed.
+# Logs and the benchmark's JSON go to $OUT (default: ./gpu-check-out). A lent GPU's session has ~15 minutes in
+# all, so run the halves as two calls on the warm machine, tests first (~4-5 min, then ~5 min):
+#   bash scripts/gpu-check.sh tests      # the GPU tests (Triton kernels compiled, CUDA graphs, bf16 parity)
+#   bash scripts/gpu-check.sh bench      # benchmarks/gpu.py: both shapes against transformers, the mix on one
+#   bash scripts/gpu-check.sh            # both, one after the other
 #   bash scripts/gpu-check.sh kernels    # only the attention kernels' num_warps / tile sweep (gpu_kernels.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
+mode=${1:-all}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
-if [ "${1:-all}" = kernels ]; then
+# Preflight: the device, and Triton compiling and launching one kernel (it builds its launcher with the
+# machine's C compiler): if this fails, every test and measurement after it would too, for the same reason.
+python3 - <<'PY' 2>&1 | tee "$out/device.txt"
+import shutil, subprocess, torch, triton, triton.language as tl
+print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
+cc = shutil.which("cc") or shutil.which("gcc")
+print("C compiler:", cc and subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0])
+
+@triton.jit
+def _add_one(x, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x + i, tl.load(x + i, mask=i < n) + 1, mask=i < n)
+
+x = torch.zeros(1000, device="cuda")
+_add_one[(4,)](x, 1000, BLOCK=256)
+assert x.eq(1).all().item(), "a Triton kernel ran wrong"
+print("Triton compiles and runs")
+PY
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+if [ "$mode" = kernels ]; then
     python3 benchmarks/gpu_kernels.py --json-out "$out/gpu-kernels.json" 2>&1 | tee "$out/kernels.log"
     exit "${PIPESTATUS[0]}"
 fi
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py \
-    tests/test_fused_kernels.py tests/test_attention_backends.py tests/test_moe.py 2>&1 | tee "$out/tests.log"
-status=${PIPESTATUS[0]}
-if [ "${1:-all}" != tests ]; then
+status=0
+if [ "$mode" != bench ]; then
+    python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_gpu.py tests/test_triton_attention.py \
+        tests/test_fused_kernels.py tests/test_attention_backends.py tests/test_moe.py 2>&1 | tee "$out/tests.log"
+    status=${PIPESTATUS[0]}
+fi
+if [ "$mode" != tests ]; then
     python3 benchmarks/gpu.py --json-out "$out/gpu-bench.json" 2>&1 | tee "$out/bench.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit "$status"

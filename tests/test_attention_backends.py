@@ -220,10 +220,10 @@ def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused
         rows = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
         num_keys, num_queries = int(seqused_k[i]), rows.stop - rows.start
         assert num_keys <= max_seqlen_k
-        pos = torch.arange(num_keys)
+        pos = torch.arange(num_keys, device=k.device)
         blocks = block_table[i, pos // k.shape[1]].long()
         keys, values = k[blocks, pos % k.shape[1]], v[blocks, pos % k.shape[1]]  # [L, Hkv, D]
-        query_pos = (num_keys - num_queries + torch.arange(num_queries))[:, None]
+        query_pos = (num_keys - num_queries + torch.arange(num_queries, device=k.device))[:, None]
         mask = pos[None, :] <= query_pos
         if window_size[0] >= 0:
             mask &= pos[None, :] >= query_pos - window_size[0]
@@ -241,7 +241,9 @@ def _varlen_reference(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused
 def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch):
     """The FlashAttention backend's own part: the varlen batch (decode rows as queries of one, prefills
     after them), int32 tables and lengths, the cache passed as a [blocks, block_size, Hkv, D] view. The kernel
-    is stood in for by its documented semantics; the real one runs only on GPUs with a matching build."""
+    is stood in for by its documented semantics; the real one runs only on GPUs with a matching build. On a GPU
+    the step runs there (the KV store's Triton kernel compiled: Triton reads TRITON_INTERPRET when a kernel is
+    defined, so a GPU machine's cannot be interpreted), else on the CPU in Triton's interpreter (conftest)."""
     import sys
     import types
     fake = types.ModuleType("vllm_flash_attn")
@@ -249,13 +251,13 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
     monkeypatch.setitem(sys.modules, "vllm_flash_attn", fake)
     monkeypatch.setattr(flash_backend, "_loaded", None)
     monkeypatch.setattr(flash_backend, "_load_error", None)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert flash_backend.load()[2] == "vllm_flash_attn"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     g = torch.Generator().manual_seed(5)
     H, Hkv, D, bs = 4, 2, 16, 4
     shapes = [(6, 1), (0, 1), (9, 1), (0, 20), (7, 18)]  # (cached context, new tokens): three decode rows
-    cache = torch.randn(2, 40, Hkv, bs, D, generator=g)
+    cache = torch.randn(2, 40, Hkv, bs, D, generator=g).to(device)
     perm = torch.randperm(40, generator=g).tolist()
     tables, start = [], 0
     for ctx, n in shapes:
@@ -263,8 +265,8 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
         tables.append(perm[start:start + nb])
         start += nb
     total = sum(n for _, n in shapes)
-    q = torch.randn(total, H, D, generator=g)
-    k, v = (torch.randn(total, Hkv, D, generator=g) for _ in range(2))
+    q = torch.randn(total, H, D, generator=g).to(device)
+    k, v = (torch.randn(total, Hkv, D, generator=g).to(device) for _ in range(2))
 
     def metadata():
         slots, prefills, row = [], [], 0
@@ -272,13 +274,15 @@ def test_flash_backend_lays_the_step_out_as_flash_attention_reads_it(monkeypatch
             slots += [table[p // bs] * bs + p % bs for p in range(ctx, ctx + n)]
             if n > 1:
                 prefills.append(PrefillSeq(row, n, ctx, torch.tensor(
-                    [table[p // bs] * bs + p % bs for p in range(ctx + n)])))
+                    [table[p // bs] * bs + p % bs for p in range(ctx + n)], device=device)))
             row += n
         decodes = [(c + n, t) for (c, n), t in zip(shapes, tables) if n == 1]
         width = max(len(t) for _, t in decodes)
-        return AttentionMetadata(slot_mapping=torch.tensor(slots), block_size=bs, num_decode_tokens=len(decodes),
-                                 decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for _, t in decodes]),
-                                 decode_seq_lens=torch.tensor([n for n, _ in decodes]), prefills=prefills)
+        return AttentionMetadata(slot_mapping=torch.tensor(slots, device=device), block_size=bs,
+                                 num_decode_tokens=len(decodes), prefills=prefills,
+                                 decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for _, t in decodes],
+                                                                  device=device),
+                                 decode_seq_lens=torch.tensor([n for n, _ in decodes], device=device))
 
     for window, softcap in ((None, None), (5, None), (None, 1.5)):
         ref_cache, flash_cache = cache.clone(), cache.clone()

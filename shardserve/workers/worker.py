@@ -127,10 +127,12 @@ class Worker:
             self.runner.graphs.capture()
 
     def uses_cuda_graphs(self) -> bool:
-        """Generation on a GPU, one pipeline stage (a stage's send/recv stays outside graphs), an attention
-        backend and a model that can be captured, and not turned off by enforce_eager."""
+        """Generation on a GPU, one pipeline stage (a stage's send/recv stays outside graphs) and one tensor rank
+        (a captured NCCL all-reduce has not run on a multi-GPU machine of ours yet: eager until it has), an
+        attention backend and a model that can be captured, and not turned off by enforce_eager."""
         return (self.device.type == "cuda" and not self.config.enforce_eager and bool(self.attention_layers)
                 and self.attention_backend.supports_cuda_graphs and get_pp_group().size == 1
+                and get_tp_group().size == 1
                 and getattr(self.model, "supports_cuda_graphs", True)
                 and getattr(self.model, "pooling_kind", None) is None)
 
