@@ -116,3 +116,29 @@ def test_cpu_workers_start_on_tcmalloc_where_it_is_installed(monkeypatch):
     assert env["LD_PRELOAD"] == "/opt/lib/libtcmalloc.so"
     env = ModelSpec(model="m", device="cuda").deployment_options(0)["ray_actor_options"]["runtime_env"]["env_vars"]
     assert "LD_PRELOAD" not in env
+
+
+def test_a_bf16_engine_without_tcmalloc_says_how_to_start_on_it(monkeypatch, model_dirs, caplog):
+    """The offline LLM runs in its caller's process, which only the command line can start on tcmalloc: a bf16
+    CPU engine there logs the LD_PRELOAD to use, where tcmalloc is installed (here: named) and not loaded; an fp32
+    one, or one with tcmalloc turned off, says nothing."""
+    import logging
+
+    from shardserve import LLM
+    from shardserve.layers import cpu_gemm
+    from shardserve.workers import cpu_malloc
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("SHARDSERVE_CPU_TCMALLOC", "/opt/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(cpu_malloc, "_tcmalloc_loaded", lambda: False)
+    hint = cpu_malloc.tcmalloc_hint(torch.bfloat16)
+    assert hint.endswith("start this process with LD_PRELOAD=/opt/lib/libtcmalloc_minimal.so.4")
+    assert cpu_malloc.tcmalloc_hint(torch.float32) is None
+    monkeypatch.setattr(cpu_malloc, "_tcmalloc_loaded", lambda: True)
+    assert cpu_malloc.tcmalloc_hint(torch.bfloat16) is None
+    monkeypatch.setattr(cpu_malloc, "_tcmalloc_loaded", lambda: False)
+    if cpu_gemm.onednn_bf16_available():  # the engine's own log, where this CPU runs bf16
+        with caplog.at_level(logging.INFO, logger="shardserve.workers.worker"):
+            LLM(model_dirs("llama"), dtype="bfloat16", kv_cache_memory_bytes=1 << 24).shutdown()
+        assert hint in caplog.text
+    monkeypatch.setenv("SHARDSERVE_CPU_TCMALLOC", "0")
+    assert cpu_malloc.tcmalloc_hint(torch.bfloat16) is None

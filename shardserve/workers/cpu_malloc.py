@@ -13,7 +13,8 @@ Where tcmalloc is installed (libtcmalloc-minimal4), the worker processes Ray sta
 (`tcmalloc_env`): a step's many small tensors are allocated faster than by glibc, 8-14% of bf16 decode
 throughput on the machine of benchmarks/RESULTS.md (nothing measurable in fp32). It has to be preloaded as the
 process starts, which Ray does with the actor's environment; the offline `LLM` runs in the caller's process,
-which can be started under `LD_PRELOAD=libtcmalloc_minimal.so.4` (as vLLM's CPU guide says).
+which can be started under `LD_PRELOAD=libtcmalloc_minimal.so.4` (as vLLM's CPU guide says): a bf16 engine in
+a process without it says so (`tcmalloc_hint`).
 
 The KV cache is read by the decode attention kernel in 4 KiB runs (one head's block) scattered over GiBs: on
 4 KiB pages nearly every run misses the TLB, and in a VM each miss walks two levels of page tables. On 2 MiB
@@ -71,6 +72,24 @@ def tcmalloc_env() -> dict[str, str]:
         return {}
     preload = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
     return {"LD_PRELOAD": ":".join(preload if any("tcmalloc" in p for p in preload) else [library, *preload])}
+
+
+def tcmalloc_hint(dtype: torch.dtype) -> str | None:
+    """How to start this process on tcmalloc, for a bf16 CPU engine in a process without it where it is installed
+    (the offline `LLM`: only the caller's command line can preload it); else None."""
+    env = tcmalloc_env()
+    if dtype != torch.bfloat16 or not env or _tcmalloc_loaded():
+        return None
+    return (f"bf16 decode on CPUs runs faster on tcmalloc (8-14% measured): start this process with "
+            f"LD_PRELOAD={env['LD_PRELOAD']}")
+
+
+def _tcmalloc_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("tcmalloc" in line for line in maps)
+    except OSError:  # not Linux: no way to tell, and no hint
+        return True
 
 
 def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

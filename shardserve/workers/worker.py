@@ -18,7 +18,7 @@ from shardserve.layers.cpu_gemm import prepack_model
 from shardserve.lora.adapter import AdapterCache
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
-from shardserve.workers.cpu_malloc import keep_freed_memory, zeros_on_huge_pages
+from shardserve.workers.cpu_malloc import keep_freed_memory, tcmalloc_hint, zeros_on_huge_pages
 from shardserve.workers.cuda_graph import CudaGraphRunner, default_graph_sizes
 from shardserve.workers.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -35,6 +35,9 @@ class Worker:
         self.dtype = resolve_dtype(config.dtype, source.hf_config, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
+            hint = tcmalloc_hint(self.dtype)
+            if hint:
+                logger.info(hint)
         if config.world_size > 1:
             # Layers read their shard from the groups as they are built: join them first.
             backend = "nccl" if self.device.type == "cuda" else "gloo"
