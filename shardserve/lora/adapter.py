@@ -245,8 +245,8 @@ def load_adapter(path: str, model: nn.Module, max_rank: int, dtype: torch.dtype,
                     (projection, pair["A"], pair["B"], scaling))
                 continue
             # every expert's pair in one: A's rows expert by expert, B's columns rank by rank (PEFT's layout)
-            a = pair["A"].view(moe.num_experts, rank, -1)
-            b = pair["B"].view(pair["B"].size(0), rank, moe.num_experts).permute(2, 0, 1)
+            a = pair["A"].reshape(moe.num_experts, rank, -1)
+            b = pair["B"].reshape(pair["B"].size(0), rank, moe.num_experts).permute(2, 0, 1)
             param, projection = ("w13", "gate_up") if expert[4] else ("w2", "down")
             for e in range(moe.num_experts):
                 expert_parts.setdefault((moe, param), {}).setdefault(e, []).append((projection, a[e], b[e], scaling))
