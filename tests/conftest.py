@@ -20,9 +20,12 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     # pytest before 9 refuses to start on a filter naming a class it cannot import; the GPU machine's tests
     # (scripts/gpu-check.sh) run without pydantic
-    import importlib.util
-    if importlib.util.find_spec("pydantic") is not None:
-        config.addinivalue_line("filterwarnings", "ignore::pydantic.warnings.PydanticDeprecatedSince20")
+    import importlib
+    try:
+        importlib.import_module("pydantic.warnings")
+    except ImportError:
+        return
+    config.addinivalue_line("filterwarnings", "ignore::pydantic.warnings.PydanticDeprecatedSince20")
 
 
 CORPUS = [

@@ -1,0 +1,42 @@
+"""`scripts/gpu-check.sh` runs its tests once, on a lent GPU machine whose Python has torch, Triton, transformers,
+tokenizers, safetensors, pytest and peft, but none of the serving stack (Ray, Serve's FastAPI and pydantic, gguf,
+xgrammar, the API clients). Nothing it runs may need those: checked here, on the CPU, with them made missing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GPU_CHECK_TESTS = ["tests/test_gpu.py", "tests/test_triton_attention.py", "tests/test_fused_kernels.py",
+                   "tests/test_attention_backends.py", "tests/test_moe.py"]
+NOT_ON_THE_GPU_MACHINE = ["ray", "fastapi", "starlette", "uvicorn", "pydantic", "gguf", "xgrammar", "openai", "cohere"]
+
+_MISSING = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {names!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def test_the_gpu_checks_tests_need_nothing_the_gpu_machine_lacks(tmp_path):
+    """Every test gpu-check.sh runs is collected, and those that build an engine on a CPU run, with the serving
+    stack's packages missing (a meta-path finder that says so, loaded before anything as sitecustomize)."""
+    (tmp_path / "sitecustomize.py").write_text(_MISSING.format(names=set(NOT_ON_THE_GPU_MACHINE)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    check = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert "No module named 'ray'" in check.stderr  # the finder works
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *GPU_CHECK_TESTS], cwd=REPO, env=env, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert " tests collected" in collected.stdout
+    engines = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/test_attention_backends.py::test_engine_takes_the_backend_it_is_given",
+                              "tests/test_moe.py::test_experts_adapters_match_each_token_through_its_adapters_merged_"
+                              "experts"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert engines.returncode == 0, engines.stdout[-3000:] + engines.stderr[-3000:]
