@@ -3,9 +3,10 @@
 them in one batch), shardserve against vLLM, same run, same model, same PEFT adapters, same prompts.
 
 The model: a preset's random Llama (benchmarks/throughput.py), or its mixture of experts (`--model-preset
-qwen3-moe`); the adapters: random rank-8 PEFT adapters on all seven projections (a mixture of experts' routers and
-every expert's projections too, a pair each), made as tests/conftest.py makes them. Each engine runs in its own subprocess with
-enable_lora=True, max_loras=4, max_lora_rank=16: one warm-up call per mode, then a timed greedy `generate` of
+qwen3-moe`), in --dtype; the adapters: random rank-8 PEFT adapters on all seven projections (a mixture of experts'
+routers and every expert's projections too, a pair each), made as tests/conftest.py makes them. Each engine runs
+in its own subprocess with enable_lora=True, max_loras=4, max_lora_rank=16: one warm-up call per mode, then a
+timed greedy `generate` of
 --num-prompts requests (ignore_eos, so every request makes --output-len tokens). Prints output tokens per second
 for each mode, each mode's share of the base model's, and ours / vLLM's.
 
@@ -48,7 +49,7 @@ def worker(a: argparse.Namespace) -> None:
         tokens_prompt = importlib.import_module(f"{a.worker}.inputs").TokensPrompt
         lora_request = importlib.import_module(f"{a.worker}.lora.request").LoRARequest
         adapters = [lora_request(f"lora-{i}", i + 1, path) for i, path in enumerate(json.loads(a.adapters))]
-        llm = mod.LLM(model=str(a.model), dtype="float32", max_num_seqs=a.num_prompts,
+        llm = mod.LLM(model=str(a.model), dtype=a.dtype, max_num_seqs=a.num_prompts,
                       max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0,
                       enable_lora=True, max_loras=4, max_lora_rank=16)
         params = mod.SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
@@ -74,6 +75,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     offline_arguments(p, PEERS, output_len=64)
     p.add_argument("--adapters", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every engine's")
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -82,14 +84,15 @@ def main() -> None:
     adapters = make_adapters(a.model, max(MODES.values()))
     prompts_file = CACHE_DIR / f"lora-prompts-{os.getpid()}.json"
     prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + len(MODES), a.num_prompts, a.input_len)))
-    print(f"model {a.model}  {a.num_prompts} requests, {a.input_len} in / {a.output_len} out, greedy, rank-8 "
-          f"adapters on all projections  threads {a.threads}", flush=True)
+    print(f"model {a.model} ({a.dtype})  {a.num_prompts} requests, {a.input_len} in / {a.output_len} out, greedy, "
+          f"rank-8 adapters on all projections  threads {a.threads}", flush=True)
     results = {}
     for peer in peers:
         note_if_busy(peer)
         results[peer] = run_worker(peer, Path(__file__), [
             "--prompts-file", str(prompts_file), "--model", str(a.model), "--num-prompts", str(a.num_prompts),
-            "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--adapters", json.dumps(adapters)],
+            "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--adapters", json.dumps(adapters),
+            "--dtype", a.dtype],
             a.threads, f"lora-{peer}")
         print(f"  {peer}: {results[peer].get('error', 'done')}", flush=True)
     prompts_file.unlink()
