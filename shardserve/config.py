@@ -134,12 +134,11 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"structured_outputs_config takes backend, disable_any_whitespace and "
                              f"enable_in_reasoning, got {', '.join(sorted(unknown))}.")
-        for name in ("max_loras", "max_lora_rank"):
+        for name in ("max_loras", "max_lora_rank") + (("max_cpu_loras",) if self.max_cpu_loras is not None else ()):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or \
                     getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if self.max_cpu_loras is not None and (isinstance(self.max_cpu_loras, bool) or not isinstance(
-                self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras):
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras!r}) must be an integer of at least max_loras "
                              f"({self.max_loras}).")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:

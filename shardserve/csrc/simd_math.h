@@ -46,19 +46,22 @@ ALWAYS_INLINE float as_stored(float f, const int bf16) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+// 16 bf16 values as fp32 (a bf16 is the upper half of the fp32 of the same value).
+ALWAYS_INLINE __m512 widen_bf16x16(__m256i half) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 // 16 elements from i on of an fp32 (or bf16) array, as fp32.
 ALWAYS_INLINE __m512 load16_f32(const void *p, int64_t i, const int bf16) {
   if (!bf16) return _mm512_loadu_ps((const float *)p + i);
-  const __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  return widen_bf16x16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 // The lanes of `mask` of load16_f32 (the others zero), read without touching memory past them.
 ALWAYS_INLINE __m512 masked_load16_f32(const void *p, int64_t i, __mmask16 mask, const int bf16) {
   if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
-  const __m256i half = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  return widen_bf16x16(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i));
 }
 #endif
 

@@ -154,9 +154,10 @@ class FusedMoE(nn.Module):
                       pair_token.data_ptr(), pair_weight.data_ptr(), ends.data_ptr())
         rows = x.float().index_select(0, pair_token)
         h = _grouped_gemm("c", rows, self.w13, 2 * self.intermediate, ends, None)
-        h = self._add_lora("w13", rows, h, pair_token, ends)
+        h = self._add_lora("w13", rows, h, pair_token, ends, None)
         g = self.act(h)
-        y = self._add_lora("w2", g, _grouped_gemm("c", g, self.w2, self.hidden_size, ends, None), pair_token, ends)
+        y = _grouped_gemm("c", g, self.w2, self.hidden_size, ends, None)
+        y = self._add_lora("w2", g, y, pair_token, ends, None)
         out = torch.zeros(tokens, self.hidden_size)
         lib.moe_combine(y.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), out.data_ptr(), pairs,
                         self.hidden_size, threads)
@@ -173,19 +174,20 @@ class FusedMoE(nn.Module):
         path = gemm_path(x, self.intermediate)
         per_expert = counts.tolist() if path == "loop" else None
         rows = x[token_of_pair]
-        h = self._add_lora("w13", rows, _grouped_gemm(path, rows, self.w13, 2 * self.intermediate, ends, per_expert),
-                           token_of_pair, ends)
+        h = _grouped_gemm(path, rows, self.w13, 2 * self.intermediate, ends, per_expert)
+        h = self._add_lora("w13", rows, h, token_of_pair, ends, per_expert)
         g = self.act(h)
-        y = self._add_lora("w2", g, _grouped_gemm(path, g, self.w2, self.hidden_size, ends, per_expert),
-                           token_of_pair, ends)
+        y = _grouped_gemm(path, g, self.w2, self.hidden_size, ends, per_expert)
+        y = self._add_lora("w2", g, y, token_of_pair, ends, per_expert)
         # weighted in fp32, as the router's probabilities are, then summed over each token's experts
         y = (y.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_pair, y)
 
     def _add_lora(self, param: str, rows: torch.Tensor, out: torch.Tensor, token_of_row: torch.Tensor,
-                  ends: torch.Tensor) -> torch.Tensor:
+                  ends: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         """`out` (rows, in expert order, times `param`'s experts) with the pass's adapters of those experts
-        added in place; `token_of_row`: each row's token, whose adapter's columns its row keeps."""
+        added in place; `token_of_row`: each row's token, whose adapter's columns its row keeps; `counts`: the
+        rows of each expert where the caller has them on the host."""
         lora: LoRAWeights | None = active_lora((self, param))
         if lora is None:
             return out
@@ -193,7 +195,8 @@ class FusedMoE(nn.Module):
             a, b, path = _packed_lora(lora.a), _packed_lora(lora.b), "c"
         else:
             a, b, path = lora.a, lora.b, gemm_path(rows, lora.a.size(1), lora.b.size(1))
-        counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist() if path == "loop" else None
+        if path == "loop" and counts is None:
+            counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
         xa = _grouped_gemm(path, rows, a, lora.a.size(1), ends, counts)
         if lora.mask is not None:
             xa.mul_(lora.mask.index_select(0, token_of_row))

@@ -88,10 +88,11 @@ def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
         if rank > max_rank:
             raise ValueError(f"LoRA rank {rank} ({where}) of adapter {path!r} is greater than "
                              f"max_lora_rank={max_rank}.")
-    for where, alpha in [("lora_alpha", config.get("lora_alpha", 0))] + \
-            [(f"alpha_pattern[{k!r}]", a) for k, a in alpha_pattern.items()]:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ValueError(f"LoRA adapter {path!r} has no valid {where}: {alpha!r}.")
+    alpha = config.get("lora_alpha", config["r"])
+    alphas = [("lora_alpha", alpha)] + [(f"alpha_pattern[{k!r}]", a) for k, a in alpha_pattern.items()]
+    for where, alpha_value in alphas:
+        if isinstance(alpha_value, bool) or not isinstance(alpha_value, (int, float)):
+            raise ValueError(f"LoRA adapter {path!r} has no valid {where}: {alpha_value!r}.")
     for key, what in [("modules_to_save", "modules_to_save"), ("use_dora", "DoRA"),
                       ("layers_to_transform", "layers_to_transform")]:
         if config.get(key):
@@ -105,8 +106,7 @@ def read_adapter_config(path: str, max_rank: int) -> AdapterConfig:
         if unsupported:
             raise ValueError(f"LoRA adapter {path!r} targets {unsupported}; supported: "
                              f"{', '.join(sorted(SUPPORTED_TARGETS))}.")
-    return AdapterConfig(config["r"], config.get("lora_alpha", config["r"]), bool(config.get("use_rslora")),
-                         rank_pattern, alpha_pattern)
+    return AdapterConfig(config["r"], alpha, bool(config.get("use_rslora")), rank_pattern, alpha_pattern)
 
 
 # The model families whose layers carry these projections (lora_modules under other models are refused).
