@@ -84,19 +84,47 @@ def test_rotary_in_place_matches_torch(impl, num_heads, num_kv_heads, head_dim):
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
 
 
-@needs_c
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", [c for c in CASES if c.id.startswith("triton")], indirect=True)
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 2, 32), (6, 6, 24)])
+def test_qk_norm_then_rotary_in_one_kernel_matches_torch(impl, num_heads, num_kv_heads, head_dim):
+    """Qwen3's per-head q/k RMSNorm folded into the rotary kernel (Triton only): the two norm layers' torch
+    path, then the rotation. (CPUs run the norms as layers: the C rotary kernel does not normalise.)"""
+    from transformers import LlamaConfig
+    device, dtype = impl
+    rope = RotaryEmbedding(LlamaConfig(rope_theta=10000.0), head_dim, 128).to(device)
+    g = torch.Generator().manual_seed(3)
+    q_norm, k_norm = (RMSNorm(head_dim, eps=1e-6).to(device, dtype) for _ in range(2))
+    for norm in (q_norm, k_norm):
+        norm.weight.copy_(torch.randn(head_dim, generator=g))
+    qkv = (3 * torch.randn(9, (num_heads + 2 * num_kv_heads) * head_dim, generator=g)).to(device, dtype)
+    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k = q.view(9, num_heads, head_dim), k.view(9, num_kv_heads, head_dim)
+    cos, sin = rope.cos_sin(torch.tensor([0, 1, 5, 17, 3, 100, 127, 2, 64], device=device), dtype)
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim:].clone()
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as m:
+        m.setenv("SHARDSERVE_FUSED_KERNELS", "0")
+        ref_q, ref_k = _rotate(q_norm(q), cos, sin), _rotate(k_norm(k), cos, sin)
+    fused_kernels.rotary_(q, k, cos, sin, (q_norm.weight, k_norm.weight), 1e-6)
+    assert_matches_torch(q, ref_q)
+    assert_matches_torch(k, ref_k)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("impl", CASES, indirect=True)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("rows, inter", [(5, 40), (300, 688)])  # widths off the 16-lane vectors; threads
-def test_gated_act_and_mul_matches_torch(rows, inter, act, dtype, monkeypatch):
+def test_gated_act_and_mul_matches_torch(impl, rows, inter, act, monkeypatch):
+    device, dtype = impl
     g = torch.Generator().manual_seed(2)
-    wide = (6 * torch.randn(rows, 2 * inter + 8, generator=g)).to(dtype)  # large |gate| too: exp's range ends
+    wide = (6 * torch.randn(rows, 2 * inter + 8, generator=g)).to(device, dtype)  # large |gate|: exp's range ends
     x = wide[:, 8:]                                            # rows of a wider tensor: a row stride of its own
     gate, up = x.chunk(2, dim=-1)
     module, ref = (SiluAndMul(), F.silu(gate) * up) if act == "silu" else \
         (GeluAndMul("tanh"), F.gelu(gate, approximate="tanh") * up)
-    assert fused_kernels.enabled(x)
-    assert_matches_torch(module(x), ref)
+    # the layer takes the fused path where the device has one (a GPU's Triton, a CPU's C); Triton's
+    # interpreter on a CPU is called directly
+    out = module(x) if fused_kernels.enabled(x) else fused_kernels.act_and_mul(x, tanh_gelu=act != "silu")
+    assert_matches_torch(out, ref)
     monkeypatch.setenv("SHARDSERVE_FUSED_KERNELS", "0")
     assert not fused_kernels.enabled(x)
     torch.testing.assert_close(module(x), ref, atol=0, rtol=0)

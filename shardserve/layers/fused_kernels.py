@@ -3,9 +3,10 @@ or an operator dispatch and a temporary (CPU), and a round trip through memory:
 
 - `rms_norm`: (residual add +) RMSNorm in one pass: read x (and the residual) once, write the normed row
   (and the new residual) once, instead of the seven kernels of the torch expression;
-- `rotary_`: neox-style rotation of q and k in place from the step's cos/sin, one launch for both;
-- `act_and_mul`: SwiGLU's silu(gate) * up, or GeGLU's (tanh GELU), in one pass (CPU only: on a GPU torch's
-  two kernels stay).
+- `rotary_`: neox-style rotation of q and k in place from the step's cos/sin, one launch for both; on a GPU
+  it can first apply Qwen3's and Gemma 3's per-head RMSNorm of q and k (otherwise two copies out of the QKV
+  output and two more launches);
+- `act_and_mul`: SwiGLU's silu(gate) * up, or GeGLU's (tanh GELU), in one pass.
 
 On GPUs they are Triton kernels; on CPUs (fp32, bf16) the C kernels of csrc/fused_ops.c (layers/cpu_kernels.py).
 They compute what layers/layernorm.py, layers/rotary.py and layers/activation.py compute in torch (normalise
@@ -55,9 +56,10 @@ if _HAVE_TRITON:
         tl.store(out_ptr + row * stride_o + cols, w * h.to(x.dtype), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                       HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr):
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps, stride_qt, stride_qh,
+                       stride_kt, stride_kh, stride_ct, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                       HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
+                       HAS_NORM: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, HALF_PAD)
         h = tl.arange(0, HEADS_PAD)
@@ -66,15 +68,39 @@ if _HAVE_TRITON:
         sin = tl.load(sin_ptr + token * stride_ct + d, mask=d_ok, other=0.0)[None, :]
         for which in tl.static_range(2):
             if which == 0:
-                ptr, stride_t, stride_h, heads = q_ptr, stride_qt, stride_qh, NUM_HEADS
+                ptr, stride_t, stride_h, heads, norm_ptr = q_ptr, stride_qt, stride_qh, NUM_HEADS, q_norm_ptr
             else:
-                ptr, stride_t, stride_h, heads = k_ptr, stride_kt, stride_kh, NUM_KV_HEADS
+                ptr, stride_t, stride_h, heads, norm_ptr = k_ptr, stride_kt, stride_kh, NUM_KV_HEADS, k_norm_ptr
             mask = (h < heads)[:, None] & d_ok[None, :]
             base = ptr + token * stride_t + h[:, None] * stride_h + d[None, :]
             x1 = tl.load(base, mask=mask, other=0.0)
             x2 = tl.load(base + HALF, mask=mask, other=0.0)
+            if HAS_NORM:  # each head's RMSNorm first, as _rms_norm_kernel computes it: fp32, scaled in x's dtype
+                h1, h2 = x1.to(tl.float32), x2.to(tl.float32)
+                scale = tl.rsqrt((tl.sum(h1 * h1, 1) + tl.sum(h2 * h2, 1)) / (2 * HALF) + eps)[:, None]
+                w1 = tl.load(norm_ptr + d, mask=d_ok, other=0.0)[None, :]
+                w2 = tl.load(norm_ptr + HALF + d, mask=d_ok, other=0.0)[None, :]
+                x1, x2 = w1 * (h1 * scale).to(x1.dtype), w2 * (h2 * scale).to(x2.dtype)
             tl.store(base, (x1 * cos - x2 * sin).to(x1.dtype), mask=mask)
             tl.store(base + HALF, (x2 * cos + x1 * sin).to(x1.dtype), mask=mask)
+
+    @triton.jit
+    def _act_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.constexpr,
+                            TANH_GELU: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0)
+        g = gate.to(tl.float32)  # the activation in fp32, rounded once, then the product: as torch's two ops
+        if TANH_GELU:
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            t = tl.exp(-2.0 * tl.abs(inner))  # tanh(inner) = sign * (1 - t) / (1 + t), with no overflow
+            tanh = (1.0 - t) / (1.0 + t)
+            act = 0.5 * g * (1.0 + tl.where(inner < 0, -tanh, tanh))
+        else:
+            act = g / (1.0 + tl.exp(-g))
+        tl.store(out_ptr + row * stride_o + cols, act.to(gate.dtype) * up, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -98,14 +124,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual_out)
 
 
-def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotates q: [T, H, D] and k: [T, Hkv, D] (last dim contiguous) in place; cos, sin: [T, 1, D / 2]."""
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0) -> None:
+    """Rotates q: [T, H, D] and k: [T, Hkv, D] (last dim contiguous) in place; cos, sin: [T, 1, D / 2].
+    `norm_weights` (Triton only): (q's, k's) per-head RMSNorm weights, applied (with `eps`) before rotating."""
     tokens, num_heads, head_dim = q.shape
     if not tokens:
         return
     cos, sin = cos.reshape(tokens, -1), sin.reshape(tokens, -1)
     assert cos.stride() == sin.stride() and q.stride(-1) == 1 and k.stride(-1) == 1
     if _use_c(q):
+        assert norm_weights is None, "the C rotary kernel does not normalise"
         assert cos.stride(-1) == 1 and q.dtype == k.dtype == cos.dtype == sin.dtype
         cpu_kernels.lib().rotary_neox(
             q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, num_heads, k.shape[1], head_dim,
@@ -113,19 +142,25 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
             torch.get_num_threads())
         return
     half = head_dim // 2
+    q_norm, k_norm = norm_weights or (q, k)  # (unread without a norm)
     _rotary_kernel[(tokens,)](
-        q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        q, k, cos, sin, q_norm, k_norm, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=k.shape[1], HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])))
+        HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])), HAS_NORM=norm_weights is not None)
 
 
 def act_and_mul(x: torch.Tensor, tanh_gelu: bool = False) -> torch.Tensor:
-    """x: [T, 2 * n] CPU fp32 or bf16 rows (last dim contiguous) holding gate then up -> [T, n] act(gate) * up,
-    act SiLU or (tanh_gelu) GELU's tanh approximation."""
+    """x: [T, 2 * n] rows (last dim contiguous) holding gate then up -> [T, n] act(gate) * up, act SiLU or
+    (tanh_gelu) GELU's tanh approximation."""
     rows, width = x.shape
-    assert _use_c(x) and x.stride(-1) == 1
-    out = torch.empty(rows, width // 2, dtype=x.dtype)
-    if rows:
-        cpu_kernels.lib().gated_act_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0),
+    assert x.stride(-1) == 1
+    n = width // 2
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows and _use_c(x):
+        cpu_kernels.lib().gated_act_and_mul(x.data_ptr(), out.data_ptr(), rows, n, x.stride(0),
                                             int(tanh_gelu), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    elif rows:
+        block = min(1024, triton.next_power_of_2(n))
+        _act_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), N=n, BLOCK=block,
+                                                           TANH_GELU=tanh_gelu)
     return out

@@ -58,6 +58,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def apply_qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
+                         cos: torch.Tensor, sin: torch.Tensor):
+    """Per-head RMSNorm of q and k (Qwen3's, Gemma 3's), then `apply_rotary`. On a GPU one kernel does all
+    of it in place, where the norms alone would copy q and k out of the QKV output and launch two more."""
+    if q.is_cuda and fused_kernels.enabled(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and \
+            q_norm.eps == k_norm.eps:
+        fused_kernels.rotary_(q, k, cos, sin, (q_norm.weight, k_norm.weight), q_norm.eps)
+        return q, k
+    return apply_rotary(q_norm(q), k_norm(k), cos, sin)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -17,7 +17,7 @@ from shardserve.layers.attention import Attention, AttentionMetadata, layer_slid
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.layernorm import RMSNorm
 from shardserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from shardserve.layers.rotary import RotaryEmbedding, apply_rotary
+from shardserve.layers.rotary import RotaryEmbedding, apply_qk_norm_rotary, apply_rotary
 from shardserve.models.loader import load_params
 from shardserve.models.pipeline import (IntermediateTensors, make_layers, on_first_stage, on_last_stage, tie_head,
                                          tied_head_weights)
@@ -49,8 +49,9 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+            q, k = apply_qk_norm_rotary(q, k, self.q_norm, self.k_norm, *rope)
+        else:
+            q, k = apply_rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
