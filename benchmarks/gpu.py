@@ -121,12 +121,12 @@ def _tpot(generate_one) -> float:
     return (times[OUTPUT_LEN] - times[1]) / (OUTPUT_LEN - 1) * 1e3
 
 
-def work_shardserve(a) -> dict:
+def work_shardserve(a, async_scheduling: bool | None = None) -> dict:
     from shardserve import LLM, SamplingParams
     from shardserve.inputs import TokensPrompt
     llm = LLM(model=a.model, dtype=a.dtype, max_num_seqs=a.batch, max_model_len=2048 + 64, seed=0,
               enforce_eager=a.enforce_eager, gpu_memory_utilization=0.85,
-              max_num_batched_tokens=max(4096, a.batch * 16))
+              max_num_batched_tokens=max(4096, a.batch * 16), async_scheduling=async_scheduling)
     vocab = llm.llm_engine.source.hf_config.vocab_size
 
     def generate(prompts, max_tokens) -> int:
@@ -146,6 +146,7 @@ def work_shardserve(a) -> dict:
     if worker is not None:
         res["attention_backend"] = worker.attention_backend.name
         res["cuda_graphs"] = worker.runner.graphs is not None
+    res["async_scheduling"] = llm.llm_engine.async_scheduling
     return res
 
 
@@ -210,7 +211,9 @@ def work_transformers(a) -> dict:
     return res
 
 
-WORKERS = {"bandwidth": work_bandwidth, "shardserve": work_shardserve, "transformers": work_transformers}
+WORKERS = {"bandwidth": work_bandwidth, "shardserve": work_shardserve, "transformers": work_transformers,
+           # the same engine reading each step's tokens before scheduling the next: what async scheduling gains
+           "shardserve-sync": lambda a: work_shardserve(a, async_scheduling=False)}
 
 
 def worker_main(a) -> None:
@@ -252,7 +255,8 @@ def fmt(value, spec: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
-    p.add_argument("--peers", default="shardserve,transformers")
+    p.add_argument("--peers", default="shardserve,transformers",
+                   help="comma list of shardserve, shardserve-sync (no async scheduling), transformers")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--mix-lens", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
@@ -300,6 +304,14 @@ def main() -> None:
         print(f"| {shape} | {fmt(floor, '.3f')} | {fmt(ours.get('tpot_ms'), '.3f')} | "
               f"{fmt(hf.get('tpot_ms'), '.3f')} | {fmt(over_floor, '.2f')} | {fmt(ours.get('tok_s'), ',.0f')} | "
               f"{fmt(hf.get('tok_s'), ',.0f')} | {fmt(ratio, '.2f')} |")
+    if any("shardserve-sync" in res for res in results["models"].values()):
+        print("\nAsync scheduling against step by step (the same engine, async_scheduling=False):")
+        print(f"| model | ms/tok async | ms/tok step by step | tok/s @{a.batch} async | tok/s step by step |")
+        print("| --- | --- | --- | --- | --- |")
+        for shape, res in results["models"].items():
+            ours, sync = res.get("shardserve", {}), res.get("shardserve-sync", {})
+            print(f"| {shape} | {fmt(ours.get('tpot_ms'), '.3f')} | {fmt(sync.get('tpot_ms'), '.3f')} | "
+                  f"{fmt(ours.get('tok_s'), ',.0f')} | {fmt(sync.get('tok_s'), ',.0f')} |")
     print(f"\nShareGPT-like mix ({a.num_requests} requests, {a.mix_lens[0]}-{a.mix_lens[1]} in and out), shardserve:")
     print("| model | output tok/s | total tok/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |")
     print("| --- | --- | --- | --- | --- |")

@@ -7,6 +7,7 @@
 #   bash scripts/gpu-check.sh bench      # benchmarks/gpu.py: both shapes against transformers, the mix on one
 #   bash scripts/gpu-check.sh            # both, one after the other
 #   bash scripts/gpu-check.sh kernels    # only the attention kernels' num_warps / tile sweep (gpu_kernels.py)
+#   bash scripts/gpu-check.sh profile    # where a decode step's time goes, both shapes at batch 256 and 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -15,7 +16,9 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Preflight: the device, and Triton compiling and launching one kernel (it builds its launcher with the
 # machine's C compiler): if this fails, every test and measurement after it would too, for the same reason.
-python3 - <<'PY' 2>&1 | tee "$out/device.txt"
+# (From a file: Triton reads a kernel's source, which a script on stdin does not have.)
+preflight=$(mktemp --suffix=.py)
+cat > "$preflight" <<'PY'
 import shutil, subprocess, torch, triton, triton.language as tl
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
 cc = shutil.which("cc") or shutil.which("gcc")
@@ -31,15 +34,28 @@ _add_one[(4,)](x, 1000, BLOCK=256)
 assert x.eq(1).all().item(), "a Triton kernel ran wrong"
 print("Triton compiles and runs")
 PY
+python3 "$preflight" 2>&1 | tee "$out/device.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 if [ "$mode" = kernels ]; then
     python3 benchmarks/gpu_kernels.py --json-out "$out/gpu-kernels.json" 2>&1 | tee "$out/kernels.log"
     exit "${PIPESTATUS[0]}"
 fi
+if [ "$mode" = profile ]; then
+    status=0
+    for model in llama-3.2-1b qwen3-0.6b; do
+        for batch in 256 1; do
+            python3 benchmarks/gpu_profile.py --model "$model" --batch "$batch" --out "$out" 2>&1 \
+                | tee -a "$out/profile.log"
+            [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        done
+    done
+    exit "$status"
+fi
 status=0
 if [ "$mode" != bench ]; then
     python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_gpu.py tests/test_triton_attention.py \
-        tests/test_fused_kernels.py tests/test_attention_backends.py tests/test_moe.py 2>&1 | tee "$out/tests.log"
+        tests/test_fused_kernels.py tests/test_attention_backends.py tests/test_moe.py \
+        tests/test_async_scheduling.py 2>&1 | tee "$out/tests.log"
     status=${PIPESTATUS[0]}
 fi
 if [ "$mode" != tests ]; then

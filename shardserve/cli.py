@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                help="the fraction of each GPU's memory the engine may use: weights, activations, KV cache")
     _spec_flag(model, "--attention-backend", choices=["auto", "torch", "cpu", "triton", "flash_attn"])
     _spec_flag(model, "--enforce-eager", action="store_true", help="no CUDA graphs")
+    _spec_flag(model, "--async-scheduling", action=argparse.BooleanOptionalAction,
+               help="schedule the next step while the one in flight runs on the device (default: on a GPU)")
     _spec_flag(model, "--cuda-graph-sizes", type=int, nargs="+",
                help="decode batch sizes to capture (default: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs)")
     _spec_flag(model, "--tensor-parallel-size", "-tp", type=int)

@@ -62,6 +62,11 @@ class EngineConfig:
     # next size); enforce_eager turns them off. None: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs.
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    # vLLM's async_scheduling: the next step is scheduled and queued on the device while the engine reads the
+    # one in flight (so the host's share of a step overlaps the device's). Only the in-process executor can;
+    # a batch with a request whose sampling reads its own outputs (penalties, bad words, a grammar, beams) or
+    # asks for prompt logprobs runs step by step. None: on where it pays, a GPU.
+    async_scheduling: bool | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     hf_overrides: dict = field(default_factory=dict)

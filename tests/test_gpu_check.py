@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_CHECK_TESTS = ["tests/test_gpu.py", "tests/test_triton_attention.py", "tests/test_fused_kernels.py",
-                   "tests/test_attention_backends.py", "tests/test_moe.py"]
+                   "tests/test_attention_backends.py", "tests/test_moe.py", "tests/test_async_scheduling.py"]
 NOT_ON_THE_GPU_MACHINE = ["ray", "fastapi", "starlette", "uvicorn", "pydantic", "gguf", "xgrammar", "openai", "cohere"]
 
 _MISSING = """

@@ -124,6 +124,12 @@ class BlockManager:
         num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
         total_blocks = -(-(num_computed + num_new_tokens) // self.block_size)
         num_needed = total_blocks - len(blocks) - len(cached_blocks)
+        # Only tokens already known can be hashed: a token still being sampled (async scheduling) cannot.
+        num_known = min(num_computed + num_new_tokens, request.num_tokens)
+        if num_needed <= 0 and not cached_blocks:  # most decode steps: the last block has room
+            if self._cacheable(request):
+                self._cache_full_blocks(request, num_known)
+            return True
         # Cache hits that sit in the free queue stop being free when we take them.
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         if num_needed + revived > self.num_free_blocks:
@@ -138,7 +144,7 @@ class BlockManager:
         if self._cacheable(request):
             # Tokens scheduled now are known, and every layer writes a step's KV before any attention of
             # that layer reads it, so a block may be shared from the step that fills it.
-            self._cache_full_blocks(request, num_computed + num_new_tokens)
+            self._cache_full_blocks(request, num_known)
         return True
 
     def fork(self, parent: Request, child: Request, num_tokens: int,

@@ -7,6 +7,7 @@ that ends inside a UTF-8 character decodes to U+FFFD and is held back until the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from shardserve.sampling_params import SamplingParams
 
@@ -14,9 +15,28 @@ from shardserve.sampling_params import SamplingParams
 _INITIAL_CONTEXT = 5
 
 
+def fast_decode(tokenizer) -> Callable[..., str]:
+    """`tokenizer.decode(ids, skip_special_tokens=...)`, straight to the Rust tokenizer where transformers'
+    wrapper would only add its own per-call work (converting the ids, checking for a batch): at a few hundred
+    requests a step that work was most of a step's detokenization. Tokenizers that change what decode does
+    (a subclass's own decode, clean-up of tokenization spaces) keep their own."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return tokenizer.decode
+    cls = type(tokenizer)
+    plain = (isinstance(tokenizer, PreTrainedTokenizerFast) and cls.decode is PreTrainedTokenizerBase.decode
+             and cls._decode is PreTrainedTokenizerFast._decode and not tokenizer.clean_up_tokenization_spaces)
+    return tokenizer.backend_tokenizer.decode if plain else tokenizer.decode
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 decode: Callable[..., str] | None = None):
+        """`decode`: the tokenizer's decode (`fast_decode(tokenizer)`, made once for many requests)."""
         self.tokenizer = tokenizer
+        self.decode = decode or (tokenizer and fast_decode(tokenizer))
         self.params = params
         self.token_ids = list(prompt_token_ids[-_INITIAL_CONTEXT:])
         self.read_offset = len(self.token_ids)
@@ -25,7 +45,7 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in params.stop), default=0)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+        return self.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
 
     def append(self, token_id: int, check_stop: bool = True) -> str | None:
         """Add a token; returns the stop string it completed, if any (the text is then truncated)."""

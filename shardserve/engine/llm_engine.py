@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.block_manager import BlockManager
-from shardserve.engine.detokenizer import IncrementalDetokenizer, logprob_token_text
+from shardserve.engine.detokenizer import IncrementalDetokenizer, fast_decode, logprob_token_text
 from shardserve.engine.generation_config import load_generation_config, sampling_defaults
 from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
-from shardserve.engine.scheduler import Scheduler
+from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.structured_output import accept_token
 from shardserve.executor import create_executor
 from shardserve.inputs import PromptType
@@ -28,7 +29,7 @@ from shardserve.outputs import (CompletionOutput, Logprob, PoolingOutput, Poolin
                                 RequestOutput)
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
-from shardserve.workers.model_runner import LogprobsLists
+from shardserve.workers.model_runner import LogprobsLists, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class LLMEngine:
         self.runner = "generate" if pooling is None else "pooling"
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
             self.source, config.tokenizer, config.revision, config.trust_remote_code)
+        self.decode = None if self.tokenizer is None else fast_decode(self.tokenizer)
         self.max_model_len = self._resolve_max_model_len(hf_config)
         max_batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         if pooling is not None and max_batched < self.max_model_len:
@@ -86,7 +88,7 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched, config.scheduling_policy,
-                                   config.max_loras if config.enable_lora else 0)
+                                   config.max_loras if config.enable_lora else 0, self.max_model_len)
         generation_config = load_generation_config(self.source.path, config.revision)
         # What a request leaves out of its sampling parameters, from the model's generation config (vLLM's rule).
         self.default_sampling_params = sampling_defaults(generation_config, config.generation_config,
@@ -109,6 +111,11 @@ class LLMEngine:
             config.reasoning_parser, max_lora_rank=config.max_lora_rank if config.enable_lora else None)
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, _Parent] = {}
+        # Async scheduling (EngineConfig.async_scheduling): where the executor can leave a step in flight, by
+        # default on a GPU; pooling steps have nothing to overlap.
+        self.async_scheduling = self.executor.supports_launch and pooling is None and (
+            config.async_scheduling if config.async_scheduling is not None else config.torch_device.type == "cuda")
+        self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
@@ -189,11 +196,18 @@ class LLMEngine:
             self.child_to_parent[request_id] = self.parents[request_id]
             self.scheduler.add_request(first)
             return
+        for child in children:
+            # Sampling that reads the request's own output tokens needs them on the host before its next step;
+            # beams fork from finished requests; prompt logprobs are read back within the step.
+            p = child.sampling_params
+            child.steps_alone = child.hold_kv or child.grammar is not None or p.has_penalties or \
+                bool(p.bad_words_token_ids) or p.prompt_logprobs is not None
         # An embeddings prompt has no real token ids to report or to detokenize against.
         prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids
         params = first.sampling_params
         parent = _Parent(request_id, first.prompt, prompt_ids, children,
-                         {c.request_id: IncrementalDetokenizer(self.tokenizer, prompt_ids, c.sampling_params)
+                         {c.request_id: IncrementalDetokenizer(self.tokenizer, prompt_ids, c.sampling_params,
+                                                                 self.decode)
                           for c in children},
                          stream_interval=0 if params.output_kind == RequestOutputKind.FINAL_ONLY
                          else max(self.config.stream_interval, params.stream_interval or 1))
@@ -245,9 +259,14 @@ class LLMEngine:
     # the step ---------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling step; returns the current output of every request that progressed."""
+        """One scheduling step; returns the current output of every request that progressed. With async
+        scheduling the step scheduled here is left in flight on the device, and what it returns is the output
+        of the step before, read meanwhile."""
+        overlap = self.async_scheduling and not any(r.steps_alone for r in self.scheduler.requests.values())
+        if self._in_flight is not None and not overlap:
+            return self._finish_in_flight()  # a request that runs step by step joined: the last overlapped one
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        if sched.is_empty and self._in_flight is None:
             if sched.finished_request_ids:
                 self.executor.execute_model(sched)  # only tells the workers which requests ended
             elif self.scheduler.has_unfinished_requests():
@@ -258,7 +277,18 @@ class LLMEngine:
                        (req := self.scheduler.requests[s.request_id]).grammar is not None and req.reasoning_ended]
         if constrained:
             sched.grammar_bitmask = self.processor.structured.bitmask(constrained)
-        result = self.executor.execute_model(sched)
+        if not overlap:
+            return self._process(sched, self.executor.execute_model(sched))
+        previous, self._in_flight = self._in_flight, (sched, self.executor.launch_model(sched))
+        return [] if previous is None else self._process(previous[0], previous[1]())
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        sched, wait = self._in_flight
+        self._in_flight = None
+        return self._process(sched, wait())
+
+    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        """The engine's side of a step: append tokens, check stops, and the outputs of what progressed."""
         touched: dict[str, _Parent] = {}
         for s in sched.scheduled:
             req = self.scheduler.requests.get(s.request_id)
@@ -274,14 +304,15 @@ class LLMEngine:
                 start = len(req.prompt_logprobs)  # the prompt position of the first new entry
                 req.prompt_logprobs.extend(self._to_logprobs(result.prompt_logprobs[s.request_id],
                                                              req.prompt_token_ids, start))
+            if s.sample and req.num_output_placeholders:
+                req.num_output_placeholders -= 1
             if s.request_id in result.sampled_token_ids:
                 self._append_token(req, parent, result.sampled_token_ids[s.request_id],
                                    result.logprobs.get(s.request_id))
-                if parent.finished or self._stream_due(parent, req):
+                if (req.is_finished and parent.finished) or self._stream_due(parent, req):
                     touched[parent.request_id] = parent
         if not self.scheduler.has_unfinished_requests():
-            # Going idle: tell the workers now which requests ended, rather than with a step that may never come.
-            self.step()
+            self._go_idle()
         outputs = []
         for parent in touched.values():
             outputs.append(self._make_output(parent))
@@ -293,6 +324,17 @@ class LLMEngine:
                 for child in parent.children:
                     self.child_to_parent.pop(child.request_id, None)
         return outputs
+
+    def _go_idle(self) -> None:
+        """Nothing left to run: wait out a step still in flight (its tokens are those of requests that have
+        ended since it was launched) and tell the workers now which requests ended, rather than with a step
+        that may never come."""
+        if self._in_flight is not None:
+            self._in_flight[1]()
+            self._in_flight = None
+        sched = self.scheduler.schedule()
+        if sched.finished_request_ids:
+            self.executor.execute_model(sched)
 
     @staticmethod
     def _stream_due(parent: _Parent, req: Request) -> bool:

@@ -60,10 +60,15 @@ class Request:
     # A reasoning model's grammar starts once its thinking has ended (engine/reasoning.py).
     reasoning_ended: bool = True
     lora_request: LoRARequest | None = None     # the adapter it runs through (enable_lora)
+    # Its steps cannot overlap the engine's reading of the step before (async scheduling): set by the engine.
+    steps_alone: bool = False
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens a launched step samples that the engine has not read yet (async scheduling: the step after it is
+    # scheduled first, its input read on the device); at most one outside a step.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = 0          # prompt tokens served by the prefix cache on first schedule
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

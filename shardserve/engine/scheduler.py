@@ -16,6 +16,11 @@ the victim is the least urgent running request; a preempted request waits in its
 victim is always one not yet scheduled this step (it sorts after every request before it), so no step
 ever takes back work it handed out.
 
+With async scheduling the engine schedules a step before it has read the tokens of the step in flight: a
+decode then computes a placeholder (`PLACEHOLDER`), the token that step samples, which the worker takes from
+the device. A request whose last token is being sampled (max_tokens, max_model_len) waits instead, and one
+preempted with a token in flight is not readmitted until the engine has read it.
+
 A finished request marked `hold_kv` keeps its blocks until released: beam search forks each extension
 from it (`prepare_fork`), sharing its full blocks and copying a partial last block, and the copy travels to
 the workers with the next step (`blocks_to_copy`), before any attention reads or writes.
@@ -39,6 +44,10 @@ from shardserve.engine.structured_output import GrammarBitmask
 from shardserve.lora.request import LoRARequest
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import SamplingParams
+
+
+# In a scheduled request's token_ids: the token sampled by the step in flight, which the engine has not read.
+PLACEHOLDER = -1
 
 
 @dataclass
@@ -86,8 +95,9 @@ def _urgency(req: Request) -> tuple[int, float]:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs", max_loras: int = 0):
+                 policy: str = "fcfs", max_loras: int = 0, max_model_len: int | None = None):
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_loras = max_loras   # (enable_lora) the adapters running at once at most; 0: no limit
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -129,7 +139,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_output_placeholders and self._last_token_in_flight(req):
+                i += 1
+                continue
+            num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(req, num_new):
                 victim = self.running.pop()  # the least urgent (the policy's order): not yet scheduled
                 self._preempt(victim)
@@ -147,6 +160,9 @@ class Scheduler:
         while j < len(self.waiting) and budget > 0 and len(self.running) + num_pooling < self.max_num_seqs and \
                 not preempted:
             req = self.waiting[j]
+            if req.num_output_placeholders:  # preempted with a token in flight: readmitted once it is read
+                j += 1
+                continue
             if self.max_loras and req.lora_request and req.lora_request.lora_int_id not in adapters and \
                     len(adapters) >= self.max_loras:
                 j += 1   # (vLLM's rule) its adapter waits for one of the running ones to finish; others go on
@@ -200,15 +216,27 @@ class Scheduler:
         victim.num_computed_tokens = 0
         return True
 
+    def _last_token_in_flight(self, req: Request) -> bool:
+        """Whether the token being sampled for `req` is its last (its max_tokens, or max_model_len)."""
+        num_tokens = req.num_tokens + req.num_output_placeholders
+        return req.num_output_tokens + req.num_output_placeholders >= req.sampling_params.max_tokens or (
+            self.max_model_len is not None and num_tokens >= self.max_model_len)
+
     def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:
         start = req.num_computed_tokens
         req.num_computed_tokens += num_new
+        token_ids = req.all_token_ids[start:start + num_new]
+        if len(token_ids) < num_new:
+            token_ids += [PLACEHOLDER] * (num_new - len(token_ids))
+        sample = req.num_computed_tokens == req.num_tokens + req.num_output_placeholders
+        if sample and req.sampling_params is not None:
+            req.num_output_placeholders += 1  # until the engine reads the token
         return ScheduledRequest(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start:start + num_new],
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_ids=self.block_manager.block_ids(req.request_id),
-            sample=req.num_computed_tokens == req.num_tokens,
+            sample=sample,
             new_request=NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
                                        req.sampling_params, req.prompt_embeds, req.pooling_params,
                                        req.token_type_ids, req.lora_request) if new else None,

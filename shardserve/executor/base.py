@@ -1,11 +1,16 @@
 """The executor seam: how the engine reaches its workers. One call per step, whatever the layout."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.workers.model_runner import ModelRunnerOutput
 
 
 class Executor:
+    # Whether `launch_model` can return before the step's tokens are back (async scheduling).
+    supports_launch = False
+
     def collective_rpc(self, method: str, *args) -> list:
         """Call a `Worker` method on every worker; their results in rank order."""
         raise NotImplementedError
@@ -18,6 +23,12 @@ class Executor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         raise NotImplementedError
+
+    def launch_model(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Start a step; returns what waits for its output. Where the step cannot run behind the caller's
+        back (`supports_launch` False), it has already run."""
+        output = self.execute_model(scheduler_output)
+        return lambda: output
 
     def check_health(self) -> None:
         """Raise if a worker is gone. In process there is nothing to lose."""

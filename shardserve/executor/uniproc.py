@@ -1,6 +1,8 @@
 """The in-process executor: one worker, TP = PP = 1."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shardserve.config import EngineConfig
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.executor.base import Executor
@@ -10,6 +12,8 @@ from shardserve.workers.worker import Worker
 
 
 class UniprocExecutor(Executor):
+    supports_launch = True
+
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.worker = Worker(config, source)
 
@@ -24,3 +28,9 @@ class UniprocExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def launch_model(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        step = self.worker.execute_model(scheduler_output, non_block=True)
+        if isinstance(step, ModelRunnerOutput):
+            return lambda: step
+        return lambda: self.worker.runner.collect(step)

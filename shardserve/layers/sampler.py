@@ -16,7 +16,7 @@ import torch
 class SamplingBatch:
     """Per-row sampling state, as tensors on the logits' device. Optional fields are None when no row
     of the batch uses them, so the common case costs nothing."""
-    temperature: torch.Tensor               # [B]; 0 marks a greedy row
+    temperature: torch.Tensor | None        # [B]; 0 marks a greedy row (None: every row is)
     all_greedy: bool
     top_p: torch.Tensor | None = None       # [B]
     top_k: torch.Tensor | None = None       # [B] long, vocab size where off
@@ -56,6 +56,8 @@ def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's first maximum, as `x.argmax(-1)`."""
+    if x.is_cuda:  # one kernel there
+        return x.argmax(-1)
     if x.dim() != 2 or x.size(1) < 4 * _CHUNK:
         return x.max(-1).indices
     x = x.contiguous()

@@ -59,6 +59,7 @@ class ModelSpec:
     attention_backend: str | None = None
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    async_scheduling: bool | None = None   # None: on a GPU (EngineConfig)
     # Serve
     num_replicas: int = 1
     min_replicas: int | None = None
@@ -122,7 +123,8 @@ class ModelSpec:
             runner=self.runner, convert=self.convert, pooler_config=self.pooler_config,
             gpu_memory_utilization=self.gpu_memory_utilization, attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager, cuda_graph_sizes=self.cuda_graph_sizes,
-            stream_interval=self.stream_interval, device=self.resolved_device())
+            async_scheduling=self.async_scheduling, stream_interval=self.stream_interval,
+            device=self.resolved_device())
 
     def deployment_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}

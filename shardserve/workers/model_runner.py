@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 import torch
 
 from shardserve.distributed.parallel_state import get_pp_group, pp_recv, pp_send
-from shardserve.engine.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
+from shardserve.engine.scheduler import PLACEHOLDER, NewRequestData, ScheduledRequest, SchedulerOutput
 from shardserve.layers.attention import AttentionMetadata
-from shardserve.layers.attention.backend import PrefillSeq
-from shardserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
+from shardserve.layers.attention.backend import PrefillSeq, host_to_device
+from shardserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
 from shardserve.lora.adapter import AdapterCache
 from shardserve.lora.layers import StackedLoRAs, active_loras, stack_loras, step_loras
 from shardserve.lora.request import LoRARequest
@@ -38,6 +38,19 @@ class ModelRunnerOutput:
 
 
 @dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device: `ModelRunner.collect` waits for its tokens.
+    On a GPU the sampled ids (and logprobs) are already on their way to page-locked host memory; `done` is
+    recorded after those copies."""
+    result: ModelRunnerOutput
+    scheduled: list[ScheduledRequest]
+    sample_rows: list[int]              # indexes into `scheduled` of the requests that sample a token
+    states: list[CachedRequestState]    # theirs, in that order
+    sampled: SamplerOutput | None       # on the host once `done` has happened
+    done: torch.cuda.Event | None = None
+
+
+@dataclass
 class CachedRequestState:
     """What the worker remembers of a request between steps."""
     prompt_token_ids: list[int]
@@ -50,6 +63,13 @@ class CachedRequestState:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def needs_bias(self) -> bool:
+        """Whether its logits get a bias row this step (logit bias, allowed or bad words, min_tokens)."""
+        p = self.sampling_params
+        return bool(p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids or (
+            p.min_tokens and len(self.token_ids) - len(self.prompt_token_ids) < p.min_tokens))
 
 
 class ModelRunner:
@@ -70,11 +90,13 @@ class ModelRunner:
         self._stacked: StackedLoRAs | None = None
         # Step inputs go to a GPU from page-locked memory, asynchronously (no sync per tensor).
         self.pin = device.type == "cuda"
+        # The last step's sampled ids, still on the device, and each request's row in them: a step launched
+        # before the engine has read them (async scheduling) takes its decode inputs from here.
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
         self._bit_index = torch.arange(32, dtype=torch.int32, device=device)  # unpacks structured-output bitmasks
 
     def to_device(self, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.pin else t.to(self.device)
+        return host_to_device(values, self.device, dtype)
 
     # request state ----------------------------------------------------------------------------------
 
@@ -108,13 +130,25 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledRequest]):
         """Flattened inputs. Short queries (decodes, small chunks, beams that differ in a few tokens) come
         first and become one row per query token for the backend's paged decode path, each row attending
-        to its own prefix; longer queries get a prefill entry each."""
+        to its own prefix; longer queries get a prefill entry each. Everything goes to the device in one copy
+        (at a few hundred requests a step, per-tensor copies and Python padding were a visible share of it)."""
         bs = self.block_size
         input_ids, positions, slots = [], [], []
         decode_lens, decode_tables, prefills = [], [], []
+        fill_rows, fill_from = [], []  # input rows whose token is the last step's sample there, on the device
         for s in scheduled:
             start, n = s.num_computed_tokens, len(s.token_ids)
             table = s.block_ids
+            if n == 1:  # a decode: the common case, kept short
+                if s.token_ids[0] == PLACEHOLDER:  # sampled by the step before, not yet read by the engine
+                    fill_rows.append(len(input_ids))
+                    fill_from.append(self._last_sampled[1][s.request_id])
+                input_ids.append(s.token_ids[0])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                decode_lens.append(start + 1)
+                decode_tables.append(table)
+                continue
             query_start = len(input_ids)
             input_ids.extend(s.token_ids)
             positions.extend(range(start, start + n))
@@ -126,14 +160,27 @@ class ModelRunner:
                 seq_slots = [table[p // bs] * bs + p % bs for p in range(start + n)]
                 slots.extend(seq_slots[start:])
                 prefills.append((query_start, n, start, seq_slots))
-        num_decodes = len(decode_lens)
-        meta = AttentionMetadata(slot_mapping=self.to_device(slots), block_size=bs, num_decode_tokens=num_decodes)
+        num_tokens, num_decodes = len(input_ids), len(decode_lens)
+        packed = input_ids + positions + slots + decode_lens
+        width = max(map(len, decode_tables), default=0)
+        for table in decode_tables:  # rows padded to one width
+            packed += table
+            packed += [0] * (width - len(table))
+        for *_, seq_slots in prefills:
+            packed += seq_slots
+        packed += fill_rows + fill_from
+        on_device = self.to_device(packed)
+        parts = iter(on_device.split([num_tokens] * 3 + [num_decodes, num_decodes * width] +
+                                     [len(p[3]) for p in prefills] + [len(fill_rows)] * 2))
+        input_ids, positions, slot_mapping, seq_lens, tables = (next(parts) for _ in range(5))
+        if fill_rows:
+            rows, source = on_device[-2 * len(fill_rows):].view(2, -1)
+            input_ids[rows] = self._last_sampled[0][source]
+        meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, num_decode_tokens=num_decodes)
         if num_decodes:
-            max_blocks = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = self.to_device([t + [0] * (max_blocks - len(t)) for t in decode_tables])
-            meta.decode_seq_lens = self.to_device(decode_lens)
-        meta.prefills = [PrefillSeq(q0, n, ctx, self.to_device(seq_slots)) for q0, n, ctx, seq_slots in prefills]
-        return self.to_device(input_ids), self.to_device(positions), meta
+            meta.decode_block_tables, meta.decode_seq_lens = tables.view(num_decodes, width), seq_lens
+        meta.prefills = [PrefillSeq(q0, n, ctx, next(parts)) for q0, n, ctx, _ in prefills]
+        return input_ids, positions, meta
 
     def _inputs_embeds(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Token embeddings with the rows of prompt-embeds requests replaced by their given embeddings, or
@@ -178,8 +225,10 @@ class ModelRunner:
         structured-output bitmask) that constrains state i, or None."""
         dev, V = self.device, self.vocab_size
         params = [st.sampling_params for st in states]
-        temperature = self.to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32)
-        b = SamplingBatch(temperature=temperature, all_greedy=all(p.greedy for p in params))
+        all_greedy = all(p.greedy for p in params)
+        temperature = None if all_greedy else \
+            self.to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32)
+        b = SamplingBatch(temperature=temperature, all_greedy=all_greedy)
         if not b.all_greedy:
             if any(p.top_p < 1.0 for p in params):
                 b.top_p = self.to_device([p.top_p for p in params], torch.float32)
@@ -206,10 +255,8 @@ class ModelRunner:
                                        torch.ones(len(out_rows), device=dev), accumulate=True)
             b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
             b.prompt_mask[self.to_device(prompt_rows), self.to_device(prompt_tokens)] = True
-        needs_bias = [(i, st) for i, st in enumerate(states) if st.sampling_params.logit_bias
-                      or len(st.output_token_ids) < st.sampling_params.min_tokens
-                      or st.sampling_params.allowed_token_ids is not None or st.sampling_params.bad_words_token_ids
-                      or (grammar_rows is not None and grammar_rows[i] is not None)]
+        needs_bias = [(i, st) for i, st in enumerate(states)
+                      if st.needs_bias or (grammar_rows is not None and grammar_rows[i] is not None)]
         if needs_bias:
             b.bias = torch.zeros(len(states), V, device=dev)
             for i, st in needs_bias:
@@ -254,8 +301,16 @@ class ModelRunner:
             return None
         return hidden
 
+    def execute_model(self, out: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput | LaunchedStep:
+        """Run a step. `non_block`: return once its work is queued on the device (a `LaunchedStep`, for
+        `collect`), so the engine can prepare the next step meanwhile (async scheduling)."""
+        step = self.launch(out)
+        if isinstance(step, ModelRunnerOutput):
+            return step
+        return step if non_block else self.collect(step)
+
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def launch(self, out: SchedulerOutput) -> ModelRunnerOutput | LaunchedStep:
         if self.is_pooling:
             return self._execute_pooling(out)
         self._update_states(out)
@@ -280,33 +335,57 @@ class ModelRunner:
             offsets.append(total)
             total += len(s.token_ids)
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
+        states = [self.requests[scheduled[i].request_id] for i in sample_rows]
+        sampled = None
         if sample_rows:
             last = self.to_device([offsets[i] + len(scheduled[i].token_ids) - 1 for i in sample_rows])
             logits = self.model.compute_logits(hidden[last])
-            states = [self.requests[scheduled[i].request_id] for i in sample_rows]
             grammar = out.grammar_bitmask
             grammar_rows = None if grammar is None else [grammar.rows.get(scheduled[i].request_id)
                                                          for i in sample_rows]
             sampled = self.sampler(logits, self._sampling_batch(states, grammar_rows,
                                                                 None if grammar is None else grammar.bits))
-            token_ids = sampled.token_ids.tolist()
-            lp = None
-            if sampled.logprobs is not None:
-                lp = (sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(),
-                      sampled.logprob_ranks.tolist())
-            for row, i in enumerate(sample_rows):
-                s = scheduled[i]
-                result.sampled_token_ids[s.request_id] = token_ids[row]
-                k = states[row].sampling_params.logprobs
-                if k is not None:
-                    result.logprobs[s.request_id] = LogprobsLists(
-                        [lp[0][row][:k + 1]], [lp[1][row][:k + 1]], [lp[2][row][:k + 1]])
+            self._last_sampled = (sampled.token_ids, {scheduled[i].request_id: row
+                                                      for row, i in enumerate(sample_rows)})
         for i, s in enumerate(scheduled):
             state = self.requests[s.request_id]
             if state.sampling_params.prompt_logprobs is not None:
                 entry = self._prompt_logprobs(hidden, offsets[i], s, state)
                 if entry is not None:
                     result.prompt_logprobs[s.request_id] = entry
+        step = LaunchedStep(result, scheduled, sample_rows, states, sampled)
+        if sampled is not None and self.pin:  # start the copies to the host now; `collect` waits for them
+            step.sampled = SamplerOutput(*(None if t is None else _to_host(t) for t in (
+                sampled.token_ids, sampled.logprob_token_ids, sampled.logprobs, sampled.logprob_ranks)))
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
+
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """A launched step's output: its sampled tokens, as the engine reads them."""
+        result, sampled = step.result, step.sampled
+        if sampled is None:
+            return result
+        if step.done is not None:
+            step.done.synchronize()
+        token_ids = sampled.token_ids.tolist()
+        lp = None
+        if sampled.logprobs is not None:
+            lp = (sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.logprob_ranks.tolist())
+        for row, i in enumerate(step.sample_rows):
+            s = step.scheduled[i]
+            token = result.sampled_token_ids[s.request_id] = token_ids[row]
+            # The worker's copy of the sequence learns the token now (a step launched meanwhile holds a
+            # placeholder in its place)
+            state, position = step.states[row], s.num_computed_tokens + len(s.token_ids)
+            if position < len(state.token_ids):
+                state.token_ids[position] = token
+            else:
+                state.token_ids.append(token)
+            k = state.sampling_params.logprobs
+            if k is not None:
+                result.logprobs[s.request_id] = LogprobsLists(
+                    [lp[0][row][:k + 1]], [lp[1][row][:k + 1]], [lp[2][row][:k + 1]])
         return result
 
     def _execute_pooling(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -333,6 +412,12 @@ class ModelRunner:
         targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
         ids, values, ranks = compute_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs)
         return LogprobsLists(ids.tolist(), values.tolist(), ranks.tolist())
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy into page-locked host memory, queued (not waited for)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def _banned_by_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -> list[int]:

@@ -20,7 +20,7 @@ from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
 from shardserve.workers.cpu_malloc import keep_freed_memory, tcmalloc_hint, zeros_on_huge_pages
 from shardserve.workers.cuda_graph import CudaGraphRunner, default_graph_sizes
-from shardserve.workers.model_runner import ModelRunner, ModelRunnerOutput
+from shardserve.workers.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +144,14 @@ class Worker:
         """The one rank whose sampled tokens the engine reads: tensor rank 0 of the last stage."""
         return get_pp_group().is_last and get_tp_group().is_first
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      non_block: bool = False) -> ModelRunnerOutput | LaunchedStep | None:
+        """`non_block`: return once the step is queued on the device (see `ModelRunner.execute_model`)."""
         if scheduler_output.blocks_to_copy:  # forked beams' partial blocks, before anything reads them
             src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*scheduler_output.blocks_to_copy))
             for cache in self.kv_caches:
                 cache[:, dst] = cache[:, src]
-        output = self.runner.execute_model(scheduler_output)
+        output = self.runner.execute_model(scheduler_output, non_block)
         return output if self.is_driver else None
 
     def num_parameter_elements(self) -> int:

@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def host_to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device`. To a GPU through page-locked memory, queued on the stream: a copy from
+    pageable memory would first wait for everything queued before it, and a step launched while the one before
+    still runs (async scheduling) would wait for that one."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @dataclass
 class PrefillSeq:
     """One request in the step whose query has several tokens (a prompt, a chunk of one, or a recompute)."""

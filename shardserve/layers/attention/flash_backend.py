@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from shardserve.layers.attention.backend import AttentionMetadata
+from shardserve.layers.attention.backend import AttentionMetadata, host_to_device
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _varlen_inputs(meta: AttentionMetadata):
     """The step as FlashAttention's varlen batch: decode rows then prefills, in row order."""
     device, bs, nd = meta.slot_mapping.device, meta.block_size, meta.num_decode_tokens
     query_lens = [1] * nd + [s.query_len for s in meta.prefills]
-    cu_q = torch.tensor([0] + query_lens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+    cu_q = host_to_device([0] + query_lens, device, torch.int32).cumsum(0, dtype=torch.int32)
     prefill_tables = meta.prefill_block_tables()
     width = max([meta.decode_block_tables.shape[1] if nd else 0] + [len(t) for t in prefill_tables])
     tables = torch.zeros(len(query_lens), width, dtype=torch.int32, device=device)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from shardserve.layers.attention.backend import AttentionMetadata
+from shardserve.layers.attention.backend import AttentionMetadata, host_to_device
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 
@@ -58,6 +58,7 @@ def _prefill_tensors(meta: AttentionMetadata):
     prefills."""
     device = meta.slot_mapping.device
     tables = torch.nn.utils.rnn.pad_sequence(meta.prefill_block_tables(), batch_first=True)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return (tables, as_tensor([s.query_start for s in meta.prefills]),
-            as_tensor([s.query_len for s in meta.prefills]), as_tensor([s.context_len for s in meta.prefills]))
+    columns = [[s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills],
+               [s.context_len for s in meta.prefills]]
+    starts, lens, contexts = host_to_device(sum(columns, []), device).view(3, -1)
+    return tables, starts, lens, contexts
