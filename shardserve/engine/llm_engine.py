@@ -266,10 +266,12 @@ class LLMEngine:
         if self._in_flight is not None and not overlap:
             return self._finish_in_flight()  # a request that runs step by step joined: the last overlapped one
         sched = self.scheduler.schedule()
-        if sched.is_empty and self._in_flight is None:
+        if sched.is_empty:
             if sched.finished_request_ids:
                 self.executor.execute_model(sched)  # only tells the workers which requests ended
-            elif self.scheduler.has_unfinished_requests():
+            if self._in_flight is not None:  # what waits on it (a last token, blocks) is read now
+                return self._finish_in_flight()
+            if self.scheduler.has_unfinished_requests():
                 raise RuntimeError("The scheduler could not schedule any request: the KV cache is too small "
                                    "for the waiting requests.")
             return []
