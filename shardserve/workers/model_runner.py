@@ -88,7 +88,8 @@ class ModelRunner:
         self.adapters: AdapterCache | None = None  # the loaded LoRA adapters, set by the worker (enable_lora)
         self._stacked_key: tuple[int, ...] | None = None   # the adapter ids of `_stacked`, the last stacked
         self._stacked: StackedLoRAs | None = None
-        # Step inputs go to a GPU from page-locked memory, asynchronously (no sync per tensor).
+        # On a GPU a step's sampled ids come back through page-locked memory, queued behind the step; `collect`
+        # waits on an event recorded after the copy (inputs go the other way likewise: `host_to_device`).
         self.pin = device.type == "cuda"
         # The last step's sampled ids, still on the device, and each request's row in them: a step launched
         # before the engine has read them (async scheduling) takes its decode inputs from here.
