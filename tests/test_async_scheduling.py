@@ -161,3 +161,12 @@ def test_the_servers_engine_streams_the_same_tokens(model_dirs, engines):
         assert server.engine._in_flight is None  # the last step's reading waited out the one launched after it
     finally:
         server.shutdown()
+
+
+def test_where_async_scheduling_is_on(model_dirs, encoder_dirs):
+    """By default only on a GPU (a CPU's forward runs on the engine's own thread: nothing to overlap); never for a
+    pooling model, whose steps sample nothing."""
+    import torch
+
+    assert LLM(model_dirs("llama"), dtype="float32").llm_engine.async_scheduling == torch.cuda.is_available()
+    assert not LLM(encoder_dirs("bert"), async_scheduling=True).llm_engine.async_scheduling
