@@ -25,10 +25,8 @@ class Executor:
         raise NotImplementedError
 
     def launch_model(self, scheduler_output: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
-        """Start a step; returns what waits for its output. Where the step cannot run behind the caller's
-        back (`supports_launch` False), it has already run."""
-        output = self.execute_model(scheduler_output)
-        return lambda: output
+        """Start a step and return what waits for its output (executors with `supports_launch` only)."""
+        raise NotImplementedError
 
     def check_health(self) -> None:
         """Raise if a worker is gone. In process there is nothing to lose."""

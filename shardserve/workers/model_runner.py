@@ -91,9 +91,9 @@ class ModelRunner:
         # On a GPU a step's sampled ids come back through page-locked memory, queued behind the step; `collect`
         # waits on an event recorded after the copy (inputs go the other way likewise: `host_to_device`).
         self.pin = device.type == "cuda"
-        # The last step's sampled ids, still on the device, and each request's row in them: a step launched
-        # before the engine has read them (async scheduling) takes its decode inputs from here.
-        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
+        # The last step's sampled ids, still on the device, with that step's requests and which of them sampled:
+        # a step launched before the engine has read them (async scheduling) takes its decode inputs from here.
+        self._last_sampled: tuple[torch.Tensor, list[ScheduledRequest], list[int]] | None = None
         self._bit_index = torch.arange(32, dtype=torch.int32, device=device)  # unpacks structured-output bitmasks
 
     def to_device(self, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -137,13 +137,17 @@ class ModelRunner:
         input_ids, positions, slots = [], [], []
         decode_lens, decode_tables, prefills = [], [], []
         fill_rows, fill_from = [], []  # input rows whose token is the last step's sample there, on the device
+        last_rows = None               # request id -> its row in the last step's sample, at the first placeholder
         for s in scheduled:
             start, n = s.num_computed_tokens, len(s.token_ids)
             table = s.block_ids
             if n == 1:  # a decode: the common case, kept short
                 if s.token_ids[0] == PLACEHOLDER:  # sampled by the step before, not yet read by the engine
+                    if last_rows is None:
+                        _, last_scheduled, last_sample_rows = self._last_sampled
+                        last_rows = {last_scheduled[i].request_id: row for row, i in enumerate(last_sample_rows)}
                     fill_rows.append(len(input_ids))
-                    fill_from.append(self._last_sampled[1][s.request_id])
+                    fill_from.append(last_rows[s.request_id])
                 input_ids.append(s.token_ids[0])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
@@ -346,8 +350,7 @@ class ModelRunner:
                                                          for i in sample_rows]
             sampled = self.sampler(logits, self._sampling_batch(states, grammar_rows,
                                                                 None if grammar is None else grammar.bits))
-            self._last_sampled = (sampled.token_ids, {scheduled[i].request_id: row
-                                                      for row, i in enumerate(sample_rows)})
+            self._last_sampled = (sampled.token_ids, scheduled, sample_rows)
         for i, s in enumerate(scheduled):
             state = self.requests[s.request_id]
             if state.sampling_params.prompt_logprobs is not None:
