@@ -43,11 +43,8 @@ fi
 if [ "$mode" = profile ]; then
     status=0
     for model in llama-3.2-1b qwen3-0.6b; do
-        for batch in 256 1; do
-            python3 benchmarks/gpu_profile.py --model "$model" --batch "$batch" --out "$out" 2>&1 \
-                | tee -a "$out/profile.log"
-            [ "${PIPESTATUS[0]}" = 0 ] || status=1
-        done
+        python3 benchmarks/gpu_profile.py --model "$model" --batch 256,1 --out "$out" 2>&1 | tee -a "$out/profile.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
     exit "$status"
 fi

@@ -168,14 +168,29 @@ def test_incremental_detokenization_equals_full_decode(kind):
     g = torch.Generator().manual_seed(0)
     sequences = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     sequences.append(torch.randint(3, len(tokenizer), (60,), generator=g).tolist())
-    for ids in sequences:
-        prompt = tokenizer.encode("The prompt", add_special_tokens=True)
-        detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
-        for token in ids:
-            detok.append(token)
+    # ending inside the emoji (its bytes are tokens of their own): the token that starts it is held back
+    cut = sequences[0][:-5]
+    prompt = tokenizer.encode("The prompt", add_special_tokens=True)
+    for ids in sequences + [cut]:
         expected = tokenizer.decode(prompt + ids, skip_special_tokens=True)[
             len(tokenizer.decode(prompt, skip_special_tokens=True)):]
-        assert detok.output_text == expected.rstrip("\ufffd") or detok.output_text == expected
+        # Without stop strings the text is decoded when read: read after every token (streamed), every third,
+        # and only at the end, it is the same text, and it only ever grows.
+        finals = []
+        for read_every in (1, 3, None):
+            detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+            text = ""
+            for i, token in enumerate(ids):
+                detok.append(token)
+                if read_every and (i + 1) % read_every == 0:
+                    assert detok.output_text.startswith(text)
+                    text = detok.output_text
+            if ids is cut:
+                assert expected.startswith(detok.output_text) and len(detok.output_text) > 10
+            else:
+                assert detok.output_text == expected.rstrip("\ufffd") or detok.output_text == expected
+            finals.append(detok.output_text)
+        assert finals[0] == finals[1] == finals[2]
 
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])

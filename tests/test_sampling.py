@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shardserve import LLM, SamplingParams, StructuredOutputsParams, TokensPrompt
+from shardserve.layers.attention import triton_backend
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 100, 200, 150, 7, 9, 33, 21, 17, 5, 6]]
 
@@ -393,9 +394,32 @@ def test_chunked_argmax_and_topk_equal_torch(vocab):
     x[2, :] = 1.0                        # all equal
     x[3, min(vocab - 1, 7 * 128 + 3)] = 70.0
     assert torch.equal(first_argmax(x), x.argmax(-1))
+    assert torch.equal(first_argmax(x.bfloat16()), x.bfloat16().argmax(-1))
     for k in (1, 8, 20):
         values, ids = top_k(x, k)
         ref_values, _ = x.topk(k, dim=-1)
         assert torch.equal(values, ref_values)
         assert torch.equal(x.gather(1, ids), values)  # the indices point at those values
         assert all(len(set(row.tolist())) == k for row in ids)
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="triton is not installed")
+@pytest.mark.parametrize("vocab", [151936, 2048, 300])
+def test_triton_argmax_equals_torch(vocab):
+    """The GPU's greedy argmax (two Triton kernels; in the interpreter on a CPU): ties go to the first maximum,
+    across chunks and inside one, as torch's argmax."""
+    from shardserve.layers.sampler import triton_argmax
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g)
+    x[0, -1] = 50.0                                   # in the last, ragged chunk
+    x[1, 5] = x[1, vocab - 3] = 60.0                  # a tie across chunks
+    x[2, :] = 1.0                                     # all equal
+    x[3, vocab // 2] = x[3, vocab // 2 + 1] = 70.0    # a tie inside one chunk
+    x[4, :] = float("-inf")
+    x[4, vocab // 3] = 0.0                            # everything else masked
+    for dtype in (torch.float32, torch.bfloat16):
+        y = x.to(device, dtype)
+        assert torch.equal(triton_argmax(y).cpu(), y.argmax(-1).cpu())
+    wide = torch.randn(3, vocab + 7, generator=g).to(device)[:, :vocab]   # rows with a stride over V
+    assert torch.equal(triton_argmax(wide).cpu(), wide.argmax(-1).cpu())

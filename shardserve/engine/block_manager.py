@@ -127,7 +127,8 @@ class BlockManager:
         # Only tokens already known can be hashed: a token still being sampled (async scheduling) cannot.
         num_known = min(num_computed + num_new_tokens, request.num_tokens)
         if num_needed <= 0 and not cached_blocks:  # most decode steps: the last block has room
-            if self._cacheable(request):
+            if num_known // self.block_size > self.req_num_hashed.get(request.request_id, 0) and \
+                    self._cacheable(request):
                 self._cache_full_blocks(request, num_known)
             return True
         # Cache hits that sit in the free queue stop being free when we take them.

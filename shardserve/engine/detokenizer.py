@@ -3,6 +3,11 @@
 Text is produced by decoding a short window that starts a few tokens back (so SentencePiece's leading
 spaces and byte-level merges see their context) and emitting only what grew since the last read. A window
 that ends inside a UTF-8 character decodes to U+FFFD and is held back until the character completes.
+
+Without stop strings nothing depends on the text until it is read, so tokens are only collected as they come
+and decoded together when `output_text` is read: once at the end for an offline request, every step for one
+streamed token by token. (At a few hundred requests a step, two decodes per token were a large share of the
+host's step.)
 """
 from __future__ import annotations
 
@@ -41,8 +46,15 @@ class IncrementalDetokenizer:
         self.token_ids = list(prompt_token_ids[-_INITIAL_CONTEXT:])
         self.read_offset = len(self.token_ids)
         self.prefix_offset = 0
-        self.output_text = ""
+        self._text = ""
+        self.num_pending = 0  # tokens appended since the text was last brought up to date
         self.max_stop_len = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def output_text(self) -> str:
+        if self.num_pending:
+            self._catch_up()
+        return self._text
 
     def _decode(self, ids: list[int]) -> str:
         return self.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
@@ -52,29 +64,49 @@ class IncrementalDetokenizer:
         self.token_ids.append(token_id)
         if self.tokenizer is None or not self.params.detokenize:
             return None
+        self.num_pending += 1
+        if not self.params.stop:
+            return None
+        num_new_chars = self._catch_up()
+        return self._check_stop(num_new_chars) if check_stop and num_new_chars else None
+
+    def _catch_up(self, together: bool = True) -> int:
+        """Decode the pending tokens into the text; returns the number of characters added. `together`: the
+        pending tokens at once (else as the last token appended, those before it held back)."""
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return None
-        new_text = full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        self.output_text += new_text
-        return self._check_stop(len(new_text)) if check_stop else None
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new_text = full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            self._text += new_text
+            self.num_pending = 0
+            return len(new_text)
+        if not together or self.num_pending == 1 or not full.endswith("\ufffd"):
+            return 0  # held back until a character completes
+        # A character still incomplete at the end: the text before it is emitted as token by token would be
+        num_added, pending = 0, self.token_ids[len(self.token_ids) - self.num_pending:]
+        del self.token_ids[len(self.token_ids) - self.num_pending:]
+        self.num_pending = 0
+        for token_id in pending:
+            self.token_ids.append(token_id)
+            self.num_pending += 1
+            num_added += self._catch_up(together=False)
+        return num_added
 
     def _check_stop(self, num_new_chars: int) -> str | None:
         if not self.params.stop:
             return None
         # A stop string may have begun in earlier text: search back far enough to catch it.
-        search_from = max(0, len(self.output_text) - num_new_chars - self.max_stop_len + 1)
+        search_from = max(0, len(self._text) - num_new_chars - self.max_stop_len + 1)
         best = None
         for stop in self.params.stop:
-            idx = self.output_text.find(stop, search_from)
+            idx = self._text.find(stop, search_from)
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, stop)
         if best is None:
             return None
         idx, stop = best
-        self.output_text = self.output_text[:idx + len(stop) if self.params.include_stop_str_in_output else idx]
+        self._text = self._text[:idx + len(stop) if self.params.include_stop_str_in_output else idx]
         return stop
 
 

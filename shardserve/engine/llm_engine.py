@@ -292,9 +292,11 @@ class LLMEngine:
     def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         """The engine's side of a step: append tokens, check stops, and the outputs of what progressed."""
         touched: dict[str, _Parent] = {}
+        requests, parents = self.scheduler.requests, self.child_to_parent
+        sampled, prompt_logprobs = result.sampled_token_ids, result.prompt_logprobs
         for s in sched.scheduled:
-            req = self.scheduler.requests.get(s.request_id)
-            parent = self.child_to_parent.get(s.request_id)
+            req = requests.get(s.request_id)
+            parent = parents.get(s.request_id)
             if req is None or parent is None:
                 continue
             if req.pooling_params is not None:  # computed whole in this step: done
@@ -302,16 +304,18 @@ class LLMEngine:
                 self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
                 touched[parent.request_id] = parent
                 continue
-            if s.request_id in result.prompt_logprobs:
+            if prompt_logprobs and s.request_id in prompt_logprobs:
                 start = len(req.prompt_logprobs)  # the prompt position of the first new entry
-                req.prompt_logprobs.extend(self._to_logprobs(result.prompt_logprobs[s.request_id],
+                req.prompt_logprobs.extend(self._to_logprobs(prompt_logprobs[s.request_id],
                                                              req.prompt_token_ids, start))
             if s.sample and req.num_output_placeholders:
                 req.num_output_placeholders -= 1
-            if s.request_id in result.sampled_token_ids:
-                self._append_token(req, parent, result.sampled_token_ids[s.request_id],
-                                   result.logprobs.get(s.request_id))
-                if (req.is_finished and parent.finished) or self._stream_due(parent, req):
+            token_id = sampled.get(s.request_id)
+            if token_id is not None:
+                self._append_token(req, parent, token_id, result.logprobs.get(s.request_id) if result.logprobs
+                                   else None)
+                if (req.is_finished and parent.finished) or (parent.stream_interval and
+                                                             self._stream_due(parent, req)):
                     touched[parent.request_id] = parent
         if not self.scheduler.has_unfinished_requests():
             self._go_idle()
@@ -349,20 +353,20 @@ class LLMEngine:
 
     def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
         req.append_token(token_id)
+        num_output = len(req.output_token_ids)
         if logprobs is not None:
-            entry = self._to_logprobs(logprobs, req.output_token_ids, req.num_output_tokens - 1,
+            entry = self._to_logprobs(logprobs, req.output_token_ids, num_output - 1,
                                       req.sampling_params.detokenize)[0]
             req.logprobs.append(entry)
             req.cumulative_logprob += entry[token_id].logprob
         params = req.sampling_params
-        stop_token = req.num_output_tokens >= params.min_tokens and (
+        stop_token = num_output >= params.min_tokens and (
             token_id in params.all_stop_token_ids or token_id in params.stop_token_ids)
         stop_str = None
         # As vLLM: a stop token's own text is left out (unless include_stop_str_in_output), and stop strings only
         # count once more than min_tokens tokens exist.
         if not stop_token or params.include_stop_str_in_output:
-            stop_str = parent.detokenizers[req.request_id].append(
-                token_id, check_stop=req.num_output_tokens > params.min_tokens)
+            stop_str = parent.detokenizers[req.request_id].append(token_id, check_stop=num_output > params.min_tokens)
         status = None
         if req.grammar is not None and not self._advance_grammar(req, token_id):
             status = RequestStatus.FINISHED_ABORTED
@@ -372,7 +376,7 @@ class LLMEngine:
             status = RequestStatus.FINISHED_STOPPED
             # EOS is the natural end (no stop_reason); a user's stop token is reported.
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
-        elif req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        elif num_output >= params.max_tokens or len(req.all_token_ids) >= self.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(req, status)

@@ -63,7 +63,7 @@ class NewRequestData:
     lora_request: LoRARequest | None = None    # the adapter its tokens run through
 
 
-@dataclass
+@dataclass(slots=True)  # a few hundred made every step
 class ScheduledRequest:
     request_id: str
     token_ids: list[int]           # the tokens whose KV this step computes
@@ -142,7 +142,7 @@ class Scheduler:
             if req.num_output_placeholders and self._last_token_in_flight(req):
                 i += 1
                 continue
-            num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
+            num_new = min(len(req.all_token_ids) + req.num_output_placeholders - req.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(req, num_new):
                 victim = self.running.pop()  # the least urgent (the policy's order): not yet scheduled
                 self._preempt(victim)
@@ -218,29 +218,25 @@ class Scheduler:
 
     def _last_token_in_flight(self, req: Request) -> bool:
         """Whether the token being sampled for `req` is its last (its max_tokens, or max_model_len)."""
-        num_tokens = req.num_tokens + req.num_output_placeholders
-        return req.num_output_tokens + req.num_output_placeholders >= req.sampling_params.max_tokens or (
-            self.max_model_len is not None and num_tokens >= self.max_model_len)
+        in_flight = req.num_output_placeholders
+        return len(req.output_token_ids) + in_flight >= req.sampling_params.max_tokens or (
+            self.max_model_len is not None and len(req.all_token_ids) + in_flight >= self.max_model_len)
 
     def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:
         start = req.num_computed_tokens
-        req.num_computed_tokens += num_new
-        token_ids = req.all_token_ids[start:start + num_new]
+        req.num_computed_tokens = end = start + num_new
+        num_known = len(req.all_token_ids)
+        token_ids = req.all_token_ids[start:end] if start < num_known else []
         if len(token_ids) < num_new:
             token_ids += [PLACEHOLDER] * (num_new - len(token_ids))
-        sample = req.num_computed_tokens == req.num_tokens + req.num_output_placeholders
+        sample = end == num_known + req.num_output_placeholders
         if sample and req.sampling_params is not None:
             req.num_output_placeholders += 1  # until the engine reads the token
         return ScheduledRequest(
-            request_id=req.request_id,
-            token_ids=token_ids,
-            num_computed_tokens=start,
-            block_ids=self.block_manager.block_ids(req.request_id),
-            sample=sample,
-            new_request=NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
-                                       req.sampling_params, req.prompt_embeds, req.pooling_params,
-                                       req.token_type_ids, req.lora_request) if new else None,
-        )
+            req.request_id, token_ids, start, self.block_manager.req_blocks.get(req.request_id, []), sample,
+            NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
+                           req.sampling_params, req.prompt_embeds, req.pooling_params,
+                           req.token_type_ids, req.lora_request) if new else None)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)

@@ -7,9 +7,12 @@ generator when it has a seed so its tokens do not depend on the rest of the batc
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass
@@ -54,10 +57,51 @@ def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.as_strided((rows, n, _CHUNK), (width, _CHUNK, 1)), x[:, n * _CHUNK:]
 
 
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _chunk_argmax_kernel(x_ptr, values_ptr, index_ptr, stride_x, V, NUM_CHUNKS: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        value, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(values_ptr + row * NUM_CHUNKS + chunk, value)
+        tl.store(index_ptr + row * NUM_CHUNKS + chunk, chunk * BLOCK + index)
+
+    @triton.jit
+    def _argmax_of_chunks_kernel(values_ptr, index_ptr, out_ptr, NUM_CHUNKS: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        v = tl.load(values_ptr + row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=float("-inf"))
+        _, best = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(out_ptr + row, tl.load(index_ptr + row * NUM_CHUNKS + best))
+
+
+_ARGMAX_BLOCK = 2048
+
+
+def triton_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of a [B, V] tensor (rows of finite values or -inf) in two kernels: the maximum of each
+    chunk of a row in parallel, then the first chunk's. torch's argmax reduces a row in one thread block:
+    at batch 1 over a 128k vocabulary that took ~28 us on an H200, 2% of a 1B model's decode step."""
+    rows, V = x.shape
+    num_chunks = triton.cdiv(V, _ARGMAX_BLOCK)
+    values = torch.empty(rows, num_chunks, dtype=torch.float32, device=x.device)
+    index = torch.empty(rows, num_chunks, dtype=torch.int32, device=x.device)
+    out = torch.empty(rows, dtype=torch.long, device=x.device)
+    _chunk_argmax_kernel[(rows, num_chunks)](x, values, index, x.stride(0), V, num_chunks, BLOCK=_ARGMAX_BLOCK)
+    _argmax_of_chunks_kernel[(rows,)](values, index, out, num_chunks, BLOCK_C=triton.next_power_of_2(num_chunks))
+    return out
+
+
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's first maximum, as `x.argmax(-1)`."""
-    if x.is_cuda:  # one kernel there
-        return x.argmax(-1)
+    if x.is_cuda:
+        return triton_argmax(x) if _HAVE_TRITON and x.dim() == 2 and x.stride(1) == 1 else x.argmax(-1)
     if x.dim() != 2 or x.size(1) < 4 * _CHUNK:
         return x.max(-1).indices
     x = x.contiguous()
@@ -143,6 +187,9 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        if b.all_greedy and b.max_num_logprobs < 0 and b.bias is None and b.output_counts is None:
+            # The model dtype's order is fp32's (the conversion is exact): no fp32 copy of the logits
+            return SamplerOutput(token_ids=first_argmax(logits))
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if b.max_num_logprobs >= 0 else None
         if b.bias is not None:
