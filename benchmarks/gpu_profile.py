@@ -104,7 +104,11 @@ def profile_batch(llm, batch: int, steps: int, out: Path, name: str, cuda: bool)
           f"async scheduling {engine.async_scheduling}")
     print(f"wall {wall_ms:.3f} ms/step; {'kernels busy' if cuda else 'CPU ops'} {busy_ms:.3f} ms/step "
           f"({busy_ms / wall_ms:.0%} of the wall)")
-    phases = {e.key: e for e in events if e.key.startswith("host: ")}
+    # (a label also names its range on the device's timeline: the host's is the CPU entry with the host's time)
+    phases = {}
+    for e in sorted(events, key=lambda e: e.cpu_time_total):
+        if e.key.startswith("host: ") and e.device_type.name == "CPU":
+            phases[e.key] = e
     print("| host phase | ms/step (CPU, inclusive) | calls/step |")
     print("| --- | --- | --- |")
     for _, _, label in PHASES:

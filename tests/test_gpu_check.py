@@ -40,3 +40,19 @@ def test_the_gpu_checks_tests_need_nothing_the_gpu_machine_lacks(tmp_path):
                               "tests/test_moe.py::test_experts_adapters_match_each_token_through_its_adapters_merged_"
                               "experts"], cwd=REPO, env=env, capture_output=True, text=True)
     assert engines.returncode == 0, engines.stdout[-3000:] + engines.stderr[-3000:]
+
+
+def test_the_profile_runs_without_the_serving_stack_and_labels_every_host_phase(tmp_path):
+    """`gpu-check.sh profile` wraps the engine's phases by name from the benchmark: a renamed method would only
+    show on the GPU machine. Its CPU smoke run here, with the serving stack missing as there."""
+    (tmp_path / "sitecustomize.py").write_text(_MISSING.format(names=set(NOT_ON_THE_GPU_MACHINE)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    run = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--smoke", "--out", str(tmp_path / "out")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for batch in (4, 1):  # both batch sizes on one engine
+        section = run.stdout.split(f"## tiny, batch {batch},")[1].split("trace:")[0]
+        for phase in ("schedule", "prepare inputs", "forward (eager)", "sampling batch", "sample",
+                      "wait + read tokens", "process outputs"):
+            assert f"| {phase} | " in section, section
+        assert (tmp_path / "out" / f"trace-tiny-b{batch}.json.gz").stat().st_size > 0

@@ -321,11 +321,12 @@ class LLMEngine:
             self._go_idle()
         outputs = []
         for parent in touched.values():
-            outputs.append(self._make_output(parent))
+            output = self._make_output(parent)
+            outputs.append(output)
             if parent.stream_interval > 1:
                 for child in parent.children:
                     parent.streamed[child.request_id] = child.num_output_tokens
-            if parent.finished:
+            if output.finished:
                 self.parents.pop(parent.request_id, None)
                 for child in parent.children:
                     self.child_to_parent.pop(child.request_id, None)

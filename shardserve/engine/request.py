@@ -22,10 +22,9 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+    def __init__(self, value: str):
+        # a plain attribute of each member: read for every request several times a step
+        self.finished = value in ("stop", "length", "abort")
 
 
 @dataclass(eq=False)  # a request is itself: queue membership tests compare identities, not fields
