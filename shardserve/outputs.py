@@ -46,6 +46,25 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
 
+    def add(self, later: RequestOutput) -> None:
+        """Fold a later DELTA output of the same request into this one (a consumer that fell behind gets one
+        output with everything it missed): each completion's new text, tokens and logprobs appended."""
+        self.finished = later.finished
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
+        by_index = {c.index: c for c in self.outputs}
+        for new in later.outputs:
+            c = by_index.get(new.index)
+            if c is None:
+                self.outputs.append(new)
+                continue
+            c.text += new.text
+            c.token_ids = list(c.token_ids) + list(new.token_ids)
+            if new.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + new.logprobs
+            c.cumulative_logprob, c.finish_reason, c.stop_reason = \
+                new.cumulative_logprob, new.finish_reason, new.stop_reason
+
 
 # Pooling models ------------------------------------------------------------------------------------------
 

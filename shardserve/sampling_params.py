@@ -18,9 +18,12 @@ class ParameterError(ValueError):
 
 
 class RequestOutputKind(enum.Enum):
-    """When the engine reports a request: every step with everything so far, or once at the end (what the
-    offline API uses: no per-step output to build). vLLM's DELTA comes with the streaming server."""
+    """When and what the engine reports of a request: every step with everything so far (CUMULATIVE), every
+    step with only what is new since its last output (DELTA: the new tokens, text and logprobs of each
+    completion that progressed; prompt logprobs in the first output), or once at the end (FINAL_ONLY, what
+    the offline API uses: no per-step output to build)."""
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
 
 

@@ -79,6 +79,35 @@ def test_a_consumer_that_falls_behind_gets_the_newest_output_not_a_backlog(model
     assert seen == [expected[:1], expected]
 
 
+def test_a_delta_consumer_that_falls_behind_gets_what_it_missed_in_one_output(model_dirs):
+    """DELTA outputs are not replaced while the consumer is away but folded together (vLLM's output
+    collector): it catches up in one output holding every token it missed."""
+    from shardserve.config import EngineConfig
+    from shardserve.engine.async_engine import AsyncLLMEngine
+    from shardserve.sampling_params import RequestOutputKind
+
+    prompt = TokensPrompt(prompt_token_ids=[5, 9, 14])
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    engine = AsyncLLMEngine(EngineConfig(model=model_dirs("llama"), dtype="float32"))
+
+    async def consume(kind, slow):
+        seen = []
+        async for out in engine.generate(prompt, params.clone(output_kind=kind)):
+            seen.append((list(out.outputs[0].token_ids), out.outputs[0].text))
+            if slow and len(seen) == 1:  # away until the engine has made every token
+                while engine.engine.has_unfinished_requests():
+                    await asyncio.sleep(0.01)
+        return seen, out.finished
+    try:
+        cumulative, _ = asyncio.run(consume(RequestOutputKind.CUMULATIVE, False))
+        seen, finished = asyncio.run(consume(RequestOutputKind.DELTA, True))
+    finally:
+        engine.shutdown()
+    expected_ids, expected_text = cumulative[-1]
+    assert finished and len(seen) == 2 and len(expected_ids) == 16
+    assert seen[0][0] + seen[1][0] == expected_ids and seen[0][1] + seen[1][1] == expected_text
+
+
 def test_generate_checks_at_once_and_queues_only_what_is_read(model_dirs):
     """`generate` raises on bad input when called; the request is queued when its stream is first read, so a
     stream left unread (a later prompt of the same call was refused) costs the engine nothing."""

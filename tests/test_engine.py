@@ -223,6 +223,70 @@ def test_stop_string_spanning_tokens():
     assert detok.output_text == "The quick brow"
 
 
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_streamed_text_never_shows_a_stop_string_it_later_cuts(llm, include_stop):
+    """vLLM's rule: while a request runs, the last len(longest stop) - 1 characters of its text are held back
+    (they may begin a stop string that is then cut off), so each streamed text is a prefix of the final one."""
+    engine = llm.llm_engine
+    prompt = TokensPrompt(prompt_token_ids=[1, 5, 6, 7])
+    free_params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine.add_request("free", prompt, free_params)
+    boundaries = []  # where each step's text ended
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            boundaries.append(len(out.outputs[0].text))
+    free = out.outputs[0].text
+    # a stop string across a token boundary, found there first
+    stop = next(free[b - 2:b + 2] for b in boundaries[len(boundaries) // 3:]
+                if b >= 2 and b + 2 <= len(free) and free.index(free[b - 2:b + 2]) == b - 2)
+    end = free.index(stop) + (len(stop) if include_stop else 0)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                            include_stop_str_in_output=include_stop)
+    engine.add_request("stopped", prompt, params)
+    texts = []
+    while engine.has_unfinished_requests():
+        texts.extend(out.outputs[0].text for out in engine.step())
+    assert texts[-1] == free[:end] == llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+    assert all(texts[-1].startswith(text) for text in texts)
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
+    """RequestOutputKind.DELTA (vLLM's): each output carries only what is new for each completion that
+    progressed (tokens, text, logprobs), the prompt logprobs once in the first; put together they are the
+    cumulative outputs' last one."""
+    from shardserve.sampling_params import RequestOutputKind
+    engine = llm.llm_engine
+    prompt = TokensPrompt(prompt_token_ids=[1, 5, 6, 7, 9])
+
+    def run(kind):
+        params = SamplingParams(temperature=0.8, seed=7, n=2, max_tokens=12, ignore_eos=True, logprobs=2,
+                                prompt_logprobs=1, output_kind=kind)
+        engine.add_request(kind.name, prompt, params)
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs.extend(engine.step())
+        return outputs
+
+    final = run(RequestOutputKind.CUMULATIVE)[-1]
+    deltas = run(RequestOutputKind.DELTA)
+    assert deltas[-1].finished and not any(out.finished for out in deltas[:-1])
+    assert deltas[0].prompt_logprobs == final.prompt_logprobs and len(final.prompt_logprobs) == 5
+    assert all(out.prompt_logprobs is None for out in deltas[1:])
+    for c in final.outputs:
+        parts = [d for out in deltas for d in out.outputs if d.index == c.index]
+        assert all(d.token_ids for d in parts)  # nothing new: left out
+        assert [t for d in parts for t in d.token_ids] == c.token_ids and len(c.token_ids) == 12
+        assert "".join(d.text for d in parts) == c.text
+        assert [e for d in parts for e in d.logprobs] == c.logprobs
+        assert parts[-1].finish_reason == c.finish_reason == "length"
+        assert parts[-1].cumulative_logprob == c.cumulative_logprob
+    folded = deltas[0]
+    for out in deltas[1:]:
+        folded.add(out)  # what a consumer that fell behind gets
+    assert [(c.index, c.text, c.token_ids, c.logprobs) for c in folded.outputs] == \
+        [(c.index, c.text, c.token_ids, c.logprobs) for c in final.outputs] and folded.finished
+
+
 def test_kv_cache_is_allocated_once_and_rss_stays_flat(llm):
     worker = llm.llm_engine.executor.worker
     pointers = [c.data_ptr() for c in worker.kv_caches]

@@ -423,3 +423,4 @@ def test_triton_argmax_equals_torch(vocab):
         assert torch.equal(triton_argmax(y).cpu(), y.argmax(-1).cpu())
     wide = torch.randn(3, vocab + 7, generator=g).to(device)[:, :vocab]   # rows with a stride over V
     assert torch.equal(triton_argmax(wide).cpu(), wide.argmax(-1).cpu())
+    assert triton_argmax(x[:0].to(device)).shape == (0,)

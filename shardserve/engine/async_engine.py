@@ -41,7 +41,7 @@ from shardserve.engine.processor import ProcessedPrompt
 from shardserve.inputs import PromptType
 from shardserve.lora.request import LoRARequest
 from shardserve.outputs import RequestOutput
-from shardserve.sampling_params import SamplingParams
+from shardserve.sampling_params import RequestOutputKind, SamplingParams
 from shardserve.workers.cpu_openmp import park_workers_until_signalled
 from shardserve.workers.cpu_sched import favour_this_thread
 
@@ -122,7 +122,7 @@ class AsyncLLMEngine:
         `LLMEngine.add_request`; `reasoning_ended`: as `Processor.make_requests`."""
         request_id = request_id or f"req-{next(self._ids)}"
         return self._stream(request_id, self._add_command(request_id, prompt, params, False, priority,
-                                                          reasoning_ended, lora_request))
+                                                          reasoning_ended, lora_request), _is_delta(params))
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                     hold_kv: bool = False, priority: int = 0,
@@ -130,14 +130,14 @@ class AsyncLLMEngine:
         """Queue a request now (bad input raises here) and return its outputs, as `generate`. `hold_kv`: as
         `LLMEngine.add_request`, for beams to fork from."""
         command = self._add_command(request_id, prompt, params, hold_kv, priority, lora_request=lora_request)
-        return self._stream(request_id, self._queue(request_id, command))
+        return self._stream(request_id, self._queue(request_id, command, _is_delta(params)))
 
     def fork_request(self, request_id: str, parent_request_id: str, token_id: int,
                      params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Queue `LLMEngine.fork_request` now and return the fork's outputs."""
         self.check_health()
         command = ("fork", request_id, parent_request_id, token_id, params)
-        return self._stream(request_id, self._queue(request_id, command))
+        return self._stream(request_id, self._queue(request_id, command, _is_delta(params)))
 
     def _add_command(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
                      hold_kv: bool, priority: int, reasoning_ended: bool | None = None,
@@ -155,10 +155,10 @@ class AsyncLLMEngine:
         if request_ids:
             self._commands.put(("release", list(request_ids)))
 
-    def _queue(self, request_id: str, command: tuple) -> _Mailbox:
+    def _queue(self, request_id: str, command: tuple, delta: bool) -> _Mailbox:
         """Queue `command` for the stepping thread, with a mailbox on this loop for the request's outputs."""
         loop = asyncio.get_running_loop()
-        stream = _Mailbox()
+        stream = _Mailbox(delta)
         self._streams[request_id] = (loop, stream)
         if loop not in self._watched:
             self._watched.add(loop)
@@ -181,10 +181,11 @@ class AsyncLLMEngine:
                 stream.put(e)
         loop.call_later(WATCH_INTERVAL_S, self._watch, loop)
 
-    async def _stream(self, request_id: str, queued: _Mailbox | tuple) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, queued: _Mailbox | tuple,
+                      delta: bool = False) -> AsyncIterator[RequestOutput]:
         """The request's outputs from its mailbox; a command not yet queued (no mailbox) is queued at the first
         output asked for."""
-        stream = queued if isinstance(queued, _Mailbox) else self._queue(request_id, queued)
+        stream = queued if isinstance(queued, _Mailbox) else self._queue(request_id, queued, delta)
         finished = False
         try:
             while not finished:
@@ -305,17 +306,25 @@ class AsyncLLMEngine:
                 self.hand_off_seconds += time.perf_counter() - waited
 
 
+def _is_delta(params) -> bool:
+    return getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+
+
 class _Mailbox:
     """One request's output not yet taken by its consumer (`_stream`), on the consumer's loop. A newer output
-    replaces an untaken one (outputs are cumulative); an error is kept over anything that comes after it."""
-    __slots__ = ("item", "waiter")
+    replaces an untaken one (outputs are cumulative), or with DELTA outputs is folded into it (vLLM's output
+    collector); an error is kept over anything that comes after it."""
+    __slots__ = ("item", "waiter", "delta")
 
-    def __init__(self):
+    def __init__(self, delta: bool = False):
         self.item: RequestOutput | BaseException | None = None
         self.waiter: asyncio.Future | None = None
+        self.delta = delta
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        if not isinstance(self.item, BaseException):
+        if self.delta and isinstance(self.item, RequestOutput) and isinstance(item, RequestOutput):
+            self.item.add(item)
+        elif not isinstance(self.item, BaseException):
             self.item = item
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():

@@ -49,12 +49,21 @@ class IncrementalDetokenizer:
         self._text = ""
         self.num_pending = 0  # tokens appended since the text was last brought up to date
         self.max_stop_len = max((len(s) for s in params.stop), default=0)
+        # While a request runs, its text's last characters may be the start of a stop string that a later token
+        # completes, and the stop string is then cut off: they are not reported until it is known (vLLM's rule)
+        self.stop_buffer = self.max_stop_len - 1 if self.max_stop_len and not params.include_stop_str_in_output \
+            else 0
 
     @property
     def output_text(self) -> str:
         if self.num_pending:
             self._catch_up()
         return self._text
+
+    def text_to_report(self, finished: bool) -> str:
+        """The text an output carries: all of it once finished, else without what may be a stop string's start."""
+        text = self.output_text
+        return text[:len(text) - self.stop_buffer] if self.stop_buffer and not finished else text
 
     def _decode(self, ids: list[int]) -> str:
         return self.decode(ids, skip_special_tokens=self.params.skip_special_tokens)

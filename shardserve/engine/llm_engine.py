@@ -46,6 +46,11 @@ class _Parent:
     # token count in the last output.
     stream_interval: int = 1
     streamed: dict[str, int] = field(default_factory=dict)
+    # DELTA outputs: what each completion's outputs have carried (tokens, characters, whether it finished), and
+    # whether the prompt logprobs went out (in the first output only)
+    delta: bool = False
+    sent: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
+    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
@@ -210,7 +215,8 @@ class LLMEngine:
                                                                  self.decode)
                           for c in children},
                          stream_interval=0 if params.output_kind == RequestOutputKind.FINAL_ONLY
-                         else max(self.config.stream_interval, params.stream_interval or 1))
+                         else max(self.config.stream_interval, params.stream_interval or 1),
+                         delta=params.output_kind == RequestOutputKind.DELTA)
         self.parents[request_id] = parent
         for child in children:
             self.child_to_parent[child.request_id] = parent
@@ -416,16 +422,30 @@ class LLMEngine:
                                         parent.prompt_token_ids, finished=True)
         completions = []
         for child in parent.children:
-            detok = parent.detokenizers[child.request_id]
             params = child.sampling_params
-            token_ids = list(child.output_token_ids)
+            finished = child.is_finished
+            text = parent.detokenizers[child.request_id].text_to_report(finished)
+            token_ids, logprobs = child.output_token_ids, child.logprobs
+            if parent.delta:  # only what is new: completions with nothing new are left out
+                num_tokens, num_chars, was_finished = parent.sent.get(child.request_id, (0, 0, False))
+                if len(token_ids) == num_tokens and len(text) == num_chars and finished == was_finished:
+                    continue
+                parent.sent[child.request_id] = (len(token_ids), len(text), finished)
+                text, token_ids = text[num_chars:], token_ids[num_tokens:]
+                logprobs = None if logprobs is None else logprobs[num_tokens:]
+            else:
+                token_ids = list(token_ids)
             completions.append(CompletionOutput(
-                index=child.index, text=detok.output_text, token_ids=token_ids,
+                index=child.index, text=text, token_ids=token_ids,
                 cumulative_logprob=child.cumulative_logprob if params.logprobs is not None else None,
-                logprobs=child.logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason))
+                logprobs=logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason))
         first = parent.children[0]
+        prompt_logprobs = first.prompt_logprobs
+        if parent.delta:
+            prompt_logprobs = None if parent.sent_prompt_logprobs else prompt_logprobs
+            parent.sent_prompt_logprobs = True
         return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
-                             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
+                             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=prompt_logprobs,
                              outputs=completions, finished=parent.finished,
                              num_cached_tokens=first.num_cached_tokens)
 

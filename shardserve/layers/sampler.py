@@ -93,6 +93,8 @@ def triton_argmax(x: torch.Tensor) -> torch.Tensor:
     values = torch.empty(rows, num_chunks, dtype=torch.float32, device=x.device)
     index = torch.empty(rows, num_chunks, dtype=torch.int32, device=x.device)
     out = torch.empty(rows, dtype=torch.long, device=x.device)
+    if rows == 0:
+        return out
     _chunk_argmax_kernel[(rows, num_chunks)](x, values, index, x.stride(0), V, num_chunks, BLOCK=_ARGMAX_BLOCK)
     _argmax_of_chunks_kernel[(rows,)](values, index, out, num_chunks, BLOCK_C=triton.next_power_of_2(num_chunks))
     return out
