@@ -90,11 +90,11 @@ class BlockManager:
         return self.enable_prefix_caching and request.prompt_embeds is None
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        blocks = self.req_blocks[request.request_id]
         num_full = num_tokens // self.block_size
         start = self.req_num_hashed.get(request.request_id, 0)
-        if num_full <= start:
+        if num_full <= start:  # most decode steps: no block filled
             return
+        blocks = self.req_blocks[request.request_id]
         hashes = self._block_hashes(request, num_full)
         bs = self.block_size
         for i in range(start, num_full):
@@ -127,8 +127,7 @@ class BlockManager:
         # Only tokens already known can be hashed: a token still being sampled (async scheduling) cannot.
         num_known = min(num_computed + num_new_tokens, request.num_tokens)
         if num_needed <= 0 and not cached_blocks:  # most decode steps: the last block has room
-            if num_known // self.block_size > self.req_num_hashed.get(request.request_id, 0) and \
-                    self._cacheable(request):
+            if self._cacheable(request):
                 self._cache_full_blocks(request, num_known)
             return True
         # Cache hits that sit in the free queue stop being free when we take them.

@@ -42,15 +42,12 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[Request]
     detokenizers: dict[str, IncrementalDetokenizer]
-    # New tokens per streamed output (0: the final output only); above 1, `streamed` holds each completion's
-    # token count in the last output.
+    # New tokens per streamed output (0: the final output only)
     stream_interval: int = 1
-    streamed: dict[str, int] = field(default_factory=dict)
-    # DELTA outputs: what each completion's outputs have carried (tokens, characters, whether it finished), and
-    # whether the prompt logprobs went out (in the first output only)
-    delta: bool = False
+    delta: bool = False  # DELTA outputs: only what is new (prompt logprobs in the first)
+    # Kept for DELTA outputs and stream intervals above 1: what each completion's last output carried (tokens,
+    # characters, whether it had finished)
     sent: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
-    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
@@ -329,9 +326,6 @@ class LLMEngine:
         for parent in touched.values():
             output = self._make_output(parent)
             outputs.append(output)
-            if parent.stream_interval > 1:
-                for child in parent.children:
-                    parent.streamed[child.request_id] = child.num_output_tokens
             if output.finished:
                 self.parents.pop(parent.request_id, None)
                 for child in parent.children:
@@ -355,7 +349,7 @@ class LLMEngine:
         the request's when larger), and at once for its first token and when it finishes (vLLM's rule)."""
         if parent.stream_interval <= 1:
             return parent.stream_interval == 1
-        streamed = parent.streamed.get(req.request_id, 0)
+        streamed = parent.sent.get(req.request_id, (0,))[0]
         return streamed == 0 or req.is_finished or req.num_output_tokens - streamed >= parent.stream_interval
 
     def _append_token(self, req: Request, parent: _Parent, token_id: int, logprobs: LogprobsLists | None) -> None:
@@ -421,16 +415,19 @@ class LLMEngine:
             return PoolingRequestOutput(parent.request_id, PoolingOutput(parent.children[0].pooled),
                                         parent.prompt_token_ids, finished=True)
         completions = []
+        first_output = not parent.sent
         for child in parent.children:
             params = child.sampling_params
             finished = child.is_finished
             text = parent.detokenizers[child.request_id].text_to_report(finished)
             token_ids, logprobs = child.output_token_ids, child.logprobs
-            if parent.delta:  # only what is new: completions with nothing new are left out
-                num_tokens, num_chars, was_finished = parent.sent.get(child.request_id, (0, 0, False))
-                if len(token_ids) == num_tokens and len(text) == num_chars and finished == was_finished:
-                    continue
+            if parent.delta or parent.stream_interval > 1:
+                last = parent.sent.get(child.request_id, (0, 0, False))
                 parent.sent[child.request_id] = (len(token_ids), len(text), finished)
+            if parent.delta:  # only what is new: completions with nothing new are left out
+                num_tokens, num_chars, _ = last
+                if last == parent.sent[child.request_id]:
+                    continue
                 text, token_ids = text[num_chars:], token_ids[num_tokens:]
                 logprobs = None if logprobs is None else logprobs[num_tokens:]
             else:
@@ -440,12 +437,9 @@ class LLMEngine:
                 cumulative_logprob=child.cumulative_logprob if params.logprobs is not None else None,
                 logprobs=logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason))
         first = parent.children[0]
-        prompt_logprobs = first.prompt_logprobs
-        if parent.delta:
-            prompt_logprobs = None if parent.sent_prompt_logprobs else prompt_logprobs
-            parent.sent_prompt_logprobs = True
         return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
-                             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=prompt_logprobs,
+                             prompt_token_ids=parent.prompt_token_ids,
+                             prompt_logprobs=first.prompt_logprobs if first_output or not parent.delta else None,
                              outputs=completions, finished=parent.finished,
                              num_cached_tokens=first.num_cached_tokens)
 

@@ -233,7 +233,7 @@ class Scheduler:
         if sample and req.sampling_params is not None:
             req.num_output_placeholders += 1  # until the engine reads the token
         return ScheduledRequest(
-            req.request_id, token_ids, start, self.block_manager.req_blocks.get(req.request_id, []), sample,
+            req.request_id, token_ids, start, self.block_manager.block_ids(req.request_id), sample,
             NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
                            req.sampling_params, req.prompt_embeds, req.pooling_params,
                            req.token_type_ids, req.lora_request) if new else None)

@@ -7,12 +7,13 @@ generator when it has a seed so its tokens do not depend on the rest of the batc
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+from shardserve.layers.attention import triton_backend
+
+_HAVE_TRITON = triton_backend.available()
 
 
 @dataclass
