@@ -151,8 +151,10 @@ def work_shardserve(a, async_scheduling: bool | None = None) -> dict:
 
 
 def _mix(llm, vocab: int, a) -> dict:
-    """All requests queued at once, the engine stepped directly: a timestamp for every token."""
+    """All requests queued at once, the engine stepped directly: a timestamp for every token. Outputs are streamed
+    as the server streams them (DELTA: each step's new tokens of every request)."""
     from shardserve import SamplingParams
+    from shardserve.sampling_params import RequestOutputKind
     from shardserve.inputs import TokensPrompt
     rng = random.Random(4)
     lo, hi = a.mix_lens
@@ -162,14 +164,14 @@ def _mix(llm, vocab: int, a) -> dict:
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(zip(random_prompts(vocab, a.num_requests, in_lens, seed=5), out_lens)):
         engine.add_request(f"mix-{i}", TokensPrompt(prompt_token_ids=prompt),
-                           SamplingParams(temperature=0, ignore_eos=True, max_tokens=n))
+                           SamplingParams(temperature=0, ignore_eos=True, max_tokens=n,
+                                          output_kind=RequestOutputKind.DELTA))
     stamps: dict[str, list[float]] = {}
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
         for out in outputs:
-            seen = stamps.setdefault(out.request_id, [])
-            seen.extend([now] * (len(out.outputs[0].token_ids) - len(seen)))
+            stamps.setdefault(out.request_id, []).extend([now] * sum(len(c.token_ids) for c in out.outputs))
     elapsed = time.perf_counter() - start
     ttft = sorted(s[0] - start for s in stamps.values())
     itl = sorted(b - a_ for s in stamps.values() for a_, b in zip(s, s[1:]))

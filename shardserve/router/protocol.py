@@ -128,7 +128,7 @@ class SamplingRequest(OpenAIBase):
             stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
             structured_outputs=structured,
-            output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
 
 def _structured_outputs(fields: dict[str, Any]) -> StructuredOutputsParams | None:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible completion and chat logic of one model: requests in, response bodies or stream
 chunks out. It runs inside the model's replica, next to its async engine; the ingress only routes.
 
-Streams carry CUMULATIVE outputs from the engine; each chunk sends what is new since the last one, as JSON text.
+Streams carry DELTA outputs from the engine (only what is new in each: no request's whole token list is copied
+per step); each becomes a chunk of JSON text.
 """
 from __future__ import annotations
 
@@ -120,21 +121,29 @@ class _Delta:
 
 
 class _StreamCursor:
-    """What each streamed choice has been sent so far (outputs are cumulative); yields what is new."""
+    """What each streamed choice has been sent so far, from the engine's DELTA outputs; with `keep`, each choice's
+    whole answer so far too (what reading tool calls and thinking takes)."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = False):
         self.sent: dict[int, tuple[int, int]] = {}   # choice index -> (chars, tokens) sent
         self.completion_tokens = 0
+        self.whole: dict[int, CompletionOutput] | None = {} if keep else None
 
     def advance(self, index: int, c: CompletionOutput) -> _Delta | None:
-        chars, tokens = self.sent.get(index, (0, 0))
-        text, new_tokens = c.text[chars:], c.token_ids[tokens:]
-        if not text and not new_tokens and c.finish_reason is None:
+        if not c.text and not c.token_ids and c.finish_reason is None:
             return None
         first = index not in self.sent
-        self.sent[index] = (len(c.text), len(c.token_ids))
-        self.completion_tokens += len(new_tokens)
-        return _Delta(text, new_tokens, (c.logprobs or [])[tokens:], chars, first)
+        chars, tokens = self.sent.get(index, (0, 0))
+        self.sent[index] = (chars + len(c.text), tokens + len(c.token_ids))
+        self.completion_tokens += len(c.token_ids)
+        if self.whole is not None:
+            whole = self.whole.get(index)
+            if whole is None:
+                self.whole[index] = CompletionOutput(index, c.text, list(c.token_ids), None, None)
+            else:
+                whole.text += c.text
+                whole.token_ids.extend(c.token_ids)
+        return _Delta(c.text, c.token_ids, c.logprobs or [], chars, first)
 
 
 def _json(value) -> str:
@@ -515,10 +524,10 @@ class OpenAIServing:
                            usage: tuple[bool, bool]) -> AsyncIterator[str]:
         final_usage, continuous_usage = usage
         encoder = _ChunkEncoder(meta, "chat.completion.chunk")
-        cursor = _StreamCursor()
+        cursor = _StreamCursor(keep=not answers.plain)   # tool calls and thinking are read from the whole answer
         top, prompt_tokens, ids = req.top_logprobs or 0, len(prompt_token_ids), req.return_token_ids
         with_logprobs = req.logprobs and not answers.hides_thinking
-        last, latest = out, {}   # the last output, and each choice's latest (for the usage's thinking tokens)
+        last = out
         try:
             for i in range(req.n):  # the first chunk ever has the prompt's token ids (return_token_ids)
                 yield encoder.choice(i, "delta", '{"role": "assistant", "content": ""}', None, None, None,
@@ -530,26 +539,27 @@ class OpenAIServing:
                     d = cursor.advance(c.index, c)
                     if d is None:
                         continue
-                    latest[c.index] = c
                     logprobs = self._chat_logprobs(d.token_ids, d.logprobs, top, req.return_tokens_as_token_ids) \
                         if with_logprobs else None
                     finish_reason = c.finish_reason
                     if answers.plain:
                         delta = '{"content": %s}' % _json_str(d.text) if d.text else "{}"
                     else:
-                        fields, called = answers.delta(c.index, c.text, d.text, d.first, finish_reason is not None)
+                        whole = cursor.whole[c.index]
+                        fields, called = answers.delta(c.index, whole.text, d.text, d.first, finish_reason is not None)
                         delta, finish_reason = json.dumps(fields), answers.finish_reason(finish_reason, called, True)
                     # continuous usage: this choice's tokens so far, and of them its thinking (vLLM's counts)
                     yield encoder.choice(c.index, "delta", delta, logprobs, finish_reason, c.stop_reason,
                                          _usage(prompt_tokens, cursor.sent[c.index][1], None,
-                                                answers.reasoning_tokens([c])) if continuous_usage else None,
+                                                answers.reasoning_tokens([cursor.whole[c.index]])
+                                                if answers.reasoning else None) if continuous_usage else None,
                                          {"token_ids": d.token_ids} if ids else None)
                 last, out = out, await anext(rest, None)
         finally:  # the consumer went away or the request failed: a request still running is aborted
             await rest.aclose()
         if final_usage:
             yield encoder.usage(_usage(prompt_tokens, cursor.completion_tokens, self._cached([last]),
-                                       answers.reasoning_tokens(list(latest.values()))))
+                                       answers.reasoning_tokens(list((cursor.whole or {}).values()))))
 
     # responses ------------------------------------------------------------------------------------------
 
