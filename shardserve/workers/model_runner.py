@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from shardserve.distributed.parallel_state import get_pp_group, pp_recv, pp_send
@@ -14,6 +15,7 @@ from shardserve.lora.adapter import AdapterCache
 from shardserve.lora.layers import StackedLoRAs, active_loras, stack_loras, step_loras
 from shardserve.lora.request import LoRARequest
 from shardserve.sampling_params import SamplingParams
+from shardserve.workers.block_table import BlockTables
 from shardserve.workers.pooling_runner import prepare_pooling_step
 
 
@@ -83,6 +85,7 @@ class ModelRunner:
         self.pp = get_pp_group()
         self.sampler = Sampler(seed, device)
         self.requests: dict[str, CachedRequestState] = {}
+        self.block_tables = BlockTables()
         self.is_pooling = getattr(model, "pooling_kind", None) is not None
         self.graphs = None  # a CudaGraphRunner, set by the worker when decode steps replay CUDA graphs
         self.adapters: AdapterCache | None = None  # the loaded LoRA adapters, set by the worker (enable_lora)
@@ -104,6 +107,7 @@ class ModelRunner:
     def _update_states(self, out: SchedulerOutput) -> None:
         for request_id in out.finished_request_ids:
             self.requests.pop(request_id, None)
+            self.block_tables.remove(request_id)
         for s in out.scheduled:
             if s.new_request is not None:
                 self._add_request(s.new_request)
@@ -122,6 +126,7 @@ class ModelRunner:
             for _ in new.output_token_ids:
                 torch.empty(self.vocab_size, device=self.device).exponential_(generator=generator)
         embeds = None if new.prompt_embeds is None else new.prompt_embeds.to(self.device)
+        self.block_tables.add(new.request_id)
         self.requests[new.request_id] = CachedRequestState(
             list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids), params,
             generator, embeds, new.lora_request)
@@ -132,15 +137,19 @@ class ModelRunner:
         """Flattened inputs. Short queries (decodes, small chunks, beams that differ in a few tokens) come
         first and become one row per query token for the backend's paged decode path, each row attending
         to its own prefix; longer queries get a prefill entry each. Everything goes to the device in one copy
-        (at a few hundred requests a step, per-tensor copies and Python padding were a visible share of it)."""
-        bs = self.block_size
+        (at a few hundred requests a step, per-tensor copies and Python padding were a visible share of it);
+        block tables come from the rows the worker keeps (`BlockTables`), brought up to date here."""
+        bs, tables = self.block_size, self.block_tables
+        row_of, table_lens = tables.row_of, tables.lens
         input_ids, positions, slots = [], [], []
-        decode_lens, decode_tables, prefills = [], [], []
+        decode_lens, decode_rows, prefills = [], [], []
         fill_rows, fill_from = [], []  # input rows whose token is the last step's sample there, on the device
         last_rows = None               # request id -> its row in the last step's sample, at the first placeholder
         for s in scheduled:
             start, n = s.num_computed_tokens, len(s.token_ids)
-            table = s.block_ids
+            table, row = s.block_ids, row_of[s.request_id]
+            if len(table) != table_lens[row]:
+                tables.update(row, table)
             if n == 1:  # a decode: the common case, kept short
                 if s.token_ids[0] == PLACEHOLDER:  # sampled by the step before, not yet read by the engine
                     if last_rows is None:
@@ -152,7 +161,7 @@ class ModelRunner:
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
                 decode_lens.append(start + 1)
-                decode_tables.append(table)
+                decode_rows.append(row)
                 continue
             query_start = len(input_ids)
             input_ids.extend(s.token_ids)
@@ -160,30 +169,25 @@ class ModelRunner:
             if n <= PAGED_QUERY_MAX:
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
                 decode_lens.extend(range(start + 1, start + n + 1))
-                decode_tables.extend([table] * n)
-            else:
-                seq_slots = [table[p // bs] * bs + p % bs for p in range(start + n)]
-                slots.extend(seq_slots[start:])
-                prefills.append((query_start, n, start, seq_slots))
+                decode_rows.extend([row] * n)
+            else:  # (after every short query: the step's slots are the short ones', then each prefill's)
+                prefills.append((query_start, n, start, tables.slots(row, bs, start + n)))
         num_tokens, num_decodes = len(input_ids), len(decode_lens)
-        packed = input_ids + positions + slots + decode_lens
-        width = max(map(len, decode_tables), default=0)
-        for table in decode_tables:  # rows padded to one width
-            packed += table
-            packed += [0] * (width - len(table))
-        for *_, seq_slots in prefills:
-            packed += seq_slots
-        packed += fill_rows + fill_from
+        width = max(map(table_lens.__getitem__, decode_rows), default=0)
+        packed = np.concatenate([
+            np.array(input_ids + positions + slots, np.int64), *(seq_slots[ctx:] for _, _, ctx, seq_slots in prefills),
+            np.array(decode_lens, np.int64), tables.table[decode_rows, :width].ravel(),
+            *(seq_slots for *_, seq_slots in prefills), np.array(fill_rows + fill_from, np.int64)])
         on_device = self.to_device(packed)
         parts = iter(on_device.split([num_tokens] * 3 + [num_decodes, num_decodes * width] +
                                      [len(p[3]) for p in prefills] + [len(fill_rows)] * 2))
-        input_ids, positions, slot_mapping, seq_lens, tables = (next(parts) for _ in range(5))
+        input_ids, positions, slot_mapping, seq_lens, decode_tables = (next(parts) for _ in range(5))
         if fill_rows:
             rows, source = on_device[-2 * len(fill_rows):].view(2, -1)
             input_ids[rows] = self._last_sampled[0][source]
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, num_decode_tokens=num_decodes)
         if num_decodes:
-            meta.decode_block_tables, meta.decode_seq_lens = tables.view(num_decodes, width), seq_lens
+            meta.decode_block_tables, meta.decode_seq_lens = decode_tables.view(num_decodes, width), seq_lens
         meta.prefills = [PrefillSeq(q0, n, ctx, next(parts)) for q0, n, ctx, _ in prefills]
         return input_ids, positions, meta
 
