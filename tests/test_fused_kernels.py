@@ -110,6 +110,41 @@ def test_qk_norm_then_rotary_in_one_kernel_matches_torch(impl, num_heads, num_kv
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
 
 
+@pytest.mark.parametrize("impl", [c for c in CASES if c.id.startswith("triton")], indirect=True)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 2, 32), (6, 3, 24)])
+def test_rotary_writes_the_kv_cache_as_the_attention_store_does(impl, qk_norm, num_heads, num_kv_heads, head_dim):
+    """The rotary kernel writing the rotated keys and the values into the paged cache (the Triton backend's
+    store folded in, one launch fewer a layer): the same q and k, and the same cache bit for bit, as rotating
+    and then `triton_kernels.store_kv`; a padding row (slot -1) writes nothing."""
+    from transformers import LlamaConfig
+
+    from shardserve.layers.attention import triton_kernels
+    device, dtype = impl
+    rope = RotaryEmbedding(LlamaConfig(rope_theta=10000.0), head_dim, 128).to(device)
+    g = torch.Generator().manual_seed(5)
+    weights = tuple(torch.randn(head_dim, generator=g).to(device, dtype) for _ in range(2)) if qk_norm else None
+    qkv = torch.randn(7, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(device, dtype)
+    slots = torch.tensor([5, 0, 17, -1, 31, 8, 22], device=device)   # blocks of 4 tokens, out of order
+    positions = torch.tensor([0, 1, 5, 0, 100, 127, 64], device=device)
+    cos, sin = rope.cos_sin(positions, dtype)
+    results = []
+    for fused in (False, True):
+        x = qkv.clone()
+        q, k, v = x.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        q, k, v = (t.view(7, -1, head_dim) for t in (q, k, v))
+        cache = torch.full((2, 9, num_kv_heads, 4, head_dim), 7.0, dtype=dtype, device=device)
+        fused_kernels.rotary_(q, k, cos, sin, weights, 1e-6, (v, cache, slots) if fused else None)
+        if not fused:
+            triton_kernels.store_kv(k, v, cache, slots)
+        results.append((x, cache))
+    (x_ref, cache_ref), (x, cache) = results
+    assert torch.equal(x, x_ref) and torch.equal(cache, cache_ref)
+    written = torch.zeros(9 * 4, dtype=torch.bool)
+    written[slots[slots >= 0].cpu()] = True
+    assert (cache.transpose(2, 3).reshape(2, 9 * 4, -1)[:, ~written.to(device)] == 7).all()  # the rest untouched
+
+
 @pytest.mark.parametrize("impl", CASES, indirect=True)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("rows, inter", [(5, 40), (300, 688)])  # widths off the 16-lane vectors; threads

@@ -5,7 +5,9 @@ or an operator dispatch and a temporary (CPU), and a round trip through memory:
   (and the new residual) once, instead of the seven kernels of the torch expression;
 - `rotary_`: neox-style rotation of q and k in place from the step's cos/sin, one launch for both; on a GPU
   it can first apply Qwen3's and Gemma 3's per-head RMSNorm of q and k (otherwise two copies out of the QKV
-  output and two more launches);
+  output and two more launches), and then write the rotated keys and the values into the paged KV cache at
+  their slots (the attention backend's store, one launch per layer fewer: at batch 1 a decode step is a chain
+  of small kernels, each costing its launch gap);
 - `act_and_mul`: SwiGLU's silu(gate) * up, or GeGLU's (tanh GELU), in one pass.
 
 On GPUs they are Triton kernels; on CPUs (fp32, bf16) the C kernels of csrc/fused_ops.c (layers/cpu_kernels.py).
@@ -57,9 +59,10 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps, stride_qt, stride_qh,
-                       stride_kt, stride_kh, stride_ct, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                       stride_kt, stride_kh, stride_ct, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_vt,
+                       stride_vh, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                        HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr,
-                       HAS_NORM: tl.constexpr):
+                       HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, HALF_PAD)
         h = tl.arange(0, HEADS_PAD)
@@ -81,8 +84,19 @@ if _HAVE_TRITON:
                 w1 = tl.load(norm_ptr + d, mask=d_ok, other=0.0)[None, :]
                 w2 = tl.load(norm_ptr + HALF + d, mask=d_ok, other=0.0)[None, :]
                 x1, x2 = w1 * (h1 * scale).to(x1.dtype), w2 * (h2 * scale).to(x2.dtype)
-            tl.store(base, (x1 * cos - x2 * sin).to(x1.dtype), mask=mask)
-            tl.store(base + HALF, (x2 * cos + x1 * sin).to(x1.dtype), mask=mask)
+            y1, y2 = (x1 * cos - x2 * sin).to(x1.dtype), (x2 * cos + x1 * sin).to(x1.dtype)
+            tl.store(base, y1, mask=mask)
+            tl.store(base + HALF, y2, mask=mask)
+            if STORE_KV and which == 1:  # the cache layout of layers/attention/triton_kernels.py; slot < 0: padding
+                slot = tl.load(slot_ptr + token)
+                dst = ((slot // BLOCK_SIZE * NUM_KV_HEADS + h[:, None]) * BLOCK_SIZE + slot % BLOCK_SIZE) * \
+                    (2 * HALF) + d[None, :]
+                keep = mask & (h[:, None] * 0 + slot >= 0)   # (a scalar condition as a tile's, for the interpreter)
+                tl.store(k_cache_ptr + dst, y1, mask=keep)
+                tl.store(k_cache_ptr + dst + HALF, y2, mask=keep)
+                v_src = v_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :]
+                tl.store(v_cache_ptr + dst, tl.load(v_src, mask=keep), mask=keep)
+                tl.store(v_cache_ptr + dst + HALF, tl.load(v_src + HALF, mask=keep), mask=keep)
 
     @triton.jit
     def _act_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.constexpr,
@@ -125,16 +139,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0) -> None:
+            norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0,
+            kv_store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Rotates q: [T, H, D] and k: [T, Hkv, D] (last dim contiguous) in place; cos, sin: [T, 1, D / 2].
-    `norm_weights` (Triton only): (q's, k's) per-head RMSNorm weights, applied (with `eps`) before rotating."""
+    Triton only: `norm_weights`, (q's, k's) per-head RMSNorm weights, applied (with `eps`) before rotating;
+    `kv_store`, (v: [T, Hkv, D], kv_cache: [2, num_blocks, Hkv, block_size, D], slot_mapping: [T]): the rotated
+    keys and the values written into the cache as `triton_kernels.store_kv` writes them."""
     tokens, num_heads, head_dim = q.shape
     if not tokens:
         return
     cos, sin = cos.reshape(tokens, -1), sin.reshape(tokens, -1)
     assert cos.stride() == sin.stride() and q.stride(-1) == 1 and k.stride(-1) == 1
     if _use_c(q):
-        assert norm_weights is None, "the C rotary kernel does not normalise"
+        assert norm_weights is None and kv_store is None, "the C rotary kernel only rotates"
         assert cos.stride(-1) == 1 and q.dtype == k.dtype == cos.dtype == sin.dtype
         cpu_kernels.lib().rotary_neox(
             q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, num_heads, k.shape[1], head_dim,
@@ -143,10 +160,14 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     half = head_dim // 2
     q_norm, k_norm = norm_weights or (q, k)  # (unread without a norm)
+    v, kv_cache, slot_mapping = kv_store or (k, k.new_empty(2, 0, 1, 1, 1), cos)  # (unread without a store)
+    assert v.stride(-1) == 1 and kv_cache.is_contiguous() and kv_cache.shape[2] in (1, k.shape[1])
     _rotary_kernel[(tokens,)](
         q, k, cos, sin, q_norm, k_norm, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        v, kv_cache[0], kv_cache[1], slot_mapping, v.stride(0), v.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=k.shape[1], HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])), HAS_NORM=norm_weights is not None)
+        HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])), HAS_NORM=norm_weights is not None,
+        STORE_KV=kv_store is not None, BLOCK_SIZE=kv_cache.shape[3])
 
 
 def act_and_mul(x: torch.Tensor, tanh_gelu: bool = False) -> torch.Tensor:

@@ -49,24 +49,30 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]. On a GPU rotated in place by one fused kernel
-    (q and k are views of the step's fresh QKV projection, read by nothing else)."""
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_store: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """q: [T, heads, head_dim], k: [T, kv_heads, head_dim] -> (q, k, whether k and v were stored). Rotated in
+    place by one fused kernel where it builds (q and k are views of the step's fresh QKV projection, read by
+    nothing else); on a GPU that kernel also writes k and v into the KV cache when given `kv_store`
+    (`Attention.kv_store`), one launch fewer a layer."""
     if fused_kernels.enabled(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
-        fused_kernels.rotary_(q, k, cos, sin)
-        return q, k
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        kv_store = kv_store if q.is_cuda else None  # (the CPUs' C kernel only rotates)
+        fused_kernels.rotary_(q, k, cos, sin, kv_store=kv_store)
+        return q, k, kv_store is not None
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), False
 
 
 def apply_qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
-                         cos: torch.Tensor, sin: torch.Tensor):
+                         cos: torch.Tensor, sin: torch.Tensor,
+                         kv_store: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per-head RMSNorm of q and k (Qwen3's, Gemma 3's), then `apply_rotary`. On a GPU one kernel does all
-    of it in place, where the norms alone would copy q and k out of the QKV output and launch two more."""
+    of it in place (and the KV store), where the norms alone would copy q and k out of the QKV output and
+    launch two more."""
     if q.is_cuda and fused_kernels.enabled(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and \
             q_norm.eps == k_norm.eps:
-        fused_kernels.rotary_(q, k, cos, sin, (q_norm.weight, k_norm.weight), q_norm.eps)
-        return q, k
-    return apply_rotary(q_norm(q), k_norm(k), cos, sin)
+        fused_kernels.rotary_(q, k, cos, sin, (q_norm.weight, k_norm.weight), q_norm.eps, kv_store)
+        return q, k, kv_store is not None
+    return apply_rotary(q_norm(q), k_norm(k), cos, sin, kv_store)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -48,11 +48,12 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
+        kv_store = self.attn.kv_store(v, meta)
         if self.qk_norm:
-            q, k = apply_qk_norm_rotary(q, k, self.q_norm, self.k_norm, *rope)
+            q, k, kv_stored = apply_qk_norm_rotary(q, k, self.q_norm, self.k_norm, *rope, kv_store=kv_store)
         else:
-            q, k = apply_rotary(q, k, *rope)
-        return self.o_proj(self.attn(q, k, v, meta))
+            q, k, kv_stored = apply_rotary(q, k, *rope, kv_store=kv_store)
+        return self.o_proj(self.attn(q, k, v, meta, kv_stored))
 
 
 class LlamaMLP(nn.Module):

@@ -80,13 +80,17 @@ class AttentionBackend:
     # Whether a decode step's forward can be captured in a CUDA graph: no host syncs, grids sized from
     # host-known shapes, padding rows (slot -1) written nowhere.
     supports_cuda_graphs = False
+    # Whether the rotary kernel may write a step's keys and values into this backend's cache (layers/rotary.py:
+    # the Triton layout, written as `triton_kernels.store_kv` writes it), so the backend's own store is skipped.
+    kv_store_in_rotary = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                softcap: float | None = None) -> torch.Tensor:
+                softcap: float | None = None, kv_stored: bool = False) -> torch.Tensor:
         """`sliding_window`: a query at position p sees the keys at p - sliding_window + 1 .. p only (the
         layer's own window, e.g. Gemma 3's local layers); None: every earlier key. `softcap`: the attention
-        logits are capped as softcap * tanh(logits / softcap) (Gemma 2); None: not capped."""
+        logits are capped as softcap * tanh(logits / softcap) (Gemma 2); None: not capped. `kv_stored`: k and
+        v are in the cache already (written by the rotary kernel)."""
         raise NotImplementedError
 
 

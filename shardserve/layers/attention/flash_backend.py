@@ -105,10 +105,12 @@ class FlashAttentionBackend(TorchAttentionBackend):
         self.triton_store_kv(k, v, kv_cache, meta.slot_mapping)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, softcap: float | None = None,
+                kv_stored: bool = False) -> torch.Tensor:
         if meta.slot_mapping is None or kv_cache is None or not meta.causal:
-            return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap)
-        self.store_kv(k, v, kv_cache, meta)
+            return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap, kv_stored)
+        if not kv_stored:
+            self.store_kv(k, v, kv_cache, meta)
         cu_q, seqused_k, tables, max_q, max_k = meta.memo("flash_varlen", lambda: _varlen_inputs(meta))
         out = torch.empty_like(q)
         _varlen(self.varlen, q, kv_cache, cu_q, seqused_k, tables, max_q, max_k, scale, out, sliding_window,

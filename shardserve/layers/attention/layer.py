@@ -32,10 +32,19 @@ class Attention(nn.Module):
         self.backend = backend or get_attention_backend()
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, num_kv_heads, block_size, head_dim]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
+    def kv_store(self, v: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
+        """(v: [T, kv_heads, head_dim], the cache, the step's slots) for the rotary kernel to write this step's
+        keys and values with, where the backend lets it (layers/rotary.py); else None."""
+        if not self.backend.kv_store_in_rotary or self.kv_cache is None or meta.slot_mapping is None:
+            return None
+        return v.view(-1, self.num_kv_heads, self.head_dim), self.kv_cache, meta.slot_mapping
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_stored: bool = False) -> torch.Tensor:
+        """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]. `kv_stored`: the
+        rotary kernel has written k and v into the cache (`kv_store`)."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window,
-                                   self.softcap).reshape(q.size(0), -1)
+                                   self.softcap, kv_stored).reshape(q.size(0), -1)

@@ -30,11 +30,12 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, softcap: float | None = None,
+                kv_stored: bool = False) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, Hkv, block_size, D] or None."""
         if meta.slot_mapping is None:
             return self.self_attention(q, k, v, meta, scale, sliding_window, softcap)
-        if kv_cache is not None:
+        if kv_cache is not None and not kv_stored:
             self.store_kv(k, v, kv_cache, meta)
         nd = meta.num_decode_tokens
         if nd == q.size(0):  # a decode-only step

@@ -27,6 +27,7 @@ def runs_on(device: torch.device) -> bool:
 class TritonAttentionBackend(TorchAttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    kv_store_in_rotary = True
 
     def __init__(self):
         from shardserve.layers.attention import triton_kernels
@@ -36,10 +37,12 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self.kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, softcap: float | None = None,
+                kv_stored: bool = False) -> torch.Tensor:
         if meta.slot_mapping is None or kv_cache is None:
             return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap)
-        self.store_kv(k, v, kv_cache, meta)
+        if not kv_stored:
+            self.store_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
