@@ -7,6 +7,7 @@
 #   bash scripts/gpu-check.sh bench      # benchmarks/gpu.py: both shapes against transformers, the mix on one
 #   bash scripts/gpu-check.sh            # both, one after the other
 #   bash scripts/gpu-check.sh kernels    # only the attention kernels' num_warps / tile sweep (gpu_kernels.py)
+#   bash scripts/gpu-check.sh gemv       # batch-1 projections: cuBLAS against a Triton GEMV sweep (gpu_gemv.py)
 #   bash scripts/gpu-check.sh profile    # where a decode step's time goes, both shapes at batch 256 and 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,10 @@ python3 "$preflight" 2>&1 | tee "$out/device.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 if [ "$mode" = kernels ]; then
     python3 benchmarks/gpu_kernels.py --json-out "$out/gpu-kernels.json" 2>&1 | tee "$out/kernels.log"
+    exit "${PIPESTATUS[0]}"
+fi
+if [ "$mode" = gemv ]; then
+    python3 benchmarks/gpu_gemv.py --json-out "$out/gpu-gemv.json" 2>&1 | tee "$out/gemv.log"
     exit "${PIPESTATUS[0]}"
 fi
 if [ "$mode" = profile ]; then

@@ -3,6 +3,7 @@ tokenizers, safetensors, pytest and peft, but none of the serving stack (Ray, Se
 xgrammar, the API clients). Nothing it runs may need those: checked here, on the CPU, with them made missing."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,17 @@ def test_the_profile_runs_without_the_serving_stack_and_labels_every_host_phase(
                       "wait + read tokens", "process outputs"):
             assert f"| {phase} | " in section, section
         assert (tmp_path / "out" / f"trace-tiny-b{batch}.json.gz").stat().st_size > 0
+
+
+def test_the_gemv_benchmark_runs_in_the_interpreter_without_the_serving_stack(tmp_path):
+    """`gpu-check.sh gemv`: its CPU smoke run (Triton's interpreter) checks the candidate against F.linear and
+    writes its report, with the serving stack missing as on the GPU machine."""
+    (tmp_path / "sitecustomize.py").write_text(_MISSING.format(names=set(NOT_ON_THE_GPU_MACHINE)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    run = subprocess.run([sys.executable, "benchmarks/gpu_gemv.py", "--smoke", "--json-out", str(tmp_path / "g.json")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "g.json").read_text())
+    for shape in report["shapes"]:
+        assert shape["best"] is not None, shape   # every config ran and agreed with F.linear
+        assert all(isinstance(diff, float) for _, diff in shape["triton"].values()), shape
