@@ -9,7 +9,7 @@ import torch
 from shardserve.distributed.parallel_state import get_pp_group, pp_recv, pp_send
 from shardserve.engine.scheduler import PLACEHOLDER, NewRequestData, ScheduledRequest, SchedulerOutput
 from shardserve.layers.attention import AttentionMetadata
-from shardserve.layers.attention.backend import PrefillSeq, host_to_device
+from shardserve.layers.attention.backend import PrefillSeq, host_to_device, to_device_aligned
 from shardserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
 from shardserve.lora.adapter import AdapterCache
 from shardserve.lora.layers import StackedLoRAs, active_loras, stack_loras, step_loras
@@ -172,23 +172,18 @@ class ModelRunner:
                 decode_rows.extend([row] * n)
             else:  # (after every short query: the step's slots are the short ones', then each prefill's)
                 prefills.append((query_start, n, start, tables.slots(row, bs, start + n)))
-        num_tokens, num_decodes = len(input_ids), len(decode_lens)
+        num_decodes = len(decode_lens)
         width = max(map(table_lens.__getitem__, decode_rows), default=0)
-        packed = np.concatenate([
-            np.array(input_ids + positions + slots, np.int64), *(seq_slots[ctx:] for _, _, ctx, seq_slots in prefills),
-            np.array(decode_lens, np.int64), tables.table[decode_rows, :width].ravel(),
-            *(seq_slots for *_, seq_slots in prefills), np.array(fill_rows + fill_from, np.int64)])
-        on_device = self.to_device(packed)
-        parts = iter(on_device.split([num_tokens] * 3 + [num_decodes, num_decodes * width] +
-                                     [len(p[3]) for p in prefills] + [len(fill_rows)] * 2))
-        input_ids, positions, slot_mapping, seq_lens, decode_tables = (next(parts) for _ in range(5))
-        if fill_rows:
-            rows, source = on_device[-2 * len(fill_rows):].view(2, -1)
-            input_ids[rows] = self._last_sampled[0][source]
+        slots = np.concatenate([np.array(slots, np.int64), *(seq_slots[ctx:] for _, _, ctx, seq_slots in prefills)])
+        input_ids, positions, slot_mapping, seq_lens, decode_tables, *kv_slots, fill_rows, fill_from = \
+            to_device_aligned([input_ids, positions, slots, decode_lens, tables.table[decode_rows, :width].ravel(),
+                               *(seq_slots for *_, seq_slots in prefills), fill_rows, fill_from], self.device)
+        if len(fill_rows):
+            input_ids[fill_rows] = self._last_sampled[0][fill_from]
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=bs, num_decode_tokens=num_decodes)
         if num_decodes:
             meta.decode_block_tables, meta.decode_seq_lens = decode_tables.view(num_decodes, width), seq_lens
-        meta.prefills = [PrefillSeq(q0, n, ctx, next(parts)) for q0, n, ctx, _ in prefills]
+        meta.prefills = [PrefillSeq(q0, n, ctx, slots) for (q0, n, ctx, _), slots in zip(prefills, kv_slots)]
         return input_ids, positions, meta
 
     def _inputs_embeds(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor) -> torch.Tensor | None:

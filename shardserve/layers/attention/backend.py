@@ -25,6 +25,24 @@ def host_to_device(values, device: torch.device, dtype: torch.dtype = torch.long
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
+def to_device_aligned(segments: list, device: torch.device) -> list[torch.Tensor]:
+    """Int64 host arrays (or lists) to `device` in one copy, as tensors that each start 16-byte aligned (every
+    segment padded to an even length). Triton compiles a kernel once per pointer argument's alignment: packed
+    end to end, where a segment starts would depend on the batch's sizes, and a step of a new shape could
+    stall on a compile (layers/attention/triton_kernels.py)."""
+    sizes = [len(segment) for segment in segments]
+    packed = np.zeros(sum(n + (n & 1) for n in sizes), np.int64)
+    at = 0
+    for segment, n in zip(segments, sizes):
+        packed[at:at + n] = segment
+        at += n + (n & 1)
+    on_device, tensors, at = host_to_device(packed, device), [], 0
+    for n in sizes:
+        tensors.append(on_device[at:at + n])
+        at += n + (n & 1)
+    return tensors
+
+
 @dataclass
 class PrefillSeq:
     """One request in the step whose query has several tokens (a prompt, a chunk of one, or a recompute)."""

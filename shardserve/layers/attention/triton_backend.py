@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from shardserve.layers.attention.backend import AttentionMetadata, host_to_device
+from shardserve.layers.attention.backend import AttentionMetadata, to_device_aligned
 from shardserve.layers.attention.torch_backend import TorchAttentionBackend
 
 
@@ -63,5 +63,5 @@ def _prefill_tensors(meta: AttentionMetadata):
     tables = torch.nn.utils.rnn.pad_sequence(meta.prefill_block_tables(), batch_first=True)
     columns = [[s.query_start for s in meta.prefills], [s.query_len for s in meta.prefills],
                [s.context_len for s in meta.prefills]]
-    starts, lens, contexts = host_to_device(sum(columns, []), device).view(3, -1)
+    starts, lens, contexts = to_device_aligned(columns, device)
     return tables, starts, lens, contexts

@@ -17,6 +17,13 @@ from below, so keys before a query's window are not read; without one it is pass
 
 Scores accumulate in fp32 whatever the cache dtype. Grids depend only on host-known sizes (the block-table
 width, the number of sequences), never on device values, so decode launches can be captured in a CUDA graph.
+
+A kernel compiles once per distinct constexpr value and (Triton's specialisation) per integer argument that is 1
+or a multiple of 16 and per pointer that is or is not 16-byte aligned. A compile takes about a second and stalls
+the step, and with it every request in flight: what changes from step to step (the block tables' width, the
+split of a context, how many splits) is a runtime argument not specialised on (`do_not_specialize`), so a
+server meets each kernel's few variants at its first steps, not mid-traffic at a new batch's shape. (The model
+runner keeps the step's inputs 16-byte aligned likewise.)
 On a CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported).
 """
 from __future__ import annotations
@@ -96,13 +103,13 @@ def _attend_tile(q, k, v, keep, scale, softcap, m_i, l_i, acc, IEEE: tl.constexp
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table", "tokens_per_split", "num_splits"])
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr,
                          part_out_ptr, part_lse_ptr, scale, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh, stride_table, tokens_per_split, window,
-                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         num_splits, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                          IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -128,13 +135,13 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
                                     d, d_ok, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
         m_i, l_i, acc = _attend_tile(q, k, v, valid[None, :], scale, softcap, m_i, l_i, acc, IEEE, SOFTCAP)
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & d_ok[None, :])
     else:
         # A split past the sequence's end saw no keys: its lse is -inf and it weighs nothing in the join.
-        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        part = (seq * NUM_HEADS + heads) * num_splits + split
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -142,17 +149,19 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
         tl.store(part_lse_ptr + part, lse, mask=head_ok)
 
 
-@triton.jit
-def _join_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+@triton.jit(do_not_specialize=["num_splits"])
+def _join_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                        NUM_SPLITS: tl.constexpr):
+                        MAX_SPLITS: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    part = (seq * NUM_HEADS + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    s = tl.arange(0, MAX_SPLITS)  # one vector for any number of splits, those past num_splits masked
+    part = (seq * NUM_HEADS + head) * num_splits + s
     d = tl.arange(0, HEAD_DIM_PAD)
-    lse = tl.load(part_lse_ptr + part)
+    lse = tl.load(part_lse_ptr + part, mask=s < num_splits, other=float("-inf"))
     weight = tl.exp(lse - tl.max(lse, 0))  # the split of the last key has keys: the maximum is finite
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], mask=(s < num_splits)[:, None],
+                    other=0.0)
     out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -186,6 +195,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     block_n = block_n or (16 if _interpreting() else 64)
     max_len = block_tables.shape[1] * block_size
     splits = num_splits or decode_splits(num_seqs, num_kv_heads, max_len, block_n)
+    assert splits <= _MAX_SPLITS
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     head_dim_pad = triton.next_power_of_2(head_dim)
     part_out = part_lse = out  # unused when there is one split
@@ -195,18 +205,18 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), tokens_per_split,
-        sliding_window or _NO_WINDOW, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        sliding_window or _NO_WINDOW, splits, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=splits, IEEE=q.dtype == torch.float32,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
         SOFTCAP=bool(softcap), num_warps=num_warps)
     if splits > 1:
         _join_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits)
+            part_out, part_lse, out, out.stride(0), out.stride(1), splits,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, MAX_SPLITS=_MAX_SPLITS)
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, query_starts_ptr, query_lens_ptr,
                           context_lens_ptr, out_ptr, scale, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
                           stride_table, window,
