@@ -88,6 +88,9 @@ def _launches(hidden, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
     yield take("rms_norm over heads (q/k norm)",
                lambda: fused_kernels.rms_norm(x[:, :head_dim], weight[:head_dim], 1e-6))
     yield take("rotary", lambda: fused_kernels.rotary_(q, k, cos_sin, cos_sin))
+    yield take("rotary with q/k norm and the KV store", lambda: fused_kernels.rotary_(
+        q, k, cos_sin, cos_sin, (weight[:head_dim], weight[:head_dim]), 1e-6,
+        (v, cache, torch.zeros(256, dtype=torch.long))))
 
 
 def _signature(kernel, args, kwargs):
@@ -154,7 +157,7 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_compile_for_hopper(compiled, model, dtype):
     cases = {what: kernels for (m, d, what), kernels in compiled.items() if (m, d) == (model, dtype)}
-    assert len(cases) == 9, sorted(cases)
+    assert len(cases) == 10, sorted(cases)
     for what, kernels in cases.items():
         assert kernels, f"{what}: launched no kernel"
         for kernel in kernels:

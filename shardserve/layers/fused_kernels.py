@@ -160,14 +160,17 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     half = head_dim // 2
     q_norm, k_norm = norm_weights or (q, k)  # (unread without a norm)
-    v, kv_cache, slot_mapping = kv_store or (k, k.new_empty(2, 0, 1, 1, 1), cos)  # (unread without a store)
-    assert v.stride(-1) == 1 and kv_cache.is_contiguous() and kv_cache.shape[2] in (1, k.shape[1])
+    v, k_cache, v_cache, slot_mapping, block_size = k, k, k, cos, 1  # (unread without a store)
+    if kv_store is not None:
+        v, kv_cache, slot_mapping = kv_store
+        assert v.stride(-1) == 1 and kv_cache.is_contiguous() and kv_cache.shape[2] == k.shape[1]
+        k_cache, v_cache, block_size = kv_cache[0], kv_cache[1], kv_cache.shape[3]
     _rotary_kernel[(tokens,)](
         q, k, cos, sin, q_norm, k_norm, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        v, kv_cache[0], kv_cache[1], slot_mapping, v.stride(0), v.stride(1),
+        v, k_cache, v_cache, slot_mapping, v.stride(0), v.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=k.shape[1], HALF=half, HALF_PAD=triton.next_power_of_2(half),
         HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])), HAS_NORM=norm_weights is not None,
-        STORE_KV=kv_store is not None, BLOCK_SIZE=kv_cache.shape[3])
+        STORE_KV=kv_store is not None, BLOCK_SIZE=block_size)
 
 
 def act_and_mul(x: torch.Tensor, tanh_gelu: bool = False) -> torch.Tensor:
