@@ -61,6 +61,12 @@ class CachedRequestState:
     generator: torch.Generator | None
     prompt_embeds: torch.Tensor | None = None  # on the device, in the model dtype
     lora: LoRARequest | None = None
+    plain_greedy: bool = False  # greedy, and nothing else about its sampling (no bias, penalties or logprobs)
+
+    def __post_init__(self) -> None:
+        p = self.sampling_params
+        self.plain_greedy = p.greedy and not p.has_penalties and p.logprobs is None and not (
+            p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids or p.min_tokens)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -227,6 +233,8 @@ class ModelRunner:
                         grammar_bits: torch.Tensor | None = None) -> SamplingBatch:
         """The batch's sampling rules on the device. `grammar_rows[i]`: the row of `grammar_bits` (the step's
         structured-output bitmask) that constrains state i, or None."""
+        if grammar_rows is None and all(st.plain_greedy for st in states):  # the common case, in one pass
+            return SamplingBatch(temperature=None, all_greedy=True)
         dev, V = self.device, self.vocab_size
         params = [st.sampling_params for st in states]
         all_greedy = all(p.greedy for p in params)
