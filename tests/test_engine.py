@@ -194,6 +194,45 @@ def test_incremental_detokenization_equals_full_decode(kind):
 
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_one_token_reads_through_decode_stream_give_the_windows_text(kind, skip_special, monkeypatch):
+    """A read of one new token goes through tokenizers' DecodeStream; reads of several, the decodes of the window.
+    Random tokens (special ones, bytes of characters, stop strings among them) read in a random pattern (one new
+    token, several, the same again) give, text after text, what the window decodes alone give."""
+    import random
+
+    from shardserve.engine import detokenizer
+    tokenizer = build_tokenizer(kind)
+    rng = random.Random(7)
+    prompt = tokenizer.encode("The prompt", add_special_tokens=True)
+    for trial in range(6):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(300)]
+        reads = [rng.choice([1, 1, 1, 2, 5]) for _ in range(300)]
+        stop = ["e d", "\u00e9"] if trial % 2 else []
+        texts = []
+        for stream in (True, False):
+            if not stream:
+                monkeypatch.setattr(detokenizer, "rust_tokenizer", lambda tokenizer: None)
+            params = SamplingParams(skip_special_tokens=skip_special, stop=stop, include_stop_str_in_output=True)
+            detok, seen, i = IncrementalDetokenizer(tokenizer, prompt, params), [], 0
+            for n in reads:
+                for token in ids[i:i + n]:
+                    if detok.append(token) is not None:
+                        break
+                else:
+                    i += n
+                    seen.append(detok.output_text)
+                    seen.append(detok.output_text)   # read again, nothing new
+                    continue
+                seen.append(detok.output_text)
+                break
+            texts.append(seen)
+            assert bool(detok._rust) == stream   # the stream in use, not given up on (or, patched away, not)
+        assert texts[0] == texts[1]
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
 def test_logprob_tokens_read_whole_characters_as_vllm(kind):
     """A token that ends inside a UTF-8 character reads "" in logprobs, and the token that completes it reads
     the whole character (vLLM's rule), so the tokens of a text read back as the text."""

@@ -51,7 +51,10 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
+        for child in self.children:  # (a loop, not all() over a generator: read for every output of every step)
+            if not child.status.finished:
+                return False
+        return True
 
 
 class LLMEngine:
