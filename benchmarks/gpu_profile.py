@@ -37,19 +37,27 @@ PHASES = [("scheduler", "schedule", "host: schedule"),
           ("", "_process", "host: process outputs")]
 
 
+def wrap_phases(engine, wrap) -> None:
+    """Each phase's method on the engine replaced by `wrap(label, method)` (a phase the engine lacks: left out)."""
+    for path, method, label in PHASES:
+        try:
+            owner = functools.reduce(getattr, [p for p in path.split(".") if p], engine)
+            fn = getattr(owner, method) if owner is not None else None
+        except AttributeError:
+            continue
+        if fn is not None:
+            setattr(owner, method, wrap(label, fn))
+
+
 def label_phases(engine) -> None:
     from torch.profiler import record_function
 
-    for path, method, label in PHASES:
-        owner = functools.reduce(getattr, [p for p in path.split(".") if p], engine)
-        if owner is None:
-            continue
-        fn = getattr(owner, method)
-
-        def labeled(*args, _fn=fn, _label=label, **kwargs):
-            with record_function(_label):
-                return _fn(*args, **kwargs)
-        setattr(owner, method, labeled)
+    def wrap(label, fn):
+        def labeled(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+        return labeled
+    wrap_phases(engine, wrap)
 
 
 def profile_batch(llm, batch: int, steps: int, out: Path, name: str, cuda: bool) -> None:
