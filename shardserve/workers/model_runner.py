@@ -61,7 +61,8 @@ class CachedRequestState:
     generator: torch.Generator | None
     prompt_embeds: torch.Tensor | None = None  # on the device, in the model dtype
     lora: LoRARequest | None = None
-    plain_greedy: bool = False  # greedy, and nothing else about its sampling (no bias, penalties or logprobs)
+    # greedy, and nothing else about its sampling (no bias, penalties or logprobs): set from sampling_params
+    plain_greedy: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         p = self.sampling_params
