@@ -15,16 +15,14 @@ weights are cold (the model is far larger than the cache).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpu import SHAPES, work_bandwidth  # noqa: E402
-from gpu_kernels import bench  # noqa: E402
+from gpu import SHAPES  # noqa: E402
+from gpu_kernels import bench, kernel_bench_setup  # noqa: E402
 
 CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w} for n in (2, 4, 8, 16) for k in (256, 512, 1024)
            for w in (4, 8)]
@@ -70,21 +68,10 @@ def gemv_kernel():
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--smoke", action="store_true", help="toy sizes in Triton's interpreter on a CPU")
-    p.add_argument("--json-out")
-    a = p.parse_args()
-    if a.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is defined
+    a, device, dtype, name, bandwidth = kernel_bench_setup(__doc__)
     import torch
     import torch.nn.functional as F
-    device = "cpu" if a.smoke else "cuda"
-    dtype = torch.float32 if a.smoke else getattr(torch, a.dtype)
     gemv = gemv_kernel()
-    bandwidth = work_bandwidth(argparse.Namespace(device=device))["bandwidth_gbs"]
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     print(f"{name}: copy bandwidth {bandwidth:,.0f} GB/s, {dtype}")
     report = {"device": name, "bandwidth_gbs": bandwidth, "shapes": []}
     configs = CONFIGS[:2] if a.smoke else CONFIGS

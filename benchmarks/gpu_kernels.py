@@ -92,20 +92,27 @@ def run_case(kind: str, sizes: tuple[int, int], heads: int, kv_heads: int, head_
     return results, read
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def kernel_bench_setup(description: str):
+    """What a kernel benchmark's command line gives (--models, --dtype, --smoke, --json-out) and where it runs:
+    (args, device, dtype, device name, copy bandwidth GB/s). --smoke: the interpreter on a CPU, fp32."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--smoke", action="store_true", help="toy sizes in Triton's interpreter on a CPU")
     p.add_argument("--json-out")
     a = p.parse_args()
     if a.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
     import torch
     device = "cpu" if a.smoke else "cuda"
     dtype = torch.float32 if a.smoke else getattr(torch, a.dtype)
     bandwidth = work_bandwidth(argparse.Namespace(device=device))["bandwidth_gbs"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
+    return a, device, dtype, name, bandwidth
+
+
+def main() -> None:
+    a, device, dtype, name, bandwidth = kernel_bench_setup(__doc__)
     print(f"{name}: copy bandwidth {bandwidth:,.0f} GB/s; engine config {json.dumps(ENGINE)}")
     report = {"device": name, "bandwidth_gbs": bandwidth, "cases": []}
     for model in a.models.split(","):

@@ -34,6 +34,19 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, later: CompletionOutput) -> None:
+        """Append a later DELTA output of this completion (its new text, tokens and logprobs) in place: this
+        output's lists are its own (a DELTA output's are fresh slices), so a stream folded step by step costs
+        what is new, not a copy of everything so far."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(later.logprobs)
+        self.cumulative_logprob, self.finish_reason, self.stop_reason = \
+            later.cumulative_logprob, later.finish_reason, later.stop_reason
+
 
 @dataclass
 class RequestOutput:
@@ -54,16 +67,10 @@ class RequestOutput:
             self.prompt_logprobs = later.prompt_logprobs
         by_index = {c.index: c for c in self.outputs}
         for new in later.outputs:
-            c = by_index.get(new.index)
-            if c is None:
+            if new.index in by_index:
+                by_index[new.index].add(new)
+            else:
                 self.outputs.append(new)
-                continue
-            c.text += new.text
-            c.token_ids = list(c.token_ids) + list(new.token_ids)
-            if new.logprobs is not None:
-                c.logprobs = (c.logprobs or []) + new.logprobs
-            c.cumulative_logprob, c.finish_reason, c.stop_reason = \
-                new.cumulative_logprob, new.finish_reason, new.stop_reason
 
 
 # Pooling models ------------------------------------------------------------------------------------------

@@ -137,12 +137,9 @@ class _StreamCursor:
         self.sent[index] = (chars + len(c.text), tokens + len(c.token_ids))
         self.completion_tokens += len(c.token_ids)
         if self.whole is not None:
-            whole = self.whole.get(index)
-            if whole is None:
-                self.whole[index] = CompletionOutput(index, c.text, list(c.token_ids), None, None)
-            else:
-                whole.text += c.text
-                whole.token_ids.extend(c.token_ids)
+            if first:  # a copy of its own to fold the rest into (the first output's lists are read below)
+                self.whole[index] = CompletionOutput(index, "", [], None, None)
+            self.whole[index].add(c)
         return _Delta(c.text, c.token_ids, c.logprobs or [], chars, first)
 
 
