@@ -147,6 +147,8 @@ def work_shardserve(a, async_scheduling: bool | None = None) -> dict:
         res["attention_backend"] = worker.attention_backend.name
         res["cuda_graphs"] = worker.runner.graphs is not None
     res["async_scheduling"] = llm.llm_engine.async_scheduling
+    from shardserve.layers import gemv
+    res["gemv"] = gemv.enabled()
     return res
 
 
@@ -215,7 +217,11 @@ def work_transformers(a) -> dict:
 
 WORKERS = {"bandwidth": work_bandwidth, "shardserve": work_shardserve, "transformers": work_transformers,
            # the same engine reading each step's tokens before scheduling the next: what async scheduling gains
-           "shardserve-sync": lambda a: work_shardserve(a, async_scheduling=False)}
+           "shardserve-sync": lambda a: work_shardserve(a, async_scheduling=False),
+           # the same engine with decode steps of a few rows through layers/gemv.py (the driver sets its variable)
+           "shardserve-gemv": work_shardserve}
+VARIANTS = {"shardserve-sync": "step by step (async_scheduling=False)",
+            "shardserve-gemv": "the GEMV kernel at a few rows (SHARDSERVE_GEMV=1)"}
 
 
 def worker_main(a) -> None:
@@ -240,6 +246,8 @@ def run_worker(name: str, a, model: Path | None = None, mix: bool = False) -> di
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if a.attention_backend:
         env["SHARDSERVE_ATTENTION_BACKEND"] = a.attention_backend
+    if name == "shardserve-gemv":
+        env["SHARDSERVE_GEMV"] = "1"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.worker_timeout)
     except subprocess.TimeoutExpired as e:
@@ -258,7 +266,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
     p.add_argument("--peers", default="shardserve,transformers",
-                   help="comma list of shardserve, shardserve-sync (no async scheduling), transformers")
+                   help="comma list of shardserve, shardserve-sync (no async scheduling), shardserve-gemv "
+                        "(SHARDSERVE_GEMV=1), transformers")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--mix-lens", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
@@ -306,14 +315,16 @@ def main() -> None:
         print(f"| {shape} | {fmt(floor, '.3f')} | {fmt(ours.get('tpot_ms'), '.3f')} | "
               f"{fmt(hf.get('tpot_ms'), '.3f')} | {fmt(over_floor, '.2f')} | {fmt(ours.get('tok_s'), ',.0f')} | "
               f"{fmt(hf.get('tok_s'), ',.0f')} | {fmt(ratio, '.2f')} |")
-    if any("shardserve-sync" in res for res in results["models"].values()):
-        print("\nAsync scheduling against step by step (the same engine, async_scheduling=False):")
-        print(f"| model | ms/tok async | ms/tok step by step | tok/s @{a.batch} async | tok/s step by step |")
+    for variant, what in VARIANTS.items():
+        if not any(variant in res for res in results["models"].values()):
+            continue
+        print(f"\nThe engine as it runs by default against {what}:")
+        print(f"| model | ms/tok default | ms/tok {variant} | tok/s @{a.batch} default | tok/s {variant} |")
         print("| --- | --- | --- | --- | --- |")
         for shape, res in results["models"].items():
-            ours, sync = res.get("shardserve", {}), res.get("shardserve-sync", {})
-            print(f"| {shape} | {fmt(ours.get('tpot_ms'), '.3f')} | {fmt(sync.get('tpot_ms'), '.3f')} | "
-                  f"{fmt(ours.get('tok_s'), ',.0f')} | {fmt(sync.get('tok_s'), ',.0f')} |")
+            ours, other = res.get("shardserve", {}), res.get(variant, {})
+            print(f"| {shape} | {fmt(ours.get('tpot_ms'), '.3f')} | {fmt(other.get('tpot_ms'), '.3f')} | "
+                  f"{fmt(ours.get('tok_s'), ',.0f')} | {fmt(other.get('tok_s'), ',.0f')} |")
     print(f"\nShareGPT-like mix ({a.num_requests} requests, {a.mix_lens[0]}-{a.mix_lens[1]} in and out), shardserve:")
     print("| model | output tok/s | total tok/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |")
     print("| --- | --- | --- | --- | --- |")

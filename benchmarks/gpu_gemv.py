@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Batch-1 decode's matrix-vector products on a GPU (issue 8): cuBLAS, as the engine calls it (F.linear), against
-a Triton GEMV candidate over a sweep of its tile sizes, at every projection of the benchmark's model shapes.
+"""A decode step's projections at 1 and a few rows on a GPU (issue 8): the engine's default path (cuBLAS, as
+F.linear, after the Triton RMSNorm kernel and before the SwiGLU kernel where the layer has them) against the
+engine's GEMV kernel (layers/gemv.py: the norm and SwiGLU folded in), at the tile sizes it picks and over a
+sweep of them, at every projection of the benchmark's model shapes.
 
 Why: at batch 1 a decode step reads every weight once, so its floor is the weights' bytes over the copy bandwidth.
 The fourteenth session's profile (benchmarks/RESULTS.md) had Qwen3-0.6B's cuBLAS kernels read their weights at
-about a third of the copy bandwidth (0.86 ms of a 1.5 ms step): the projections are small (4-12 MB) and cuBLAS
-picks kernels made for larger problems. This measures, in one short run, whether a kernel written for one row
-of activations reads them faster: the engine only switches if it does. Each candidate's output is checked against
-cuBLAS's (a faster wrong kernel is flagged, not ranked). do_bench clears the L2 cache between calls, as a step's
-weights are cold (the model is far larger than the cache).
+about a third of the copy bandwidth (0.86 ms of a 1.5 ms step), with a norm or SwiGLU launch beside two of the
+four. This says, per projection, which path is faster and which tiles are: `gemv.tiles` takes the winners, and
+SHARDSERVE_GEMV's default follows the whole step (benchmarks/gpu.py's shardserve-gemv peer). Each output is
+checked against the default path's (a faster wrong kernel is flagged, not ranked). do_bench clears the L2 cache
+between calls, as a step's weights are cold (the model is far larger than the cache).
 
   python3 benchmarks/gpu_gemv.py                 # on the GPU: bf16, both shapes
   python3 benchmarks/gpu_gemv.py --smoke         # toy sizes in Triton's interpreter on a CPU: checks the script
@@ -24,102 +26,99 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu import SHAPES  # noqa: E402
 from gpu_kernels import bench, kernel_bench_setup  # noqa: E402
 
-CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w} for n in (2, 4, 8, 16) for k in (256, 512, 1024)
-           for w in (4, 8)]
+# (BLOCK_N, BLOCK_K, num_warps); those past ~64 fp32 accumulators a thread (M_PAD * BLOCK_N * BLOCK_K, twice
+# when gated, over 32 * num_warps) are skipped: they spill
+CONFIGS = [(n, k, w) for n in (1, 2, 4, 8, 16) for k in (64, 128, 256, 512, 1024, 2048) for w in (4, 8)]
 
 
-def projections(fields: dict) -> list[tuple[str, int, int]]:
-    """(name, out features N, in features K) of one decoder layer's projections and the LM head, unsharded."""
+def projections(fields: dict) -> list[tuple[str, int, int, bool, bool]]:
+    """(name, out features N, in features K, normed, gated) of one decoder layer's projections and the LM head,
+    unsharded; gated: N counts the gate and the up rows."""
     hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
     head_dim = fields.get("head_dim", hidden // heads)
     q, kv, inter = heads * head_dim, fields["num_key_value_heads"] * head_dim, fields["intermediate_size"]
-    return [("qkv", q + 2 * kv, hidden), ("o", hidden, q), ("gate_up", 2 * inter, hidden), ("down", hidden, inter),
-            ("lm_head", fields["vocab_size"], hidden)]
+    return [("norm + qkv", q + 2 * kv, hidden, True, False), ("o", hidden, q, False, False),
+            ("norm + gate_up + SwiGLU", 2 * inter, hidden, True, True), ("down", hidden, inter, False, False),
+            ("lm_head", fields["vocab_size"], hidden, False, False)]
 
 
-def gemv_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _gemv(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[n] = sum_k w[n, k] * x[k] for BLOCK_N rows of w (nn.Linear's [N, K] layout) per program; products
-        summed in fp32 per lane across the K loop, reduced once at the end."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    def gemv(x, w, block_n: int, block_k: int, num_warps: int):
-        """x: [1, K], w: [N, K] -> [1, N]."""
-        n, k = w.shape
-        y = x.new_empty(1, n)
-        _gemv[(triton.cdiv(n, block_n),)](x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                          num_warps=num_warps)
-        return y
-    return gemv
+def fits(config, rows: int, gated: bool) -> bool:
+    block_n, block_k, warps = config
+    m_pad = 1 << (rows - 1).bit_length()
+    return m_pad * block_n * block_k * (2 if gated else 1) <= 64 * 32 * warps
 
 
 def main() -> None:
     a, device, dtype, name, bandwidth = kernel_bench_setup(__doc__)
     import torch
     import torch.nn.functional as F
-    gemv = gemv_kernel()
+
+    from shardserve.layers import fused_kernels, gemv
     print(f"{name}: copy bandwidth {bandwidth:,.0f} GB/s, {dtype}")
     report = {"device": name, "bandwidth_gbs": bandwidth, "shapes": []}
-    configs = CONFIGS[:2] if a.smoke else CONFIGS
+    configs = [(2, 64, 4), (4, 32, 4)] if a.smoke else CONFIGS
     for model in a.models.split(","):
         fields = SHAPES[model][1]
-        shapes = [("tiny", 40, 24)] if a.smoke else projections(fields)
-        total = {"cublas": 0.0, "best": 0.0}
-        print(f"\n{model}: batch-1 projections (one layer's, and the LM head)")
-        print("| projection | N x K | MB | cuBLAS ms (of copy bw) | best Triton ms (of copy bw) | best config | "
-              "max rel diff |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        g = torch.Generator().manual_seed(0)
-        for proj, n, k in shapes:
-            w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, dtype)
-            x = torch.randn(1, k, generator=g).to(device, dtype)
-            ref = F.linear(x, w).float()
-            size = w.numel() * w.element_size()
-            cublas = bench(lambda: F.linear(x, w), device)
-            timed = {}
-            for config in configs:
-                try:
-                    out = gemv(x, w, **config).float()
-                    diff = ((out - ref).abs().max() / ref.abs().max()).item()
-                    if diff > 2e-2:
-                        timed[json.dumps(config)] = (None, f"wrong: {diff:.2e}")
-                        continue
-                    timed[json.dumps(config)] = (bench(lambda: gemv(x, w, **config), device), diff)
-                except Exception as error:  # out of resources, say: reported, not fatal
-                    timed[json.dumps(config)] = (None, f"{type(error).__name__}: {error}"[:120])
-            ok = {c: r for c, r in timed.items() if r[0] is not None}
-            best = min(ok, key=lambda c: ok[c][0]) if ok else None
-            report["shapes"].append({"model": model, "projection": proj, "n": n, "k": k, "bytes": size,
-                                     "cublas_ms": cublas, "triton": timed, "best": best})
-            layers = 1 if proj == "lm_head" else fields["num_hidden_layers"]
-            total["cublas"] += cublas * layers
-            if best is None:
-                print(f"| {proj} | {n} x {k} | {size / 1e6:.1f} | {cublas:.4f} | failed | - | - |")
-                total["best"] += cublas * layers
-                continue
-            ms, diff = ok[best]
-            total["best"] += min(ms, cublas) * layers
+        shapes = [("norm + tiny", 40, 24, True, False), ("norm + tiny gated", 40, 24, True, True),
+                  ("tiny", 40, 24, False, False)] if a.smoke else projections(fields)
+        for rows in (1, gemv.MAX_ROWS):
+            total = {"default": 0.0, "gemv": 0.0, "best": 0.0}
+            print(f"\n{model}, {rows} row(s): one layer's projections, and the LM head")
+            print("| projection | N x K | MB | default ms (of copy bw) | gemv ms (of copy bw) | best gemv ms | "
+                  "best config | max rel diff |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            g = torch.Generator().manual_seed(0)
+            for proj, n, k, normed, gated in shapes:
+                w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, dtype)
+                x, residual = (torch.randn(rows, k, generator=g).to(device, dtype) for _ in range(2))
+                scale = torch.ones(k, dtype=dtype, device=device)
 
-            def rate(t):
-                return f"{t:.4f} ({size / t / 1e6 / bandwidth:.0%})"
-            print(f"| {proj} | {n} x {k} | {size / 1e6:.1f} | {rate(cublas)} | {rate(ms)} | {best} | {diff:.1e} |")
-        print(f"\n{model}: a step's projections (x{fields['num_hidden_layers']} layers + LM head): cuBLAS "
-              f"{total['cublas']:.3f} ms, the faster of the two per projection {total['best']:.3f} ms")
-        report.setdefault("totals", {})[model] = total
+                def default():
+                    h = fused_kernels.rms_norm(x, scale, 1e-6, residual)[0] if normed else x
+                    y = F.linear(h, w)
+                    return fused_kernels.act_and_mul(y) if gated else y
+
+                def fused(config=None):
+                    if normed:
+                        return gemv.gemv(x, w, None, (scale, 1e-6), residual, gated=gated, config=config)[0]
+                    return gemv.gemv(x, w, config=config)
+
+                ref = default().float()
+                size = w.numel() * w.element_size()
+                timed = {}
+                for config in [None] + [c for c in configs if fits(c, rows, gated)]:
+                    key = "engine " + json.dumps(gemv.tiles(rows, n // (2 if gated else 1), k, gated)) \
+                        if config is None else json.dumps(config)
+                    try:
+                        out = fused(config).float()
+                        diff = ((out - ref).abs().max() / ref.abs().max()).item()
+                        if diff > 2e-2:
+                            timed[key] = (None, f"wrong: {diff:.2e}")
+                            continue
+                        timed[key] = (bench(lambda: fused(config), device), diff)
+                    except Exception as error:  # out of resources, say: reported, not fatal
+                        timed[key] = (None, f"{type(error).__name__}: {error}"[:120])
+                base = bench(default, device)
+                engine_key = next(iter(timed))
+                ok = {c: r for c, r in timed.items() if r[0] is not None}
+                best = min(ok, key=lambda c: ok[c][0]) if ok else None
+                report["shapes"].append({"model": model, "rows": rows, "projection": proj, "n": n, "k": k,
+                                         "bytes": size, "default_ms": base, "gemv": timed, "best": best})
+                layers = 1 if proj == "lm_head" else fields["num_hidden_layers"]
+                engine_ms = timed[engine_key][0]
+                total["default"] += base * layers
+                total["gemv"] += (engine_ms or base) * layers
+                total["best"] += min(ok[best][0] if best else base, base) * layers
+
+                def rate(t):
+                    return f"{t:.4f} ({size / t / 1e6 / bandwidth:.0%})" if t else "failed"
+                diff = ok[best][1] if best else float("nan")
+                print(f"| {proj} | {n} x {k} | {size / 1e6:.1f} | {rate(base)} | {rate(engine_ms)} | "
+                      f"{rate(ok[best][0] if best else None)} | {best} | {diff:.1e} |")
+            print(f"\n{model}, {rows} row(s), a step's projections (x{fields['num_hidden_layers']} layers + LM head):"
+                  f" default {total['default']:.3f} ms, gemv at the engine's tiles {total['gemv']:.3f} ms, the "
+                  f"faster per projection at the best tiles {total['best']:.3f} ms")
+            report.setdefault("totals", {})[f"{model}, {rows} rows"] = total
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(report, indent=1))
 

@@ -7,7 +7,8 @@
 #   bash scripts/gpu-check.sh bench      # benchmarks/gpu.py: both shapes against transformers, the mix on one
 #   bash scripts/gpu-check.sh            # both, one after the other
 #   bash scripts/gpu-check.sh kernels    # only the attention kernels' num_warps / tile sweep (gpu_kernels.py)
-#   bash scripts/gpu-check.sh gemv       # batch-1 projections: cuBLAS against a Triton GEMV sweep (gpu_gemv.py)
+#   bash scripts/gpu-check.sh gemv       # a decode step's projections at 1-4 rows: cuBLAS + norm/SwiGLU kernels
+#                                        # against layers/gemv.py's fused kernel and a sweep of its tiles
 #   bash scripts/gpu-check.sh profile    # where a decode step's time goes, both shapes at batch 256 and 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,11 +58,12 @@ status=0
 if [ "$mode" != bench ]; then
     python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_gpu.py tests/test_triton_attention.py \
         tests/test_fused_kernels.py tests/test_attention_backends.py tests/test_moe.py \
-        tests/test_async_scheduling.py 2>&1 | tee "$out/tests.log"
+        tests/test_async_scheduling.py tests/test_gemv.py 2>&1 | tee "$out/tests.log"
     status=${PIPESTATUS[0]}
 fi
 if [ "$mode" != tests ]; then
-    python3 benchmarks/gpu.py --json-out "$out/gpu-bench.json" 2>&1 | tee "$out/bench.log"
+    python3 benchmarks/gpu.py --peers shardserve,shardserve-gemv,transformers --json-out "$out/gpu-bench.json" \
+        2>&1 | tee "$out/bench.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit "$status"

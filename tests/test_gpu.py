@@ -11,6 +11,7 @@ import torch
 
 from conftest import make_model_dir
 from shardserve import LLM, SamplingParams, TokensPrompt
+from shardserve.layers import gemv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,11 +48,13 @@ def gpu_model_dirs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "opt", "gpt2"])
-def test_bf16_greedy_agrees_with_transformers(arch, gpu_model_dirs):
+@pytest.mark.parametrize("arch, use_gemv", [(arch, False) for arch in ("llama", "qwen2", "qwen3", "opt", "gpt2")]
+                         + [(arch, True) for arch in ("llama", "qwen2", "qwen3")])
+def test_bf16_greedy_agrees_with_transformers(arch, use_gemv, gpu_model_dirs, monkeypatch):
     """Token agreement over 32 tokens; the sequences may part only where transformers' own two best
-    logits at that position are within bf16 noise of each other."""
+    logits at that position are within bf16 noise of each other. use_gemv: decode steps through layers/gemv.py."""
     from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(gemv, "ENABLED", use_gemv)
     path = gpu_model_dirs(arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     prompts = _prompts(hf.config.vocab_size)
@@ -73,7 +76,9 @@ def test_bf16_greedy_agrees_with_transformers(arch, gpu_model_dirs):
             f"{arch}: diverged at token {diverged} where transformers' margin is {(top2[0] - top2[1]).item():.3f}")
 
 
-def test_cuda_graphs_give_what_eager_gives(gpu_model_dirs):
+@pytest.mark.parametrize("use_gemv", [False, True])
+def test_cuda_graphs_give_what_eager_gives(use_gemv, gpu_model_dirs, monkeypatch):
+    monkeypatch.setattr(gemv, "ENABLED", use_gemv)  # graphs of up to 4 rows capture layers/gemv.py's kernels
     path = gpu_model_dirs("qwen3")
     prompts = _prompts(300, lens=[5, 9, 23, 40, 3, 17, 64])  # 7 rows: padded up to a captured size of 8
     eager = LLM(path, dtype="bfloat16", enforce_eager=True, attention_backend="triton",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_CHECK_TESTS = ["tests/test_gpu.py", "tests/test_triton_attention.py", "tests/test_fused_kernels.py",
-                   "tests/test_attention_backends.py", "tests/test_moe.py", "tests/test_async_scheduling.py"]
+                   "tests/test_attention_backends.py", "tests/test_moe.py", "tests/test_async_scheduling.py",
+                   "tests/test_gemv.py"]
 NOT_ON_THE_GPU_MACHINE = ["ray", "fastapi", "starlette", "uvicorn", "pydantic", "gguf", "xgrammar", "openai", "cohere"]
 
 _MISSING = """
@@ -60,14 +61,17 @@ def test_the_profile_runs_without_the_serving_stack_and_labels_every_host_phase(
 
 
 def test_the_gemv_benchmark_runs_in_the_interpreter_without_the_serving_stack(tmp_path):
-    """`gpu-check.sh gemv`: its CPU smoke run (Triton's interpreter) checks the candidate against F.linear and
-    writes its report, with the serving stack missing as on the GPU machine."""
+    """`gpu-check.sh gemv`: its CPU smoke run (Triton's interpreter) checks the engine's GEMV kernel, plain, with
+    the norm and with SwiGLU, against the default path and writes its report, with the serving stack missing as
+    on the GPU machine."""
     (tmp_path / "sitecustomize.py").write_text(_MISSING.format(names=set(NOT_ON_THE_GPU_MACHINE)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
     run = subprocess.run([sys.executable, "benchmarks/gpu_gemv.py", "--smoke", "--json-out", str(tmp_path / "g.json")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "g.json").read_text())
+    assert {(s["rows"], s["projection"]) for s in report["shapes"]} == {
+        (rows, proj) for rows in (1, 4) for proj in ("norm + tiny", "norm + tiny gated", "tiny")}
     for shape in report["shapes"]:
-        assert shape["best"] is not None, shape   # every config ran and agreed with F.linear
-        assert all(isinstance(diff, float) for _, diff in shape["triton"].values()), shape
+        assert shape["best"] is not None, shape   # every config ran and agreed with the default path
+        assert all(isinstance(diff, float) for _, diff in shape["gemv"].values()), shape

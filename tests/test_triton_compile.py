@@ -21,20 +21,20 @@ from shardserve.layers.attention import triton_backend
 pytestmark = pytest.mark.skipif(not triton_backend.available(),
                                 reason="needs triton (the test extra installs it on Linux x86-64)")
 
-# (name, hidden size, query heads, KV heads, head dim): the GPU issue's benchmark models.
-MODELS = [("qwen3-0.6b", 1024, 16, 8, 128), ("llama-3.2-1b", 2048, 32, 8, 64)]
+# (name, hidden size, query heads, KV heads, head dim, intermediate size): the GPU issue's benchmark models.
+MODELS = [("qwen3-0.6b", 1024, 16, 8, 128, 3072), ("llama-3.2-1b", 2048, 32, 8, 64, 8192)]
 DTYPES = ["bfloat16", "float32"]
 ARCH = 90
 # The most shared memory one block of an sm_90 kernel may ask for (227 KiB, CUDA's opt-in maximum).
 MAX_SHARED_BYTES = 227 * 1024
 
 
-def _launches(hidden, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
+def _launches(hidden, num_heads, num_kv_heads, head_dim, inter, dtype, block_size=16):
     """Calls each kernel wrapper the way the engine does for this model; yields (what, launches)."""
     import torch
     import triton
 
-    from shardserve.layers import fused_kernels
+    from shardserve.layers import fused_kernels, gemv
     from shardserve.layers.attention import triton_kernels
 
     dtype = getattr(torch, dtype)
@@ -43,7 +43,7 @@ def _launches(hidden, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
     def recorder(kernel):  # stands in for JITFunction.run, which `kernel[grid](...)` calls
         return lambda *args, grid, warmup, **kwargs: recorded.append((kernel, args, kwargs))
 
-    for module in (triton_kernels, fused_kernels):
+    for module in (triton_kernels, fused_kernels, gemv):
         for value in vars(module).values():
             if isinstance(value, triton.runtime.JITFunction):
                 value.run = recorder(value)
@@ -91,6 +91,15 @@ def _launches(hidden, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
     yield take("rotary with q/k norm and the KV store", lambda: fused_kernels.rotary_(
         q, k, cos_sin, cos_sin, (weight[:head_dim], weight[:head_dim]), 1e-6,
         (v, cache, torch.zeros(256, dtype=torch.long))))
+    # a decode step's projections at 1 and at gemv.MAX_ROWS rows
+    qkv_weight = torch.zeros(qkv.shape[1], hidden, dtype=dtype)
+    yield take("gemv: residual + RMSNorm + QKV, 1 row", lambda: gemv.gemv(
+        x[:1], qkv_weight, None, (weight, 1e-6), x[1:2]))
+    yield take("gemv: residual + RMSNorm + gate_up + SwiGLU, most rows", lambda: gemv.gemv(
+        x[:gemv.MAX_ROWS], torch.zeros(2 * inter, hidden, dtype=dtype), None, (weight, 1e-6), x[:gemv.MAX_ROWS],
+        gated=True))
+    yield take("gemv: down, 1 row", lambda: gemv.gemv(torch.zeros(1, inter, dtype=dtype),
+                                                      torch.zeros(hidden, inter, dtype=dtype)))
 
 
 def _signature(kernel, args, kwargs):
@@ -122,9 +131,9 @@ def _compile_all() -> list[dict]:
     from triton.compiler import ASTSource
 
     results = []
-    for name, hidden, num_heads, num_kv_heads, head_dim in MODELS:
+    for name, hidden, num_heads, num_kv_heads, head_dim, inter in MODELS:
         for dtype in DTYPES:
-            for what, launches in _launches(hidden, num_heads, num_kv_heads, head_dim, dtype):
+            for what, launches in _launches(hidden, num_heads, num_kv_heads, head_dim, inter, dtype):
                 result = {"model": name, "dtype": dtype, "what": what, "kernels": []}
                 results.append(result)
                 for kernel, args, kwargs in launches:
@@ -157,7 +166,7 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_compile_for_hopper(compiled, model, dtype):
     cases = {what: kernels for (m, d, what), kernels in compiled.items() if (m, d) == (model, dtype)}
-    assert len(cases) == 10, sorted(cases)
+    assert len(cases) == 13, sorted(cases)
     for what, kernels in cases.items():
         assert kernels, f"{what}: launched no kernel"
         for kernel in kernels:
@@ -166,7 +175,7 @@ def test_kernels_compile_for_hopper(compiled, model, dtype):
                 f"{what}: {kernel['name']} asks for {kernel['shared']} bytes of shared memory"
     names = {kernel["name"] for kernels in cases.values() for kernel in kernels}
     assert {"_store_kv_kernel", "_paged_decode_kernel", "_join_splits_kernel", "_paged_prefill_kernel",
-            "_rms_norm_kernel", "_rotary_kernel"} <= names
+            "_rms_norm_kernel", "_rotary_kernel", "_gemv_kernel"} <= names
 
 
 if __name__ == "__main__":

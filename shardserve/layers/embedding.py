@@ -7,7 +7,8 @@ from torch import nn
 
 from shardserve.distributed.parallel_state import (get_tp_rank, get_tp_size, tp_all_gather_last_dim,
                                                     tp_all_reduce)
-from shardserve.layers.cpu_gemm import PackedWeight, linear
+from shardserve.layers import gemv
+from shardserve.layers.cpu_gemm import PackedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,7 +47,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, self.bias, self.packed)
+        logits = gemv.linear(hidden, self.weight, self.bias, self.packed)
         logits = tp_all_gather_last_dim(logits)
         return logits[..., :self.num_embeddings]
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from shardserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
-from shardserve.layers.cpu_gemm import PackedWeight, linear
-from shardserve.lora.layers import add_lora
+from shardserve.layers import gemv
+from shardserve.layers.cpu_gemm import PackedWeight
+from shardserve.lora.layers import active_lora, add_lora
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -62,7 +63,19 @@ class LinearBase(nn.Module):
         (param.data if shard_id is None else param.data.narrow(0, offset, part.size(0))).copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_lora(self, x, linear(x, self.weight, self.bias, self.packed))
+        return add_lora(self, x, gemv.linear(x, self.weight, self.bias, self.packed))
+
+    def normed_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                       act: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step that opens a pre-norm block: this layer (then `act`) applied to norm(x + residual), and
+        x + residual, the next residual (norm(x) and x at the first layer, where `residual` is None). At a decode
+        step's few rows on a GPU one kernel reads the weight once and computes the norm and a SwiGLU `act` on the
+        way (layers/gemv.py)."""
+        if gemv.runs(x, self.weight) and gemv.fuses(norm, act) and active_lora(self) is None:
+            return gemv.gemv(x, self.weight, self.bias, (norm.weight, norm.eps), residual, gated=act is not None)
+        x, residual = norm(x, residual) if residual is not None else (norm(x), x)
+        y = self(x)
+        return (y if act is None else act(y)), residual
 
 
 class ReplicatedLinear(LinearBase):
@@ -120,5 +133,5 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the partial products are summed; so are the adapters' (partial) products.
-        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed)
+        y = gemv.linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed)
         return tp_all_reduce(add_lora(self, x, y))

@@ -45,7 +45,11 @@ class LlamaAttention(nn.Module):
                               sliding_window=layer_sliding_window(config, layer_index), softcap=softcap)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(rope, self.qkv_proj(x), meta)
+
+    def attend(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, meta: AttentionMetadata):
+        """What follows the QKV projection: rotary (and q/k norm), attention over the cache, the output projection."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         kv_store = self.attn.kv_store(v, meta)
@@ -71,6 +75,12 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
+    def normed_forward(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
+        """The MLP of norm(x + residual), and the next residual (the norm and SwiGLU within the first projection
+        where they fold: layers/linear.py)."""
+        h, residual = self.gate_up_proj.normed_forward(norm, x, residual, self.act)
+        return self.down_proj(h), residual
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_index: int, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None):
@@ -81,12 +91,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, rope, x, residual, meta):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, meta)
+        """`residual` is the stream before this layer (None at the first): each block's norm adds the previous
+        block's output `x` to it first, inside the block's first projection where it folds (layers/gemv.py)."""
+        qkv, residual = self.self_attn.qkv_proj.normed_forward(self.input_layernorm, x, residual)
+        x = self.self_attn.attend(rope, qkv, meta)
+        if isinstance(self.mlp, LlamaMLP):
+            return self.mlp.normed_forward(self.post_attention_layernorm, x, residual)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 

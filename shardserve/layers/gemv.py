@@ -1,0 +1,160 @@
+"""A projection of a decode step's few rows on a GPU as one Triton kernel, with the pre-norm that opens a
+decoder block and the SwiGLU that follows an MLP's first projection folded in.
+
+Why: at batch 1 a decode step reads every weight once, so its floor is the weights' bytes over the copy
+bandwidth; Qwen3-0.6B's step on an H200 was 5.2x that floor (benchmarks/RESULTS.md, fourteenth session).
+cuBLAS's kernels for one row read its 4-12 MB matrices at about a third of the bandwidth, and a layer runs
+~12 kernels, each leaving a launch gap in the CUDA graph. Here a layer's projections are four kernels:
+- `x + residual -> RMSNorm -> QKV`: every program reads the few activation rows (a few KB) and normalises them
+  itself, so the norm costs no launch and no round trip; the first program writes the new residual;
+- `o_proj`, `down_proj`: plain, each program a few output features over all of K;
+- `x + residual -> RMSNorm -> gate_up -> silu(gate) * up`: a program reads the gate and the up rows of the
+  same features, so SwiGLU is its epilogue and the [rows, 2 * intermediate] product is never written.
+The rounding is the unfused path's (layers/layernorm.py, fused_kernels.py): the sum and the normed rows in the
+model dtype, the norm in fp32; each product summed in fp32. Only the order of the dot products' additions
+differs from cuBLAS's.
+
+Used where `runs(x, weight)`: a CUDA tensor (or Triton's interpreter, in tests) of at most MAX_ROWS rows, the
+weight contiguous, and SHARDSERVE_GEMV=1. Off by default until measured on a GPU against cuBLAS
+(`benchmarks/gpu.py --peers shardserve,shardserve-gemv`, `benchmarks/gpu_gemv.py`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from shardserve.layers.activation import SiluAndMul
+from shardserve.layers.cpu_gemm import PackedWeight
+from shardserve.layers.cpu_gemm import linear as cpu_linear
+from shardserve.layers.layernorm import RMSNorm
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+MAX_ROWS = 4  # past a few rows a GEMM's tiles reuse each weight load across rows; a GEMV's registers do not
+
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, residual_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, residual_out_ptr, eps,
+                     M, N, K, stride_x, stride_r, stride_w, stride_y, stride_ro,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+        """y[m, n] = sum_k w[n, k] * a[m, k] for BLOCK_N features n of every row m; a = x, or with NORM
+        RMSNorm(x (+ residual)) computed here. GATED: w holds N gate rows then N up rows and
+        y = silu(gate) * up."""
+        pid = tl.program_id(0)
+        rows = tl.arange(0, M_PAD)
+        row_ok = rows < M
+        feats = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        feat_ok = feats < N
+        w_rows = w_ptr + feats[:, None].to(tl.int64) * stride_w
+        ks = tl.arange(0, BLOCK_K)
+        if NORM:  # each row's mean square first: the rows are a few KB, read again below from the cache
+            sum_sq = tl.zeros([M_PAD], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + ks
+                ok = row_ok[:, None] & (cols < K)[None, :]
+                h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+                if HAS_RESIDUAL:
+                    h = h + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
+                h = h.to(tl.float32)
+                sum_sq += tl.sum(h * h, 1)
+            inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
+        # products summed per lane over the K loop, reduced once at the end
+        acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + ks
+            col_ok = cols < K
+            ok = row_ok[:, None] & col_ok[None, :]
+            a = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+            if NORM:
+                if HAS_RESIDUAL:
+                    a = a + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
+                    if pid == 0:
+                        tl.store(residual_out_ptr + rows[:, None] * stride_ro + cols[None, :], a, mask=ok)
+                scale = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)[None, :]
+                a = scale * (a.to(tl.float32) * inv_rms).to(a.dtype)
+            a = a.to(tl.float32)[:, None, :]
+            w_ok = feat_ok[:, None] & col_ok[None, :]
+            acc += tl.load(w_rows + cols[None, :], mask=w_ok, other=0.0).to(tl.float32)[None, :, :] * a
+            if GATED:
+                up = tl.load(w_rows + N * stride_w + cols[None, :], mask=w_ok, other=0.0)
+                acc_up += up.to(tl.float32)[None, :, :] * a
+        y = tl.sum(acc, 2)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+        y = y.to(y_ptr.dtype.element_ty)
+        if GATED:  # as act_and_mul: the activation of the rounded gate in fp32, rounded, times the rounded up
+            up = tl.sum(acc_up, 2)
+            if HAS_BIAS:
+                up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+            gate = y.to(tl.float32)
+            y = (gate / (1.0 + tl.exp(-gate))).to(y.dtype) * up.to(y.dtype)
+        tl.store(y_ptr + rows[:, None] * stride_y + feats[None, :], y, mask=row_ok[:, None] & feat_ok[None, :])
+
+
+# Read once: every eager step asks `runs` for every projection.
+ENABLED = _HAVE_TRITON and os.environ.get("SHARDSERVE_GEMV", "0") == "1"
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enabled() -> bool:
+    return ENABLED
+
+
+def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T` takes the GEMV kernel."""
+    return (ENABLED and (x.is_cuda or _INTERPRETED) and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
+            and x.stride(-1) == 1 and weight.is_contiguous() and x.dtype == weight.dtype)
+
+
+def fuses(norm, act) -> bool:
+    """Whether the kernel computes this norm (RMSNorm: Gemma's too, its offset added at load) and activation."""
+    return isinstance(norm, RMSNorm) and (act is None or type(act) is SiluAndMul)
+
+
+def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps): enough programs to keep every SM's loads in flight (132 on an H100)
+    on the smallest projections, and each program's accumulators ([rows, BLOCK_N, BLOCK_K] fp32, twice when
+    gated) within ~32 registers a thread. A first guess, for benchmarks/gpu_gemv.py's sweep to correct."""
+    block_n = min(16, max(2, triton.next_power_of_2(max(1, features // 512))))
+    elements = 4096 // (triton.next_power_of_2(rows) * (2 if gated else 1))
+    block_k = min(triton.next_power_of_2(inner), max(64, elements // block_n))
+    return block_n, block_k, 4
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+         gated: bool = False, config: tuple[int, int, int] | None = None):
+    """x: [M, K] (M <= MAX_ROWS), weight: [N, K] -> [M, N] = x @ weight.T (+ bias).
+    `norm` (RMSNorm's weight, eps): the product of RMSNorm(x + residual) (of RMSNorm(x) without `residual`),
+    returned with the sum, the next residual (x itself without `residual`), as RMSNorm.forward returns it.
+    `gated`: weight's rows are gate then up, and the result silu(gate) * up: [M, N / 2].
+    `config`: (BLOCK_N, BLOCK_K, num_warps) instead of `tiles`' choice (benchmarks)."""
+    rows, inner = x.shape
+    features = weight.shape[0] // (2 if gated else 1)
+    assert weight.shape[1] == inner and x.stride(-1) == 1 and weight.is_contiguous()
+    y = x.new_empty(rows, features)
+    residual_out = x
+    if norm is not None and residual is not None:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+        residual_out = torch.empty_like(x)
+    block_n, block_k, num_warps = config or tiles(rows, features, inner, gated)
+    norm_weight, eps = norm if norm is not None else (weight, 0.0)  # (unread without a norm)
+    _gemv_kernel[(triton.cdiv(features, block_n),)](
+        x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else weight, y,
+        residual_out, eps, rows, features, inner, x.stride(0), residual.stride(0) if residual is not None else 0,
+        weight.stride(0), y.stride(0), residual_out.stride(0), M_PAD=triton.next_power_of_2(rows),
+        BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
+        HAS_BIAS=bias is not None, GATED=gated, num_warps=num_warps)
+    return y if norm is None else (y, residual_out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed: PackedWeight | None = None) -> torch.Tensor:
+    """A layer's product: the GEMV kernel where it runs, else the CPU's packed GEMM or F.linear."""
+    return gemv(x, weight, bias) if runs(x, weight) else cpu_linear(x, weight, bias, packed)
