@@ -57,13 +57,14 @@ def test_decode_matches_torch(num_heads, num_kv_heads, head_dim, block_size, win
     ref = TorchAttentionBackend().decode(q.float(), cache.float(), meta, scale, window, softcap)
     kernels = triton_backend.TritonAttentionBackend().kernels
     # one program per sequence and head group, and the context split with a join (with a window, splits
-    # before it read nothing)
-    for splits in (1, 2, 8):
+    # before it read nothing); into NaN-filled outputs, so a head nothing wrote (no join) shows
+    for splits in (1, 2, 8, 8):  # twice with splits: the first launch must leave its join counters at zero
         out = kernels.paged_decode(q, cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                   num_splits=splits, sliding_window=window, softcap=softcap)
+                                   out=torch.full_like(q, float("nan")), num_splits=splits, sliding_window=window,
+                                   softcap=softcap)
         torch.testing.assert_close(out.float(), ref, **_tol(dtype))
     auto = kernels.paged_decode(q, cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                sliding_window=window, softcap=softcap)
+                                out=torch.full_like(q, float("nan")), sliding_window=window, softcap=softcap)
     torch.testing.assert_close(auto.float(), ref, **_tol(dtype))
 
 

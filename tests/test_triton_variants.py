@@ -100,7 +100,6 @@ def test_no_step_to_step_value_reaches_a_kernels_compile_key(model_dirs):
     assert len(found["_paged_prefill_kernel"]) == 1, found["_paged_prefill_kernel"]
     # split or not: the decode kernel's one shape-driven variant (a batch too small to fill the device splits)
     assert len(found["_paged_decode_kernel"]) <= 2, found["_paged_decode_kernel"]
-    assert len(found.get("_join_splits_kernel", [])) <= 1, found.get("_join_splits_kernel")
 
 
 if __name__ == "__main__":

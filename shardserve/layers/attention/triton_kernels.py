@@ -8,7 +8,8 @@ block size works.
 - `store_kv`: writes a step's new keys and values at their slots (a slot < 0 is a padding row: skipped).
 - `paged_decode`: one query token per sequence (flash-decoding): the sequence's context is split across
   programs, each program takes all the query heads that share one KV head (GQA reads each key once),
-  and a second kernel joins the splits by their log-sum-exp.
+  and the last of a sequence's splits to finish joins them by their log-sum-exp (a counter per sequence and
+  KV head says which is last: no second launch, which at batch 1 is one launch fewer per layer).
 - `paged_prefill`: many query tokens per sequence, over the sequence's cached prefix and themselves
   (already stored), causal; one launch for all the step's prefills.
 
@@ -103,14 +104,31 @@ def _attend_tile(q, k, v, keep, scale, softcap, m_i, l_i, acc, IEEE: tl.constexp
     return m_new, l_i, acc
 
 
+@triton.jit
+def _join_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, head, stride_ot, stride_oh, num_splits,
+                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 MAX_SPLITS: tl.constexpr):
+    """One head's output from its splits' partial outputs, weighed by their log-sum-exps. Loads bypass L1 (.cg):
+    other programs wrote the partials, and this SM may hold stale lines of the same buffer from an earlier step."""
+    s = tl.arange(0, MAX_SPLITS)  # one vector for any number of splits, those past num_splits masked
+    part = (seq * NUM_HEADS + head) * num_splits + s
+    d = tl.arange(0, HEAD_DIM_PAD)
+    lse = tl.load(part_lse_ptr + part, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
+    weight = tl.exp(lse - tl.max(lse, 0))  # the split of the last key has keys: the maximum is finite
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], mask=(s < num_splits)[:, None],
+                    other=0.0, cache_modifier=".cg")
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["stride_table", "tokens_per_split", "num_splits"])
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, out_ptr,
-                         part_out_ptr, part_lse_ptr, scale, softcap,
+                         part_out_ptr, part_lse_ptr, counters_ptr, scale, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh, stride_table, tokens_per_split, window,
                          num_splits, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                         IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+                         IEEE: tl.constexpr, SOFTCAP: tl.constexpr, MAX_SPLITS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -147,23 +165,16 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
         lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], out, mask=head_ok[:, None])
         tl.store(part_lse_ptr + part, lse, mask=head_ok)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _join_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
-                        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                        MAX_SPLITS: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, MAX_SPLITS)  # one vector for any number of splits, those past num_splits masked
-    part = (seq * NUM_HEADS + head) * num_splits + s
-    d = tl.arange(0, HEAD_DIM_PAD)
-    lse = tl.load(part_lse_ptr + part, mask=s < num_splits, other=float("-inf"))
-    weight = tl.exp(lse - tl.max(lse, 0))  # the split of the last key has keys: the maximum is finite
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], mask=(s < num_splits)[:, None],
-                    other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        # Count this split done. The barrier orders every thread's stores above before the count, whose release
+        # publishes them; the split that counts last acquires all the others' and joins. It resets the counter
+        # for the next launch (every launch leaves the counters at zero).
+        tl.debug_barrier()
+        counter = counters_ptr + seq * NUM_KV_HEADS + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            tl.store(counter, 0)
+            for g_i in tl.static_range(GROUP):
+                _join_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head * GROUP + g_i, stride_ot, stride_oh,
+                             num_splits, NUM_HEADS, HEAD_DIM, HEAD_DIM_PAD, MAX_SPLITS)
 
 
 # Decode programs the GPU should have in flight before a sequence's context is split further.
@@ -198,22 +209,36 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     assert splits <= _MAX_SPLITS
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     head_dim_pad = triton.next_power_of_2(head_dim)
-    part_out = part_lse = out  # unused when there is one split
+    part_out = part_lse = counters = out  # unused when there is one split
     if splits > 1:
         part_out = torch.empty(num_seqs * num_heads * splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs * num_heads * splits, dtype=torch.float32, device=q.device)
+        counters = _split_counters(q.device, num_seqs * num_kv_heads)
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, scale, softcap or 0.0,
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_out, part_lse, counters, scale,
+        softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), tokens_per_split,
         sliding_window or _NO_WINDOW, splits, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
-        SOFTCAP=bool(softcap), num_warps=num_warps)
-    if splits > 1:
-        _join_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, MAX_SPLITS=_MAX_SPLITS)
+        SOFTCAP=bool(softcap), MAX_SPLITS=_MAX_SPLITS, num_warps=num_warps)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """The decode kernel's done-split counters (one per sequence and KV head), zero between launches, shared by
+    every layer and step on a device (launches on one stream run one after another). Allocated when first
+    needed, large enough for any usual batch, so never inside a CUDA graph's capture (its eager warm-up at the
+    same size comes first)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < needed:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "the split counters must be allocated before a graph is captured"
+        counters = _COUNTERS[device] = torch.zeros(max(needed, 1 << 14), dtype=torch.int32, device=device)
+    return counters
 
 
 @triton.jit(do_not_specialize=["stride_table"])
