@@ -10,6 +10,8 @@ cuBLAS's kernels for one row read its 4-12 MB matrices at about a third of the b
 - `o_proj`, `down_proj`: plain, each program a few output features over all of K;
 - `x + residual -> RMSNorm -> gate_up -> silu(gate) * up`: a program reads the gate and the up rows of the
   same features, so SwiGLU is its epilogue and the [rows, 2 * intermediate] product is never written.
+On Hopper each GEMV is launched with programmatic dependent launch: it starts while the kernel ahead of it
+ends and reads its first weight tile meanwhile (`pdl`).
 The rounding is the unfused path's (layers/layernorm.py, fused_kernels.py): the sum and the normed rows in the
 model dtype, the norm in fp32; each product summed in fp32. Only the order of the dot products' additions
 differs from cuBLAS's.
@@ -41,10 +43,10 @@ if _HAVE_TRITON:
     def _gemv_kernel(x_ptr, residual_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, residual_out_ptr, eps,
                      M, N, K, stride_x, stride_r, stride_w, stride_y, stride_ro,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] = sum_k w[n, k] * a[m, k] for BLOCK_N features n of every row m; a = x, or with NORM
         RMSNorm(x (+ residual)) computed here. GATED: w holds N gate rows then N up rows and
-        y = silu(gate) * up."""
+        y = silu(gate) * up. PDL: launched while the kernel before it still runs (see `pdl`)."""
         pid = tl.program_id(0)
         rows = tl.arange(0, M_PAD)
         row_ok = rows < M
@@ -52,6 +54,16 @@ if _HAVE_TRITON:
         feat_ok = feats < N
         w_rows = w_ptr + feats[:, None].to(tl.int64) * stride_w
         ks = tl.arange(0, BLOCK_K)
+        # The first weight tile is read before anything else: no kernel writes weights, so with PDL this read
+        # overlaps the previous kernel's end. Each later tile is read one iteration ahead of its use.
+        w_ok = feat_ok[:, None] & (ks < K)[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_ok, other=0.0)
+        w_up = w
+        if GATED:
+            w_up = tl.load(w_rows + N * stride_w + ks[None, :], mask=w_ok, other=0.0)
+        if PDL:  # past this wait the previous kernel's writes are visible, and it no longer reads what we write
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # each row's mean square first: the rows are a few KB, read again below from the cache
             sum_sq = tl.zeros([M_PAD], tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -79,11 +91,14 @@ if _HAVE_TRITON:
                 scale = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)[None, :]
                 a = scale * (a.to(tl.float32) * inv_rms).to(a.dtype)
             a = a.to(tl.float32)[:, None, :]
-            w_ok = feat_ok[:, None] & col_ok[None, :]
-            acc += tl.load(w_rows + cols[None, :], mask=w_ok, other=0.0).to(tl.float32)[None, :, :] * a
+            acc += w.to(tl.float32)[None, :, :] * a
             if GATED:
-                up = tl.load(w_rows + N * stride_w + cols[None, :], mask=w_ok, other=0.0)
-                acc_up += up.to(tl.float32)[None, :, :] * a
+                acc_up += w_up.to(tl.float32)[None, :, :] * a
+            ahead = cols + BLOCK_K  # the next tile (all masked after the last)
+            w_ok = feat_ok[:, None] & (ahead < K)[None, :]
+            w = tl.load(w_rows + ahead[None, :], mask=w_ok, other=0.0)
+            if GATED:
+                w_up = tl.load(w_rows + N * stride_w + ahead[None, :], mask=w_ok, other=0.0)
         y = tl.sum(acc, 2)
         if HAS_BIAS:
             y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
@@ -99,11 +114,28 @@ if _HAVE_TRITON:
 
 # Read once: every eager step asks `runs` for every projection.
 ENABLED = _HAVE_TRITON and os.environ.get("SHARDSERVE_GEMV", "0") == "1"
+PDL_ENABLED = os.environ.get("SHARDSERVE_GEMV_PDL", "1") == "1"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_PDL_DEVICES: dict[torch.device, bool] = {}
 
 
 def enabled() -> bool:
     return ENABLED
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the GEMV kernels on `device` are launched with programmatic dependent launch (Hopper on): each
+    starts while the kernel ahead of it ends, reads its first weight tile, then waits for that kernel's writes
+    (`gdc_wait`). The kernels ahead of one (the GEMVs themselves, decode attention) let it start early
+    (`gdc_launch_dependents`). In a CUDA graph the launches keep their programmatic edges. A kernel launched so
+    must wait before it exits, or the next one's wait would not cover the kernels before: every program of the
+    GEMV waits unconditionally. SHARDSERVE_GEMV_PDL=0 turns it off (to measure it)."""
+    if not (ENABLED and PDL_ENABLED and device.type == "cuda" and not _INTERPRETED):
+        return False
+    if device not in _PDL_DEVICES:
+        _PDL_DEVICES[device] = (torch.cuda.get_device_capability(device)[0] >= 9
+                                and hasattr(tl.extra.cuda, "gdc_wait"))
+    return _PDL_DEVICES[device]
 
 
 def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -129,12 +161,13 @@ def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-         gated: bool = False, config: tuple[int, int, int] | None = None):
+         gated: bool = False, config: tuple[int, int, int] | None = None, use_pdl: bool | None = None):
     """x: [M, K] (M <= MAX_ROWS), weight: [N, K] -> [M, N] = x @ weight.T (+ bias).
     `norm` (RMSNorm's weight, eps): the product of RMSNorm(x + residual) (of RMSNorm(x) without `residual`),
     returned with the sum, the next residual (x itself without `residual`), as RMSNorm.forward returns it.
     `gated`: weight's rows are gate then up, and the result silu(gate) * up: [M, N / 2].
-    `config`: (BLOCK_N, BLOCK_K, num_warps) instead of `tiles`' choice (benchmarks)."""
+    `config`: (BLOCK_N, BLOCK_K, num_warps) instead of `tiles`' choice (benchmarks); `use_pdl`: instead of
+    `pdl(x.device)`."""
     rows, inner = x.shape
     features = weight.shape[0] // (2 if gated else 1)
     assert weight.shape[1] == inner and x.stride(-1) == 1 and weight.is_contiguous()
@@ -145,12 +178,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual_out = torch.empty_like(x)
     block_n, block_k, num_warps = config or tiles(rows, features, inner, gated)
     norm_weight, eps = norm if norm is not None else (weight, 0.0)  # (unread without a norm)
+    use_pdl = pdl(x.device) if use_pdl is None else use_pdl
     _gemv_kernel[(triton.cdiv(features, block_n),)](
         x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else weight, y,
         residual_out, eps, rows, features, inner, x.stride(0), residual.stride(0) if residual is not None else 0,
         weight.stride(0), y.stride(0), residual_out.stride(0), M_PAD=triton.next_power_of_2(rows),
         BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
-        HAS_BIAS=bias is not None, GATED=gated, num_warps=num_warps)
+        HAS_BIAS=bias is not None, GATED=gated, PDL=use_pdl, num_warps=num_warps,
+        **({"launch_pdl": True} if use_pdl else {}))
     return y if norm is None else (y, residual_out)
 
 

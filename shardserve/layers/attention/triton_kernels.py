@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardserve.layers import gemv
+
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -128,7 +130,10 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_p
                          num_splits, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                         IEEE: tl.constexpr, SOFTCAP: tl.constexpr, MAX_SPLITS: tl.constexpr):
+                         IEEE: tl.constexpr, SOFTCAP: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                         LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:  # the output projection's GEMV may start now (layers/gemv.py: it waits for our writes)
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -221,7 +226,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         sliding_window or _NO_WINDOW, splits, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
-        SOFTCAP=bool(softcap), MAX_SPLITS=_MAX_SPLITS, num_warps=num_warps)
+        SOFTCAP=bool(softcap), MAX_SPLITS=_MAX_SPLITS, LAUNCH_DEPENDENTS=gemv.pdl(q.device), num_warps=num_warps)
     return out
 
 
