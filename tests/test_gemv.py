@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from shardserve import LLM, SamplingParams, TokensPrompt
 from shardserve.layers import gemv
-from shardserve.layers.activation import SiluAndMul
+from shardserve.layers.activation import GeluAndMul, SiluAndMul
 from shardserve.layers.attention import triton_backend
 from shardserve.layers.layernorm import RMSNorm
 
@@ -64,14 +64,17 @@ def test_plain_product_matches_f_linear(dtype, rows, features, inner, with_bias,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("first_layer", [False, True])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("act_name", [None, "silu", "tanh-gelu"])
 @pytest.mark.parametrize("features, inner", [(48, 64), (20, 300)])
-def test_norm_prologue_and_swiglu_epilogue_match_the_layers(dtype, rows, first_layer, gated, features, inner,
-                                                           monkeypatch):
+def test_norm_prologue_and_gated_epilogue_match_the_layers(dtype, rows, first_layer, act_name, features, inner,
+                                                          monkeypatch):
+    gated = act_name is not None
     x, residual, weight, bias, norm = _case(rows, 2 * features if gated else features, inner, dtype, seed=1)
     residual = None if first_layer else residual
-    act = SiluAndMul() if gated else None
-    out, new_residual = gemv.gemv(x, weight, None, (norm.weight, norm.eps), residual, gated=gated)
+    act = {None: None, "silu": SiluAndMul(), "tanh-gelu": GeluAndMul("tanh")}[act_name]
+    assert gemv.fuses(norm, act)
+    out, new_residual = gemv.gemv(x, weight, None, (norm.weight, norm.eps), residual, gated=gated,
+                                  tanh_gelu=act_name == "tanh-gelu")
     _torch_path(monkeypatch)
     normed, ref_residual = norm(x, residual) if residual is not None else (norm(x), x)
     ref = F.linear(normed.float(), weight.float()).to(dtype)
@@ -99,16 +102,19 @@ def test_only_a_few_rows_take_it(monkeypatch):
     assert gemv.runs(x[:gemv.MAX_ROWS], weight) and not gemv.runs(x, weight)
     assert not gemv.runs(x[:1], weight.t().contiguous().t())  # a transposed view: F.linear's
     assert gemv.fuses(norm, SiluAndMul()) and not gemv.fuses(torch.nn.LayerNorm(16), None)
+    assert not gemv.fuses(norm, GeluAndMul("none"))  # exact (erf) GELU: the unfused path
     monkeypatch.setattr(gemv, "ENABLED", False)
     assert not gemv.runs(x[:1], weight)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # q/k norm; QKV bias with tied embeddings
+# q/k norm; QKV bias with tied embeddings; Gemma 3's sandwich norms and tanh GeGLU
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
 def test_decode_steps_through_it_give_the_same_tokens(arch, model_dirs, monkeypatch):
     """Prefills take the usual GEMMs, decode steps of up to MAX_ROWS requests the kernel (every projection, the
-    norms and SwiGLU inside them, the LM head): the same greedy tokens, log-probabilities equal to fp32 noise."""
+    norms and the gated activation inside them, the LM head): the same greedy tokens, log-probabilities equal to
+    fp32 noise."""
     prompts = [TokensPrompt(prompt_token_ids=list(range(5 + 7 * i, 17 + 9 * i))) for i in range(3)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
     calls = []
     kernel = gemv._gemv_kernel
     monkeypatch.setattr(gemv, "_gemv_kernel", type("Counted", (), {

@@ -106,7 +106,13 @@ if _HAVE_TRITON:
         mask = cols < N
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         up = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0)
-        g = gate.to(tl.float32)  # the activation in fp32, rounded once, then the product: as torch's two ops
+        tl.store(out_ptr + row * stride_o + cols, gated_act(gate, up, TANH_GELU), mask=mask)
+
+    @triton.jit
+    def gated_act(gate, up, TANH_GELU: tl.constexpr):
+        """act(gate) * up: the activation in fp32 of the gate as rounded, rounded once, then the product in the
+        gate's dtype, as torch's two ops. SiLU, or (TANH_GELU) GELU's tanh approximation."""
+        g = gate.to(tl.float32)
         if TANH_GELU:
             inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
             t = tl.exp(-2.0 * tl.abs(inner))  # tanh(inner) = sign * (1 - t) / (1 + t), with no overflow
@@ -114,7 +120,7 @@ if _HAVE_TRITON:
             act = 0.5 * g * (1.0 + tl.where(inner < 0, -tanh, tanh))
         else:
             act = g / (1.0 + tl.exp(-g))
-        tl.store(out_ptr + row * stride_o + cols, act.to(gate.dtype) * up, mask=mask)
+        return act.to(gate.dtype) * up.to(gate.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

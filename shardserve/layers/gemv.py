@@ -1,5 +1,5 @@
 """A projection of a decode step's few rows on a GPU as one Triton kernel, with the pre-norm that opens a
-decoder block and the SwiGLU that follows an MLP's first projection folded in.
+decoder block and the SwiGLU (or Gemma's tanh GeGLU) that follows an MLP's first projection folded in.
 
 Why: at batch 1 a decode step reads every weight once, so its floor is the weights' bytes over the copy
 bandwidth; Qwen3-0.6B's step on an H200 was 5.2x that floor (benchmarks/RESULTS.md, fourteenth session).
@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from shardserve.layers.activation import SiluAndMul
+from shardserve.layers.activation import GeluAndMul, SiluAndMul
 from shardserve.layers.cpu_gemm import PackedWeight
 from shardserve.layers.cpu_gemm import linear as cpu_linear
 from shardserve.layers.layernorm import RMSNorm
@@ -39,14 +39,18 @@ if _HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from shardserve.layers.fused_kernels import gated_act
+
     @triton.jit
     def _gemv_kernel(x_ptr, residual_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, residual_out_ptr, eps,
                      M, N, K, stride_x, stride_r, stride_w, stride_y, stride_ro,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                     TANH_GELU: tl.constexpr, PDL: tl.constexpr):
         """y[m, n] = sum_k w[n, k] * a[m, k] for BLOCK_N features n of every row m; a = x, or with NORM
         RMSNorm(x (+ residual)) computed here. GATED: w holds N gate rows then N up rows and
-        y = silu(gate) * up. PDL: launched while the kernel before it still runs (see `pdl`)."""
+        y = act(gate) * up, act SiLU or (TANH_GELU) GELU's tanh approximation. PDL: launched while the kernel
+        before it still runs (see `pdl`)."""
         pid = tl.program_id(0)
         rows = tl.arange(0, M_PAD)
         row_ok = rows < M
@@ -103,12 +107,11 @@ if _HAVE_TRITON:
         if HAS_BIAS:
             y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
         y = y.to(y_ptr.dtype.element_ty)
-        if GATED:  # as act_and_mul: the activation of the rounded gate in fp32, rounded, times the rounded up
+        if GATED:  # as act_and_mul computes it from the rounded gate and up
             up = tl.sum(acc_up, 2)
             if HAS_BIAS:
                 up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
-            gate = y.to(tl.float32)
-            y = (gate / (1.0 + tl.exp(-gate))).to(y.dtype) * up.to(y.dtype)
+            y = gated_act(y, up, TANH_GELU)
         tl.store(y_ptr + rows[:, None] * stride_y + feats[None, :], y, mask=row_ok[:, None] & feat_ok[None, :])
 
 
@@ -145,8 +148,10 @@ def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def fuses(norm, act) -> bool:
-    """Whether the kernel computes this norm (RMSNorm: Gemma's too, its offset added at load) and activation."""
-    return isinstance(norm, RMSNorm) and (act is None or type(act) is SiluAndMul)
+    """Whether the kernel computes this norm (RMSNorm: Gemma's too, its offset added at load) and activation
+    (SwiGLU, or GeGLU with the tanh GELU)."""
+    return isinstance(norm, RMSNorm) and (act is None or type(act) is SiluAndMul or (
+        type(act) is GeluAndMul and act.approximate == "tanh"))
 
 
 def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, int]:
@@ -161,11 +166,13 @@ def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-         gated: bool = False, config: tuple[int, int, int] | None = None, use_pdl: bool | None = None):
+         gated: bool = False, tanh_gelu: bool = False, config: tuple[int, int, int] | None = None,
+         use_pdl: bool | None = None):
     """x: [M, K] (M <= MAX_ROWS), weight: [N, K] -> [M, N] = x @ weight.T (+ bias).
     `norm` (RMSNorm's weight, eps): the product of RMSNorm(x + residual) (of RMSNorm(x) without `residual`),
     returned with the sum, the next residual (x itself without `residual`), as RMSNorm.forward returns it.
-    `gated`: weight's rows are gate then up, and the result silu(gate) * up: [M, N / 2].
+    `gated`: weight's rows are gate then up, and the result silu(gate) * up ((tanh_gelu) tanh-GELU(gate) * up):
+    [M, N / 2].
     `config`: (BLOCK_N, BLOCK_K, num_warps) instead of `tiles`' choice (benchmarks); `use_pdl`: instead of
     `pdl(x.device)`."""
     rows, inner = x.shape
@@ -184,7 +191,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual_out, eps, rows, features, inner, x.stride(0), residual.stride(0) if residual is not None else 0,
         weight.stride(0), y.stride(0), residual_out.stride(0), M_PAD=triton.next_power_of_2(rows),
         BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
-        HAS_BIAS=bias is not None, GATED=gated, PDL=use_pdl, num_warps=num_warps,
+        HAS_BIAS=bias is not None, GATED=gated, TANH_GELU=tanh_gelu, PDL=use_pdl, num_warps=num_warps,
         **({"launch_pdl": True} if use_pdl else {}))
     return y if norm is None else (y, residual_out)
 

@@ -69,10 +69,11 @@ class LinearBase(nn.Module):
                        act: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step that opens a pre-norm block: this layer (then `act`) applied to norm(x + residual), and
         x + residual, the next residual (norm(x) and x at the first layer, where `residual` is None). At a decode
-        step's few rows on a GPU one kernel reads the weight once and computes the norm and a SwiGLU `act` on the
-        way (layers/gemv.py)."""
+        step's few rows on a GPU one kernel reads the weight once and computes the norm and a gated `act` (SwiGLU,
+        tanh GeGLU) on the way (layers/gemv.py)."""
         if gemv.runs(x, self.weight) and gemv.fuses(norm, act) and active_lora(self) is None:
-            return gemv.gemv(x, self.weight, self.bias, (norm.weight, norm.eps), residual, gated=act is not None)
+            return gemv.gemv(x, self.weight, self.bias, (norm.weight, norm.eps), residual, gated=act is not None,
+                             tanh_gelu=getattr(act, "approximate", None) == "tanh")
         x, residual = norm(x, residual) if residual is not None else (norm(x), x)
         y = self(x)
         return (y if act is None else act(y)), residual

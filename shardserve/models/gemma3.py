@@ -50,15 +50,12 @@ class Gemma3DecoderLayer(nn.Module):
 
     def forward(self, ropes, x, residual, meta):
         """`residual` is the stream before this layer's input norm (None at the first layer): each norm that
-        opens a block also adds the previous block's output to it."""
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.post_attention_layernorm(self.self_attn(ropes[self.layer_type], x, meta))
-        x, residual = self.pre_feedforward_layernorm(x, residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+        opens a block also adds the previous block's output to it, inside the block's first projection where it
+        folds (layers/gemv.py)."""
+        qkv, residual = self.self_attn.qkv_proj.normed_forward(self.input_layernorm, x, residual)
+        x = self.post_attention_layernorm(self.self_attn.attend(ropes[self.layer_type], qkv, meta))
+        x, residual = self.mlp.normed_forward(self.pre_feedforward_layernorm, x, residual)
+        return self.post_feedforward_layernorm(x), residual
 
 
 class Gemma3Model(LlamaModel):
