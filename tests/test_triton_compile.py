@@ -106,26 +106,34 @@ def _launches(hidden, num_heads, num_kv_heads, head_dim, inter, dtype, block_siz
 
 
 def _signature(kernel, args, kwargs):
-    """Triton's signature and constexprs for one recorded launch (args by position, then keywords)."""
+    """Triton's signature, constexprs and specialisation attributes for one recorded launch (args by position,
+    then keywords). The attributes are what a launch on the GPU adds: a pointer 16-byte aligned, an integer a
+    multiple of 16 (unless the kernel says not to specialise on it) are marked divisible by 16, which is what lets
+    Triton's coalescing give a thread 16-byte loads; without them the compiled code would not be the GPU's."""
     import torch
 
     types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
              torch.int64: "i64"}
     values = dict(zip(kernel.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
-    for param in kernel.params:
+    signature, constexprs, attrs = {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
+    for i, param in enumerate(kernel.params):
         value = values[param.name]
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + types[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = divisible
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int):
             signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = divisible
         else:
             signature[param.name] = "fp32"
-    return signature, constexprs
+    return signature, constexprs, attrs
 
 
 def _compile_all() -> list[dict]:
@@ -140,10 +148,10 @@ def _compile_all() -> list[dict]:
                 result = {"model": name, "dtype": dtype, "what": what, "kernels": []}
                 results.append(result)
                 for kernel, args, kwargs in launches:
-                    signature, constexprs = _signature(kernel, args, kwargs)
+                    signature, constexprs, attrs = _signature(kernel, args, kwargs)
                     try:
                         options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
-                        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                                   target=GPUTarget("cuda", ARCH, 32), options=options)
                         result["kernels"].append({"name": kernel.__name__, "shared": compiled.metadata.shared,
                                                   "num_warps": compiled.metadata.num_warps})

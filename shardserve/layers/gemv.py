@@ -50,13 +50,20 @@ if _HAVE_TRITON:
         """y[m, n] = sum_k w[n, k] * a[m, k] for BLOCK_N features n of every row m; a = x, or with NORM
         RMSNorm(x (+ residual)) computed here. GATED: w holds N gate rows then N up rows and
         y = act(gate) * up, act SiLU or (TANH_GELU) GELU's tanh approximation. PDL: launched while the kernel
-        before it still runs (see `pdl`)."""
+        before it still runs (see `pdl`).
+
+        Every tile is 2-D, its first axis the (row m, feature n) pairs, so each weight load is a contiguous run
+        of K per thread (16-byte loads; a 3-D [rows, features, K] product made Triton load element by element).
+        With several rows a weight tile's pairs repeat its features, served by L1 after the first row's read."""
         pid = tl.program_id(0)
-        rows = tl.arange(0, M_PAD)
+        pair = tl.arange(0, M_PAD * BLOCK_N)
+        rows = pair // BLOCK_N
+        feats = pid * BLOCK_N + pair % BLOCK_N
         row_ok = rows < M
-        feats = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         feat_ok = feats < N
         w_rows = w_ptr + feats[:, None].to(tl.int64) * stride_w
+        x_rows = x_ptr + rows[:, None] * stride_x
+        r_rows = residual_ptr + rows[:, None] * stride_r
         ks = tl.arange(0, BLOCK_K)
         # The first weight tile is read before anything else: no kernel writes weights, so with PDL this read
         # overlaps the previous kernel's end. Each later tile is read one iteration ahead of its use.
@@ -69,50 +76,52 @@ if _HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # each row's mean square first: the rows are a few KB, read again below from the cache
-            sum_sq = tl.zeros([M_PAD], tl.float32)
+            sum_sq = tl.zeros([M_PAD * BLOCK_N], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + ks
                 ok = row_ok[:, None] & (cols < K)[None, :]
-                h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+                h = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
                 if HAS_RESIDUAL:
-                    h = h + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
+                    h = h + tl.load(r_rows + cols[None, :], mask=ok, other=0.0)
                 h = h.to(tl.float32)
                 sum_sq += tl.sum(h * h, 1)
             inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
+        # the first program writes the new residual, once per row (its pairs of feature 0)
+        writes_residual = row_ok & (pair % BLOCK_N == 0) & (pair * 0 + pid == 0)  # (a tile, for the interpreter)
         # products summed per lane over the K loop, reduced once at the end
-        acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        acc = tl.zeros([M_PAD * BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([M_PAD * BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + ks
             col_ok = cols < K
             ok = row_ok[:, None] & col_ok[None, :]
-            a = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+            a = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
             if NORM:
                 if HAS_RESIDUAL:
-                    a = a + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
-                    if pid == 0:
-                        tl.store(residual_out_ptr + rows[:, None] * stride_ro + cols[None, :], a, mask=ok)
+                    a = a + tl.load(r_rows + cols[None, :], mask=ok, other=0.0)
+                    tl.store(residual_out_ptr + rows[:, None] * stride_ro + cols[None, :], a,
+                             mask=writes_residual[:, None] & col_ok[None, :])
                 scale = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)[None, :]
                 a = scale * (a.to(tl.float32) * inv_rms).to(a.dtype)
-            a = a.to(tl.float32)[:, None, :]
-            acc += w.to(tl.float32)[None, :, :] * a
+            a = a.to(tl.float32)
+            acc += w.to(tl.float32) * a
             if GATED:
-                acc_up += w_up.to(tl.float32)[None, :, :] * a
+                acc_up += w_up.to(tl.float32) * a
             ahead = cols + BLOCK_K  # the next tile (all masked after the last)
             w_ok = feat_ok[:, None] & (ahead < K)[None, :]
             w = tl.load(w_rows + ahead[None, :], mask=w_ok, other=0.0)
             if GATED:
                 w_up = tl.load(w_rows + N * stride_w + ahead[None, :], mask=w_ok, other=0.0)
-        y = tl.sum(acc, 2)
+        y = tl.sum(acc, 1)
         if HAS_BIAS:
-            y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty)
         if GATED:  # as act_and_mul computes it from the rounded gate and up
-            up = tl.sum(acc_up, 2)
+            up = tl.sum(acc_up, 1)
             if HAS_BIAS:
-                up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+                up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)
             y = gated_act(y, up, TANH_GELU)
-        tl.store(y_ptr + rows[:, None] * stride_y + feats[None, :], y, mask=row_ok[:, None] & feat_ok[None, :])
+        tl.store(y_ptr + rows * stride_y + feats, y, mask=row_ok & feat_ok)
 
 
 # Read once: every eager step asks `runs` for every projection.
