@@ -145,9 +145,17 @@ def pdl(device: torch.device) -> bool:
     if not (ENABLED and PDL_ENABLED and device.type == "cuda" and not _INTERPRETED):
         return False
     if device not in _PDL_DEVICES:
-        _PDL_DEVICES[device] = (torch.cuda.get_device_capability(device)[0] >= 9
-                                and hasattr(tl.extra.cuda, "gdc_wait"))
+        _PDL_DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9 and _triton_has_pdl()
     return _PDL_DEVICES[device]
+
+
+def _triton_has_pdl() -> bool:
+    """Whether this Triton has grid-dependency control in kernels and the PDL launch option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
 def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -165,7 +173,7 @@ def fuses(norm, act) -> bool:
 
 def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): enough programs to keep every SM's loads in flight (132 on an H100)
-    on the smallest projections, and each program's accumulators ([rows, BLOCK_N, BLOCK_K] fp32, twice when
+    on the smallest projections, and each program's accumulators ([rows * BLOCK_N, BLOCK_K] fp32, twice when
     gated) within ~32 registers a thread. A first guess, for benchmarks/gpu_gemv.py's sweep to correct."""
     block_n = min(16, max(2, triton.next_power_of_2(max(1, features // 512))))
     elements = 4096 // (triton.next_power_of_2(rows) * (2 if gated else 1))

@@ -53,7 +53,7 @@ class Gemma3DecoderLayer(nn.Module):
         opens a block also adds the previous block's output to it, inside the block's first projection where it
         folds (layers/gemv.py)."""
         qkv, residual = self.self_attn.qkv_proj.normed_forward(self.input_layernorm, x, residual)
-        x = self.post_attention_layernorm(self.self_attn.attend(ropes[self.layer_type], qkv, meta))
+        x = self.post_attention_layernorm(self.self_attn(ropes[self.layer_type], qkv, meta))
         x, residual = self.mlp.normed_forward(self.pre_feedforward_layernorm, x, residual)
         return self.post_feedforward_layernorm(x), residual
 

@@ -44,11 +44,9 @@ class LlamaAttention(nn.Module):
                               self.head_dim ** -0.5 if scale is None else scale,
                               sliding_window=layer_sliding_window(config, layer_index), softcap=softcap)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata):
-        return self.attend(rope, self.qkv_proj(x), meta)
-
-    def attend(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, meta: AttentionMetadata):
-        """What follows the QKV projection: rotary (and q/k norm), attention over the cache, the output projection."""
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, meta: AttentionMetadata):
+        """The block after its QKV projection, which the decoder layer makes with the block's norm folded in
+        (`qkv_proj.normed_forward`): rotary (and q/k norm), attention over the cache, the output projection."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -76,8 +74,8 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
     def normed_forward(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
-        """The MLP of norm(x + residual), and the next residual (the norm and SwiGLU within the first projection
-        where they fold: layers/linear.py)."""
+        """The MLP of norm(x + residual), and the next residual (the norm and the gated activation within the
+        first projection where they fold: layers/linear.py)."""
         h, residual = self.gate_up_proj.normed_forward(norm, x, residual, self.act)
         return self.down_proj(h), residual
 
@@ -94,7 +92,7 @@ class LlamaDecoderLayer(nn.Module):
         """`residual` is the stream before this layer (None at the first): each block's norm adds the previous
         block's output `x` to it first, inside the block's first projection where it folds (layers/gemv.py)."""
         qkv, residual = self.self_attn.qkv_proj.normed_forward(self.input_layernorm, x, residual)
-        x = self.self_attn.attend(rope, qkv, meta)
+        x = self.self_attn(rope, qkv, meta)
         if isinstance(self.mlp, LlamaMLP):
             return self.mlp.normed_forward(self.post_attention_layernorm, x, residual)
         x, residual = self.post_attention_layernorm(x, residual)
