@@ -1,6 +1,6 @@
 """The few-row GEMV kernel (layers/gemv.py) against the layers it stands in for: RMSNorm (with the residual
-add), the projection, SwiGLU, computed by torch. On a CPU in Triton's interpreter; on a GPU compiled. Then a
-whole model's decode steps through it against the same model without it."""
+add), the projection, SwiGLU / tanh GeGLU, computed by torch. On a CPU in Triton's interpreter; on a GPU
+compiled. Then a whole model's decode steps through it against the same model without it."""
 from __future__ import annotations
 
 import gc
