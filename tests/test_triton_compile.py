@@ -88,6 +88,9 @@ def _launches(hidden, num_heads, num_kv_heads, head_dim, inter, dtype, block_siz
     yield take("rms_norm with residual", lambda: fused_kernels.rms_norm(x, weight, 1e-6, x))
     yield take("rms_norm over heads (q/k norm)",
                lambda: fused_kernels.rms_norm(x[:, :head_dim], weight[:head_dim], 1e-6))
+    yield take("SwiGLU and tanh GeGLU", lambda: (fused_kernels.act_and_mul(torch.zeros(256, 2 * inter, dtype=dtype)),
+                                                 fused_kernels.act_and_mul(torch.zeros(4, 2 * inter, dtype=dtype),
+                                                                           tanh_gelu=True)))
     yield take("rotary", lambda: fused_kernels.rotary_(q, k, cos_sin, cos_sin))
     yield take("rotary with q/k norm and the KV store", lambda: fused_kernels.rotary_(
         q, k, cos_sin, cos_sin, (weight[:head_dim], weight[:head_dim]), 1e-6,
@@ -181,7 +184,7 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_compile_for_hopper(compiled, model, dtype):
     cases = {what: kernels for (m, d, what), kernels in compiled.items() if (m, d) == (model, dtype)}
-    assert len(cases) == 14, sorted(cases)
+    assert len(cases) == 15, sorted(cases)
     for what, kernels in cases.items():
         assert kernels, f"{what}: launched no kernel"
         for kernel in kernels:
@@ -190,7 +193,7 @@ def test_kernels_compile_for_hopper(compiled, model, dtype):
                 f"{what}: {kernel['name']} asks for {kernel['shared']} bytes of shared memory"
     names = {kernel["name"] for kernels in cases.values() for kernel in kernels}
     assert {"_store_kv_kernel", "_paged_decode_kernel", "_paged_prefill_kernel",
-            "_rms_norm_kernel", "_rotary_kernel", "_gemv_kernel"} <= names
+            "_rms_norm_kernel", "_rotary_kernel", "_gemv_kernel", "_act_and_mul_kernel"} <= names
     # A batch-1 projection is bound by how fast it reads its weight: each thread's loads must be 16 bytes wide
     # (a 3-D product in the GEMV made Triton load bf16 weights two bytes at a time).
     for what, kernels in cases.items():
