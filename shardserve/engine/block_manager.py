@@ -121,13 +121,14 @@ class BlockManager:
         """Make room for `num_new_tokens` more tokens after the request's computed (or cache-hit) ones.
         Returns False, changing nothing, if the free blocks do not suffice."""
         blocks = self.req_blocks.get(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
-        total_blocks = -(-(num_computed + num_new_tokens) // self.block_size)
-        num_needed = total_blocks - len(blocks) - len(cached_blocks)
+        bs = self.block_size
+        num_computed = request.num_computed_tokens + len(cached_blocks) * bs
+        num_needed = -(-(num_computed + num_new_tokens) // bs) - len(blocks) - len(cached_blocks)
         # Only tokens already known can be hashed: a token still being sampled (async scheduling) cannot.
-        num_known = min(num_computed + num_new_tokens, request.num_tokens)
+        num_known = min(num_computed + num_new_tokens, len(request.all_token_ids))
         if num_needed <= 0 and not cached_blocks:  # most decode steps: the last block has room
-            if self._cacheable(request):
+            # (and no block filled since the last hashing: checked here, a decode step per request per step)
+            if self._cacheable(request) and num_known // bs > self.req_num_hashed.get(request.request_id, 0):
                 self._cache_full_blocks(request, num_known)
             return True
         # Cache hits that sit in the free queue stop being free when we take them.

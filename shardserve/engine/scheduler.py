@@ -136,21 +136,25 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
 
+        # (names bound once: this loop runs for every running request every step)
+        running, allocate, schedule, scheduled = self.running, self.block_manager.allocate_slots, self._schedule, \
+            out.scheduled
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.num_output_placeholders and self._last_token_in_flight(req):
+        while i < len(running) and budget > 0:
+            req = running[i]
+            in_flight = req.num_output_placeholders
+            if in_flight and self._last_token_in_flight(req):
                 i += 1
                 continue
-            num_new = min(len(req.all_token_ids) + req.num_output_placeholders - req.num_computed_tokens, budget)
-            while not self.block_manager.allocate_slots(req, num_new):
-                victim = self.running.pop()  # the least urgent (the policy's order): not yet scheduled
+            num_new = min(len(req.all_token_ids) + in_flight - req.num_computed_tokens, budget)
+            while not allocate(req, num_new):
+                victim = running.pop()  # the least urgent (the policy's order): not yet scheduled
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             else:
-                out.scheduled.append(self._schedule(req, num_new, new=False))
+                scheduled.append(schedule(req, num_new, False))
                 budget -= num_new
                 i += 1
 
