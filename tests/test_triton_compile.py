@@ -140,6 +140,16 @@ def _signature(kernel, args, kwargs):
     return signature, constexprs, attrs
 
 
+def _load_widths(ptx: str) -> dict[str, int]:
+    """Global loads by kind: 16-byte ones, 2-byte ones, and the GEMV's weight loads (marked evict_first) and how
+    many of those are 16 bytes wide."""
+    loads = re.findall(r"ld\.global[.a-zA-Z0-9:_]*", ptx)
+    weights = [load for load in loads if "evict_first" in load]
+    return {"wide_loads": sum(".v4." in load for load in loads),
+            "2-byte_loads": sum(".b16" in load for load in loads),
+            "weight_loads": len(weights), "wide_weight_loads": sum(".v4." in load for load in weights)}
+
+
 def _compile_all() -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -157,11 +167,9 @@ def _compile_all() -> list[dict]:
                         options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
                         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                                   target=GPUTarget("cuda", ARCH, 32), options=options)
-                        ptx = compiled.asm["ptx"]
                         result["kernels"].append({"name": kernel.__name__, "shared": compiled.metadata.shared,
                                                   "num_warps": compiled.metadata.num_warps,
-                                                  "wide_loads": len(re.findall(r"ld\.global[.a-z]*\.v4\.", ptx)),
-                                                  "2-byte_loads": len(re.findall(r"ld\.global[.a-z]*\.b16", ptx))})
+                                                  **_load_widths(compiled.asm["ptx"])})
                     except Exception as error:  # reported to the test, which fails on it
                         result["kernels"].append({"name": kernel.__name__, "error": f"{type(error).__name__}: "
                                                                                     f"{error}"[-2000:]})
@@ -194,11 +202,15 @@ def test_kernels_compile_for_hopper(compiled, model, dtype):
     names = {kernel["name"] for kernels in cases.values() for kernel in kernels}
     assert {"_store_kv_kernel", "_paged_decode_kernel", "_paged_prefill_kernel",
             "_rms_norm_kernel", "_rotary_kernel", "_gemv_kernel", "_act_and_mul_kernel"} <= names
-    # A batch-1 projection is bound by how fast it reads its weight: each thread's loads must be 16 bytes wide
-    # (a 3-D product in the GEMV made Triton load bf16 weights two bytes at a time).
+    # A batch-1 projection is bound by how fast it reads its weight, decode attention by its KV cache: each
+    # thread's loads of them must be 16 bytes wide (a 3-D product in the GEMV made Triton load bf16 weights two
+    # bytes at a time; so did every kernel compiled without a launch's specialisation).
     for what, kernels in cases.items():
-        if what.startswith("gemv") or what.startswith("decode"):
-            for kernel in kernels:
+        for kernel in kernels:
+            if what.startswith("gemv"):
+                assert kernel["weight_loads"] > 0 and kernel["wide_weight_loads"] == kernel["weight_loads"], \
+                    (what, kernel)
+            if what.startswith("decode"):
                 assert kernel["wide_loads"] > 0 and kernel["2-byte_loads"] == 0, (what, kernel)
 
 

@@ -52,76 +52,77 @@ if _HAVE_TRITON:
         y = act(gate) * up, act SiLU or (TANH_GELU) GELU's tanh approximation. PDL: launched while the kernel
         before it still runs (see `pdl`).
 
-        Every tile is 2-D, its first axis the (row m, feature n) pairs, so each weight load is a contiguous run
-        of K per thread (16-byte loads; a 3-D [rows, features, K] product made Triton load element by element).
-        With several rows a weight tile's pairs repeat its features, served by L1 after the first row's read."""
+        A weight tile [BLOCK_N, BLOCK_K] is read once (16 bytes a thread) and used for every row: each row's
+        products are reduced over the tile's K as they are made, into that row's [BLOCK_N] sums, so the
+        registers hold one tile whatever the number of rows. (A 3-D [rows, features, K] product made Triton load
+        the weights two bytes at a time.)"""
         pid = tl.program_id(0)
-        pair = tl.arange(0, M_PAD * BLOCK_N)
-        rows = pair // BLOCK_N
-        feats = pid * BLOCK_N + pair % BLOCK_N
-        row_ok = rows < M
+        feats = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         feat_ok = feats < N
         w_rows = w_ptr + feats[:, None].to(tl.int64) * stride_w
-        x_rows = x_ptr + rows[:, None] * stride_x
-        r_rows = residual_ptr + rows[:, None] * stride_r
         ks = tl.arange(0, BLOCK_K)
+        rows = tl.arange(0, M_PAD)
         # The first weight tile is read before anything else: no kernel writes weights, so with PDL this read
-        # overlaps the previous kernel's end. Each later tile is read one iteration ahead of its use.
+        # overlaps the previous kernel's end. Each later tile is read one iteration ahead of its use. Weights are
+        # read once a step: evict_first keeps them from pushing the step's activations out of the caches.
         w_ok = feat_ok[:, None] & (ks < K)[None, :]
-        w = tl.load(w_rows + ks[None, :], mask=w_ok, other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
         w_up = w
         if GATED:
-            w_up = tl.load(w_rows + N * stride_w + ks[None, :], mask=w_ok, other=0.0)
+            w_up = tl.load(w_rows + N * stride_w + ks[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
         if PDL:  # past this wait the previous kernel's writes are visible, and it no longer reads what we write
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # each row's mean square first: the rows are a few KB, read again below from the cache
-            sum_sq = tl.zeros([M_PAD * BLOCK_N], tl.float32)
+            sum_sq = tl.zeros([M_PAD], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + ks
-                ok = row_ok[:, None] & (cols < K)[None, :]
-                h = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+                ok = (rows < M)[:, None] & (cols < K)[None, :]
+                h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
                 if HAS_RESIDUAL:
-                    h = h + tl.load(r_rows + cols[None, :], mask=ok, other=0.0)
+                    h = h + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
                 h = h.to(tl.float32)
                 sum_sq += tl.sum(h * h, 1)
-            inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
-        # the first program writes the new residual, once per row (its pairs of feature 0)
-        writes_residual = row_ok & (pair % BLOCK_N == 0) & (pair * 0 + pid == 0)  # (a tile, for the interpreter)
-        # products summed per lane over the K loop, reduced once at the end
-        acc = tl.zeros([M_PAD * BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([M_PAD * BLOCK_N, BLOCK_K], tl.float32)
+            inv_rms = tl.rsqrt(sum_sq / K + eps)
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + ks
             col_ok = cols < K
-            ok = row_ok[:, None] & col_ok[None, :]
-            a = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
             if NORM:
-                if HAS_RESIDUAL:
-                    a = a + tl.load(r_rows + cols[None, :], mask=ok, other=0.0)
-                    tl.store(residual_out_ptr + rows[:, None] * stride_ro + cols[None, :], a,
-                             mask=writes_residual[:, None] & col_ok[None, :])
-                scale = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)[None, :]
-                a = scale * (a.to(tl.float32) * inv_rms).to(a.dtype)
-            a = a.to(tl.float32)
-            acc += w.to(tl.float32) * a
-            if GATED:
-                acc_up += w_up.to(tl.float32) * a
+                scale = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
+            for m in tl.static_range(M_PAD):
+                ok = col_ok & (cols * 0 + m < M)  # (the row's bound as a tile, for the interpreter)
+                a = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0)
+                if NORM:
+                    if HAS_RESIDUAL:
+                        a = a + tl.load(residual_ptr + m * stride_r + cols, mask=ok, other=0.0)
+                        # the first program writes the new residual
+                        tl.store(residual_out_ptr + m * stride_ro + cols, a, mask=ok & (cols * 0 + pid == 0))
+                    row_inv_rms = tl.sum(tl.where(rows == m, inv_rms, 0.0), 0)
+                    a = scale * (a.to(tl.float32) * row_inv_rms).to(a.dtype)
+                a = a.to(tl.float32)[None, :]
+                acc = tl.where(rows[:, None] == m, acc + tl.sum(w.to(tl.float32) * a, 1)[None, :], acc)
+                if GATED:
+                    acc_up = tl.where(rows[:, None] == m, acc_up + tl.sum(w_up.to(tl.float32) * a, 1)[None, :],
+                                      acc_up)
             ahead = cols + BLOCK_K  # the next tile (all masked after the last)
             w_ok = feat_ok[:, None] & (ahead < K)[None, :]
-            w = tl.load(w_rows + ahead[None, :], mask=w_ok, other=0.0)
+            w = tl.load(w_rows + ahead[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
             if GATED:
-                w_up = tl.load(w_rows + N * stride_w + ahead[None, :], mask=w_ok, other=0.0)
-        y = tl.sum(acc, 1)
+                w_up = tl.load(w_rows + N * stride_w + ahead[None, :], mask=w_ok, other=0.0,
+                               eviction_policy="evict_first")
+        y = acc
         if HAS_BIAS:
-            y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)
+            y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
         y = y.to(y_ptr.dtype.element_ty)
         if GATED:  # as act_and_mul computes it from the rounded gate and up
-            up = tl.sum(acc_up, 1)
+            up = acc_up
             if HAS_BIAS:
-                up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)
+                up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
             y = gated_act(y, up, TANH_GELU)
-        tl.store(y_ptr + rows * stride_y + feats, y, mask=row_ok & feat_ok)
+        tl.store(y_ptr + rows[:, None] * stride_y + feats[None, :], y,
+                 mask=(rows < M)[:, None] & feat_ok[None, :])
 
 
 # Read once: every eager step asks `runs` for every projection.
@@ -173,10 +174,10 @@ def fuses(norm, act) -> bool:
 
 def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): enough programs to keep every SM's loads in flight (132 on an H100)
-    on the smallest projections, and each program's accumulators ([rows * BLOCK_N, BLOCK_K] fp32, twice when
-    gated) within ~32 registers a thread. A first guess, for benchmarks/gpu_gemv.py's sweep to correct."""
+    on the smallest projections, and each weight tile (twice when gated) 4,096 elements: 32 a thread, four
+    16-byte loads of bf16 in flight. A first guess, for benchmarks/gpu_gemv.py's sweep to correct."""
     block_n = min(16, max(2, triton.next_power_of_2(max(1, features // 512))))
-    elements = 4096 // (triton.next_power_of_2(rows) * (2 if gated else 1))
+    elements = 4096 // (2 if gated else 1)
     block_k = min(triton.next_power_of_2(inner), max(64, elements // block_n))
     return block_n, block_k, 4
 
