@@ -148,7 +148,7 @@ def work_shardserve(a, async_scheduling: bool | None = None) -> dict:
         res["cuda_graphs"] = worker.runner.graphs is not None
     res["async_scheduling"] = llm.llm_engine.async_scheduling
     from shardserve.layers import gemv
-    res["gemv"] = gemv.enabled()
+    res["gemv"] = gemv.ENABLED
     return res
 
 

@@ -109,7 +109,8 @@ def test_only_a_few_rows_take_it(monkeypatch):
 
 # q/k norm; QKV bias with tied embeddings; Gemma 3's sandwich norms and tanh GeGLU. On a GPU, test_gpu.py's bf16
 # parity with transformers and CUDA graphs against eager run the models through it (a lent GPU's minutes are few).
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="covered on a GPU by tests/test_gpu.py")
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU, tests/test_gpu.py's bf16 parity with transformers "
+                                                  "and CUDA-graph tests run these models through the kernel")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
 def test_decode_steps_through_it_give_the_same_tokens(arch, model_dirs, monkeypatch):
     """Prefills take the usual GEMMs, decode steps of up to MAX_ROWS requests the kernel (every projection, the

@@ -127,8 +127,7 @@ class BlockManager:
         # Only tokens already known can be hashed: a token still being sampled (async scheduling) cannot.
         num_known = min(num_computed + num_new_tokens, len(request.all_token_ids))
         if num_needed <= 0 and not cached_blocks:  # most decode steps: the last block has room
-            # (and no block filled since the last hashing: checked here, a decode step per request per step)
-            if self._cacheable(request) and num_known // bs > self.req_num_hashed.get(request.request_id, 0):
+            if self._cacheable(request):
                 self._cache_full_blocks(request, num_known)
             return True
         # Cache hits that sit in the free queue stop being free when we take them.

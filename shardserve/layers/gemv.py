@@ -132,10 +132,6 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _PDL_DEVICES: dict[torch.device, bool] = {}
 
 
-def enabled() -> bool:
-    return ENABLED
-
-
 def pdl(device: torch.device) -> bool:
     """Whether the GEMV kernels on `device` are launched with programmatic dependent launch (Hopper on): each
     starts while the kernel ahead of it ends, reads its first weight tile, then waits for that kernel's writes
