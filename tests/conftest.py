@@ -28,6 +28,18 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::pydantic.warnings.PydanticDeprecatedSince20")
 
 
+def pytest_collection_modifyitems(config, items):
+    """SHARDSERVE_TEST_SHARD=i/n keeps every n-th test from the i-th (0-based): scripts/gpu-check.sh runs a file's
+    tests as n processes at once, since their time on a GPU machine is Triton compiling on the host's cores."""
+    shard = os.environ.get("SHARDSERVE_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(n) for n in shard.split("/"))
+    kept = [item for i, item in enumerate(items) if i % count == index]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "The capital of France is Paris, and the capital of Italy is Rome.",

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_CHECK_TESTS = ["tests/test_gpu.py", "tests/test_triton_attention.py", "tests/test_fused_kernels.py",
-                   "tests/test_attention_backends.py", "tests/test_moe.py", "tests/test_async_scheduling.py",
-                   "tests/test_gemv.py"]
+
+
+def _script_list(name: str) -> list[str]:
+    """A bash array of the script's, `NAME=(a b c)`."""
+    match = re.search(rf"^\s*{name}=\(([^)]*)\)", (REPO / "scripts" / "gpu-check.sh").read_text(), re.M)
+    return match.group(1).split()
+
+
+GPU_CHECK_TESTS = _script_list("KERNEL_TESTS") + _script_list("ENGINE_TESTS")
 NOT_ON_THE_GPU_MACHINE = ["ray", "fastapi", "starlette", "uvicorn", "pydantic", "gguf", "xgrammar", "openai", "cohere"]
 
 _MISSING = """
@@ -37,6 +44,8 @@ def test_the_gpu_checks_tests_need_nothing_the_gpu_machine_lacks(tmp_path):
                                 *GPU_CHECK_TESTS], cwd=REPO, env=env, capture_output=True, text=True)
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
     assert " tests collected" in collected.stdout
+    for name in GPU_CHECK_TESTS:  # the lists name files, each collected
+        assert name + "::" in collected.stdout, name
     engines = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                               "tests/test_attention_backends.py::test_engine_takes_the_backend_it_is_given",
                               "tests/test_moe.py::test_experts_adapters_match_each_token_through_its_adapters_merged_"
@@ -75,3 +84,18 @@ def test_the_gemv_benchmark_runs_in_the_interpreter_without_the_serving_stack(tm
     for shape in report["shapes"]:
         assert shape["best"] is not None, shape   # every config ran and agreed with the default path
         assert all(isinstance(diff, float) for _, diff in shape["gemv"].values()), shape
+
+
+def test_the_kernel_tests_shards_split_a_file_between_them():
+    """gpu-check.sh runs each kernel test file as SHARDS processes (SHARDSERVE_TEST_SHARD=i/n, tests/conftest.py):
+    together they run every test of the file, each once."""
+    def collect(shard: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "SHARDSERVE_TEST_SHARD"}
+        env.update({"SHARDSERVE_TEST_SHARD": shard} if shard else {})
+        run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "tests/test_fused_kernels.py"], cwd=REPO, env=env, capture_output=True, text=True)
+        return [line for line in run.stdout.splitlines() if "::" in line]
+    whole = collect(None)
+    shards = [collect(f"{i}/3") for i in range(3)]
+    assert len(whole) > 6 and all(shards)
+    assert sorted(sum(shards, [])) == sorted(whole)
