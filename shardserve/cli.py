@@ -134,6 +134,11 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _compilation_config(text: str) -> int | dict:
+    """vLLM's --compilation-config: an integer (the compilation mode) or a JSON object."""
+    return int(text) if text.strip().lstrip("-").isdigit() else _json_object(text)
+
+
 def _json_list(text: str) -> list[str]:
     value = json.loads(text)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -203,8 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--enforce-eager", action="store_true", help="no CUDA graphs")
     _spec_flag(model, "--async-scheduling", action=argparse.BooleanOptionalAction,
                help="schedule the next step while the one in flight runs on the device (default: on a GPU)")
-    _spec_flag(model, "--cuda-graph-sizes", type=int, nargs="+",
-               help="decode batch sizes to capture (default: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs)")
+    _spec_flag(model, "--cudagraph-capture-sizes", type=int, nargs="+",
+               help="decode batch sizes to capture (default: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs, "
+                    "or --max-cudagraph-capture-size)")
+    _spec_flag(model, "--cuda-graph-sizes", type=int, nargs="+", help="vLLM's older name of --cudagraph-capture-sizes")
+    _spec_flag(model, "--max-cudagraph-capture-size", type=int,
+               help="the largest decode batch the default sizes capture (0: no graphs)")
+    _spec_flag(model, "--compilation-config", "-cc", type=_compilation_config,
+               help="vLLM's: its mode (an integer) or a JSON object of its fields. shardserve runs no torch.compile; "
+                    "it reads cudagraph_mode (NONE: no graphs; the others: decode steps captured whole), "
+                    "cudagraph_capture_sizes and max_cudagraph_capture_size")
+    _spec_flag(model, "--optimization-level", "-O", type=int, choices=range(4),
+               help="vLLM's -O0 .. -O3: 0 runs without CUDA graphs, as --enforce-eager")
     _spec_flag(model, "--tensor-parallel-size", "-tp", type=int)
     _spec_flag(model, "--pipeline-parallel-size", "-pp", type=int)
     _spec_flag(model, "--enable-prompt-embeds", action="store_true")

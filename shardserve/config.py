@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardserve import compilation
 from shardserve.engine.reasoning import REASONING_PARSERS
 from shardserve.pooler_config import PoolerConfig
 
@@ -58,10 +59,17 @@ class EngineConfig:
     # Attention kernels: auto, torch, cpu, triton, flash_attn (layers/attention/backend.py); None: the
     # SHARDSERVE_ATTENTION_BACKEND environment variable, else auto.
     attention_backend: str | None = None
-    # CUDA graphs replay decode steps of up to the largest of these batch sizes (a batch pads up to the
-    # next size); enforce_eager turns them off. None: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs.
+    # CUDA graphs replay decode steps of up to the largest captured batch size (a batch pads up to the next
+    # size); enforce_eager turns them off. The sizes: cudagraph_capture_sizes (vLLM's; cuda_graph_sizes is its
+    # older name), else 1, 2, 4, 8, then multiples of 16 up to max_num_seqs or max_cudagraph_capture_size.
+    # compilation_config and optimization_level as a vLLM script passes them (compilation.py: no torch.compile
+    # here; cudagraph_mode NONE, or optimization level 0, is enforce_eager).
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    cudagraph_capture_sizes: list[int] | None = None
+    max_cudagraph_capture_size: int | None = None
+    compilation_config: int | dict | None = None
+    optimization_level: int | None = None
     # vLLM's async_scheduling: the next step is scheduled and queued on the device while the engine reads the
     # one in flight (so the host's share of a step overlaps the device's). Only the in-process executor can;
     # a batch with a request whose sampling reads its own outputs (penalties, bad words, a grammar, beams) or
@@ -160,11 +168,21 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
-        if self.cuda_graph_sizes is not None and any(not isinstance(n, int) or n < 1 for n in self.cuda_graph_sizes):
-            raise ValueError(f"cuda_graph_sizes must be positive integers, got {self.cuda_graph_sizes!r}.")
+        self.cuda_graphs = compilation.resolve(self.compilation_config, self.cudagraph_capture_sizes,
+                                               self.max_cudagraph_capture_size, self.optimization_level,
+                                               self.cuda_graph_sizes)
         if self.kv_cache_memory_bytes is None:
             gib = float(os.environ.get("SHARDSERVE_CPU_KVCACHE_SPACE", "4"))
             self.kv_cache_memory_bytes = int(gib * (1 << 30))
+
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        """The decode batch sizes captured as CUDA graphs where the device and model allow them; [] for none."""
+        if self.enforce_eager or not self.cuda_graphs.enabled:
+            return []
+        if self.cuda_graphs.sizes is not None:
+            return self.cuda_graphs.sizes
+        from shardserve.workers.cuda_graph import default_graph_sizes
+        return default_graph_sizes(min(self.max_num_seqs, self.cuda_graphs.max_size or self.max_num_seqs))
 
     @property
     def world_size(self) -> int:

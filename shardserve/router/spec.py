@@ -59,6 +59,10 @@ class ModelSpec:
     attention_backend: str | None = None
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    cudagraph_capture_sizes: list[int] | None = None   # vLLM's name for cuda_graph_sizes
+    max_cudagraph_capture_size: int | None = None
+    compilation_config: int | dict[str, Any] | None = None   # vLLM's (shardserve/compilation.py)
+    optimization_level: int | None = None
     async_scheduling: bool | None = None   # None: on a GPU (EngineConfig)
     # Serve
     num_replicas: int = 1
@@ -123,6 +127,9 @@ class ModelSpec:
             runner=self.runner, convert=self.convert, pooler_config=self.pooler_config,
             gpu_memory_utilization=self.gpu_memory_utilization, attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager, cuda_graph_sizes=self.cuda_graph_sizes,
+            cudagraph_capture_sizes=self.cudagraph_capture_sizes,
+            max_cudagraph_capture_size=self.max_cudagraph_capture_size,
+            compilation_config=self.compilation_config, optimization_level=self.optimization_level,
             async_scheduling=self.async_scheduling, stream_interval=self.stream_interval,
             device=self.resolved_device())
 

@@ -19,7 +19,7 @@ from shardserve.lora.adapter import AdapterCache
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model
 from shardserve.workers.cpu_malloc import keep_freed_memory, tcmalloc_hint, zeros_on_huge_pages
-from shardserve.workers.cuda_graph import CudaGraphRunner, default_graph_sizes
+from shardserve.workers.cuda_graph import CudaGraphRunner
 from shardserve.workers.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Worker:
             self.runner.adapters = AdapterCache(self.model, self.config.max_cpu_loras or self.config.max_loras,
                                                 self.config.max_lora_rank, self.dtype, self.device)
         if self.uses_cuda_graphs():
-            sizes = self.config.cuda_graph_sizes or default_graph_sizes(self.config.max_num_seqs)
+            sizes = self.config.cuda_graph_batch_sizes()
             max_blocks = -(-self.config.max_model_len // bs)
             self.runner.graphs = CudaGraphRunner(self.model, sizes, max_blocks, bs, self.device)
             self.runner.graphs.capture()
@@ -132,8 +132,9 @@ class Worker:
     def uses_cuda_graphs(self) -> bool:
         """Generation on a GPU, one pipeline stage (a stage's send/recv stays outside graphs) and one tensor rank
         (a captured NCCL all-reduce has not run on a multi-GPU machine of ours yet: eager until it has), an
-        attention backend and a model that can be captured, and not turned off by enforce_eager."""
-        return (self.device.type == "cuda" and not self.config.enforce_eager and bool(self.attention_layers)
+        attention backend and a model that can be captured, and sizes to capture (none under enforce_eager)."""
+        return (self.device.type == "cuda" and bool(self.config.cuda_graph_batch_sizes())
+                and bool(self.attention_layers)
                 and self.attention_backend.supports_cuda_graphs and get_pp_group().size == 1
                 and get_tp_group().size == 1
                 and getattr(self.model, "supports_cuda_graphs", True)
