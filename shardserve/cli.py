@@ -196,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--scheduling-policy", choices=["fcfs", "priority"],
                help="fcfs: in arrival order; priority: by each request's `priority` (lower first; arrival breaks "
                     "ties), preempting the least urgent when the KV cache is full")
+    _spec_flag(model, "--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+               help="prefill a prompt longer than what is left of a step's budget in chunks (default: on); off, it "
+                    "waits for a step with room for all of it, and the budget must hold max_model_len")
     _spec_flag(model, "--block-size", type=int, help="tokens per KV-cache block")
+    _spec_flag(model, "--kv-cache-dtype", help="auto: the model's dtype, in which the KV cache is kept (no fp8 cache)")
+    _spec_flag(model, "--quantization", "-q", help="gguf for a GGUF file (dequantized at load); no other scheme")
+    _spec_flag(model, "--tokenizer-mode", help="auto or hf: the model's Hugging Face fast tokenizer")
     _spec_flag(model, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                help="reuse the KV blocks of a shared prompt prefix (default: on)")
     _spec_flag(model, "--kv-cache-memory-bytes", type=int,

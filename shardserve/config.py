@@ -49,10 +49,16 @@ class EngineConfig:
     # vLLM's scheduling policy: "fcfs" serves requests in arrival order; "priority" by each request's
     # priority (lower first), arrival breaking ties, and under KV pressure preempts the lowest-priority one.
     scheduling_policy: str = "fcfs"
+    # vLLM's enable_chunked_prefill (None: on): a prompt longer than what is left of a step's budget is prefilled
+    # in chunks over several steps; off, it waits for a step with room for all of it (the budget must then hold
+    # max_model_len).
+    enable_chunked_prefill: bool | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     # KV-cache budget: on CPU a byte budget, on GPU a fraction of free memory.
     kv_cache_memory_bytes: int | None = None
+    # vLLM's kv_cache_dtype: the cache is kept in the model's dtype ("auto", or that dtype's name); no fp8 cache
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     device: str = "auto"
@@ -77,6 +83,10 @@ class EngineConfig:
     async_scheduling: bool | None = None
     trust_remote_code: bool = False
     revision: str | None = None
+    # vLLM's quantization: None, or "gguf" for a GGUF file (its weights are dequantized to `dtype` at load)
+    quantization: str | None = None
+    # vLLM's tokenizer_mode: "auto" (and "hf"), the Hugging Face fast tokenizer
+    tokenizer_mode: str = "auto"
     hf_overrides: dict = field(default_factory=dict)
     # Sampling defaults for what a request leaves out (engine/generation_config.py): "auto", the model's
     # generation_config.json; "vllm", none; or a folder holding one. The overrides go on top.
@@ -160,6 +170,15 @@ class EngineConfig:
         if self.structured_outputs_config.get("backend", "auto") not in ("auto", "xgrammar"):
             raise ValueError(f"structured_outputs_config backend {self.structured_outputs_config['backend']!r} is not "
                              f"available: structured outputs run on xgrammar ('auto' or 'xgrammar').")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported: the KV cache is kept in the "
+                             f"model's dtype ('auto', or that dtype's name).")
+        if self.quantization not in (None, "gguf"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported: shardserve runs unquantized "
+                             f"checkpoints, and GGUF files ('gguf') with their weights dequantized at load.")
+        if self.tokenizer_mode not in ("auto", "hf"):
+            raise ValueError(f"tokenizer_mode {self.tokenizer_mode!r} is not supported: the model's Hugging Face "
+                             f"fast tokenizer is used ('auto' or 'hf').")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if self.max_logprobs < -1:

@@ -16,10 +16,11 @@ def _request(request_id: str, priority: int, arrival: float, num_tokens: int = 4
 
 
 def _step(scheduler: Scheduler) -> list[str]:
-    """One step as the engine runs it: every request that reaches its end samples a token."""
+    """One step as the engine runs it: every request that reaches its end samples a token, which the engine reads."""
     out = scheduler.schedule()
     for s in out.scheduled:
         if s.sample:
+            scheduler.requests[s.request_id].num_output_placeholders -= 1
             scheduler.requests[s.request_id].append_token(7)
     return [s.request_id for s in out.scheduled]
 
@@ -61,3 +62,26 @@ def test_out_of_blocks_the_policys_victim_gives_way(policy, victim, waiting):
     # The two left hold their prompt block and their new one; nothing is lost or shared.
     held = [b for r in ("x", "y", "z") for b in scheduler.block_manager.block_ids(r)]
     assert len(held) == len(set(held)) == 4 and scheduler.block_manager.num_free_blocks == 0
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_without_chunked_prefill_a_prompt_waits_for_room_for_all_of_it(chunked):
+    """A budget of 16 tokens a step with two requests decoding: a 15-token prompt is chunked into what is left
+    (14, then 1), or, with chunked prefill off (vLLM's enable_chunked_prefill=False), waits in its place until a
+    step has room for all 15 tokens, and the request behind it waits behind it."""
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=16, chunked_prefill=chunked)
+    for request_id, num_tokens in [("a", 1), ("b", 1)]:
+        scheduler.add_request(_request(request_id, 0, 0.0, num_tokens))
+    assert _step(scheduler) == ["a", "b"]
+    scheduler.add_request(_request("long", 0, 1.0, 15))
+    scheduler.add_request(_request("short", 0, 2.0, 1))
+    out = scheduler.schedule()
+    got = {s.request_id: len(s.token_ids) for s in out.scheduled}
+    if chunked:
+        assert got == {"a": 1, "b": 1, "long": 14}
+    else:
+        assert got == {"a": 1, "b": 1}
+        assert [r.request_id for r in scheduler.waiting] == ["long", "short"]
+        for request_id in ("a", "b"):
+            scheduler.finish(scheduler.requests[request_id], RequestStatus.FINISHED_STOPPED)
+        assert {s.request_id: len(s.token_ids) for s in scheduler.schedule().scheduled} == {"long": 15, "short": 1}

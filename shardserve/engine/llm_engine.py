@@ -77,6 +77,11 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_batched} is below max_model_len={self.max_model_len}: "
                              f"a pooling model computes each prompt whole in one step, so the step budget must "
                              f"hold the longest prompt.")
+        if config.enable_chunked_prefill is False and max_batched < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={max_batched} is below max_model_len={self.max_model_len}: "
+                             f"without chunked prefill each prompt is computed whole in one step, so the step "
+                             f"budget must hold the longest prompt (or enable chunked prefill).")
+        self._check_checkpoint_options(config)
 
         # Workers size their CUDA graphs and their memory profile from these: give them the resolved values.
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
@@ -93,7 +98,8 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched, config.scheduling_policy,
-                                   config.max_loras if config.enable_lora else 0, self.max_model_len)
+                                   config.max_loras if config.enable_lora else 0, self.max_model_len,
+                                   chunked_prefill=config.enable_chunked_prefill is not False)
         generation_config = load_generation_config(self.source.path, config.revision)
         # What a request leaves out of its sampling parameters, from the model's generation config (vLLM's rule).
         self.default_sampling_params = sampling_defaults(generation_config, config.generation_config,
@@ -121,6 +127,15 @@ class LLMEngine:
         self.async_scheduling = self.executor.supports_launch and pooling is None and (
             config.async_scheduling if config.async_scheduling is not None else config.torch_device.type == "cuda")
         self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
+
+    def _check_checkpoint_options(self, config: EngineConfig) -> None:
+        """vLLM's kv_cache_dtype and quantization against what this checkpoint runs as (EngineConfig has the rest)."""
+        dtype = resolve_dtype(config.dtype, self.source.hf_config, config.torch_device)
+        if config.kv_cache_dtype != "auto" and resolve_dtype(config.kv_cache_dtype, None, config.torch_device) != dtype:
+            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported: the KV cache is kept in the "
+                             f"model's dtype ({str(dtype).removeprefix('torch.')}).")
+        if config.quantization == "gguf" and not self.source.is_gguf:
+            raise ValueError(f"quantization 'gguf' needs a GGUF file; {config.model!r} is not one.")
 
     def _resolve_max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)

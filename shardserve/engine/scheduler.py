@@ -2,7 +2,8 @@
 
 Each step hands out token counts: running requests first (a decode wants one token, an unfinished
 prefill the rest of its prompt), then waiting requests, all within `max_num_batched_tokens` and
-`max_num_seqs`. A prompt that does not fit the budget is chunked. When KV blocks run out, the last running
+`max_num_seqs`. A prompt that does not fit the budget is chunked (or, with chunked prefill off, waits for a
+step with room for all of it). When KV blocks run out, the last running
 request is preempted: its blocks are freed and it recomputes later.
 
 With LoRA, at most `max_loras` adapters run at once (vLLM's rule): a waiting request of another adapter stays
@@ -95,8 +96,10 @@ def _urgency(req: Request) -> tuple[int, float]:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs", max_loras: int = 0, max_model_len: int | None = None):
+                 policy: str = "fcfs", max_loras: int = 0, max_model_len: int | None = None,
+                 chunked_prefill: bool = True):
         self.block_manager = block_manager
+        self.chunked_prefill = chunked_prefill  # False: a prompt is admitted only with room for all of it
         self.max_model_len = max_model_len
         self.max_loras = max_loras   # (enable_lora) the adapters running at once at most; 0: no limit
         self.max_num_seqs = max_num_seqs
@@ -182,7 +185,10 @@ class Scheduler:
                 continue
             cached = self.block_manager.find_cached_blocks(req) if req.num_computed_tokens == 0 else []
             num_cached_tokens = len(cached) * self.block_manager.block_size
-            num_new = min(req.num_tokens - req.num_computed_tokens - num_cached_tokens, budget)
+            num_left = req.num_tokens - req.num_computed_tokens - num_cached_tokens
+            num_new = min(num_left, budget)
+            if num_new < num_left and not self.chunked_prefill:
+                break  # waits, in its place, for a step with room for its whole prompt
             if not self.block_manager.allocate_slots(req, num_new, cached):
                 if self._make_room(req, stuck=not out.scheduled):
                     continue  # blocks came free: try again

@@ -65,7 +65,9 @@ class LLM(PoolingMixin):
                  max_logprobs: int = 20, scheduling_policy: str = "fcfs",
                  structured_outputs_config: dict | None = None, reasoning_parser: str | None = None,
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None, async_scheduling: bool | None = None, **kwargs):
+                 max_cpu_loras: int | None = None, async_scheduling: bool | None = None,
+                 enable_chunked_prefill: bool | None = None, kv_cache_dtype: str = "auto",
+                 quantization: str | None = None, tokenizer_mode: str = "auto", **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -91,7 +93,9 @@ class LLM(PoolingMixin):
             override_generation_config=dict(override_generation_config or {}), max_logprobs=max_logprobs,
             scheduling_policy=scheduling_policy, structured_outputs_config=dict(structured_outputs_config or {}),
             reasoning_parser=reasoning_parser, enable_lora=enable_lora, max_loras=max_loras,
-            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, async_scheduling=async_scheduling)
+            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, async_scheduling=async_scheduling,
+            enable_chunked_prefill=enable_chunked_prefill, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+            tokenizer_mode=tokenizer_mode)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 

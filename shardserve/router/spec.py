@@ -52,9 +52,13 @@ class ModelSpec:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     scheduling_policy: str = "fcfs"
+    enable_chunked_prefill: bool | None = None   # None: on
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    tokenizer_mode: str = "auto"
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     enforce_eager: bool = False
@@ -117,7 +121,9 @@ class ModelSpec:
             override_generation_config=dict(self.override_generation_config), max_logprobs=self.max_logprobs,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            scheduling_policy=self.scheduling_policy, structured_outputs_config=dict(self.structured_outputs_config),
+            scheduling_policy=self.scheduling_policy, enable_chunked_prefill=self.enable_chunked_prefill,
+            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization, tokenizer_mode=self.tokenizer_mode,
+            structured_outputs_config=dict(self.structured_outputs_config),
             reasoning_parser=self.reasoning_parser, enable_lora=self.enable_lora, max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras,
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
