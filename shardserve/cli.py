@@ -147,8 +147,9 @@ def _json_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shardserve.router.tool_calls import TOOL_CALL_PARSERS
     from shardserve.engine.reasoning import REASONING_PARSERS
+    from shardserve.layers.attention.backend import BACKENDS, backend_name
+    from shardserve.router.tool_calls import TOOL_CALL_PARSERS
 
     parser = argparse.ArgumentParser(prog="shardserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--device", choices=["auto", "cuda", "cpu"], help="auto: cuda when the Ray cluster has GPUs")
     _spec_flag(model, "--gpu-memory-utilization", type=float,
                help="the fraction of each GPU's memory the engine may use: weights, activations, KV cache")
-    _spec_flag(model, "--attention-backend", choices=["auto", "torch", "cpu", "triton", "flash_attn"])
+    _spec_flag(model, "--attention-backend", type=backend_name, choices=BACKENDS,
+               help="(or vLLM's name of one: TRITON_ATTN, FLASH_ATTN, CPU_ATTN, TORCH_SDPA)")
+    _spec_flag(model, "--attention-config", "-ac", type=_json_object,
+               help="vLLM's, as a JSON object: its backend (the same as --attention-backend)")
     _spec_flag(model, "--enforce-eager", action="store_true", help="no CUDA graphs")
     _spec_flag(model, "--async-scheduling", action=argparse.BooleanOptionalAction,
                help="schedule the next step while the one in flight runs on the device (default: on a GPU)")

@@ -62,9 +62,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     device: str = "auto"
-    # Attention kernels: auto, torch, cpu, triton, flash_attn (layers/attention/backend.py); None: the
-    # SHARDSERVE_ATTENTION_BACKEND environment variable, else auto.
+    # Attention kernels: auto, torch, cpu, triton, flash_attn, or vLLM's name of one (layers/attention/backend.py);
+    # None: the SHARDSERVE_ATTENTION_BACKEND environment variable, else auto. vLLM's attention_config gives it as
+    # {"backend": name}.
     attention_backend: str | None = None
+    attention_config: dict | None = None
     # CUDA graphs replay decode steps of up to the largest captured batch size (a batch pads up to the next
     # size); enforce_eager turns them off. The sizes: cudagraph_capture_sizes (vLLM's; cuda_graph_sizes is its
     # older name), else 1, 2, 4, 8, then multiples of 16 up to max_num_seqs or max_cudagraph_capture_size.
@@ -187,6 +189,15 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.attention_config:
+            if set(self.attention_config) != {"backend"}:
+                raise ValueError(f"attention_config takes backend (the attention kernels) here, got "
+                                 f"{', '.join(sorted(self.attention_config))}.")
+            if self.attention_backend is not None:
+                raise ValueError("attention_backend and attention_config.backend are mutually exclusive: give the "
+                                 "attention backend once.")
+            # (moved into attention_backend, so that a copy of this config does not read it twice)
+            self.attention_backend, self.attention_config = self.attention_config["backend"], None
         self.cuda_graphs = compilation.resolve(self.compilation_config, self.cudagraph_capture_sizes,
                                                self.max_cudagraph_capture_size, self.optimization_level,
                                                self.cuda_graph_sizes)

@@ -123,6 +123,33 @@ def test_engine_takes_the_backend_it_is_given(model_dirs):
         LLM(model_dirs("llama"), attention_backend="sdpa")
 
 
+def test_vllms_names_and_attention_config_choose_the_same_backends(model_dirs, monkeypatch):
+    """vLLM's backend names (TRITON_ATTN, FLASH_ATTN, CPU_ATTN, TORCH_SDPA, any case) name ours, from LLM(...),
+    `attention_config={"backend": ...}` and the serve flags; a name of neither is refused."""
+    from shardserve import LLM
+    from shardserve.cli import build_parser, main, model_specs
+    from shardserve.layers.attention.backend import backend_name
+    assert [backend_name(n) for n in ("TRITON_ATTN", "FLASH_ATTN", "CPU_ATTN", "torch_sdpa", "Triton")] == \
+        ["triton", "flash_attn", "cpu", "torch", "triton"]
+    assert get_attention_backend("TORCH_SDPA", "cpu").name == "torch"
+    llm = LLM(model_dirs("llama"), attention_config={"backend": "TORCH_SDPA"}, max_model_len=64)
+    assert {a.backend.name for a in llm.llm_engine.executor.worker.attention_layers} == {"torch"}
+    with pytest.raises(ValueError, match="Unknown attention backend 'flashinfer'"):
+        LLM(model_dirs("llama"), attention_backend="FLASHINFER")
+    with pytest.raises(ValueError, match="attention_backend and attention_config.backend are mutually exclusive"):
+        LLM(model_dirs("llama"), attention_backend="torch", attention_config={"backend": "torch"})
+    with pytest.raises(ValueError, match="attention_config takes backend"):
+        LLM(model_dirs("llama"), attention_config={"flash_attn_version": 3})
+
+    def spec(*flags):
+        return model_specs(build_parser().parse_args(["serve", "a", *flags]))[0]
+    assert spec("--attention-backend", "TRITON_ATTN").attention_backend == "triton"
+    assert spec("-ac", '{"backend": "CPU_ATTN"}').engine_config().attention_backend == "CPU_ATTN"
+    monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))
+    with pytest.raises(SystemExit):  # argparse's own: not one of the choices
+        main(["serve", "a", "--attention-backend", "FLASHINFER"])
+
+
 def _naive_attention(q, keys, values, query_pos, causal, window, scale):
     """Query by query, head by head: softmax over the keys each query may see (by key position)."""
     out = torch.empty_like(q)

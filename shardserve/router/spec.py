@@ -61,6 +61,7 @@ class ModelSpec:
     tokenizer_mode: str = "auto"
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
+    attention_config: dict[str, Any] | None = None   # vLLM's: {"backend": name}
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
     cudagraph_capture_sizes: list[int] | None = None   # vLLM's name for cuda_graph_sizes
@@ -132,6 +133,7 @@ class ModelSpec:
             pipeline_parallel_size=self.pipeline_parallel_size, num_cpus_per_worker=self.num_cpus_per_worker,
             runner=self.runner, convert=self.convert, pooler_config=self.pooler_config,
             gpu_memory_utilization=self.gpu_memory_utilization, attention_backend=self.attention_backend,
+            attention_config=self.attention_config,
             enforce_eager=self.enforce_eager, cuda_graph_sizes=self.cuda_graph_sizes,
             cudagraph_capture_sizes=self.cudagraph_capture_sizes,
             max_cudagraph_capture_size=self.max_cudagraph_capture_size,

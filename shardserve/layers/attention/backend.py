@@ -113,6 +113,13 @@ class AttentionBackend:
 
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "flash_attn")
+# vLLM's names (its AttentionBackendEnum, any case) of the same kernels; its FLASH_ATTN is ours already
+VLLM_BACKEND_NAMES = {"triton_attn": "triton", "cpu_attn": "cpu", "torch_sdpa": "torch"}
+
+
+def backend_name(name: str) -> str:
+    """An attention backend's name as given (ours, or vLLM's) -> ours."""
+    return VLLM_BACKEND_NAMES.get(name.lower(), name.lower())
 
 
 def get_attention_backend(name: str | None = None, device: torch.device | str = "cpu",
@@ -128,10 +135,11 @@ def get_attention_backend(name: str | None = None, device: torch.device | str = 
     from shardserve.layers import cpu_kernels
     from shardserve.layers.attention import cpu_backend, flash_backend, triton_backend
     from shardserve.layers.attention.torch_backend import TorchAttentionBackend
-    name = (name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND") or "auto").lower()
+    name = backend_name(name or os.environ.get("SHARDSERVE_ATTENTION_BACKEND") or "auto")
     device = torch.device(device)
     if name not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(BACKENDS)}.")
+        raise ValueError(f"Unknown attention backend {name!r}; available: {', '.join(BACKENDS)} (or vLLM's names "
+                         f"of them: {', '.join(n.upper() for n in VLLM_BACKEND_NAMES)}, FLASH_ATTN).")
     if name == "auto":
         if device.type == "cuda":
             if flash_backend.usable(device, dtype, block_size, head_dim):
