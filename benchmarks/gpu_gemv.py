@@ -28,7 +28,7 @@ from gpu_kernels import bench, kernel_bench_setup  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, num_warps); those past 64 weight elements a thread (BLOCK_N * BLOCK_K, twice when gated,
 # over 32 * num_warps; read one tile ahead) are skipped: they spill
-CONFIGS = [(n, k, w) for n in (2, 4, 8, 16) for k in (128, 256, 512, 1024) for w in (4, 8)]
+CONFIGS = [(n, k, w) for n in (1, 2, 4, 8, 16) for k in (128, 256, 512, 1024, 2048) for w in (4, 8)]
 
 
 def projections(fields: dict) -> list[tuple[str, int, int, bool, bool]]:

@@ -52,7 +52,8 @@ if _HAVE_TRITON:
         y = act(gate) * up, act SiLU or (TANH_GELU) GELU's tanh approximation. PDL: launched while the kernel
         before it still runs (see `pdl`).
 
-        A weight tile [BLOCK_N, BLOCK_K] is read once (16 bytes a thread) and used for every row: each row's
+        A weight tile [BLOCK_N, BLOCK_K] is read once (16 bytes a thread) and used for every row. One row's
+        products are summed elementwise over the loop and reduced once after it; with more rows each row's
         products are reduced over the tile's K as they are made, into that row's [BLOCK_N] sums, so the
         registers hold one tile whatever the number of rows. (A 3-D [rows, features, K] product made Triton load
         the weights two bytes at a time.)"""
@@ -74,7 +75,7 @@ if _HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # each row's mean square first: the rows are a few KB, read again below from the cache
-            sum_sq = tl.zeros([M_PAD], tl.float32)
+            squares = tl.zeros([M_PAD, BLOCK_K], tl.float32)  # summed over the loop, reduced after it
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + ks
                 ok = (rows < M)[:, None] & (cols < K)[None, :]
@@ -82,10 +83,15 @@ if _HAVE_TRITON:
                 if HAS_RESIDUAL:
                     h = h + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
                 h = h.to(tl.float32)
-                sum_sq += tl.sum(h * h, 1)
-            inv_rms = tl.rsqrt(sum_sq / K + eps)
+                squares += h * h
+            inv_rms = tl.rsqrt(tl.sum(squares, 1) / K + eps)
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+        # One row (batch 1): its products summed elementwise over the loop and reduced once after it, so the loop
+        # holds no reduction, whose result's layout change costs a shared-memory round trip and barriers each
+        # tile. More rows would need a tile of sums each; they reduce per tile instead.
+        products = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        products_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + ks
             col_ok = cols < K
@@ -102,16 +108,24 @@ if _HAVE_TRITON:
                     row_inv_rms = tl.sum(tl.where(rows == m, inv_rms, 0.0), 0)
                     a = scale * (a.to(tl.float32) * row_inv_rms).to(a.dtype)
                 a = a.to(tl.float32)[None, :]
-                acc = tl.where(rows[:, None] == m, acc + tl.sum(w.to(tl.float32) * a, 1)[None, :], acc)
-                if GATED:
-                    acc_up = tl.where(rows[:, None] == m, acc_up + tl.sum(w_up.to(tl.float32) * a, 1)[None, :],
-                                      acc_up)
+                if M_PAD == 1:
+                    products += w.to(tl.float32) * a
+                    if GATED:
+                        products_up += w_up.to(tl.float32) * a
+                else:
+                    acc = tl.where(rows[:, None] == m, acc + tl.sum(w.to(tl.float32) * a, 1)[None, :], acc)
+                    if GATED:
+                        acc_up = tl.where(rows[:, None] == m,
+                                          acc_up + tl.sum(w_up.to(tl.float32) * a, 1)[None, :], acc_up)
             ahead = cols + BLOCK_K  # the next tile (all masked after the last)
             w_ok = feat_ok[:, None] & (ahead < K)[None, :]
             w = tl.load(w_rows + ahead[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
             if GATED:
                 w_up = tl.load(w_rows + N * stride_w + ahead[None, :], mask=w_ok, other=0.0,
                                eviction_policy="evict_first")
+        if M_PAD == 1:
+            acc = tl.sum(products, 1)[None, :]
+            acc_up = tl.sum(products_up, 1)[None, :]
         y = acc
         if HAS_BIAS:
             y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
@@ -169,11 +183,18 @@ def fuses(norm, act) -> bool:
 
 
 def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): enough programs to keep every SM's loads in flight (132 on an H100)
-    on the smallest projections, and each weight tile (twice when gated) 4,096 elements: 32 a thread, four
-    16-byte loads of bf16 in flight. A first guess, for benchmarks/gpu_gemv.py's sweep to correct."""
-    block_n = min(16, max(2, triton.next_power_of_2(max(1, features // 512))))
+    """(BLOCK_N, BLOCK_K, num_warps): each weight tile (twice when gated) 4,096 elements, 32 a thread: four
+    16-byte loads of bf16 in flight. One row: tiles at least 1,024 wide, so the 4 warps (32 threads x 8
+    elements each) lie side by side along K and read the activation row as the weights lie, which leaves the
+    loop without a layout change (a shared-memory round trip and barriers each tile; tests/test_triton_compile.py
+    checks); the smallest projections still get 512 programs, four an SM. More rows: enough programs to keep
+    every SM's loads in flight (132 on an H100) on the smallest projections. A first guess, for
+    benchmarks/gpu_gemv.py's sweep to correct."""
     elements = 4096 // (2 if gated else 1)
+    if rows == 1:
+        block_k = min(triton.next_power_of_2(inner), 2048)
+        return max(1, elements // block_k), block_k, 4
+    block_n = min(16, max(2, triton.next_power_of_2(max(1, features // 512))))
     block_k = min(triton.next_power_of_2(inner), max(64, elements // block_n))
     return block_n, block_k, 4
 
