@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
+_said: set[str] = set()  # each message once a process: an engine's config is made more than once at start-up
 
 COMPILATION_MODES = ("NONE", "STOCK_TORCH_COMPILE", "DYNAMO_TRACE_ONCE", "VLLM_COMPILE")
 CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
@@ -36,6 +37,12 @@ class CudaGraphOptions:
     enabled: bool                  # decode steps replay CUDA graphs (where the device and model allow)
     sizes: list[int] | None        # the batch sizes to capture, as asked; None: the default list
     max_size: int | None           # the largest default size; None: max_num_seqs
+
+
+def _say_once(level: int, message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.log(level, message)
 
 
 def _named(value: Any, names: tuple[str, ...], what: str) -> str:
@@ -84,20 +91,20 @@ def resolve(compilation_config: int | dict | None, cudagraph_capture_sizes: list
     mode = _one_of({"compilation_config.mode": config.get("mode"), "compilation_config.level": config.get("level")},
                    "the compilation mode")
     if mode is not None and _named(mode, COMPILATION_MODES, "compilation_config.mode") != "NONE":
-        logger.info("compilation_config mode %s: shardserve runs no torch.compile (its fused kernels are its own); "
-                    "decode steps replay CUDA graphs as FULL_DECODE_ONLY does.", mode)
+        _say_once(logging.INFO, f"compilation_config mode {mode}: shardserve runs no torch.compile (its fused "
+                                f"kernels are its own); decode steps replay CUDA graphs as FULL_DECODE_ONLY does.")
     ignored = sorted(set(config) & TORCH_COMPILE_FIELDS)
     if ignored:
-        logger.warning("compilation_config %s: torch.compile options, which shardserve does not use; ignored.",
-                       ", ".join(ignored))
+        _say_once(logging.WARNING, f"compilation_config {', '.join(ignored)}: torch.compile options, which "
+                                   f"shardserve does not use; ignored.")
     cudagraph_mode = config.get("cudagraph_mode")
     if cudagraph_mode is not None:
         cudagraph_mode = _named(cudagraph_mode, CUDAGRAPH_MODES, "compilation_config.cudagraph_mode")
     elif optimization_level == 0:
         cudagraph_mode = "NONE"  # vLLM's -O0 default
     if cudagraph_mode not in (None, "NONE", "FULL_DECODE_ONLY"):
-        logger.info("cudagraph_mode %s: decode steps replay whole CUDA graphs, mixed and prefill steps run eagerly "
-                    "(FULL_DECODE_ONLY).", cudagraph_mode)
+        _say_once(logging.INFO, f"cudagraph_mode {cudagraph_mode}: decode steps replay whole CUDA graphs, mixed and "
+                                f"prefill steps run eagerly (FULL_DECODE_ONLY).")
     sizes = _one_of({"cudagraph_capture_sizes": cudagraph_capture_sizes,
                      "compilation_config.cudagraph_capture_sizes": config.get("cudagraph_capture_sizes"),
                      "cuda_graph_sizes": cuda_graph_sizes}, "the capture sizes")
