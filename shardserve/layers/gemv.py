@@ -52,17 +52,21 @@ if _HAVE_TRITON:
         y = act(gate) * up, act SiLU or (TANH_GELU) GELU's tanh approximation. PDL: launched while the kernel
         before it still runs (see `pdl`).
 
-        A weight tile [BLOCK_N, BLOCK_K] is read once (16 bytes a thread) and used for every row. One row's
-        products are summed elementwise over the loop and reduced once after it; with more rows each row's
-        products are reduced over the tile's K as they are made, into that row's [BLOCK_N] sums, so the
-        registers hold one tile whatever the number of rows. (A 3-D [rows, features, K] product made Triton load
-        the weights two bytes at a time.)"""
+        A weight tile [BLOCK_N, BLOCK_K] is read once (16 bytes a thread) and used for every row: the products
+        [rows, BLOCK_N, BLOCK_K] are summed elementwise over the K loop and reduced once after it. The activation
+        rows are read as [rows, BLOCK_N, BLOCK_K] too, each row once per feature of the tile (from L1: a few KB),
+        so that every tensor in the loop has the products' layout: a loop that reduced, or that broadcast a row
+        read in another layout, would change layouts through shared memory, with barriers, every tile
+        (tests/test_triton_compile.py checks there are none)."""
         pid = tl.program_id(0)
         feats = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         feat_ok = feats < N
         w_rows = w_ptr + feats[:, None].to(tl.int64) * stride_w
         ks = tl.arange(0, BLOCK_K)
         rows = tl.arange(0, M_PAD)
+        # [rows, BLOCK_N, BLOCK_K] offsets of the activations: every feature of the tile reads its row's K
+        row_offsets = rows[:, None, None] + 0 * feats[None, :, None]
+        row_ok = row_offsets < M
         # The first weight tile is read before anything else: no kernel writes weights, so with PDL this read
         # overlaps the previous kernel's end. Each later tile is read one iteration ahead of its use. Weights are
         # read once a step: evict_first keeps them from pushing the step's activations out of the caches.
@@ -75,63 +79,46 @@ if _HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # each row's mean square first: the rows are a few KB, read again below from the cache
-            squares = tl.zeros([M_PAD, BLOCK_K], tl.float32)  # summed over the loop, reduced after it
+            squares = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                cols = k0 + ks
-                ok = (rows < M)[:, None] & (cols < K)[None, :]
-                h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+                cols = k0 + ks[None, None, :]
+                ok = row_ok & (cols < K)
+                h = tl.load(x_ptr + row_offsets * stride_x + cols, mask=ok, other=0.0)
                 if HAS_RESIDUAL:
-                    h = h + tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
+                    h = h + tl.load(residual_ptr + row_offsets * stride_r + cols, mask=ok, other=0.0)
                 h = h.to(tl.float32)
                 squares += h * h
-            inv_rms = tl.rsqrt(tl.sum(squares, 1) / K + eps)
-        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        # One row (batch 1): its products summed elementwise over the loop and reduced once after it, so the loop
-        # holds no reduction, whose result's layout change costs a shared-memory round trip and barriers each
-        # tile. More rows would need a tile of sums each; they reduce per tile instead.
-        products = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        products_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            inv_rms = tl.rsqrt(tl.sum(squares, 2) / K + eps)[:, :, None]  # (the same for every feature)
+        products = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        products_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + ks
-            col_ok = cols < K
+            cols = k0 + ks[None, None, :]
+            ok = row_ok & (cols < K)
+            a = tl.load(x_ptr + row_offsets * stride_x + cols, mask=ok, other=0.0)
             if NORM:
-                scale = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
-            for m in tl.static_range(M_PAD):
-                ok = col_ok & (cols * 0 + m < M)  # (the row's bound as a tile, for the interpreter)
-                a = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0)
-                if NORM:
-                    if HAS_RESIDUAL:
-                        a = a + tl.load(residual_ptr + m * stride_r + cols, mask=ok, other=0.0)
-                        # the first program writes the new residual
-                        tl.store(residual_out_ptr + m * stride_ro + cols, a, mask=ok & (cols * 0 + pid == 0))
-                    row_inv_rms = tl.sum(tl.where(rows == m, inv_rms, 0.0), 0)
-                    a = scale * (a.to(tl.float32) * row_inv_rms).to(a.dtype)
-                a = a.to(tl.float32)[None, :]
-                if M_PAD == 1:
-                    products += w.to(tl.float32) * a
-                    if GATED:
-                        products_up += w_up.to(tl.float32) * a
-                else:
-                    acc = tl.where(rows[:, None] == m, acc + tl.sum(w.to(tl.float32) * a, 1)[None, :], acc)
-                    if GATED:
-                        acc_up = tl.where(rows[:, None] == m,
-                                          acc_up + tl.sum(w_up.to(tl.float32) * a, 1)[None, :], acc_up)
-            ahead = cols + BLOCK_K  # the next tile (all masked after the last)
+                if HAS_RESIDUAL:
+                    a = a + tl.load(residual_ptr + row_offsets * stride_r + cols, mask=ok, other=0.0)
+                    # the new residual, written by the first feature's copy of the rows (the first program's)
+                    tl.store(residual_out_ptr + row_offsets * stride_ro + cols, a,
+                             mask=ok & (feats[None, :, None] == 0))
+                scale = tl.load(norm_ptr + cols + 0 * row_offsets, mask=ok, other=0.0)
+                a = scale * (a.to(tl.float32) * inv_rms).to(a.dtype)
+            a = a.to(tl.float32)
+            products += w.to(tl.float32)[None, :, :] * a
+            if GATED:
+                products_up += w_up.to(tl.float32)[None, :, :] * a
+            ahead = k0 + BLOCK_K + ks  # the next tile (all masked after the last)
             w_ok = feat_ok[:, None] & (ahead < K)[None, :]
             w = tl.load(w_rows + ahead[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
             if GATED:
                 w_up = tl.load(w_rows + N * stride_w + ahead[None, :], mask=w_ok, other=0.0,
                                eviction_policy="evict_first")
-        if M_PAD == 1:
-            acc = tl.sum(products, 1)[None, :]
-            acc_up = tl.sum(products_up, 1)[None, :]
-        y = acc
+        y = tl.sum(products, 2)
         if HAS_BIAS:
             y += tl.load(bias_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
         y = y.to(y_ptr.dtype.element_ty)
         if GATED:  # as act_and_mul computes it from the rounded gate and up
-            up = acc_up
+            up = tl.sum(products_up, 2)
             if HAS_BIAS:
                 up += tl.load(bias_ptr + N + feats, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
             y = gated_act(y, up, TANH_GELU)
@@ -183,20 +170,15 @@ def fuses(norm, act) -> bool:
 
 
 def tiles(rows: int, features: int, inner: int, gated: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): each weight tile (twice when gated) 4,096 elements, 32 a thread: four
-    16-byte loads of bf16 in flight. One row: tiles at least 1,024 wide, so the 4 warps (32 threads x 8
-    elements each) lie side by side along K and read the activation row as the weights lie, which leaves the
-    loop without a layout change (a shared-memory round trip and barriers each tile; tests/test_triton_compile.py
-    checks); the smallest projections still get 512 programs, four an SM. More rows: enough programs to keep
-    every SM's loads in flight (132 on an H100) on the smallest projections. A first guess, for
+    """(BLOCK_N, BLOCK_K, num_warps): the products a program holds, [rows, BLOCK_N, BLOCK_K] (twice when gated),
+    4,096 in all (32 fp32 registers a thread), as wide along K as that allows up to 2,048; and at least 1,024
+    wide, 4 warps x 32 threads x 8 elements, below which Triton spreads a tile's rows over the threads and reads
+    the weights in pieces narrower than 16 bytes (4 gated rows then hold 8,192 products). The smallest
+    projections (1,024 features, one row) still get 512 programs, four an SM. A first guess, for
     benchmarks/gpu_gemv.py's sweep to correct."""
-    elements = 4096 // (2 if gated else 1)
-    if rows == 1:
-        block_k = min(triton.next_power_of_2(inner), 2048)
-        return max(1, elements // block_k), block_k, 4
-    block_n = min(16, max(2, triton.next_power_of_2(max(1, features // 512))))
-    block_k = min(triton.next_power_of_2(inner), max(64, elements // block_n))
-    return block_n, block_k, 4
+    elements = 4096 // (triton.next_power_of_2(rows) * (2 if gated else 1))  # of the tile, per row
+    block_k = min(triton.next_power_of_2(inner), 2048, max(1024, elements))
+    return max(1, elements // block_k), block_k, 4
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
