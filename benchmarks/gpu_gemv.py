@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu import SHAPES  # noqa: E402
 from gpu_kernels import bench, kernel_bench_setup  # noqa: E402
 
-# (BLOCK_N, BLOCK_K, num_warps); those past 64 weight elements a thread (BLOCK_N * BLOCK_K, twice when gated,
-# over 32 * num_warps; read one tile ahead) are skipped: they spill
+# (BLOCK_N, BLOCK_K, num_warps); those past 64 fp32 products a thread (rows * BLOCK_N * BLOCK_K, twice when
+# gated, over 32 * num_warps; summed over the K loop) are skipped: they spill
 CONFIGS = [(n, k, w) for n in (1, 2, 4, 8, 16) for k in (128, 256, 512, 1024, 2048) for w in (4, 8)]
 
 
@@ -44,7 +44,7 @@ def projections(fields: dict) -> list[tuple[str, int, int, bool, bool]]:
 
 def fits(config, rows: int, gated: bool) -> bool:
     block_n, block_k, warps = config
-    return block_n * block_k * (2 if gated else 1) <= 64 * 32 * warps
+    return rows * block_n * block_k * (2 if gated else 1) <= 64 * 32 * warps
 
 
 def main() -> None:
