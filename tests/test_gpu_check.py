@@ -99,3 +99,20 @@ def test_the_kernel_tests_shards_split_a_file_between_them():
     shards = [collect(f"{i}/3") for i in range(3)]
     assert len(whole) > 6 and all(shards)
     assert sorted(sum(shards, [])) == sorted(whole)
+
+
+def test_the_benchmark_runs_without_the_serving_stack(tmp_path):
+    """`gpu-check.sh bench`: gpu.py's whole flow at toy sizes on the CPU (every peer the script names, the mix,
+    the tables), with the serving stack missing as on the GPU machine."""
+    (tmp_path / "sitecustomize.py").write_text(_MISSING.format(names=set(NOT_ON_THE_GPU_MACHINE)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    script = (REPO / "scripts" / "gpu-check.sh").read_text()
+    peers = re.search(r"benchmarks/gpu\.py --peers (\S+)", script).group(1)
+    run = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--peers", peers, "--json-out",
+                          str(tmp_path / "b.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "b.json").read_text())["models"]["tiny"]
+    assert set(report) == set(peers.split(","))
+    assert all("tok_s" in result and "tpot_ms" in result for result in report.values()), report
+    assert report["shardserve"]["mix"]["output_tok_s"] > 0
+    assert "| tiny |" in run.stdout and "ShareGPT-like mix" in run.stdout
