@@ -92,6 +92,10 @@ class ModelRunner:
         self.pp = get_pp_group()
         self.sampler = Sampler(seed, device)
         self.requests: dict[str, CachedRequestState] = {}
+        # the requests that ask for prompt logprobs, and those with prompt embeddings: most steps have neither,
+        # and skip a pass over their requests
+        self.prompt_logprob_ids: set[str] = set()
+        self.prompt_embeds_ids: set[str] = set()
         self.block_tables = BlockTables()
         self.is_pooling = getattr(model, "pooling_kind", None) is not None
         self.graphs = None  # a CudaGraphRunner, set by the worker when decode steps replay CUDA graphs
@@ -114,6 +118,8 @@ class ModelRunner:
     def _update_states(self, out: SchedulerOutput) -> None:
         for request_id in out.finished_request_ids:
             self.requests.pop(request_id, None)
+            self.prompt_logprob_ids.discard(request_id)
+            self.prompt_embeds_ids.discard(request_id)
             self.block_tables.remove(request_id)
         for s in out.scheduled:
             if s.new_request is not None:
@@ -134,6 +140,10 @@ class ModelRunner:
                 torch.empty(self.vocab_size, device=self.device).exponential_(generator=generator)
         embeds = None if new.prompt_embeds is None else new.prompt_embeds.to(self.device)
         self.block_tables.add(new.request_id)
+        if params.prompt_logprobs is not None:
+            self.prompt_logprob_ids.add(new.request_id)
+        if embeds is not None:
+            self.prompt_embeds_ids.add(new.request_id)
         self.requests[new.request_id] = CachedRequestState(
             list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids), params,
             generator, embeds, new.lora_request)
@@ -196,6 +206,8 @@ class ModelRunner:
     def _inputs_embeds(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Token embeddings with the rows of prompt-embeds requests replaced by their given embeddings, or
         None when no request in the step has any (the model then embeds the ids itself)."""
+        if not self.prompt_embeds_ids:
+            return None
         rows, start = [], 0
         for s in scheduled:
             embeds = self.requests[s.request_id].prompt_embeds
@@ -343,15 +355,19 @@ class ModelRunner:
         if hidden is None:
             return result
 
-        offsets, total = [], 0
-        for s in scheduled:
+        # (one pass over the step's requests: at a few hundred a step each pass is a visible share of the host's)
+        requests = self.requests
+        offsets, sample_rows, states, last_tokens, total = [], [], [], [], 0
+        for i, s in enumerate(scheduled):
             offsets.append(total)
             total += len(s.token_ids)
-        sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
-        states = [self.requests[scheduled[i].request_id] for i in sample_rows]
+            if s.sample:
+                sample_rows.append(i)
+                states.append(requests[s.request_id])
+                last_tokens.append(total - 1)
         sampled = None
         if sample_rows:
-            last = self.to_device([offsets[i] + len(scheduled[i].token_ids) - 1 for i in sample_rows])
+            last = self.to_device(last_tokens)
             logits = self.model.compute_logits(hidden[last])
             grammar = out.grammar_bitmask
             grammar_rows = None if grammar is None else [grammar.rows.get(scheduled[i].request_id)
@@ -359,10 +375,9 @@ class ModelRunner:
             sampled = self.sampler(logits, self._sampling_batch(states, grammar_rows,
                                                                 None if grammar is None else grammar.bits))
             self._last_sampled = (sampled.token_ids, scheduled, sample_rows)
-        for i, s in enumerate(scheduled):
-            state = self.requests[s.request_id]
-            if state.sampling_params.prompt_logprobs is not None:
-                entry = self._prompt_logprobs(hidden, offsets[i], s, state)
+        for i, s in enumerate(scheduled if self.prompt_logprob_ids else ()):
+            if s.request_id in self.prompt_logprob_ids:
+                entry = self._prompt_logprobs(hidden, offsets[i], s, requests[s.request_id])
                 if entry is not None:
                     result.prompt_logprobs[s.request_id] = entry
         step = LaunchedStep(result, scheduled, sample_rows, states, sampled)
