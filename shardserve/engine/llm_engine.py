@@ -395,7 +395,7 @@ class LLMEngine:
             status = RequestStatus.FINISHED_STOPPED
             # EOS is the natural end (no stop_reason); a user's stop token is reported.
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
-        elif num_output >= params.max_tokens or len(req.all_token_ids) >= self.max_model_len:
+        elif len(req.all_token_ids) >= req.max_len:  # max_tokens, or max_model_len
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(req, status)

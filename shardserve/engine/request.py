@@ -69,6 +69,9 @@ class Request:
     # scheduled first, its input read on the device); at most one outside a step.
     num_output_placeholders: int = 0
     num_cached_tokens: int = 0          # prompt tokens served by the prefix cache on first schedule
+    # A generation's length when it ends, if nothing stops it sooner: prompt + max_tokens, at most max_model_len
+    # (set by the scheduler when it takes the request)
+    max_len: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -116,6 +116,10 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
+        if request.sampling_params is not None:
+            max_tokens = request.sampling_params.max_tokens
+            request.max_len = min(request.num_prompt_tokens + max_tokens if max_tokens is not None else 1 << 62,
+                                  self.max_model_len or 1 << 62)
         self._enqueue(self.waiting, request)
 
     def _enqueue(self, queue: deque[Request] | list[Request], req: Request, front: bool = False) -> None:
@@ -146,7 +150,7 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             in_flight = req.num_output_placeholders
-            if in_flight and self._last_token_in_flight(req):
+            if in_flight and len(req.all_token_ids) + in_flight >= req.max_len:  # its last token is in flight
                 i += 1
                 continue
             num_new = min(len(req.all_token_ids) + in_flight - req.num_computed_tokens, budget)
@@ -225,12 +229,6 @@ class Scheduler:
         self.block_manager.free(victim)
         victim.num_computed_tokens = 0
         return True
-
-    def _last_token_in_flight(self, req: Request) -> bool:
-        """Whether the token being sampled for `req` is its last (its max_tokens, or max_model_len)."""
-        in_flight = req.num_output_placeholders
-        return len(req.output_token_ids) + in_flight >= req.sampling_params.max_tokens or (
-            self.max_model_len is not None and len(req.all_token_ids) + in_flight >= self.max_model_len)
 
     def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:
         start = req.num_computed_tokens
