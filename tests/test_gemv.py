@@ -109,8 +109,9 @@ def test_only_a_few_rows_take_it(monkeypatch):
 
 # q/k norm; QKV bias with tied embeddings; Gemma 3's sandwich norms and tanh GeGLU. On a GPU, test_gpu.py's bf16
 # parity with transformers and CUDA graphs against eager run the models through it (a lent GPU's minutes are few).
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU, tests/test_gpu.py's bf16 parity with transformers "
-                                                  "and CUDA-graph tests run these models through the kernel")
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU only (Triton's interpreter): on a GPU the kernel's model "
+                                                  "path is tested by tests/test_gpu.py's bf16 parity with transformers "
+                                                  "and CUDA graphs against eager, within a lent GPU's few minutes")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
 def test_decode_steps_through_it_give_the_same_tokens(arch, model_dirs, monkeypatch):
     """Prefills take the usual GEMMs, decode steps of up to MAX_ROWS requests the kernel (every projection, the

@@ -10,6 +10,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.detokenizer import IncrementalDetokenizer, fast_decode, logprob_token_text
@@ -81,7 +83,8 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens={max_batched} is below max_model_len={self.max_model_len}: "
                              f"without chunked prefill each prompt is computed whole in one step, so the step "
                              f"budget must hold the longest prompt (or enable chunked prefill).")
-        self._check_checkpoint_options(config)
+        dtype = resolve_dtype(config.dtype, hf_config, config.torch_device)
+        self._check_checkpoint_options(config, dtype)
 
         # Workers size their CUDA graphs and their memory profile from these: give them the resolved values.
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
@@ -113,8 +116,7 @@ class LLMEngine:
             self._eos_token_ids(hf_config, generation_config),
             # what get_input_embeddings yields: OPT's can be narrower than its hidden size
             embed_dim=getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size,
-            dtype=resolve_dtype(config.dtype, hf_config, config.torch_device),
-            enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling,
+            dtype=dtype, enable_prompt_embeds=config.enable_prompt_embeds, pooling=pooling,
             model_name=config.served_model_name or config.model,
             hf_config=hf_config, max_logprobs=config.max_logprobs, scheduling_policy=config.scheduling_policy,
             compact_json=bool(config.structured_outputs_config.get("disable_any_whitespace", False)),
@@ -128,9 +130,9 @@ class LLMEngine:
             config.async_scheduling if config.async_scheduling is not None else config.torch_device.type == "cuda")
         self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
 
-    def _check_checkpoint_options(self, config: EngineConfig) -> None:
-        """vLLM's kv_cache_dtype and quantization against what this checkpoint runs as (EngineConfig has the rest)."""
-        dtype = resolve_dtype(config.dtype, self.source.hf_config, config.torch_device)
+    def _check_checkpoint_options(self, config: EngineConfig, dtype: torch.dtype) -> None:
+        """vLLM's kv_cache_dtype and quantization against what this checkpoint runs as, in `dtype` (EngineConfig
+        has the rest)."""
         if config.kv_cache_dtype != "auto" and resolve_dtype(config.kv_cache_dtype, None, config.torch_device) != dtype:
             raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported: the KV cache is kept in the "
                              f"model's dtype ({str(dtype).removeprefix('torch.')}).")

@@ -117,9 +117,9 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         if request.sampling_params is not None:
-            max_tokens = request.sampling_params.max_tokens
-            request.max_len = min(request.num_prompt_tokens + max_tokens if max_tokens is not None else 1 << 62,
-                                  self.max_model_len or 1 << 62)
+            lengths = [self.max_model_len, request.sampling_params.max_tokens and
+                       request.num_prompt_tokens + request.sampling_params.max_tokens]
+            request.max_len = min((n for n in lengths if n), default=1 << 62)
         self._enqueue(self.waiting, request)
 
     def _enqueue(self, queue: deque[Request] | list[Request], req: Request, front: bool = False) -> None:
