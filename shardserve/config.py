@@ -120,6 +120,9 @@ class EngineConfig:
     ray_address: str | None = None                    # None: RAY_ADDRESS, else a local cluster
     num_cpus_per_worker: float = 1.0                  # a CPU worker's bundle; also its torch threads
     placement_group_strategy: str = "PACK"
+    # vLLM's worker_extension_cls: "package.module.Class" whose methods every worker also has, for
+    # LLM.collective_rpc to call by name (a Ray worker imports it: it must be importable there)
+    worker_extension_cls: str | None = None
     # What the model runs as: "generate", "pooling", or "auto" (pooling for encoders and classifiers);
     # `convert` turns a causal LM into an embed / classify / reward model; `task` is vLLM's older spelling.
     runner: str = "auto"

@@ -259,6 +259,11 @@ class LLMEngine:
                     num_blocks, config.block_size, tokens, tokens / self.max_model_len, self.max_model_len)
         return num_blocks
 
+    def collective_rpc(self, method: str | Callable, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None) -> list:
+        """A caller's call on every worker between steps (`Executor.call_workers`); results in rank order."""
+        return self.executor.call_workers(method, tuple(args), kwargs, timeout)
+
     def shutdown(self) -> None:
         """Release the workers (and on Ray their actors, placement group and process groups)."""
         self.executor.shutdown()

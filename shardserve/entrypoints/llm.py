@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from shardserve.beam_search import BeamSearchOutput, BeamSearchParams, EngineBeamStepper, run_beam_search
@@ -68,7 +69,8 @@ class LLM(PoolingMixin):
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None, async_scheduling: bool | None = None,
                  enable_chunked_prefill: bool | None = None, kv_cache_dtype: str = "auto",
-                 quantization: str | None = None, tokenizer_mode: str = "auto", **kwargs):
+                 quantization: str | None = None, tokenizer_mode: str = "auto",
+                 worker_extension_cls: str | None = None, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -97,9 +99,11 @@ class LLM(PoolingMixin):
             reasoning_parser=reasoning_parser, enable_lora=enable_lora, max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, async_scheduling=async_scheduling,
             enable_chunked_prefill=enable_chunked_prefill, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-            tokenizer_mode=tokenizer_mode)
+            tokenizer_mode=tokenizer_mode, worker_extension_cls=worker_extension_cls)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
+        self._enqueued: list[str] = []  # ids `enqueue` queued, in order, for `wait_for_completion`
+        self._finished_early: dict[str, RequestOutput | PoolingRequestOutput] = {}  # of those, done by another call
 
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
@@ -112,6 +116,26 @@ class LLM(PoolingMixin):
         """Empty the prefix cache (vLLM's: after a weight update, or so a benchmark's runs start alike)."""
         return self.llm_engine.reset_prefix_cache()
 
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """Workers of this engine: tensor x pipeline parallel size (one replica: no data parallelism here)."""
+        return self.llm_engine.config.world_size
+
+    def collective_rpc(self, method: str | Callable, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict[str, Any] | None = None) -> list:
+        """Call `method` on every worker; their results in rank order (rank = stage x TP size + tensor rank).
+        `method`: a worker method's name (`reload_weights`, `get_model`, ..., or one of `worker_extension_cls`),
+        or a function called as `method(worker, *args, **kwargs)` (`worker.model`: that rank's shard). On Ray
+        workers arguments and results travel pickled: send control and small data, not the model. After the
+        call the workers pack again the CPU GEMM weights it changed; KV in the prefix cache is the old weights'
+        (`reset_prefix_cache()`). An exception the method raised is raised here and the engine keeps serving;
+        `timeout` (seconds, Ray workers) raises TimeoutError."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list:
+        """`func(model)` on every worker's model shard; results in rank order (keep them small: on Ray they
+        travel pickled). A `model.load_weights([(name, tensor), ...])` in it updates those weights in place."""
+        return self.collective_rpc("apply_model", args=(func,))
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: vLLM's defaults, with the model's
         generation config over them (`generation_config=`)."""
@@ -119,13 +143,41 @@ class LLM(PoolingMixin):
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, *,
+                 use_tqdm: bool | Callable = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, *,
                  priority: int | Sequence[int] | None = None,
                  tokenization_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """`lora_request`: the LoRA adapter (enable_lora=True) for all prompts, or one (or None) each.
         `priority`: one for all prompts or one each; lower is served first under scheduling_policy="priority"
         (any other policy takes only 0). `tokenization_kwargs`: `add_special_tokens`, `truncate_prompt_tokens`,
         `truncation_side` (engine.processor.TokenizationParams)."""
+        requests = self._generation_requests(prompts, sampling_params, lora_request, priority, tokenization_kwargs)
+        return self._run_requests(*requests, use_tqdm=use_tqdm)
+
+    def enqueue(self, prompts: PromptType | Sequence[PromptType],
+                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                priority: int | Sequence[int] | None = None, use_tqdm: bool | Callable = True,
+                tokenization_kwargs: dict[str, Any] | None = None) -> list[str]:
+        """Queue prompts as `generate` would, without running them; returns their request ids.
+        `wait_for_completion` runs everything queued and returns the outputs."""
+        requests = self._generation_requests(prompts, sampling_params, lora_request, priority, tokenization_kwargs)
+        ids = self._add_requests(*requests)
+        self._enqueued.extend(ids)
+        return ids
+
+    def wait_for_completion(self, output_type: type | tuple[type, ...] | None = None, *,
+                            use_tqdm: bool | Callable = True) -> list[RequestOutput | PoolingRequestOutput]:
+        """Run the engine until every request `enqueue` queued is done; their outputs in the order they were
+        queued (a queued request another call ran to its end meanwhile included)."""
+        ids, self._enqueued = self._enqueued, []
+        outputs = self._run_engine(ids, use_tqdm)
+        if output_type is not None and not all(isinstance(o, output_type) for o in outputs):
+            raise TypeError(f"wait_for_completion: not every output is a {output_type}.")
+        return outputs
+
+    def _generation_requests(self, prompts, sampling_params, lora_request, priority, tokenization_kwargs) -> tuple:
+        """`generate`'s prompts checked and tokenized, one SamplingParams, priority and adapter each."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -146,12 +198,11 @@ class LLM(PoolingMixin):
             processor.check_lora(lora)
         # Offline callers see only finished outputs: the engine need not build one per step.
         params = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
-        return self._run_requests(processed, params, use_tqdm, priorities, loras)
+        return processed, params, priorities, loras
 
-    def _run_requests(self, prompts: list, params: list[SamplingParams | PoolingParams], use_tqdm: bool,
-                      priorities: list[int] | None = None,
-                      loras: list[LoRARequest | None] | None = None) -> list[RequestOutput | PoolingRequestOutput]:
-        """Queue validated prompts and run the engine until they finish; outputs in input order."""
+    def _add_requests(self, prompts: list, params: list[SamplingParams | PoolingParams],
+                      priorities: list[int] | None = None, loras: list[LoRARequest | None] | None = None) -> list[str]:
+        """Queue validated prompts in the engine; their ids. All or none: a failure takes back those queued."""
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -159,6 +210,17 @@ class LLM(PoolingMixin):
                 self.llm_engine.add_request(request_id, prompt, p, priority=priorities[i] if priorities else 0,
                                             lora_request=loras[i] if loras else None)
                 ids.append(request_id)
+        except BaseException:
+            self.llm_engine.abort_request(ids)
+            raise
+        return ids
+
+    def _run_requests(self, prompts: list, params: list[SamplingParams | PoolingParams],
+                      priorities: list[int] | None = None, loras: list[LoRARequest | None] | None = None, *,
+                      use_tqdm: bool | Callable = True) -> list[RequestOutput | PoolingRequestOutput]:
+        """Queue validated prompts and run the engine until they finish; outputs in input order."""
+        ids = self._add_requests(prompts, params, priorities, loras)
+        try:
             return self._run_engine(ids, use_tqdm)
         except BaseException:
             self.llm_engine.abort_request(ids)
@@ -217,17 +279,23 @@ class LLM(PoolingMixin):
         finally:
             stepper.close()
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput | PoolingRequestOutput]:
+    def _run_engine(self, request_ids: list[str],
+                    use_tqdm: bool | Callable) -> list[RequestOutput | PoolingRequestOutput]:
+        """Step the engine until nothing is left to run; the outputs of `request_ids` in that order. Requests
+        `enqueue` queued finish too: theirs are kept for `wait_for_completion`."""
         engine = self.llm_engine
-        finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
-                   disable=not use_tqdm)
+        wanted = set(request_ids)
+        finished = {i: self._finished_early.pop(i) for i in request_ids if i in self._finished_early}
+        progress = use_tqdm if callable(use_tqdm) else tqdm
+        bar = progress(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         in_tokens = out_tokens = 0
         with bar, heap_out_of_collection():
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:
                         finished[output.request_id] = output
+                        if output.request_id not in wanted:
+                            continue
                         in_tokens += len(output.prompt_token_ids)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         speed = f"est. speed input: {in_tokens / elapsed:.2f} toks/s"
@@ -236,6 +304,8 @@ class LLM(PoolingMixin):
                             speed += f", output: {out_tokens / elapsed:.2f} toks/s"
                         bar.set_postfix_str(speed, refresh=False)
                         bar.update(1)
+        for request_id in set(finished) - wanted:
+            self._finished_early[request_id] = finished.pop(request_id)
         return [finished[i] for i in request_ids]
 
 

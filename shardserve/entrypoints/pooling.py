@@ -29,7 +29,7 @@ class PoolingMixin:
         prompts = _as_list(prompts)
         params = self._pooling_params(pooling_params, len(prompts), pooling_task, truncate_prompt_tokens)
         processed = self.llm_engine.processor.process_pooling_prompts(prompts, params, prompt_name)
-        return self._run_requests(processed, params, use_tqdm)
+        return self._run_requests(processed, params, use_tqdm=use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *,
@@ -66,7 +66,7 @@ class PoolingMixin:
         processor = self.llm_engine.processor
         (params,) = self._pooling_params(pooling_params, 1, score_task(processor), truncate_prompt_tokens)
         plan = plan_scores(processor, data_1, data_2, params)
-        return plan.results(self._run_requests(plan.prompts, [params] * len(plan.prompts), use_tqdm))
+        return plan.results(self._run_requests(plan.prompts, [params] * len(plan.prompts), use_tqdm=use_tqdm))
 
     def _pooling_params(self, pooling_params, num_prompts: int, task: str | None,
                         truncate_prompt_tokens: int | None) -> list[PoolingParams]:

@@ -12,7 +12,16 @@ class Executor:
     supports_launch = False
 
     def collective_rpc(self, method: str, *args) -> list:
-        """Call a `Worker` method on every worker; their results in rank order."""
+        """Call a `Worker` method on every worker; their results in rank order. The engine's own calls: any
+        failure ends the replica."""
+        raise NotImplementedError
+
+    def call_workers(self, method: str | Callable, args: tuple = (), kwargs: dict | None = None,
+                     timeout: float | None = None) -> list:
+        """A caller's call on every worker (`LLM.collective_rpc`): `Worker.execute_method` with the results in
+        rank order. An exception the method raised is raised as it is (the replica keeps serving); a worker
+        that died ends the replica; past `timeout` seconds (where the executor can wait apart from the
+        workers) TimeoutError, the call still running there."""
         raise NotImplementedError
 
     def determine_num_blocks(self) -> int:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import weakref
+from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 
 from shardserve.cluster.ray_cluster import Placement, connect, reserve
 from shardserve.config import EngineConfig
@@ -73,19 +75,28 @@ class RayExecutor(Executor):
         pp_rank, tp_rank = divmod(rank, self.config.tensor_parallel_size)
         return f"rank {rank} (pipeline stage {pp_rank}, tensor rank {tp_rank})"
 
-    def _gather(self, refs: list, what: str) -> list:
+    def _gather(self, refs: list, what: str, timeout: float | None = None, caller_errors: bool = False) -> list:
         """Results of one call on every worker. Results are checked as they arrive, so a dead worker is
-        reported at once instead of after its peers give up waiting for it in a collective."""
+        reported at once instead of after its peers give up waiting for it in a collective. `caller_errors`:
+        an exception the method raised on a live worker is the caller's (raised as it was: Ray's error is an
+        instance of its class too), not the end of the replica. Past `timeout` seconds TimeoutError."""
         if self._dead is not None:
             raise self._dead
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+                if not ready:
+                    raise TimeoutError(f"{what}: {len(pending)} of {len(refs)} workers had not answered within "
+                                       f"{timeout} s (the call still runs there).")
                 current = rank_of[ready[0]]
                 ray.get(ready[0])
         except RayError as e:
+            if caller_errors and isinstance(e, RayTaskError):
+                raise
             self._dead = WorkerDiedError(f"Worker {self.rank_name(current)} of the replica failed during "
                                          f"'{what}': {type(e).__name__}: {e}. The replica's workers were "
                                          f"stopped; create a new LLM to continue.")
@@ -95,6 +106,12 @@ class RayExecutor(Executor):
 
     def collective_rpc(self, method: str, *args) -> list:
         return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)
+
+    def call_workers(self, method: str | Callable, args: tuple = (), kwargs: dict | None = None,
+                     timeout: float | None = None) -> list:
+        what = f"collective_rpc({method if isinstance(method, str) else getattr(method, '__name__', 'fn')!r})"
+        return self._gather([w.execute_method.remote(method, args, kwargs) for w in self.workers], what,
+                            timeout, caller_errors=True)
 
     def determine_num_blocks(self) -> int:
         # Every stage's cache holds the same block ids for its own layers: the smallest budget decides.

@@ -8,17 +8,23 @@ from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.executor.base import Executor
 from shardserve.models.source import ModelSource
 from shardserve.workers.model_runner import ModelRunnerOutput
-from shardserve.workers.worker import Worker
+from shardserve.workers.worker import worker_class
 
 
 class UniprocExecutor(Executor):
     supports_launch = True
 
     def __init__(self, config: EngineConfig, source: ModelSource):
-        self.worker = Worker(config, source)
+        self.worker = worker_class(config.worker_extension_cls)(config, source)
 
     def collective_rpc(self, method: str, *args) -> list:
         return [getattr(self.worker, method)(*args)]
+
+    def call_workers(self, method: str | Callable, args: tuple = (), kwargs: dict | None = None,
+                     timeout: float | None = None) -> list:
+        # In this process the call runs on the caller's thread: there is nothing to wait on apart (as vLLM's
+        # in-process executor, `timeout` is not applied).
+        return [self.worker.execute_method(method, args, kwargs)]
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

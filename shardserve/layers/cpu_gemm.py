@@ -64,12 +64,19 @@ class PackedWeight:
 
     def __init__(self, weight: torch.Tensor, batch_hint: int, kernel: str):
         self.weight = weight.detach()
+        self.version = weight._version  # the weight's in-place writes so far (a detached view shares the count)
         self.batch_hint = 32 if kernel == "onednn" else batch_hint
         self.kernel = kernel
         if kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, self.batch_hint)
         else:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, self.batch_hint)
+
+    def stale(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` (the layer's now) changed since it was packed: written in place (a weight update
+        through `load_weights`), or replaced."""
+        return weight._version != self.version or weight.data_ptr() != self.weight.data_ptr() \
+            or weight.shape != self.weight.shape
 
     def runs(self, x: torch.Tensor) -> bool:
         # MKL's packing is slower than plain MKL past a few times its batch size (a prefill); oneDNN's is not.
@@ -110,6 +117,18 @@ def prepack_model(model: torch.nn.Module, batch_hint: int) -> int:
         module.packed = PackedWeight(module.weight, batch_hint, kernel)
     if layers:
         logger.info("CPU GEMMs: %d weights packed for %s", len(layers), kernel)
+    return len(layers)
+
+
+def repack_changed(model: torch.nn.Module) -> int:
+    """Pack again the weights that changed since they were packed (after a caller's weight update); returns how
+    many. A pass over the layers when none did."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "packed", None), PackedWeight)
+              and m.packed.stale(m.weight)]
+    for module in layers:
+        module.packed = PackedWeight(module.weight, module.packed.batch_hint, module.packed.kernel)
+    if layers:
+        logger.info("CPU GEMMs: %d changed weights packed again", len(layers))
     return len(layers)
 
 

@@ -24,7 +24,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         rows = loaded[self.vocab_start:self.vocab_end]
-        param.data[:rows.size(0)].copy_(rows)
+        param[:rows.size(0)].copy_(rows)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

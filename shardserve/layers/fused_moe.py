@@ -135,7 +135,11 @@ class FusedMoE(nn.Module):
         """One expert's projection from a checkpoint ("gate", "up" or "down"), this rank's slice of it."""
         expert, projection = shard_id
         offset, part = self.shard(loaded, projection)
-        param.data[expert].narrow(0, offset, part.size(0)).copy_(part)
+        if self.packed_for_c:  # a weight update after packing: row r is lane r % 16 of block r // 16
+            rows = torch.arange(offset, offset + part.size(0))
+            param[expert][rows // PACK_LANES, :, rows % PACK_LANES] = part.to(param.dtype)
+        else:
+            param[expert].narrow(0, offset, part.size(0)).copy_(part)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         out = self._forward_packed(x, router_logits) if self.packed_for_c else self._forward_torch(x, router_logits)

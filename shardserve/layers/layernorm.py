@@ -38,4 +38,4 @@ class GemmaRMSNorm(RMSNorm):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__(hidden_size, eps)
-        self.weight.weight_loader = lambda param, loaded: param.data.copy_(loaded + 1)
+        self.weight.weight_loader = lambda param, loaded: param.copy_(loaded + 1)

@@ -60,7 +60,7 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         offset, part = self.shard(loaded, shard_id)
-        (param.data if shard_id is None else param.data.narrow(0, offset, part.size(0))).copy_(part)
+        (param if shard_id is None else param.narrow(0, offset, part.size(0))).copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_lora(self, x, gemv.linear(x, self.weight, self.bias, self.packed))

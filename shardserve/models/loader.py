@@ -40,45 +40,54 @@ _EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
 def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 stacked_params: list[tuple[str, str, object]] = (), skip: tuple[str, ...] = (),
                 expert_projections: dict[str, tuple[str, str]] | None = None) -> set[str]:
-    """Copy checkpoint tensors into `model`; returns the names of parameters that were loaded.
+    """Copy checkpoint tensors into `model`, in place; returns the names of the parameters they account for
+    (loaded, or left out by design: a `skip` name such as a tied head). Any subset of the checkpoint may come:
+    a weight update (`LLM.collective_rpc("reload_weights", ...)`, or `model.load_weights` in `apply_model`)
+    sends what changed; `check_all_loaded` holds a model's first load to every parameter.
 
     `stacked_params` maps a checkpoint name part to the merged parameter that holds it and its shard id.
     `expert_projections` maps the projection names of per-expert checkpoint tensors to the stacked parameter
     of the experts (layers/fused_moe.py) that holds them and the projection's name there.
-    Raises if a parameter of the model received no weight.
+    Copies go into the parameters themselves, not their `.data`, so each bumps its parameter's version: what is
+    derived from a weight (a packed copy for CPU GEMMs) sees the change (cpu_gemm.repack_changed).
     """
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for name, tensor in weights:
-        if any(s in name for s in skip):
-            continue
-        expert = _EXPERT_WEIGHT.fullmatch(name) if expert_projections else None
-        if expert and expert[3] in expert_projections:
-            stacked, projection = expert_projections[expert[3]]
-            target = f"{expert[1]}.{stacked}"
-            if target in params:
-                params[target].weight_loader(params[target], tensor, (int(expert[2]), projection))
-                loaded.add(target)
-            continue
-        for part, merged, shard_id in stacked_params:
-            if f".{part}." in name:
-                target = name.replace(f".{part}.", f".{merged}.")
+    loaded: set[str] = {n for n in params if any(s in n for s in skip)}
+    with torch.no_grad():
+        for name, tensor in weights:
+            if any(s in name for s in skip):
+                continue
+            expert = _EXPERT_WEIGHT.fullmatch(name) if expert_projections else None
+            if expert and expert[3] in expert_projections:
+                stacked, projection = expert_projections[expert[3]]
+                target = f"{expert[1]}.{stacked}"
                 if target in params:
-                    params[target].weight_loader(params[target], tensor, shard_id)
+                    params[target].weight_loader(params[target], tensor, (int(expert[2]), projection))
                     loaded.add(target)
-                    break
-        else:
-            if name not in params:
-                continue  # buffers and heads this model does not use
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                param.data.copy_(tensor)
+                continue
+            for part, merged, shard_id in stacked_params:
+                if f".{part}." in name:
+                    target = name.replace(f".{part}.", f".{merged}.")
+                    if target in params:
+                        params[target].weight_loader(params[target], tensor, shard_id)
+                        loaded.add(target)
+                        break
             else:
-                loader(param, tensor)
-            loaded.add(name)
-    missing = set(params) - loaded - {n for n in params if any(s in n for s in skip)}
+                if name not in params:
+                    continue  # buffers and heads this model does not use
+                param = params[name]
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    param.copy_(tensor)
+                else:
+                    loader(param, tensor)
+                loaded.add(name)
+    return loaded
+
+
+def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
+    """Raise if a parameter of the model received no weight from its checkpoint."""
+    missing = {name for name, _ in model.named_parameters()} - loaded
     if missing:
         raise ValueError(f"Checkpoint has no weights for: {', '.join(sorted(missing)[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}")
-    return loaded

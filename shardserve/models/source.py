@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from shardserve.models import gguf
-from shardserve.models.loader import iterate_checkpoint
+from shardserve.models.loader import check_all_loaded, iterate_checkpoint
 from shardserve.models.registry import resolve_model_class
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -
             model = model_cls(source.hf_config) if pooling is None else model_cls(source.hf_config, pooling)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iterate_weights(source))
+    check_all_loaded(model, model.load_weights(iterate_weights(source)))
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from shardserve.distributed.parallel_state import comm_stats, destroy_distribute
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.models.source import ModelSource
 from shardserve.workers.model_runner import ModelRunnerOutput
-from shardserve.workers.worker import Worker
+from shardserve.workers.worker import Worker, worker_class
 
 
 class RayWorker:
@@ -34,7 +34,10 @@ class RayWorker:
                 "free_port": port, "pid": os.getpid()}
 
     def init_worker(self, config: EngineConfig, source: ModelSource, rank: int, init_method: str) -> None:
-        self.worker = Worker(config, source, rank, init_method)
+        self.worker = worker_class(config.worker_extension_cls)(config, source, rank, init_method)
+
+    def execute_method(self, method, args: tuple, kwargs: dict | None):
+        return self.worker.execute_method(method, args, kwargs)
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

@@ -5,19 +5,27 @@ In process it is driven by `UniprocExecutor`; the Ray executor wraps the same cl
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from torch import nn
 
 from shardserve.config import EngineConfig, resolve_dtype
 from shardserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from shardserve.engine.scheduler import SchedulerOutput
 from shardserve.layers.attention import Attention, AttentionMetadata, get_attention_backend
 from shardserve.layers.attention.backend import PrefillSeq
-from shardserve.layers.cpu_gemm import prepack_model
+from shardserve.layers.cpu_gemm import prepack_model, repack_changed
 from shardserve.lora.adapter import AdapterCache
+from shardserve.models import gguf
+from shardserve.models.loader import check_all_loaded
 from shardserve.models.pipeline import set_layer_partition
-from shardserve.models.source import ModelSource, build_model
+from shardserve.models.source import ModelSource, build_model, iterate_weights
 from shardserve.workers.cpu_malloc import keep_freed_memory, tcmalloc_hint, zeros_on_huge_pages
 from shardserve.workers.cuda_graph import CudaGraphRunner
 from shardserve.workers.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
@@ -157,6 +165,65 @@ class Worker:
 
     def num_parameter_elements(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    # a caller's calls (LLM.collective_rpc, apply_model), vLLM's worker methods --------------------------
+
+    def execute_method(self, method: str | Callable, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """`method` (a method of this worker, or of the worker extension, by name; or a function called with
+        this worker first), then the CPU GEMMs' packed copies of any weight it changed packed again, so a
+        weight update is served at once whichever way it was written."""
+        fn = getattr(self, method) if isinstance(method, str) else functools.partial(method, self)
+        try:
+            return fn(*args, **(kwargs or {}))
+        finally:
+            repack_changed(self.model)
+
+    def get_model(self) -> nn.Module:
+        """This rank's model: its tensor-parallel shard of the layers of its pipeline stage."""
+        return self.model
+
+    def apply_model(self, fn: Callable[[nn.Module], Any]) -> Any:
+        return fn(self.model)
+
+    def reload_weights(self, weights_iterator: Iterable[tuple[str, torch.Tensor]] | None = None,
+                       weights_path: str | None = None, is_checkpoint_format: bool = True) -> None:
+        """New weights in place, as vLLM's worker takes them: (name, tensor) pairs named as in the model's
+        checkpoint (any subset: what changed), or a checkpoint folder or GGUF file of the same architecture, or
+        with neither the model's own checkpoint again. Each rank copies its shard. The prefix cache still holds
+        KV computed with the old weights: `LLM.reset_prefix_cache()` after the update, as in vLLM."""
+        if not is_checkpoint_format:
+            raise ValueError("reload_weights takes tensors named as in the model's checkpoint "
+                             "(is_checkpoint_format=True); weights in this engine's own layout are not taken.")
+        if weights_iterator is not None and weights_path is not None:
+            raise ValueError("Pass reload_weights either weights_iterator or weights_path, not both.")
+        if weights_iterator is None:
+            source = self.source if weights_path is None else dataclasses.replace(
+                self.source, path=weights_path, is_gguf=gguf.is_gguf_file(weights_path))
+            weights_iterator = iterate_weights(source)
+        loaded = self.model.load_weights(weights_iterator)
+        if weights_path is not None:
+            check_all_loaded(self.model, loaded)  # a whole checkpoint must cover the model, as at start-up
+
+
+def worker_class(extension: str | None) -> type[Worker]:
+    """`Worker`, or with vLLM's `worker_extension_cls` (a class's qualified name, "package.module.Class") a
+    Worker that also has that class's methods, for `LLM.collective_rpc` to call by name. Its names may not
+    shadow the worker's own."""
+    if not extension:
+        return Worker
+    module_name, _, class_name = extension.rpartition(".")
+    try:
+        ext = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError):
+        ext = None
+    if not isinstance(ext, type):
+        raise ValueError(f"worker_extension_cls={extension!r} is not an importable class "
+                         f"(give its qualified name, package.module.Class).")
+    clashes = sorted(n for n in vars(ext) if not n.startswith("__") and hasattr(Worker, n))
+    if clashes:
+        raise ValueError(f"worker_extension_cls {extension} would replace the worker's own "
+                         f"{', '.join(clashes)}; rename them.")
+    return type(f"Worker+{class_name}", (Worker, ext), {})
 
 
 def kv_cache_budget(total_bytes: int, utilization: float, peak_torch_bytes: int, outside_torch_bytes: int) -> int:
