@@ -148,6 +148,7 @@ def _json_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from shardserve.engine.reasoning import REASONING_PARSERS
+    from shardserve.config import LOAD_FORMATS
     from shardserve.layers.attention.backend import BACKENDS, backend_name
     from shardserve.router.tool_calls import TOOL_CALL_PARSERS
 
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--kv-cache-dtype", help="auto: the model's dtype, in which the KV cache is kept (no fp8 cache)")
     _spec_flag(model, "--quantization", "-q", help="gguf for a GGUF file (dequantized at load); no other scheme")
     _spec_flag(model, "--tokenizer-mode", help="auto or hf: the model's Hugging Face fast tokenizer")
+    _spec_flag(model, "--load-format", choices=list(LOAD_FORMATS),
+               help="auto: the folder's safetensors, else its .bin files, or the GGUF file; dummy: random weights "
+                    "(to measure serving without a checkpoint's)")
     _spec_flag(model, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                help="reuse the KV blocks of a shared prompt prefix (default: on)")
     _spec_flag(model, "--kv-cache-memory-bytes", type=int,

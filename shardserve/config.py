@@ -9,6 +9,7 @@ import torch
 from shardserve import compilation
 from shardserve.engine.reasoning import REASONING_PARSERS
 from shardserve.pooler_config import PoolerConfig
+from shardserve.profiler import ProfilerConfig
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -34,6 +35,9 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> 
         from shardserve.layers.cpu_gemm import onednn_bf16_available
         return torch.bfloat16 if config_dtype == torch.bfloat16 and onednn_bf16_available() else torch.float32
     return torch.float32 if config_dtype is None else config_dtype
+
+
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")  # vLLM's load_format values taken here
 
 
 @dataclass
@@ -87,6 +91,9 @@ class EngineConfig:
     revision: str | None = None
     # vLLM's quantization: None, or "gguf" for a GGUF file (its weights are dequantized to `dtype` at load)
     quantization: str | None = None
+    # vLLM's load_format: "auto" (safetensors, else .bin, or the GGUF file), "safetensors", "pt", "gguf", or
+    # "dummy" (random weights: measuring, or weights a trainer sends later through collective_rpc)
+    load_format: str = "auto"
     # vLLM's tokenizer_mode: "auto" (and "hf"), the Hugging Face fast tokenizer
     tokenizer_mode: str = "auto"
     hf_overrides: dict = field(default_factory=dict)
@@ -120,6 +127,9 @@ class EngineConfig:
     ray_address: str | None = None                    # None: RAY_ADDRESS, else a local cluster
     num_cpus_per_worker: float = 1.0                  # a CPU worker's bundle; also its torch threads
     placement_group_strategy: str = "PACK"
+    # vLLM's profiler_config ({"profiler": "torch", "torch_profiler_dir": ...}: profiler.py), for
+    # LLM.start_profile / stop_profile
+    profiler_config: ProfilerConfig | dict | None = None
     # vLLM's worker_extension_cls: "package.module.Class" whose methods every worker also has, for
     # LLM.collective_rpc to call by name (a Ray worker imports it: it must be importable there)
     worker_extension_cls: str | None = None
@@ -134,6 +144,7 @@ class EngineConfig:
     stream_interval: int = 1
 
     def __post_init__(self) -> None:
+        self.profiler_config = ProfilerConfig.parse(self.profiler_config)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -181,6 +192,8 @@ class EngineConfig:
         if self.quantization not in (None, "gguf"):
             raise ValueError(f"quantization {self.quantization!r} is not supported: shardserve runs unquantized "
                              f"checkpoints, and GGUF files ('gguf') with their weights dequantized at load.")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format {self.load_format!r} is not supported: one of {', '.join(LOAD_FORMATS)}.")
         if self.tokenizer_mode not in ("auto", "hf"):
             raise ValueError(f"tokenizer_mode {self.tokenizer_mode!r} is not supported: the model's Hugging Face "
                              f"fast tokenizer is used ('auto' or 'hf').")

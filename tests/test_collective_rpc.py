@@ -1,5 +1,6 @@
-"""vLLM's calls into the workers: `LLM.collective_rpc`, `apply_model`, `reload_weights` and
-`worker_extension_cls`, in process and on Ray tensor-parallel workers; and `enqueue` / `wait_for_completion`.
+"""vLLM's calls into the workers: `LLM.collective_rpc`, `apply_model`, `reload_weights`, `load_model` after
+`load_format="dummy"` and `worker_extension_cls`, in process and on Ray tensor-parallel workers; and `enqueue` /
+`wait_for_completion`.
 
 A weight update is proven by its outputs: an engine whose weights were replaced answers token for token and
 log-probability for log-probability as an engine started on the new weights (CPU GEMMs run on packed copies of
@@ -7,6 +8,9 @@ the weights, which an update must reach), and a partial update as transformers d
 """
 from __future__ import annotations
 
+import gzip
+import json
+import shutil
 import time
 
 import pytest
@@ -74,6 +78,32 @@ def test_reload_weights_serves_the_new_weights(model_dirs, second_weights, arch)
     llm.reset_prefix_cache()
     assert_same(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected_first)
     llm.shutdown()
+
+
+def test_dummy_weights_then_load_model(model_dirs, tmp_path):
+    """vLLM's load_format="dummy" starts on random weights (nothing read from the checkpoint); then
+    `collective_rpc("load_model")` reads the checkpoint in place and the engine answers as one started on it.
+    "pt" reads a folder's .bin files (`weights_only=True`); a format the folder does not have is refused."""
+    first = model_dirs("llama")
+    expected = generate_on(first)
+    llm = LLM(first, load_format="dummy", **ENGINE)
+    norms = llm.apply_model(lambda m: float(m.lm_head.weight.abs().max()))
+    assert 0 < norms[0] <= 1e-3
+    llm.collective_rpc("load_model")
+    llm.reset_prefix_cache()
+    assert_same(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+    llm.shutdown()
+
+    as_bin = tmp_path / "bin"
+    shutil.copytree(first, as_bin, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(f"{first}/model.safetensors"), as_bin / "pytorch_model.bin")
+    assert_same(generate_on(str(as_bin), load_format="pt"), expected)
+    with pytest.raises(ValueError, match=r"No weights \(\*.safetensors\)"):
+        LLM(str(as_bin), load_format="safetensors", **ENGINE)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        LLM(first, load_format="gguf", **ENGINE)
+    with pytest.raises(ValueError, match="load_format 'tensorizer' is not supported"):
+        LLM(first, load_format="tensorizer", **ENGINE)
 
 
 def test_apply_model_updates_part_of_the_weights(model_dirs, second_weights):
@@ -189,3 +219,41 @@ def test_enqueue_then_wait_for_completion(model_dirs):
     assert_same(outputs, expected)
     assert llm.wait_for_completion(use_tqdm=False) == []
     llm.shutdown()
+
+
+def _trace_events(path) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def test_start_and_stop_profile(model_dirs, tmp_path):
+    """vLLM's profiler_config: the steps between start_profile and stop_profile recorded into a gzipped Chrome
+    trace named after the prefix, stage and rank; with max_iterations the recording ends by itself after that
+    many steps (fewer events than the whole call); without a config start_profile says how to enable it."""
+    traces = {}
+    for name, bounds in (("whole", {}), ("limited", {"delay_iterations": 1, "max_iterations": 2})):
+        folder = tmp_path / name
+        llm = LLM(model_dirs("llama"), profiler_config={"profiler": "torch", "torch_profiler_dir": str(folder),
+                                                        "torch_profiler_with_stack": False}, **ENGINE)
+        llm.start_profile(name, **bounds)
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        pattern = f"{name}_pp0_tp0.*.pt.trace.json.gz"
+        assert len(list(folder.glob(pattern))) == (name == "limited")  # that one ended by itself
+        llm.stop_profile()
+        traces[name] = list(folder.glob(pattern))
+        assert len(traces[name]) == 1
+        with pytest.raises(ValueError, match="max_iterations"):
+            llm.start_profile(max_iterations=-1)
+        llm.shutdown()
+    whole, limited = (_trace_events(traces[name][0]) for name in ("whole", "limited"))
+    assert any(e.get("name", "").startswith("aten::") for e in whole)
+    assert 0 < len(limited) < len(whole)
+
+    llm = LLM(model_dirs("llama"), **ENGINE)
+    with pytest.raises(RuntimeError, match="profiler_config"):
+        llm.start_profile()
+    llm.shutdown()
+    with pytest.raises(ValueError, match="torch_profiler_dir"):
+        LLM(model_dirs("llama"), profiler_config={"profiler": "torch"}, **ENGINE)
+    with pytest.raises(ValueError, match="'proton' is not available"):
+        LLM(model_dirs("llama"), profiler_config={"profiler": "proton", "torch_profiler_dir": "x"}, **ENGINE)

@@ -69,8 +69,8 @@ class LLM(PoolingMixin):
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None, async_scheduling: bool | None = None,
                  enable_chunked_prefill: bool | None = None, kv_cache_dtype: str = "auto",
-                 quantization: str | None = None, tokenizer_mode: str = "auto",
-                 worker_extension_cls: str | None = None, **kwargs):
+                 quantization: str | None = None, tokenizer_mode: str = "auto", load_format: str = "auto",
+                 worker_extension_cls: str | None = None, profiler_config: dict | None = None, **kwargs):
         unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -99,7 +99,8 @@ class LLM(PoolingMixin):
             reasoning_parser=reasoning_parser, enable_lora=enable_lora, max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, async_scheduling=async_scheduling,
             enable_chunked_prefill=enable_chunked_prefill, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-            tokenizer_mode=tokenizer_mode, worker_extension_cls=worker_extension_cls)
+            tokenizer_mode=tokenizer_mode, load_format=load_format, worker_extension_cls=worker_extension_cls,
+            profiler_config=profiler_config)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
         self._enqueued: list[str] = []  # ids `enqueue` queued, in order, for `wait_for_completion`
@@ -112,8 +113,10 @@ class LLM(PoolingMixin):
         """Release the workers now rather than when this object is collected."""
         self.llm_engine.shutdown()
 
-    def reset_prefix_cache(self) -> bool:
-        """Empty the prefix cache (vLLM's: after a weight update, or so a benchmark's runs start alike)."""
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Empty the prefix cache (vLLM's: after a weight update, or so a benchmark's runs start alike). vLLM's
+        flags are taken and change nothing here: between offline calls no request runs (so none holds blocks to
+        preempt), and there is no KV connector."""
         return self.llm_engine.reset_prefix_cache()
 
     def get_world_size(self, include_dp: bool = True) -> int:
@@ -135,6 +138,22 @@ class LLM(PoolingMixin):
         """`func(model)` on every worker's model shard; results in rank order (keep them small: on Ray they
         travel pickled). A `model.load_weights([(name, tensor), ...])` in it updates those weights in place."""
         return self.collective_rpc("apply_model", args=(func,))
+
+    def start_profile(self, profile_prefix: str | None = None, *, delay_iterations: int | None = None,
+                      max_iterations: int | None = None) -> None:
+        """Record the workers' next steps with torch's profiler (`LLM(profiler_config={"profiler": "torch",
+        "torch_profiler_dir": DIR})`): after `delay_iterations` steps, for at most `max_iterations` (0: until
+        `stop_profile`); each worker writes a Chrome trace, `<profile_prefix>_pp<stage>_tp<rank>.*.pt.trace.json`,
+        into DIR."""
+        if not self.llm_engine.config.profiler_config.profiler:
+            raise RuntimeError('Profiling is not enabled: LLM(profiler_config={"profiler": "torch", '
+                               '"torch_profiler_dir": "<folder for the traces>"}).')
+        self.collective_rpc("start_profile", args=(profile_prefix, delay_iterations, max_iterations))
+
+    def stop_profile(self) -> None:
+        """Stop recording; each worker writes its trace (one already stopped by max_iterations: nothing)."""
+        if self.llm_engine.config.profiler_config.profiler:
+            self.collective_rpc("stop_profile")
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: vLLM's defaults, with the model's

@@ -16,17 +16,20 @@ from safetensors import safe_open
 from torch import nn
 
 
-def iterate_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+def iterate_checkpoint(model_dir: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+    """The folder's tensors: its *.safetensors files, else (or with vLLM's load_format "pt") its *.bin files."""
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))) if load_format != "pt" else []
     if files:
         for path in files:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         return
-    bins = sorted(p for p in glob.glob(os.path.join(model_dir, "*.bin")) if "training_args" not in p)
+    bins = sorted(p for p in glob.glob(os.path.join(model_dir, "*.bin")) if "training_args" not in p) \
+        if load_format != "safetensors" else []
     if not bins:
-        raise ValueError(f"No weights (*.safetensors or *.bin) found in model directory {model_dir!r}.")
+        wanted = {"safetensors": "*.safetensors", "pt": "*.bin"}.get(load_format, "*.safetensors or *.bin")
+        raise ValueError(f"No weights ({wanted}) found in model directory {model_dir!r}.")
     for path in bins:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         yield from state.items()
@@ -83,6 +86,16 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                     loader(param, tensor)
                 loaded.add(name)
     return loaded
+
+
+def initialize_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
+    """vLLM's load_format="dummy": every parameter uniform in [low, high) instead of a checkpoint's (to measure
+    or to start a model whose weights a trainer sends later: `collective_rpc("load_model")`)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            values = torch.empty(param.shape, dtype=torch.float32).uniform_(low, high, generator=generator)
+            param.copy_(values)
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from shardserve.models import gguf
-from shardserve.models.loader import check_all_loaded, iterate_checkpoint
+from shardserve.models.loader import check_all_loaded, initialize_dummy_weights, iterate_checkpoint
 from shardserve.models.registry import resolve_model_class
 
 if TYPE_CHECKING:
@@ -58,16 +58,23 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, revision: 
                                          trust_remote_code=trust_remote_code)
 
 
-def iterate_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(source: ModelSource, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's (name, tensor) pairs in the format `load_format` names ("auto": what the source is)."""
+    if (load_format == "gguf") != source.is_gguf and load_format != "auto":
+        raise ValueError(f"load_format={load_format!r} does not match {source.path!r}, "
+                         f"{'a GGUF file' if source.is_gguf else 'not a GGUF file'}.")
     if source.is_gguf:
         return gguf.iterate_gguf_weights(source.path, source.hf_config)
     if not os.path.isdir(source.path):
         from huggingface_hub import snapshot_download  # hub ids resolve to a local snapshot first
-        return iterate_checkpoint(snapshot_download(source.path, allow_patterns=["*.safetensors", "*.json"]))
-    return iterate_checkpoint(source.path)
+        patterns = ["*.bin", "*.json"] if load_format == "pt" else ["*.safetensors", "*.json"]
+        return iterate_checkpoint(snapshot_download(source.path, allow_patterns=patterns), load_format)
+    return iterate_checkpoint(source.path, load_format)
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
+                seed: int = 0) -> nn.Module:
+    """The model, this rank's shard of it, with the checkpoint's weights (random ones for "dummy")."""
     pooling = source.pooling
     runner, kind = ("generate", "none") if pooling is None else ("pooling", pooling.kind)
     model_cls = resolve_model_class(source.hf_config, runner, kind)
@@ -78,7 +85,10 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -
             model = model_cls(source.hf_config) if pooling is None else model_cls(source.hf_config, pooling)
     finally:
         torch.set_default_dtype(previous)
-    check_all_loaded(model, model.load_weights(iterate_weights(source)))
+    if load_format == "dummy":
+        initialize_dummy_weights(model, seed)
+    else:
+        check_all_loaded(model, model.load_weights(iterate_weights(source, load_format)))
     return model.eval()
 
 

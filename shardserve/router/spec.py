@@ -59,6 +59,7 @@ class ModelSpec:
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
     tokenizer_mode: str = "auto"
+    load_format: str = "auto"
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     attention_config: dict[str, Any] | None = None   # vLLM's: {"backend": name}
@@ -124,6 +125,7 @@ class ModelSpec:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             scheduling_policy=self.scheduling_policy, enable_chunked_prefill=self.enable_chunked_prefill,
             kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization, tokenizer_mode=self.tokenizer_mode,
+            load_format=self.load_format,
             structured_outputs_config=dict(self.structured_outputs_config),
             reasoning_parser=self.reasoning_parser, enable_lora=self.enable_lora, max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras,

@@ -26,6 +26,7 @@ from shardserve.models import gguf
 from shardserve.models.loader import check_all_loaded
 from shardserve.models.pipeline import set_layer_partition
 from shardserve.models.source import ModelSource, build_model, iterate_weights
+from shardserve.profiler import WorkerProfiler
 from shardserve.workers.cpu_malloc import keep_freed_memory, tcmalloc_hint, zeros_on_huge_pages
 from shardserve.workers.cuda_graph import CudaGraphRunner
 from shardserve.workers.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
@@ -53,7 +54,7 @@ class Worker:
                              distributed_init_method, backend)
         set_layer_partition(config.pp_layer_partition)
         torch.manual_seed(config.seed)
-        self.model = build_model(source, self.dtype, self.device)
+        self.model = build_model(source, self.dtype, self.device, config.load_format, config.seed)
         # Decode batches on a CPU are tens of rows: pack GEMM weights for that size.
         prepack_model(self.model, batch_hint=min(config.max_num_seqs, 32))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -66,6 +67,9 @@ class Worker:
             logger.info("Attention backend: %s", self.attention_backend.name)
         self.kv_caches: list[torch.Tensor] = []
         self.runner: ModelRunner | None = None
+        pp_rank, tp_rank = divmod(rank, config.tensor_parallel_size)
+        self.profiler = WorkerProfiler(config.profiler_config, f"pp{pp_rank}_tp{tp_rank}", self.device) \
+            if config.profiler_config.profiler else None
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -161,6 +165,8 @@ class Worker:
             for cache in self.kv_caches:
                 cache[:, dst] = cache[:, src]
         output = self.runner.execute_model(scheduler_output, non_block)
+        if self.profiler is not None:
+            self.profiler.step()
         return output if self.is_driver else None
 
     def num_parameter_elements(self) -> int:
@@ -196,13 +202,25 @@ class Worker:
                              "(is_checkpoint_format=True); weights in this engine's own layout are not taken.")
         if weights_iterator is not None and weights_path is not None:
             raise ValueError("Pass reload_weights either weights_iterator or weights_path, not both.")
-        if weights_iterator is None:
-            source = self.source if weights_path is None else dataclasses.replace(
-                self.source, path=weights_path, is_gguf=gguf.is_gguf_file(weights_path))
-            weights_iterator = iterate_weights(source)
-        loaded = self.model.load_weights(weights_iterator)
-        if weights_path is not None:
-            check_all_loaded(self.model, loaded)  # a whole checkpoint must cover the model, as at start-up
+        if weights_iterator is not None:
+            self.model.load_weights(weights_iterator)
+            return
+        source = self.source if weights_path is None else dataclasses.replace(
+            self.source, path=weights_path, is_gguf=gguf.is_gguf_file(weights_path))
+        load_format = self.config.load_format if weights_path is None else "auto"
+        weights = iterate_weights(source, "auto" if load_format == "dummy" else load_format)
+        check_all_loaded(self.model, self.model.load_weights(weights))  # a whole checkpoint covers the model
+
+    def start_profile(self, prefix: str | None = None, delay_iterations: int | None = None,
+                      max_iterations: int | None = None) -> None:
+        self.profiler.start(prefix, delay_iterations, max_iterations)
+
+    def stop_profile(self) -> None:
+        self.profiler.stop()
+
+    def load_model(self) -> None:
+        """vLLM's: the checkpoint's weights, in place (after starting with load_format="dummy")."""
+        self.reload_weights()
 
 
 def worker_class(extension: str | None) -> type[Worker]:
