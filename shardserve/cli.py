@@ -149,6 +149,7 @@ def _json_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from shardserve.engine.reasoning import REASONING_PARSERS
     from shardserve.config import LOAD_FORMATS
+    from shardserve.entrypoints.chat_utils import CONTENT_FORMATS
     from shardserve.layers.attention.backend import BACKENDS, backend_name
     from shardserve.router.tool_calls import TOOL_CALL_PARSERS
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--pipeline-parallel-size", "-pp", type=int)
     _spec_flag(model, "--enable-prompt-embeds", action="store_true")
     _spec_flag(model, "--chat-template", help="a Jinja template, or a path to one")
+    _spec_flag(model, "--chat-template-content-format", choices=list(CONTENT_FORMATS),
+               help="how a message's content parts reach the template: string (joined), openai (the list of "
+                    "parts), auto (as the template reads them)")
     _spec_flag(model, "--enable-prompt-tokens-details", action="store_true",
                help="usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served")
     _spec_flag(model, "--enable-auto-tool-choice", action="store_true",

@@ -61,6 +61,23 @@ def test_width_one_is_greedy(llm):
         assert b.sequences[0].tokens == prompt + g.outputs[0].token_ids
 
 
+def test_concurrency_limit_takes_prompts_in_groups(llm):
+    """vLLM's concurrency_limit: one prompt's beams at a time give the same beams as all at once, and no step
+    then holds more than one prompt's beams."""
+    params = BeamSearchParams(beam_width=2, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
+    together = llm.beam_search(prompts, params)
+    seen = _recording_steps(llm)
+    try:
+        apart = llm.beam_search(prompts, params, concurrency_limit=1)
+    finally:
+        del llm.llm_engine.executor.execute_model  # the recording wrapper: back to the class's method
+    assert [[s.tokens for s in o.sequences] for o in apart] == [[s.tokens for s in o.sequences] for o in together]
+    assert max(len(s.scheduled) for s in seen) <= params.beam_width
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search(prompts, params, concurrency_limit=0)
+
+
 def _recording_steps(llm) -> list:
     """The scheduler outputs the engine runs, recorded as they go to the executor."""
     executor, seen = llm.llm_engine.executor, []

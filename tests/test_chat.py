@@ -129,6 +129,21 @@ def test_list_of_text_parts_content(llm, tokenizer):
                  GREEDY, use_tqdm=False)
 
 
+def test_chat_template_content_format(llm, tokenizer):
+    """vLLM's chat_template_content_format: "openai" hands a template that prints a message's content the list
+    of parts, "string" (and "auto" for such a template) the parts joined; anything else is refused."""
+    printing = "{% for m in messages %}{{ m['role'] }}={{ m['content'] }};{% endfor %}"
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a b"}, {"type": "text", "text": "c"}]}]
+
+    def prompt(content_format: str) -> str:
+        return llm.chat(messages, GREEDY.clone(max_tokens=1), use_tqdm=False, chat_template=printing,
+                        add_generation_prompt=False, chat_template_content_format=content_format)[0].prompt
+    assert prompt("string") == prompt("auto") == "user=a b\nc;"
+    assert prompt("openai") == "user=[{'type': 'text', 'text': 'a b'}, {'type': 'text', 'text': 'c'}];"
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of auto, string, openai"):
+        prompt("parts")
+
+
 def test_a_template_that_reads_parts_gets_the_parts(llm, tokenizer):
     parts_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}:{% for p in m['content'] %}"
                       "<{{ p['text'] }}>{% endfor %}{{ eos_token }}{% endfor %}")

@@ -73,7 +73,12 @@ def test_serve_flags(monkeypatch):
     assert (config.enable_chunked_prefill, config.kv_cache_dtype, config.quantization, config.tokenizer_mode) == \
         (False, "auto", "gguf", "hf")
     assert spec("--enable-chunked-prefill").enable_chunked_prefill is True
+    assert spec("--load-format", "dummy").engine_config().load_format == "dummy"
+    assert spec("--chat-template-content-format", "openai").chat_template_content_format == "openai"
     assert spec().enable_chunked_prefill is None
     monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))
     with pytest.raises(SystemExit, match="shardserve serve: error: kv_cache_dtype 'fp8_e4m3' is not supported"):
         main(["serve", "a", "--kv-cache-dtype", "fp8_e4m3"])
+    for bad in (["--load-format", "tensorizer"], ["--chat-template-content-format", "parts"]):
+        with pytest.raises(SystemExit):  # not one of argparse's choices
+            main(["serve", "a", *bad])

@@ -128,12 +128,26 @@ def _text_parts(content, index: int) -> list[str]:
     return texts
 
 
+CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's chat_template_content_format
+
+
+def check_content_format(content_format: str) -> str:
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got "
+                         f"{content_format!r}.")
+    return content_format
+
+
 def render_chat(tokenizer, messages: Sequence[Mapping[str, Any]], chat_template: str | None = None, *,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> str:
+                tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                content_format: str = "auto") -> str:
     """One conversation rendered to prompt text with transformers' `apply_chat_template`.
 
-    `chat_template_kwargs` reach the template; as in vLLM they may also override the named arguments."""
+    `chat_template_kwargs` reach the template; as in vLLM they may also override the named arguments.
+    `content_format` (vLLM's chat_template_content_format): how a message's content parts reach the template:
+    "string" joined into one text, "openai" as the list of {"type": "text", "text": ...} parts, "auto" as the
+    template reads them (parts where it loops over a message's content)."""
     kwargs: dict[str, Any] = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                   continue_final_message=continue_final_message, tools=tools)
     extra = dict(chat_template_kwargs or {})
@@ -145,7 +159,9 @@ def render_chat(tokenizer, messages: Sequence[Mapping[str, Any]], chat_template:
         raise ValueError("Cannot set both continue_final_message=True and add_generation_prompt=True: continuing "
                          "the final message needs add_generation_prompt=False.")
     template = resolve_chat_template(tokenizer, kwargs.pop("chat_template"), kwargs["tools"])
-    conversation = parse_conversation(messages, template_iterates_content(template))
+    as_parts = template_iterates_content(template) if check_content_format(content_format) == "auto" \
+        else content_format == "openai"
+    conversation = parse_conversation(messages, as_parts)
     if kwargs["continue_final_message"] and conversation[-1]["role"] != "assistant":
         raise ValueError(f"continue_final_message=True continues the final assistant message, but the last "
                          f"message is from {conversation[-1]['role']!r}.")

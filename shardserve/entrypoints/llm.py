@@ -246,15 +246,18 @@ class LLM(PoolingMixin):
             raise
 
     def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None, *,
-             priority: int | Sequence[int] | None = None,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool | Callable = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             priority: int | Sequence[int] | None = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None,
              tokenization_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them,
         each rendered with the chat template (`chat_template`, else `LLM(chat_template=...)`, else the
-        tokenizer's) and then generated as by `generate`."""
+        tokenizer's) and then generated as by `generate`. Arguments in vLLM's order;
+        `chat_template_content_format`: "auto", "string" or "openai" (chat_utils.render_chat)."""
         self.llm_engine.processor.require_generation()
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -267,7 +270,8 @@ class LLM(PoolingMixin):
         for conversation in conversations:
             text = render_chat(tokenizer, conversation, template, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, tools=tools,
-                               chat_template_kwargs=chat_template_kwargs)
+                               chat_template_kwargs=chat_template_kwargs,
+                               content_format=chat_template_content_format)
             prompts.append(TextPrompt(prompt=text))
         # The template writes its own special tokens (BOS included): the tokenizer adds none unless asked.
         tokenization_kwargs = {"add_special_tokens": False, **(tokenization_kwargs or {})}
@@ -276,9 +280,12 @@ class LLM(PoolingMixin):
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """Beam search for each prompt; all prompts' beams advance together, one batched step per token.
-        `lora_request`: one adapter for all prompts, or one (or None) each."""
+        `lora_request`: one adapter for all prompts, or one (or None) each. `concurrency_limit` (vLLM's): at most
+        that many prompts' beams at once, the prompts taken in groups of that size (None: all at once)."""
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be a positive integer, got {concurrency_limit!r}.")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         processor = self.llm_engine.processor
@@ -292,9 +299,14 @@ class LLM(PoolingMixin):
             processor.check_lora(lora)
         stepper = EngineBeamStepper(self.llm_engine)
         try:
+            group = concurrency_limit or max(len(processed), 1)
+            outputs = []
             with heap_out_of_collection():
-                return run_beam_search(stepper, [p.token_ids for p in processed], params, self.get_tokenizer(),
-                                       self.llm_engine.max_model_len, use_tqdm, loras)
+                for start in range(0, len(processed), group):
+                    outputs += run_beam_search(stepper, [p.token_ids for p in processed[start:start + group]],
+                                               params, self.get_tokenizer(), self.llm_engine.max_model_len,
+                                               use_tqdm, loras[start:start + group])
+            return outputs
         finally:
             stepper.close()
 

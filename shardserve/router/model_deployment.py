@@ -57,7 +57,7 @@ class ModelServer:
                                      hand_off=_hand_off(spec, num_threads))
         self.serving = OpenAIServing(self.engine, spec.name, load_chat_template(spec.chat_template),
                                      spec.enable_prompt_tokens_details, spec.tool_parser(),
-                                     spec.reasoning_parser, spec.tool_strict())
+                                     spec.reasoning_parser, spec.tool_strict(), spec.chat_template_content_format)
         self.pooling = PoolingServing(self.serving)
         self.runner = self.engine.engine.runner
         # What start-up made (the model, tokenizer, Ray, Serve, FastAPI: ~380k objects for a small model) lives

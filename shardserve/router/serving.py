@@ -188,10 +188,12 @@ def _fields(fields: dict | None) -> str:
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, chat_template: str | None = None,
                  prompt_tokens_details: bool = False, tool_parser: ToolCallParser | None = None,
-                 reasoning_parser: str | None = None, tool_strict_level: ToolStrictLevel | None = None):
+                 reasoning_parser: str | None = None, tool_strict_level: ToolStrictLevel | None = None,
+                 chat_template_content_format: str = "auto"):
         self.engine = engine
         self.model_name = model_name
         self.chat_template = chat_template
+        self.chat_template_content_format = chat_template_content_format
         self.prompt_tokens_details = prompt_tokens_details
         self.tool_parser = tool_parser  # reads "auto" tool calls (--enable-auto-tool-choice --tool-call-parser)
         # vLLM's strict tool calling (tool_tags.py), None where it is off: the parser's format as a structural tag
@@ -249,7 +251,8 @@ class OpenAIServing:
         text = render_chat(self.tokenizer, req.messages, req.chat_template or self.chat_template,
                            add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message,
-                           tools=getattr(req, "tools", None), chat_template_kwargs=req.chat_template_kwargs)
+                           tools=getattr(req, "tools", None), chat_template_kwargs=req.chat_template_kwargs,
+                           content_format=self.chat_template_content_format)
         # The template writes its own special tokens: the tokenizer adds none unless asked.
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return TokensPrompt(prompt_token_ids=ids, prompt=text)

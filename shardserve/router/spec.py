@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardserve.config import EngineConfig
+from shardserve.entrypoints.chat_utils import check_content_format
 from shardserve.lora.adapter import read_adapter_config
 from shardserve.lora.request import LoRARequest
 from shardserve.router.tool_calls import TOOL_CALL_PARSERS
@@ -25,6 +26,7 @@ class ModelSpec:
     pipeline_parallel_size: int = 1
     enable_prompt_embeds: bool = False
     chat_template: str | None = None
+    chat_template_content_format: str = "auto"   # vLLM's: how content parts reach the template (chat_utils.py)
     enable_prompt_tokens_details: bool = False   # usage reports the prompt tokens the prefix cache served
     enable_auto_tool_choice: bool = False        # chat's tool_choice "auto", read by tool_call_parser
     tool_call_parser: str | None = None          # the model family's tool-call format (router/tool_calls.py)
@@ -93,6 +95,7 @@ class ModelSpec:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice requires tool_call_parser (--tool-call-parser).")
         ToolStrictLevel.from_name(self.tool_strict_level)
+        check_content_format(self.chat_template_content_format)
         if self.strict_tool_calling is None:
             self.strict_tool_calling = strict_tool_calling()
 
