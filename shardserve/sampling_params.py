@@ -71,6 +71,39 @@ class StructuredOutputsParams:
         return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
 
 
+@dataclass(frozen=True)
+class RepetitionDetectionParams:
+    """vLLM's: end a generation (finish_reason "repetition") whose last output tokens are one pattern of
+    `min_pattern_size` (0: 1) to `max_pattern_size` tokens repeated `min_count` times in a row: a model looping
+    on a phrase stops instead of running to max_tokens. max_pattern_size 0: off."""
+    max_pattern_size: int = 0
+    min_pattern_size: int = 0
+    min_count: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_pattern_size <= self.max_pattern_size:
+            raise ParameterError("max_pattern_size, min_pattern_size must be >=0, with min_pattern_size <= "
+                                 "max_pattern_size. Set both to 0 to disable repetitive pattern detection.",
+                                 "repetition_detection")
+        if self.max_pattern_size > 0 and self.min_count < 2:
+            raise ParameterError("min_count must be >= 2 to detect repetitive patterns in engine output. If you do "
+                                 "not wish to detect repetitive patterns, set max_pattern_size to 0.",
+                                 "repetition_detection")
+
+    def repeats(self, tokens: list[int]) -> bool:
+        """Whether `tokens` ends with a pattern of an allowed size repeated min_count times."""
+        for size in range(max(self.min_pattern_size, 1), self.max_pattern_size + 1):
+            if size * self.min_count > len(tokens):
+                return False
+            tail = tokens[-size:]
+            if all(tokens[-size * (k + 1):len(tokens) - size * k] == tail for k in range(1, self.min_count)):
+                return True
+        return False
+
+
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on logprob_token_ids
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -101,6 +134,12 @@ class SamplingParams:
     # A streamed request's outputs carry this many new tokens at a time (the first and the last come at once);
     # the engine's `stream_interval` is the floor. None: the engine's.
     stream_interval: int | None = None
+    # vLLM's: the logprobs of exactly these tokens (and the sampled one) at each step, in place of the top ones
+    # (`logprobs` then is their number): scoring labels ("yes" / "no") without the whole vocabulary
+    logprob_token_ids: list[int] | None = None
+    repetition_detection: RepetitionDetectionParams | None = None
+    # vLLM's: anything a caller's own code wants to carry with the request (online: the request's vllm_xargs)
+    extra_args: dict | None = None
     # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, and each bad
     # word's token ids (as it starts the text, and after a space).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -120,6 +159,12 @@ class SamplingParams:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if isinstance(self.repetition_detection, dict):
+            self.repetition_detection = RepetitionDetectionParams(**self.repetition_detection)
+        if self.repetition_detection is not None and not self.repetition_detection.max_pattern_size:
+            self.repetition_detection = None  # off
+        if self.logprob_token_ids is not None:
+            self.logprob_token_ids = [int(t) for t in self.logprob_token_ids]
         self._verify()
 
     def _verify(self) -> None:
@@ -162,6 +207,17 @@ class SamplingParams:
             raise ValueError("allowed_token_ids must not be empty (None allows every token).")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
+        if self.logprob_token_ids is not None:
+            n = len(self.logprob_token_ids)
+            if n > MAX_LOGPROB_TOKEN_IDS:
+                raise ParameterError(f"Requested logprob_token_ids of length {n}, which is greater than max "
+                                     f"allowed: {MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids", n)
+            if self.logprobs is not None and self.logprobs != n:
+                raise ParameterError(f"When both logprobs and logprob_token_ids are set, logprobs must equal "
+                                     f"len(logprob_token_ids). Got logprobs={self.logprobs}, "
+                                     f"len(logprob_token_ids)={n}.", "logprob_token_ids")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise bad("extra_args", self.extra_args, "a dict")
 
     @property
     def greedy(self) -> bool:

@@ -140,6 +140,67 @@ def test_max_logprobs_caps_requests_and_minus_one_is_the_whole_vocabulary(llm, p
     assert max(abs(first[t].logprob - ref[t].item()) for t in range(vocab)) < 1e-4
 
 
+def test_logprob_token_ids_give_those_tokens_logprobs_and_ranks(llm, hf):
+    """vLLM's logprob_token_ids: each position lists the sampled token and exactly the given ones, with
+    transformers' logprobs and the ranks a whole-vocabulary count gives, beside a request of top logprobs and
+    one of none in the same batch (whose answers do not change); bad lists are refused."""
+    wanted = [5, 17, 300, 2]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprob_token_ids=wanted),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    outs = gen(llm, [PROMPTS[0]] * 3, params)
+    alone = gen(llm, [PROMPTS[0]], params[1])[0].outputs[0]
+    assert outs[1].outputs[0].logprobs == alone.logprobs and outs[2].outputs[0].logprobs is None
+    completion = outs[0].outputs[0]
+    assert completion.token_ids == alone.token_ids
+    seq = PROMPTS[0] + completion.token_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].log_softmax(-1)
+    for i, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = ref[len(PROMPTS[0]) - 1 + i]
+        assert set(entry) == {token, *wanted}
+        for t in wanted:
+            assert entry[t].logprob == pytest.approx(row[t].item(), abs=1e-4)
+            assert entry[t].rank == int((row >= row[t]).sum())
+    for bad, message in ((dict(logprob_token_ids=[1, 10**6]), "out-of-vocab"),
+                         (dict(logprob_token_ids=[1, 2], logprobs=3), "logprobs must equal"),
+                         (dict(logprob_token_ids=list(range(129))), "greater than max allowed: 128")):
+        with pytest.raises(ValueError, match=message):
+            gen(llm, PROMPTS[:1], SamplingParams(**bad))
+
+
+def _first_repetition(tokens: list[int], sizes: range, count: int) -> int | None:
+    """The length of the shortest prefix of `tokens` that ends in `count` copies of one pattern of a size in
+    `sizes` (a brute-force reading of vLLM's repetition detection), or None."""
+    for end in range(1, len(tokens) + 1):
+        for size in sizes:
+            if size * count <= end and len({tuple(tokens[end - size * (k + 1):end - size * k])
+                                            for k in range(count)}) == 1:
+                return end
+    return None
+
+
+def test_repetition_detection_ends_a_loop(llm):
+    """vLLM's repetition_detection: a generation held to two tokens falls into a loop; with detection it ends
+    where its tokens first end in min_count copies of a pattern (finish_reason "repetition"), the tokens before
+    that as without it. Off (max_pattern_size 0) changes nothing; bad settings are refused."""
+    def loop(**more):
+        return SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, allowed_token_ids=[40, 41],
+                              extra_args={"caller": "kept"}, **more)
+    free = gen(llm, PROMPTS[:1], loop())[0].outputs[0]
+    detection = {"max_pattern_size": 4, "min_pattern_size": 2, "min_count": 3}
+    end = _first_repetition(free.token_ids, range(2, 5), 3)
+    assert end is not None and end < 40
+    out = gen(llm, PROMPTS[:1], loop(repetition_detection=detection))[0].outputs[0]
+    assert out.token_ids == free.token_ids[:end]
+    assert (out.finish_reason, out.stop_reason) == ("repetition", "repetition_detected")
+    off = gen(llm, PROMPTS[:1], loop(repetition_detection={"max_pattern_size": 0}))[0].outputs[0]
+    assert off.token_ids == free.token_ids and off.finish_reason == "length"
+    for bad in ({"max_pattern_size": 2, "min_count": 1}, {"max_pattern_size": 2, "min_pattern_size": 3}):
+        with pytest.raises(ValueError, match="min_count must be >= 2|min_pattern_size <= max_pattern_size"):
+            SamplingParams(repetition_detection=bad)
+
+
 def test_repetition_penalty_matches_transformers(llm, hf):
     prompt = PROMPTS[1]
     ours = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.8,

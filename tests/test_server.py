@@ -205,6 +205,33 @@ def test_allowed_token_ids_and_bad_words_equal_offline(client, offline):
         assert got.choices[0].text == expected.outputs[0].text != free.text, name
 
 
+def test_logprob_token_ids_repetition_detection_and_xargs_equal_offline(client, offline):
+    """vLLM's request fields: logprob_token_ids (completions and chat list those tokens' logprobs, as offline),
+    repetition_detection (ends a loop with finish_reason "repetition"), vllm_xargs (taken)."""
+    wanted = [5, 17, 300]
+    expected = offline.generate(PROMPTS[0], greedy(max_tokens=4, logprob_token_ids=wanted), use_tqdm=False)[0]
+    as_ids = {"return_tokens_as_token_ids": True}  # tokens named "token_id:<id>"
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=0,
+                                    extra_body={"logprob_token_ids": wanted, "vllm_xargs": {"trace": "x"}, **as_ids})
+    for top, entry in zip(got.choices[0].logprobs.top_logprobs, expected.outputs[0].logprobs):
+        assert top == pytest.approx({f"token_id:{t}": lp.logprob for t, lp in entry.items()}, abs=1e-4)
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
+                                          logprobs=True, extra_body={"logprob_token_ids": wanted, **as_ids})
+    offline_chat = offline.chat(MESSAGES, greedy(max_tokens=2, logprob_token_ids=wanted), use_tqdm=False)[0]
+    for item, entry in zip(chat.choices[0].logprobs.content, offline_chat.outputs[0].logprobs):
+        assert {t.token: t.logprob for t in item.top_logprobs} == pytest.approx(
+            {f"token_id:{t}": lp.logprob for t, lp in entry.items()}, abs=1e-4)
+    with pytest.raises(BadRequestError, match="`logprobs` must be set"):
+        client.completions.create(model="tiny", prompt="x", extra_body={"logprob_token_ids": wanted})
+
+    detection = {"max_pattern_size": 4, "min_pattern_size": 2, "min_count": 3}
+    loop = greedy(max_tokens=40, ignore_eos=True, allowed_token_ids=[40, 41], repetition_detection=detection)
+    expected = offline.generate(PROMPTS[0], loop, use_tqdm=False)[0].outputs[0]
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, extra_body={
+        "ignore_eos": True, "allowed_token_ids": [40, 41], "repetition_detection": detection})
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (expected.text, "repetition")
+
+
 def test_completion_prompt_embeds(client, offline):
     ids = offline.get_tokenizer().encode(PROMPTS[0])
     embeds = offline.llm_engine.executor.worker.model.get_input_embeddings(torch.tensor(ids)).detach()

@@ -404,6 +404,8 @@ class LLMEngine:
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
         elif len(req.all_token_ids) >= req.max_len:  # max_tokens, or max_model_len
             status = RequestStatus.FINISHED_LENGTH
+        elif params.repetition_detection is not None and params.repetition_detection.repeats(req.output_token_ids):
+            status, req.stop_reason = RequestStatus.FINISHED_REPETITION, "repetition_detected"
         if status is not None:
             self.scheduler.finish(req, status)
 

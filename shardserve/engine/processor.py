@@ -170,6 +170,10 @@ class Processor:
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"Token id {token_id} is out of vocabulary (the model's vocab_size is "
                                  f"{self.vocab_size}).")
+        outside = [t for t in params.logprob_token_ids or [] if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ParameterError(f"token_id(s) {outside} in logprob_token_ids contain out-of-vocab token ids. "
+                                 f"Vocabulary size: {self.vocab_size}", "logprob_token_ids")
         # -1 asks for the whole vocabulary; the engine's max_logprobs caps what one request may ask for (each
         # is a sort over the vocabulary and a list per token sent back).
         counts = {name: self.vocab_size if getattr(params, name) == -1 else getattr(params, name)
@@ -178,6 +182,8 @@ class Processor:
             if counts[name] is not None and counts[name] > self.max_logprobs:
                 raise ParameterError(f"Requested {what} of {counts[name]}, which is greater than max allowed: "
                                      f"{self.max_logprobs}", name, counts[name])
+        if params.logprob_token_ids is not None:  # up to MAX_LOGPROB_TOKEN_IDS whatever max_logprobs says
+            counts["logprobs"] = len(params.logprob_token_ids)  # vLLM's num_logprobs
         params = params.clone(**counts)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         if not params.ignore_eos:

@@ -21,10 +21,11 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_REPETITION = "repetition"  # vLLM's: SamplingParams.repetition_detection saw a loop
 
     def __init__(self, value: str):
         # a plain attribute of each member: read for every request several times a step
-        self.finished = value in ("stop", "length", "abort")
+        self.finished = value in ("stop", "length", "abort", "repetition")
 
 
 @dataclass(eq=False)  # a request is itself: queue membership tests compare identities, not fields

@@ -33,16 +33,19 @@ class SamplingBatch:
     output_counts: torch.Tensor | None = None  # [B, V] occurrences of each token in the output
     prompt_mask: torch.Tensor | None = None    # [B, V] token occurs in the prompt
     bias: torch.Tensor | None = None        # [B, V] additive logit bias, -inf for tokens min_tokens forbids
-    max_num_logprobs: int = -1              # -1: no row wants logprobs
+    max_num_logprobs: int = -1              # -1: no row wants its top logprobs
+    wanted_ids: torch.Tensor | None = None  # [B, M] the ids rows want logprobs of (logprob_token_ids), -1 padding
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor                 # [B]
-    # When logprobs are wanted: [B, 1 + k] ids / logprobs / ranks; column 0 is the sampled token.
+    # When logprobs are wanted: [B, 1 + k (+ M)] ids / logprobs / ranks; column 0 is the sampled token, then the
+    # top k, then from `wanted_start` the ids of SamplingBatch.wanted_ids.
     logprob_token_ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     logprob_ranks: torch.Tensor | None = None
+    wanted_start: int = 0
 
 
 # Reductions that also return an index (max, argmax, topk) run several times slower on a CPU than a plain
@@ -154,6 +157,15 @@ def compute_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int, gr
     return token_ids.unsqueeze(-1), chosen, chosen_rank
 
 
+def wanted_logprobs(logprobs: torch.Tensor, wanted_ids: torch.Tensor):
+    """The logprobs of given ids ([B, M], -1 padding, whose entries are -inf) and their ranks as
+    compute_logprobs counts them: one sort of each row, then a binary search per id."""
+    values = logprobs.gather(1, wanted_ids.clamp(min=0)).masked_fill(wanted_ids < 0, float("-inf"))
+    ascending = logprobs.neg().sort(dim=-1).values  # -logprob, ascending: ties keep their count
+    ranks = torch.searchsorted(ascending, values.neg().contiguous(), right=True)
+    return values, ranks
+
+
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     if b.repetition is not None:
         seen = b.prompt_mask | (b.output_counts > 0)
@@ -190,11 +202,12 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-        if b.all_greedy and b.max_num_logprobs < 0 and b.bias is None and b.output_counts is None:
+        wants_logprobs = b.max_num_logprobs >= 0 or b.wanted_ids is not None
+        if b.all_greedy and not wants_logprobs and b.bias is None and b.output_counts is None:
             # The model dtype's order is fp32's (the conversion is exact): no fp32 copy of the logits
             return SamplerOutput(token_ids=first_argmax(logits))
         logits = logits.float()
-        raw_logprobs = logits.log_softmax(-1) if b.max_num_logprobs >= 0 else None
+        raw_logprobs = logits.log_softmax(-1) if wants_logprobs else None
         if b.bias is not None:
             logits = logits + b.bias
         if b.output_counts is not None:
@@ -215,4 +228,10 @@ class Sampler:
             out.logprob_token_ids, out.logprobs, out.logprob_ranks = compute_logprobs(
                 raw_logprobs, token_ids, b.max_num_logprobs,
                 greedy=b.all_greedy and b.bias is None and b.output_counts is None)
+            if b.wanted_ids is not None:
+                values, ranks = wanted_logprobs(raw_logprobs, b.wanted_ids)
+                out.wanted_start = out.logprob_token_ids.size(1)
+                out.logprob_token_ids = torch.cat([out.logprob_token_ids, b.wanted_ids], -1)
+                out.logprobs = torch.cat([out.logprobs, values], -1)
+                out.logprob_ranks = torch.cat([out.logprob_ranks, ranks], -1)
         return out

@@ -61,6 +61,9 @@ class SamplingRequest(OpenAIBase):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     priority: int = 0   # lower is served first, with --scheduling-policy priority (else only 0 is taken)
+    logprob_token_ids: list[int] | None = None   # the logprobs of these tokens, in place of the top ones
+    repetition_detection: dict[str, int] | None = None   # stop a loop of repeated tokens (RepetitionDetectionParams)
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None   # SamplingParams.extra_args
     # vLLM's prompt and response extras
     add_special_tokens: bool = True        # a text prompt gets the tokenizer's special tokens (chat: False)
     truncate_prompt_tokens: int | None = None
@@ -83,6 +86,22 @@ class SamplingRequest(OpenAIBase):
     def unsupported(self) -> str | None:
         """The first field set that would change the output in a way this server cannot honour."""
         return "logits_processors" if self.logits_processors else None
+
+    @model_validator(mode="after")
+    def _logprob_token_ids_need_logprobs(self):
+        """vLLM's rules: logprob_token_ids ask for logprobs (which then list exactly those tokens), not with beam
+        search."""
+        if self.logprob_token_ids:
+            if self.use_beam_search:
+                raise ValueError("`logprob_token_ids` is not supported with beam search.")
+            if self.logprobs is None or self.logprobs is False:
+                raise ValueError("when using `logprob_token_ids`, `logprobs` must be set.")
+            # each position then lists those tokens: as many as a request for that many top logprobs
+            if self.logprobs is True:  # chat
+                self.top_logprobs = len(self.logprob_token_ids)
+            else:
+                self.logprobs = len(self.logprob_token_ids)
+        return self
 
     def structured(self) -> StructuredOutputsParams | None:
         return _structured_outputs(self.structured_fields())
@@ -126,7 +145,8 @@ class SamplingRequest(OpenAIBase):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words,
+            bad_words=self.bad_words, logprob_token_ids=self.logprob_token_ids or None,
+            repetition_detection=self.repetition_detection, extra_args=self.vllm_xargs or None,
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
@@ -198,6 +218,11 @@ class ChatCompletionRequest(SamplingRequest):
     # vLLM) also turns thinking on or off in templates that read `enable_thinking` ("none": off).
     include_reasoning: bool = True
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+
+    def shown_top_logprobs(self) -> int:
+        """How many of a position's logprob entries the answer lists: top_logprobs, or with logprob_token_ids all
+        of them (the sampled token and the given ones, as vLLM)."""
+        return (self.top_logprobs or 0) + (1 if self.logprob_token_ids else 0)
 
     @model_validator(mode="after")
     def _tools_default_to_auto(self):

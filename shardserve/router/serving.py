@@ -483,7 +483,8 @@ class OpenAIServing:
             message, called = answers.message(c.text)
             choices.append({
                 "index": c.index, "message": message,
-                "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, top, as_ids) if with_logprobs else None,
+                "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req.shown_top_logprobs(), as_ids)
+                if with_logprobs else None,
                 "finish_reason": answers.finish_reason(c.finish_reason, called), "stop_reason": c.stop_reason,
                 **({"token_ids": list(c.token_ids)} if req.return_token_ids else {})})
         body = {**meta, "object": "chat.completion", "choices": choices,
@@ -525,7 +526,7 @@ class OpenAIServing:
         final_usage, continuous_usage = usage
         encoder = _ChunkEncoder(meta, "chat.completion.chunk")
         cursor = _StreamCursor(keep=not answers.plain)   # tool calls and thinking are read from the whole answer
-        top, prompt_tokens, ids = req.top_logprobs or 0, len(prompt_token_ids), req.return_token_ids
+        top, prompt_tokens, ids = req.shown_top_logprobs(), len(prompt_token_ids), req.return_token_ids
         with_logprobs = req.logprobs and not answers.hides_thinking
         last = out
         try:

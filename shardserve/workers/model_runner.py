@@ -305,7 +305,12 @@ class ModelRunner:
                 allowed = ((words.unsqueeze(-1) >> self._bit_index) & 1).bool().flatten(1)[:, :V]
                 # a token the other rules ban stays possible, far below the rest (no host sync to check)
                 b.bias[batch_rows] = torch.where(allowed, b.bias[batch_rows].clamp(min=-1e4), float("-inf"))
-        b.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+        b.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None
+                                  and p.logprob_token_ids is None), default=-1)
+        if any(p.logprob_token_ids is not None for p in params):
+            wanted = [p.logprob_token_ids or [] for p in params]
+            width = max(len(w) for w in wanted)
+            b.wanted_ids = self.to_device([t for w in wanted for t in w + [-1] * (width - len(w))]).view(-1, width)
         return b
 
     # step -------------------------------------------------------------------------------------------
@@ -383,7 +388,8 @@ class ModelRunner:
         step = LaunchedStep(result, scheduled, sample_rows, states, sampled)
         if sampled is not None and self.pin:  # start the copies to the host now; `collect` waits for them
             step.sampled = SamplerOutput(*(None if t is None else _to_host(t) for t in (
-                sampled.token_ids, sampled.logprob_token_ids, sampled.logprobs, sampled.logprob_ranks)))
+                sampled.token_ids, sampled.logprob_token_ids, sampled.logprobs, sampled.logprob_ranks)),
+                wanted_start=sampled.wanted_start)
             step.done = torch.cuda.Event()
             step.done.record()
         return step
@@ -411,8 +417,11 @@ class ModelRunner:
                 state.token_ids.append(token)
             k = state.sampling_params.logprobs
             if k is not None:
-                result.logprobs[s.request_id] = LogprobsLists(
-                    [lp[0][row][:k + 1]], [lp[1][row][:k + 1]], [lp[2][row][:k + 1]])
+                if state.sampling_params.logprob_token_ids is None:  # the sampled token and the top k
+                    columns = slice(0, k + 1)
+                else:  # the sampled token and the wanted ones (k of them)
+                    columns = [0, *range(sampled.wanted_start, sampled.wanted_start + k)]
+                result.logprobs[s.request_id] = LogprobsLists(*([_pick(lp[x][row], columns)] for x in range(3)))
         return result
 
     def _execute_pooling(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -439,6 +448,10 @@ class ModelRunner:
         targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
         ids, values, ranks = compute_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs)
         return LogprobsLists(ids.tolist(), values.tolist(), ranks.tolist())
+
+
+def _pick(values: list, columns: slice | list[int]) -> list:
+    return values[columns] if isinstance(columns, slice) else [values[c] for c in columns]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
