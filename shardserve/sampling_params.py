@@ -140,10 +140,15 @@ class SamplingParams:
     repetition_detection: RepetitionDetectionParams | None = None
     # vLLM's: anything a caller's own code wants to carry with the request (online: the request's vllm_xargs)
     extra_args: dict | None = None
+    # vLLM's: a reasoning model (reasoning_parser) may think this many tokens; then the end of thinking is forced.
+    # -1 or None: no limit.
+    thinking_token_budget: int | None = None
     # Filled in by the processor: the model's EOS ids, which `ignore_eos` and `min_tokens` act on, and each bad
     # word's token ids (as it starts the text, and after a space).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    # with a thinking_token_budget: the reasoning parser's (start, end) tag ids
+    thinking_tags: tuple[int, int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -165,6 +170,8 @@ class SamplingParams:
             self.repetition_detection = None  # off
         if self.logprob_token_ids is not None:
             self.logprob_token_ids = [int(t) for t in self.logprob_token_ids]
+        if self.thinking_token_budget == -1:
+            self.thinking_token_budget = None  # unlimited
         self._verify()
 
     def _verify(self) -> None:
@@ -216,6 +223,10 @@ class SamplingParams:
                 raise ParameterError(f"When both logprobs and logprob_token_ids are set, logprobs must equal "
                                      f"len(logprob_token_ids). Got logprobs={self.logprobs}, "
                                      f"len(logprob_token_ids)={n}.", "logprob_token_ids")
+        budget = self.thinking_token_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ParameterError("`thinking_token_budget` must be a non-negative integer or -1 for unlimited.",
+                                 "thinking_token_budget", budget)
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise bad("extra_args", self.extra_args, "a dict")
 

@@ -151,3 +151,45 @@ def test_a_reasoning_parser_needs_its_tags_in_the_vocabulary(model_dirs):
         LLM(model_dirs("llama"), reasoning_parser="qwen3")
     with pytest.raises(ValueError, match="reasoning_parser must be one of"):
         LLM(model_dirs("llama"), reasoning_parser="granite")
+
+
+def _budget_reference(hf, prompt: list[int], steps: int, budget: int, start: int, end: int) -> list[int]:
+    """Greedy with transformers under vLLM's thinking budget: while thinking is open (a start tag after the
+    last end tag, prompt included), once `budget` tokens follow the start tag the next token is the end tag."""
+    seq, outputs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            opened = max((i for i, t in enumerate(seq) if t == start), default=-1)
+            closed = max((i for i, t in enumerate(seq) if t == end), default=-1)
+            if opened > closed and len(seq) - (opened + 1) >= budget:
+                token = end
+            else:
+                token = int(hf(torch.tensor([seq])).logits[0, -1].argmax())
+            outputs.append(token)
+            seq.append(token)
+    return outputs
+
+
+def test_thinking_token_budget_forces_the_end_of_thinking(path, hf):
+    """vLLM's thinking_token_budget: thinking opened in the prompt (or the output) may run that many tokens, then
+    </think> is forced and the model answers freely; 0 ends it at once; a prompt that never opens thinking is not
+    touched; it needs a reasoning parser, and -1 is no limit."""
+    llm = LLM(path, dtype="float32", reasoning_parser="deepseek_r1", max_model_len=256, kv_cache_memory_bytes=1 << 26)
+    start, end = llm.get_tokenizer().convert_tokens_to_ids(["<think>", "</think>"])
+    cases = [([1, 40, 41, start], 3), ([1, 40, start, 42, 43], 4), ([1, 40, 41, start], 0), ([1, 40, 41, 42], 2)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in cases],
+                        [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, thinking_token_budget=b)
+                         for _, b in cases], use_tqdm=False)
+    for (prompt, budget), out in zip(cases, outs):
+        assert list(out.outputs[0].token_ids) == _budget_reference(hf, prompt, 10, budget, start, end), prompt
+    assert outs[0].outputs[0].token_ids[3] == end and outs[1].outputs[0].token_ids[2] == end
+    assert outs[2].outputs[0].token_ids[0] == end
+    free = llm.generate([TokensPrompt(prompt_token_ids=cases[0][0])],
+                        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, thinking_token_budget=-1),
+                        use_tqdm=False)[0].outputs[0]
+    assert list(free.token_ids) == _budget_reference(hf, cases[0][0], 10, 10**6, start, end)
+    with pytest.raises(ValueError, match="non-negative integer or -1"):
+        SamplingParams(thinking_token_budget=-2)
+    plain = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory_bytes=1 << 26)
+    with pytest.raises(ValueError, match="no reasoning parser is configured"):
+        plain.generate("x", SamplingParams(thinking_token_budget=4), use_tqdm=False)

@@ -908,6 +908,17 @@ def test_reasoning_is_told_apart_from_the_answer(server, think_client, model_dir
         streamed = stream.get_final_response()
     assert thinking == streamed.output[0].content[0].text == chat.choices[0].message.reasoning
     assert [o.type for o in streamed.output] == [o.type for o in got.output]
+    # vLLM's thinking_token_budget: an answer that opens its thinking ("<think>" continued) thinks 2 tokens, then
+    # </think> is forced, as offline
+    opened = MESSAGES + [{"role": "assistant", "content": "<think>"}]
+    template = dict(add_generation_prompt=False, continue_final_message=True)
+    out = offline.chat(opened, greedy(max_tokens=8, thinking_token_budget=2, skip_special_tokens=False),
+                       use_tqdm=False, **template)[0].outputs[0]
+    assert out.token_ids[2] == end
+    got = think_client.chat.completions.create(model="tiny-think", messages=opened, max_tokens=8, temperature=0,
+                                               extra_body={"thinking_token_budget": 2, **template})
+    assert got.usage.completion_tokens_details.reasoning_tokens == 2
+    assert got.choices[0].message.reasoning == out.text.partition("</think>")[0]
 
     # without thinking: the template closes it (enable_thinking false, or reasoning_effort "none"), or it is not
     # returned (include_reasoning false); either way the answer is held to the grammar from its first token

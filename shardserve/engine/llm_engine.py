@@ -223,7 +223,7 @@ class LLMEngine:
             # beams fork from finished requests; prompt logprobs are read back within the step.
             p = child.sampling_params
             child.steps_alone = child.hold_kv or child.grammar is not None or p.has_penalties or \
-                bool(p.bad_words_token_ids) or p.prompt_logprobs is not None
+                bool(p.bad_words_token_ids) or p.prompt_logprobs is not None or p.thinking_token_budget is not None
         # An embeddings prompt has no real token ids to report or to detokenize against.
         prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids
         params = first.sampling_params

@@ -185,6 +185,12 @@ class Processor:
         if params.logprob_token_ids is not None:  # up to MAX_LOGPROB_TOKEN_IDS whatever max_logprobs says
             counts["logprobs"] = len(params.logprob_token_ids)  # vLLM's num_logprobs
         params = params.clone(**counts)
+        if params.thinking_token_budget is not None:
+            if self.reasoner is None:
+                raise ParameterError("thinking_token_budget is set but no reasoning parser is configured: start the "
+                                     "engine with reasoning_parser (--reasoning-parser) to use it.",
+                                     "thinking_token_budget", params.thinking_token_budget)
+            params.thinking_tags = (self.reasoner.start_id, self.reasoner.end_id)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words or [])
         if not params.ignore_eos:
             params.all_stop_token_ids = set(self.eos_token_ids)

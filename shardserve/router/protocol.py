@@ -64,6 +64,7 @@ class SamplingRequest(OpenAIBase):
     logprob_token_ids: list[int] | None = None   # the logprobs of these tokens, in place of the top ones
     repetition_detection: dict[str, int] | None = None   # stop a loop of repeated tokens (RepetitionDetectionParams)
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None   # SamplingParams.extra_args
+    thinking_token_budget: int | None = None   # a reasoning model's thinking, at most this many tokens (-1: no limit)
     # vLLM's prompt and response extras
     add_special_tokens: bool = True        # a text prompt gets the tokenizer's special tokens (chat: False)
     truncate_prompt_tokens: int | None = None
@@ -147,6 +148,7 @@ class SamplingRequest(OpenAIBase):
             stream_interval=self.stream_interval, allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words, logprob_token_ids=self.logprob_token_ids or None,
             repetition_detection=self.repetition_detection, extra_args=self.vllm_xargs or None,
+            thinking_token_budget=self.thinking_token_budget,
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 

@@ -63,11 +63,31 @@ class CachedRequestState:
     lora: LoRARequest | None = None
     # greedy, and nothing else about its sampling (no bias, penalties or logprobs): set from sampling_params
     plain_greedy: bool = field(init=False, default=False)
+    # with a thinking budget: how far token_ids have been read for thinking tags, and where the open thinking
+    # starts (the index after its start tag; None: not thinking)
+    think_scanned: int = field(init=False, default=0)
+    think_from: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         p = self.sampling_params
         self.plain_greedy = p.greedy and not p.has_penalties and p.logprobs is None and not (
-            p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids or p.min_tokens)
+            p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids or p.min_tokens
+            or p.thinking_token_budget is not None)
+
+    def forced_thinking_end(self) -> int | None:
+        """With a thinking_token_budget: the end tag's id when the open thinking has used its budget (vLLM's
+        rule: the tokens after the last start tag, in the prompt or the output, count), else None. Reads each
+        token once over the request's life."""
+        start, end = self.sampling_params.thinking_tags
+        tokens = self.token_ids
+        for i in range(self.think_scanned, len(tokens)):
+            if tokens[i] == start:
+                self.think_from = i + 1
+            elif tokens[i] == end:
+                self.think_from = None
+        self.think_scanned = len(tokens)
+        budget = self.sampling_params.thinking_token_budget
+        return end if self.think_from is not None and len(tokens) - self.think_from >= budget else None
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -75,10 +95,12 @@ class CachedRequestState:
 
     @property
     def needs_bias(self) -> bool:
-        """Whether its logits get a bias row this step (logit bias, allowed or bad words, min_tokens)."""
+        """Whether its logits get a bias row this step (logit bias, allowed or bad words, min_tokens, a thinking
+        budget)."""
         p = self.sampling_params
         return bool(p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids or (
-            p.min_tokens and len(self.token_ids) - len(self.prompt_token_ids) < p.min_tokens))
+            p.min_tokens and len(self.token_ids) - len(self.prompt_token_ids) < p.min_tokens)
+            or p.thinking_token_budget is not None)
 
 
 class ModelRunner:
@@ -298,6 +320,9 @@ class ModelRunner:
                     b.bias[i] = row
                 if p.bad_words_token_ids:
                     b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, st.output_token_ids)] = float("-inf")
+                if p.thinking_token_budget is not None and (end := st.forced_thinking_end()) is not None:
+                    b.bias[i] = float("-inf")  # the budget is spent: the end of thinking, whatever else is asked
+                    b.bias[i, end] = 0.0
             if grammar_rows is not None:  # last: the structure is kept whatever the other rules ban
                 rows = [(i, row) for i, row in enumerate(grammar_rows) if row is not None]
                 batch_rows = self.to_device([i for i, _ in rows])
