@@ -140,6 +140,9 @@ class SamplingParams:
     repetition_detection: RepetitionDetectionParams | None = None
     # vLLM's: anything a caller's own code wants to carry with the request (online: the request's vllm_xargs)
     extra_args: dict | None = None
+    # vLLM's: True computes the whole prompt even where the prefix cache holds it (its KV still goes into the
+    # cache); None: so where prompt logprobs are asked for (they need every prompt position computed)
+    skip_reading_prefix_cache: bool | None = None
     # vLLM's: a reasoning model (reasoning_parser) may think this many tokens; then the end of thinking is forced.
     # -1 or None: no limit.
     thinking_token_budget: int | None = None

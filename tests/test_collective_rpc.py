@@ -129,9 +129,9 @@ def test_apply_model_updates_part_of_the_weights(model_dirs, second_weights):
         assert out.outputs[0].token_ids == ref[0, ids.size(1):].tolist()
 
 
-def test_collective_rpc_calls_and_errors(model_dirs):
+def test_collective_rpc_calls_and_errors(model_dirs, caplog):
     """A function of the worker with args and kwargs; a worker method by name; a method that raises (its
-    error, and the engine serves on); a name the worker lacks; the world size."""
+    error, and the engine serves on); a name the worker lacks; the world size; sleep on a CPU (a no-op)."""
     llm = LLM(model_dirs("llama"), **ENGINE)
     before = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert llm.collective_rpc(lambda worker, a, b=0: (worker.rank, a + b), args=(1,), kwargs={"b": 2}) == [(0, 3)]
@@ -144,6 +144,10 @@ def test_collective_rpc_calls_and_errors(model_dirs):
     with pytest.raises(ValueError, match="not both"):
         llm.collective_rpc("reload_weights", kwargs={"weights_path": "x", "weights_iterator": []})
     assert llm.get_world_size() == 1 and llm.get_world_size(include_dp=False) == 1
+    llm.sleep(level=1)  # vLLM's CPU backend: a warning, nothing freed
+    llm.wake_up()
+    assert not llm.is_sleeping() and llm.reset_prefix_cache(reset_running_requests=True, reset_connector=False)
+    assert "sleep mode is not supported" in caplog.text
     assert_same(llm.generate(PROMPTS, GREEDY, use_tqdm=False), before)
     llm.shutdown()
 

@@ -132,6 +132,20 @@ def test_cache_salt_keeps_prefix_cache_within_its_salt_and_reset_empties_it(llm)
         llm.generate({"prompt": "hi", "cache_salt": ""}, greedy, use_tqdm=False)
 
 
+def test_skip_reading_prefix_cache_computes_the_whole_prompt(llm):
+    """vLLM's skip_reading_prefix_cache: the prompt is computed whole though the cache holds its blocks (the
+    answer is the same); without it the blocks are found again."""
+    ids = [1] + list(range(70, 120))
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    def run(**skip):
+        return llm.generate(TokensPrompt(prompt_token_ids=ids), greedy.clone(**skip), use_tqdm=False)[0]
+    first = run()
+    skipped = run(skip_reading_prefix_cache=True)
+    assert skipped.num_cached_tokens == 0 and skipped.outputs[0].token_ids == first.outputs[0].token_ids
+    assert run().num_cached_tokens == 48
+
+
 def test_stream_interval_batches_tokens_into_fewer_outputs(model_dirs, llm):
     """vLLM's --stream-interval: a streamed request reports its first token at once, then every `interval` new
     tokens (the engine's, raised by the request's own), and when it finishes; the tokens and text are those of

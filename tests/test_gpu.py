@@ -96,6 +96,24 @@ def test_cuda_graphs_give_what_eager_gives(use_gemv, gpu_model_dirs, monkeypatch
     assert _generate(graphed, prompts[:1]) == expected[:1]  # a batch of one replays the smallest graph
 
 
+def test_reloaded_weights_reach_the_cuda_graphs(gpu_model_dirs, tmp_path):
+    """collective_rpc("reload_weights") copies into the parameters in place, so the decode graphs captured over
+    the old weights' memory replay the new ones: the engine answers as one started on them, graphs and all."""
+    first, second = gpu_model_dirs("qwen3"), make_model_dir(tmp_path / "seed1", "qwen3", seed=1)
+    prompts = _prompts(300, lens=[5, 23, 3])
+    engine = dict(dtype="bfloat16", attention_backend="triton", max_num_seqs=8, gpu_memory_utilization=MEMORY)
+    fresh = LLM(second, **engine)
+    expected = _generate(fresh, prompts)
+    del fresh
+    gc.collect()
+    llm = LLM(first, **engine)
+    assert llm.llm_engine.executor.worker.runner.graphs is not None
+    before = _generate(llm, prompts)
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": second})
+    llm.reset_prefix_cache()
+    assert _generate(llm, prompts) == expected != before
+
+
 def test_gpu_memory_utilization_sizes_the_cache(gpu_model_dirs):
     """The cache gets what `gpu_memory_utilization` of the whole device leaves after the weights, a profiled
     full step and memory outside torch: another 0.2 of the device is another 0.2 of it in blocks. (The

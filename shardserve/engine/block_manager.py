@@ -70,7 +70,8 @@ class BlockManager:
     def find_cached_blocks(self, request: Request) -> list[int]:
         """The longest run of the request's leading full blocks already in the cache. At least one token
         is always left to compute, so the step that finishes the prompt has logits to sample from."""
-        if not self._cacheable(request) or request.sampling_params.prompt_logprobs is not None:
+        params = request.sampling_params
+        if not self._cacheable(request) or params.prompt_logprobs is not None or params.skip_reading_prefix_cache:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from shardserve.outputs import PoolingRequestOutput, RequestOutput
 from shardserve.pooler_config import PoolerConfig
 from shardserve.pooling_params import PoolingParams
 from shardserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -154,6 +157,21 @@ class LLM(PoolingMixin):
         """Stop recording; each worker writes its trace (one already stopped by max_iterations: nothing)."""
         if self.llm_engine.config.profiler_config.profiler:
             self.collective_rpc("stop_profile")
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """vLLM's sleep mode (free the weights' and KV cache's device memory between calls) is not built here. On
+        CPUs it is a no-op with a warning, as in vLLM's CPU backend; on a GPU it is refused, since a caller
+        counting on the freed memory would run out of it."""
+        if self.llm_engine.config.torch_device.type == "cuda":
+            raise NotImplementedError("sleep mode is not supported on GPUs here: the engine keeps its weights and "
+                                      "KV cache in device memory.")
+        logger.warning("sleep mode is not supported on CPU, ignore it.")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """The other half of `sleep`: nothing to do."""
+
+    def is_sleeping(self) -> bool:
+        return False
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: vLLM's defaults, with the model's
