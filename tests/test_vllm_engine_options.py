@@ -57,6 +57,26 @@ def test_other_values_are_refused_with_what_shardserve_does(options, message):
         EngineConfig(model="m", **options)
 
 
+def test_vllm_options_that_change_nothing_here_are_taken_at_those_values(model_dirs):
+    """A vLLM script's LLM(...) options with no counterpart here are taken at the values that change nothing
+    (the default, or any for those that only tune what shardserve does its own way); others say why not."""
+    llm = LLM(model_dirs("llama"), dtype="float32", data_parallel_size=1, enable_sleep_mode=False,
+              speculative_config=None, cpu_offload_gb=0, logprobs_mode="raw_logprobs", model_impl="auto",
+              disable_custom_all_reduce=True, use_tqdm_on_load=False, served_model_name="m", swap_space=4,
+              disable_log_stats=True, enable_expert_parallel=False, disable_sliding_window=False)
+    assert _tokens(llm)[0]
+    llm.shutdown()
+    for options, message in ((dict(data_parallel_size=2), "data_parallel_size=2 is not supported: data "
+                                                          "parallelism here is replicas"),
+                             (dict(enable_sleep_mode=True), "sleep mode is not built"),
+                             (dict(speculative_config={"method": "ngram"}), "speculative decoding is not built"),
+                             (dict(logprobs_mode="processed_logprobs"), "logprobs are the model's own")):
+        with pytest.raises(ValueError, match=message):
+            LLM(model_dirs("llama"), **options)
+    with pytest.raises(TypeError, match="unexpected arguments: no_such_option"):
+        LLM(model_dirs("llama"), no_such_option=1)
+
+
 def test_values_that_contradict_the_checkpoint_are_refused(model_dirs):
     with pytest.raises(ValueError, match=r"kv_cache_dtype 'bfloat16' is not supported: the KV cache is kept in the "
                                          r"model's dtype \(float32\)"):

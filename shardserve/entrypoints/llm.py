@@ -27,6 +27,33 @@ from shardserve.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def _any(value) -> bool:
+    return True
+
+
+# vLLM engine options a vLLM script may pass that change nothing here at the values taken; another value is
+# refused with what shardserve does instead (rather than an unexpected-argument error, or silently).
+_NEUTRAL_OPTIONS = {
+    "disable_log_stats": (_any, ""), "swap_space": (_any, ""), "use_tqdm_on_load": (_any, ""),
+    "disable_custom_all_reduce": (_any, ""),   # tensor ranks on a GPU all-reduce with NCCL either way
+    "served_model_name": (_any, ""),           # offline outputs carry no model name
+    "data_parallel_size": (lambda v: v == 1, "data parallelism here is replicas of the model behind one router "
+                                             "(shardserve serve's --num-replicas)"),
+    "enable_sleep_mode": (lambda v: not v, "sleep mode is not built (LLM.sleep)"),
+    "speculative_config": (lambda v: v is None, "speculative decoding is not built"),
+    "cpu_offload_gb": (lambda v: not v, "weights stay in the device's memory"),
+    "logits_processors": (lambda v: not v, "custom logits processors are not supported; SamplingParams has "
+                                           "logit_bias, allowed_token_ids, bad_words and structured outputs"),
+    "logprobs_mode": (lambda v: v in (None, "raw_logprobs"), "logprobs are the model's own ('raw_logprobs'), "
+                                                             "before penalties, bias or temperature"),
+    "model_impl": (lambda v: v in ("auto", "vllm"), "the models run as shardserve's own classes ('auto')"),
+    "disable_sliding_window": (lambda v: not v, "sliding-window layers keep their windows"),
+    "enable_expert_parallel": (lambda v: not v, "a mixture of experts is split by tensor parallelism"),
+    "limit_mm_per_prompt": (lambda v: not v, "the models here take text"),
+    "mm_processor_kwargs": (lambda v: not v, "the models here take text"),
+}
+
+
 @contextlib.contextmanager
 def heap_out_of_collection():
     """While an offline call runs, what existed before it (torch's, transformers', the model's objects:
@@ -74,9 +101,13 @@ class LLM(PoolingMixin):
                  enable_chunked_prefill: bool | None = None, kv_cache_dtype: str = "auto",
                  quantization: str | None = None, tokenizer_mode: str = "auto", load_format: str = "auto",
                  worker_extension_cls: str | None = None, profiler_config: dict | None = None, **kwargs):
-        unknown = set(kwargs) - {"disable_log_stats", "swap_space"}
+        unknown = set(kwargs) - set(_NEUTRAL_OPTIONS)
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
+        for name, value in kwargs.items():
+            taken, instead = _NEUTRAL_OPTIONS[name]
+            if not taken(value):
+                raise ValueError(f"{name}={value!r} is not supported: {instead}.")
         self.chat_template = load_chat_template(chat_template)  # the default for chat(); a bad path fails here
         if pooler_config is not None and override_pooler_config is not None:
             raise ValueError("Pass pooler_config or its older name override_pooler_config, not both.")
