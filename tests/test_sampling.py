@@ -445,6 +445,19 @@ def test_logprob_ranks_count_ties_as_vllm_does():
         SamplingParams(n=2, temperature=0)
 
 
+@pytest.mark.parametrize("num_thresholds", [1, 3, 8, 9, 40])
+def test_count_at_least_counts_as_a_comparison_does(num_thresholds):
+    """Both of count_at_least's ways (a pass per threshold, buckets past 8): ties counted, -inf (padding)
+    thresholds reached by every value."""
+    from shardserve.layers.sampler import count_at_least
+    g = torch.Generator().manual_seed(num_thresholds)
+    x = torch.randint(-50, 0, (5, 700), generator=g).float()  # many ties
+    thresholds = x.gather(1, torch.randint(0, 700, (5, num_thresholds), generator=g))
+    thresholds[0, -1] = float("-inf")
+    expected = (x.unsqueeze(1) >= thresholds.unsqueeze(2)).sum(-1)
+    assert torch.equal(count_at_least(x, thresholds).long(), expected)
+
+
 @pytest.mark.parametrize("vocab", [32000, 50257, 1000, 300])
 def test_chunked_argmax_and_topk_equal_torch(vocab):
     from shardserve.layers.sampler import first_argmax, top_k
