@@ -185,7 +185,8 @@ def run_engine(module: str, a: argparse.Namespace):
                   max_model_len=a.input_len + a.output_len, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
 
     def generate(prompts: list[list[int]], max_tokens: int) -> int:
-        sp = mod.SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens)
+        sp = mod.SamplingParams(temperature=getattr(a, "temperature", 0.0), ignore_eos=True, max_tokens=max_tokens,
+                                logprobs=getattr(a, "logprobs", None))
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
@@ -198,15 +199,24 @@ def run_transformers(a: argparse.Namespace):
     dtype = getattr(torch, getattr(a, "dtype", "float32"))  # other benchmarks' workers have no --dtype
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval()
 
+    temperature, logprobs = getattr(a, "temperature", 0.0), getattr(a, "logprobs", None)
+
     @torch.inference_mode()
     def generate(prompts: list[list[int]], max_tokens: int) -> int:
         n = 0
         for i in range(0, len(prompts), a.batch):  # all prompts have the same length: no padding
             ids = torch.tensor(prompts[i:i + a.batch])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 do_sample=False, max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, pad_token_id=0)
-            n += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else \
+                dict(do_sample=False)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, pad_token_id=0, **sampling,
+                                 output_logits=logprobs is not None, return_dict_in_generate=True)
+            if logprobs is not None:  # the engines' work: each step's logprobs, the top ones and the chosen one's
+                for step, logits in enumerate(out.logits):
+                    lp = logits.float().log_softmax(-1)
+                    lp.topk(logprobs, -1)
+                    lp.gather(-1, out.sequences[:, ids.shape[1] + step, None])
+            n += (out.sequences.shape[1] - ids.shape[1]) * ids.shape[0]
         return n
 
     return generate
@@ -261,7 +271,8 @@ def run_peer(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
     return run_worker(peer, Path(__file__), ["--prompts-file", str(prompts_file), "--model", str(a.model),
                                              "--batch", str(a.batch), "--input-len", str(a.input_len),
                                              "--output-len", str(a.output_len), "--repeat", str(a.repeat),
-                                             "--dtype", a.dtype],
+                                             "--dtype", a.dtype, "--temperature", str(a.temperature)]
+                      + (["--logprobs", str(a.logprobs)] if a.logprobs is not None else []),
                       a.threads, peer)
 
 
@@ -366,6 +377,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per peer")
     p.add_argument("--repeat", type=int, default=1, help="timed generate calls per peer; the best counts")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="every peer's")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled from the whole vocabulary")
+    p.add_argument("--logprobs", type=int, help="each output token's logprob and this many top ones")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -378,7 +391,8 @@ def main() -> None:
     prompts_file = CACHE_DIR / f"prompts-{os.getpid()}.json"
     prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + a.repeat, n_prompts, a.input_len)))
     print(f"model {a.model}  prompts {n_prompts} x {a.input_len} tokens  output {a.output_len} tokens  "
-          f"batch {a.batch}  threads {a.threads}  {a.dtype}", flush=True)
+          f"batch {a.batch}  threads {a.threads}  {a.dtype}  temperature {a.temperature}  logprobs {a.logprobs}",
+          flush=True)
 
     results = {}
     for peer in peers:
