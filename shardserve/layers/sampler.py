@@ -181,6 +181,20 @@ def wanted_logprobs(logprobs: torch.Tensor, wanted_ids: torch.Tensor):
     return values, count_at_least(logprobs, values).long()
 
 
+def seeded_draw(generator: torch.Generator) -> torch.Tensor:
+    """A seeded request's draw for one step from its own generator (replayed, one per output token, when a
+    preempted request resumes), so its tokens do not depend on the batch it runs in."""
+    return torch.rand(1, generator=generator, device=generator.device)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each row's token drawn from `probs` [B, V] by one uniform of `u` [B, 1]: the first token whose cumulative
+    probability passes u (a zero-probability token never does). On a 2-core CPU at 32 x 32k: 0.6 ms, where a
+    Gumbel-max draw (an exponential per token, then an argmax) took 20 ms for its random numbers alone."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(1) - 1).squeeze(1)
+
+
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     if b.repetition is not None:
         seen = b.prompt_mask | (b.output_counts > 0)
@@ -233,10 +247,10 @@ class Sampler:
         else:
             temperature = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
             probs = _filter(logits / temperature.unsqueeze(1), b).softmax(-1)
-            q = torch.empty_like(probs).exponential_(generator=self.generator)
+            u = torch.rand(probs.size(0), 1, generator=self.generator, device=probs.device)
             for row, gen in (b.generators or {}).items():
-                q[row].exponential_(generator=gen)
-            token_ids = torch.where(b.temperature > 0, (probs / q).argmax(-1), greedy_ids)
+                u[row] = seeded_draw(gen)
+            token_ids = torch.where(b.temperature > 0, inverse_cdf_sample(probs, u), greedy_ids)
         out = SamplerOutput(token_ids=token_ids)
         if raw_logprobs is not None:
             # greedy tokens with nothing added to the logits are the maxima of the raw logprobs too

@@ -10,7 +10,7 @@ from shardserve.distributed.parallel_state import get_pp_group, pp_recv, pp_send
 from shardserve.engine.scheduler import PLACEHOLDER, NewRequestData, ScheduledRequest, SchedulerOutput
 from shardserve.layers.attention import AttentionMetadata
 from shardserve.layers.attention.backend import PrefillSeq, host_to_device, to_device_aligned
-from shardserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_logprobs
+from shardserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_logprobs, seeded_draw
 from shardserve.lora.adapter import AdapterCache
 from shardserve.lora.layers import StackedLoRAs, active_loras, stack_loras, step_loras
 from shardserve.lora.request import LoRARequest
@@ -159,7 +159,7 @@ class ModelRunner:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
             # After preemption the generator must resume where it was: replay the draws it made.
             for _ in new.output_token_ids:
-                torch.empty(self.vocab_size, device=self.device).exponential_(generator=generator)
+                seeded_draw(generator)
         embeds = None if new.prompt_embeds is None else new.prompt_embeds.to(self.device)
         self.block_tables.add(new.request_id)
         if params.prompt_logprobs is not None:
