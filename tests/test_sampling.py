@@ -445,6 +445,28 @@ def test_logprob_ranks_count_ties_as_vllm_does():
         SamplingParams(n=2, temperature=0)
 
 
+def test_sampled_tokens_follow_the_distribution():
+    """The sampler's draws (inverse CDF, one uniform a row) land on each token as often as its probability says
+    (40,000 draws: within 0.01 of it), never on a token top_k filtered out, and a seeded row draws the same
+    token whatever the batch around it."""
+    from shardserve.layers.sampler import Sampler, SamplingBatch
+    rows, vocab = 40_000, 12
+    logits = torch.linspace(-2.0, 1.5, vocab).expand(rows, vocab).contiguous()
+    batch = SamplingBatch(temperature=torch.full((rows,), 0.8), all_greedy=False)
+    tokens = Sampler(seed=3)(logits, batch).token_ids
+    frequencies = torch.bincount(tokens, minlength=vocab).float() / rows
+    assert (frequencies - (logits[0] / 0.8).softmax(-1)).abs().max() < 0.01
+    batch.top_k = torch.full((rows,), 4)
+    tokens = Sampler(seed=3)(logits, batch).token_ids
+    assert set(tokens.tolist()) == set(range(vocab - 4, vocab))
+
+    def seeded_token(batch_rows: int) -> int:
+        b = SamplingBatch(temperature=torch.ones(batch_rows), all_greedy=False,
+                          generators={batch_rows - 1: torch.Generator().manual_seed(11)})
+        return Sampler(seed=batch_rows)(logits[:batch_rows], b).token_ids[-1].item()
+    assert seeded_token(1) == seeded_token(7) == seeded_token(300)
+
+
 @pytest.mark.parametrize("num_thresholds", [1, 3, 8, 9, 40])
 def test_count_at_least_counts_as_a_comparison_does(num_thresholds):
     """Both of count_at_least's ways (a pass per threshold, buckets past 8): ties counted, -inf (padding)
