@@ -446,23 +446,25 @@ def test_logprob_ranks_count_ties_as_vllm_does():
 
 
 @pytest.mark.parametrize("shape", ["peaked", "flat"])
-def test_top_k_top_p_from_candidates_equal_the_sorted_way(shape):
-    """The CPU's top-k / top-p (the most likely tokens from topk, more of them until every row is decided) keeps
-    exactly what sorting each row keeps: rows with top-k under and over the first candidates, top-p alone (a
-    flat row needs most of its vocabulary), both, and rows that filter nothing, in one batch."""
-    from shardserve.layers.sampler import SamplingBatch, _filter_candidates, _filter_sorted
-    vocab = 5000
+def test_top_k_top_p_from_candidates_equal_the_sorted_way(shape, monkeypatch):
+    """The CPU's top-k / top-p keeps exactly what sorting each row keeps: rows with top-k under and over the
+    first candidates, top-p alone, both, and rows that filter nothing, in one batch. A peaked batch is decided
+    from the candidates; a flat one (top-p needing much of the vocabulary) is sorted."""
+    from shardserve.layers import sampler
+    vocab = 40_000
     g = torch.Generator().manual_seed(0)
-    rows = [(5, 1.0), (300, 1.0), (vocab, 0.9), (vocab, 0.5), (40, 0.8), (1000, 0.99), (vocab, 1.0), (1, 0.3)]
-    scale = 4.0 if shape == "peaked" else 0.05
-    logits = torch.randn(len(rows), vocab, generator=g) * scale
+    rows = [(5, 1.0), (300, 1.0), (vocab, 0.9), (vocab, 0.5), (40, 0.8), (1000, 0.9), (vocab, 1.0), (1, 0.3)]
+    logits = torch.randn(len(rows), vocab, generator=g) * (4.0 if shape == "peaked" else 0.05)
+    sorted_way, sorts = sampler._filter_sorted, []
+    monkeypatch.setattr(sampler, "_filter_sorted", lambda *a: sorts.append(1) or sorted_way(*a))
     for top_k, top_p in ((True, True), (True, False), (False, True)):
-        b = SamplingBatch(temperature=torch.ones(len(rows)), all_greedy=False,
-                          top_k=torch.tensor([k for k, _ in rows]) if top_k else None,
-                          top_p=torch.tensor([p for _, p in rows]) if top_p else None)
-        got, expected = _filter_candidates(logits, b), _filter_sorted(logits, b)
+        b = sampler.SamplingBatch(temperature=torch.ones(len(rows)), all_greedy=False,
+                                  top_k=torch.tensor([k for k, _ in rows]) if top_k else None,
+                                  top_p=torch.tensor([p for _, p in rows]) if top_p else None)
+        got, expected = sampler._filter_candidates(logits, b), sorted_way(logits, b)
         assert torch.equal(got.isinf(), expected.isinf()), (top_k, top_p)
         assert torch.equal(got[~got.isinf()], expected[~expected.isinf()])
+    assert len(sorts) == (0 if shape == "peaked" else 2)  # flat: the two batches with top-p alone or with top-k
 
 
 def test_sampled_tokens_follow_the_distribution():

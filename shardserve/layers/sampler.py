@@ -235,19 +235,28 @@ def _filter_sorted(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 
 def _filter_candidates(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """`_filter`'s top-k / top-p on a CPU, without sorting whole rows (a sort of 32 x 32k took 80 ms on a 2-core
-    CPU, of 32 x 152k over 300 ms: more than a decode step). The K most likely tokens of each row come sorted
-    from `topk`; a row is decided within them when its top-k set fits in K, or (without top-k) when they hold
-    more than top_p of its probability, so every token past them has more than top_p before it. K grows
-    eightfold until every row is decided (at the vocabulary's size it is a sort). Rows that filter nothing keep
-    their logits whole. Same tokens as the sorted way, ties at the edge aside."""
+    """`_filter`'s top-k / top-p on a CPU, without sorting whole rows where a few hundred tokens decide them (a
+    sort of 32 x 32k took 80 ms on a 2-core CPU, of 32 x 152k over 300 ms: more than a decode step). The K most
+    likely tokens of each row come sorted from `topk`; a row is decided within them when its top-k set fits in
+    K, or (without top-k) when they hold more than top_p of its probability, so every token past them has more
+    than top_p before it. K starts where that can hold: top_p needs at least top_p / (the row's largest
+    probability) tokens, and grows eightfold while rows are undecided; where K would pass an eighth of the row (a
+    flat distribution) the rows are sorted after all. Rows that filter nothing keep their logits whole. Same
+    tokens as the sorted way, ties at the edge aside."""
     rows, vocab = logits.shape
     top_k = b.top_k if b.top_k is not None else torch.full((rows,), vocab, device=logits.device)
     no_k = top_k >= vocab
     unfiltered = no_k if b.top_p is None else no_k & (b.top_p >= 1.0)
-    full_norm = logits.logsumexp(-1, keepdim=True) if b.top_p is not None else None
-    size = min(vocab, max(256, int(top_k.masked_fill(no_k, 0).max())))
+    size = int(top_k.masked_fill(no_k, 0).max())
+    if b.top_p is not None:
+        full_norm = logits.logsumexp(-1, keepdim=True)
+        largest = (logits.amax(-1, keepdim=True) - full_norm).exp().squeeze(1)
+        needed = (b.top_p / largest).ceil().masked_fill(~no_k | unfiltered, 0)
+        size = max(size, int(needed.max()))
+    size = max(256, size)
     while True:
+        if size > vocab // 8:
+            return _filter_sorted(logits, b)
         values, ids = logits.topk(size, dim=-1)
         values = values.masked_fill(torch.arange(size) >= top_k.unsqueeze(1), float("-inf"))
         within_k = top_k <= size
@@ -259,9 +268,9 @@ def _filter_candidates(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
             values = values.masked_fill((probs.cumsum(-1) - probs > b.top_p.unsqueeze(1))
                                         & (b.top_p < 1.0).unsqueeze(1), float("-inf"))
             decided |= no_k & (probs.sum(-1) > b.top_p)
-        if size == vocab or bool(decided.all()):
+        if bool(decided.all()):
             break
-        size = min(vocab, size * 8)
+        size *= 8
     kept = torch.full_like(logits, float("-inf")).scatter_(-1, ids, values)
     return torch.where(unfiltered.unsqueeze(1), logits, kept)
 
