@@ -187,7 +187,8 @@ def run_engine(module: str, a: argparse.Namespace):
     def generate(prompts: list[list[int]], max_tokens: int) -> int:
         sp = mod.SamplingParams(temperature=getattr(a, "temperature", 0.0), ignore_eos=True, max_tokens=max_tokens,
                                 logprobs=getattr(a, "logprobs", None), top_p=getattr(a, "top_p", 1.0),
-                                top_k=getattr(a, "top_k", 0) or -1)
+                                top_k=getattr(a, "top_k", 0) or -1,
+                                repetition_penalty=getattr(a, "repetition_penalty", 1.0))
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
@@ -209,6 +210,7 @@ def run_transformers(a: argparse.Namespace):
             ids = torch.tensor(prompts[i:i + a.batch])
             sampling = dict(do_sample=True, temperature=temperature, top_k=getattr(a, "top_k", 0),
                             top_p=getattr(a, "top_p", 1.0)) if temperature > 0 else dict(do_sample=False)
+            sampling["repetition_penalty"] = getattr(a, "repetition_penalty", 1.0)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                  min_new_tokens=max_tokens, pad_token_id=0, **sampling,
                                  output_logits=logprobs is not None, return_dict_in_generate=True)
@@ -273,7 +275,8 @@ def run_peer(peer: str, a: argparse.Namespace, prompts_file: Path) -> dict:
                                              "--batch", str(a.batch), "--input-len", str(a.input_len),
                                              "--output-len", str(a.output_len), "--repeat", str(a.repeat),
                                              "--dtype", a.dtype, "--temperature", str(a.temperature),
-                                             "--top-p", str(a.top_p), "--top-k", str(a.top_k)]
+                                             "--top-p", str(a.top_p), "--top-k", str(a.top_k),
+                                             "--repetition-penalty", str(a.repetition_penalty)]
                       + (["--logprobs", str(a.logprobs)] if a.logprobs is not None else []),
                       a.threads, peer)
 
@@ -383,6 +386,7 @@ def main() -> None:
     p.add_argument("--logprobs", type=int, help="each output token's logprob and this many top ones")
     p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: sample from this much probability")
     p.add_argument("--top-k", type=int, default=0, help="with --temperature: sample from this many tokens (0: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none")
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -396,7 +400,7 @@ def main() -> None:
     prompts_file.write_text(json.dumps(make_prompts(a.model, 1 + a.repeat, n_prompts, a.input_len)))
     print(f"model {a.model}  prompts {n_prompts} x {a.input_len} tokens  output {a.output_len} tokens  "
           f"batch {a.batch}  threads {a.threads}  {a.dtype}  temperature {a.temperature}  top_p {a.top_p}  "
-          f"top_k {a.top_k}  logprobs {a.logprobs}",
+          f"top_k {a.top_k}  logprobs {a.logprobs}  repetition_penalty {a.repetition_penalty}",
           flush=True)
 
     results = {}

@@ -30,8 +30,10 @@ class SamplingBatch:
     presence: torch.Tensor | None = None    # [B]
     frequency: torch.Tensor | None = None   # [B]
     repetition: torch.Tensor | None = None  # [B]
-    output_counts: torch.Tensor | None = None  # [B, V] occurrences of each token in the output
-    prompt_mask: torch.Tensor | None = None    # [B, V] token occurs in the prompt
+    # penalised (row, token) pairs, each once: those in the prompt or the output (repetition), and those in the
+    # output with their counts (presence, frequency); a few hundred a row, where the vocabulary is ~100k
+    seen: tuple[torch.Tensor, torch.Tensor] | None = None
+    counted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     bias: torch.Tensor | None = None        # [B, V] additive logit bias, -inf for tokens min_tokens forbids
     max_num_logprobs: int = -1              # -1: no row wants its top logprobs
     wanted_ids: torch.Tensor | None = None  # [B, M] the ids rows want logprobs of (logprob_token_ids), -1 padding
@@ -196,14 +198,17 @@ def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    if b.repetition is not None:
-        seen = b.prompt_mask | (b.output_counts > 0)
-        penalty = torch.where(seen, b.repetition.unsqueeze(1), torch.ones_like(logits))
-        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    if b.frequency is not None:
-        logits = logits - b.frequency.unsqueeze(1) * b.output_counts
-    if b.presence is not None:
-        logits = logits - b.presence.unsqueeze(1) * (b.output_counts > 0).to(logits.dtype)
+    """vLLM's penalties on a copy of the logits, touching only the tokens they concern: repetition divides a
+    seen token's positive logit (multiplies a negative one), then frequency and presence subtract per output
+    occurrence and once. (Over whole rows these took ~14 ms at 32 x 32k on a 2-core CPU.)"""
+    logits = logits.clone()
+    if b.seen is not None:
+        rows, tokens = b.seen
+        values, penalty = logits[rows, tokens], b.repetition[rows]
+        logits[rows, tokens] = torch.where(values > 0, values / penalty, values * penalty)
+    if b.counted is not None:
+        rows, tokens, counts = b.counted
+        logits[rows, tokens] -= b.frequency[rows] * counts + b.presence[rows]
     return logits
 
 
@@ -282,14 +287,14 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         wants_logprobs = b.max_num_logprobs >= 0 or b.wanted_ids is not None
-        if b.all_greedy and not wants_logprobs and b.bias is None and b.output_counts is None:
+        if b.all_greedy and not wants_logprobs and b.bias is None and b.repetition is None:
             # The model dtype's order is fp32's (the conversion is exact): no fp32 copy of the logits
             return SamplerOutput(token_ids=first_argmax(logits))
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if wants_logprobs else None
         if b.bias is not None:
             logits = logits + b.bias
-        if b.output_counts is not None:
+        if b.repetition is not None:
             logits = apply_penalties(logits, b)
         greedy_ids = first_argmax(logits)
         if b.all_greedy:
@@ -306,7 +311,7 @@ class Sampler:
             # greedy tokens with nothing added to the logits are the maxima of the raw logprobs too
             out.logprob_token_ids, out.logprobs, out.logprob_ranks = compute_logprobs(
                 raw_logprobs, token_ids, b.max_num_logprobs,
-                greedy=b.all_greedy and b.bias is None and b.output_counts is None)
+                greedy=b.all_greedy and b.bias is None and b.repetition is None)
             if b.wanted_ids is not None:
                 values, ranks = wanted_logprobs(raw_logprobs, b.wanted_ids)
                 out.wanted_start = out.logprob_token_ids.size(1)

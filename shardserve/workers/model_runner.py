@@ -1,6 +1,8 @@
 """Turns a `SchedulerOutput` into tensors, runs the model shard over the paged KV cache, and samples."""
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +94,11 @@ class CachedRequestState:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids):]
+
+    @functools.cached_property
+    def prompt_token_set(self) -> frozenset[int]:
+        """The prompt's distinct tokens, for the repetition penalty (none for an embeddings prompt)."""
+        return frozenset() if self.prompt_embeds is not None else frozenset(self.prompt_token_ids)
 
     @property
     def needs_bias(self) -> bool:
@@ -288,20 +295,19 @@ class ModelRunner:
             b.presence = self.to_device([p.presence_penalty for p in params], torch.float32)
             b.frequency = self.to_device([p.frequency_penalty for p in params], torch.float32)
             b.repetition = self.to_device([p.repetition_penalty for p in params], torch.float32)
-            # One scatter each for the whole batch: (row, token) pairs flattened on the host, one copy.
-            out_rows, out_tokens, prompt_rows, prompt_tokens = [], [], [], []
+            # The batch's penalised (row, token) pairs, each once, flattened on the host: one copy each.
+            seen_rows, seen_tokens, out_rows, out_tokens, out_counts = [], [], [], [], []
             for i, st in enumerate(states):
-                outs = st.output_token_ids
-                out_rows += [i] * len(outs)
-                out_tokens += outs
-                if st.prompt_embeds is None:  # an embeddings prompt has no tokens to penalise
-                    prompt_rows += [i] * len(st.prompt_token_ids)
-                    prompt_tokens += st.prompt_token_ids
-            b.output_counts = torch.zeros(len(states), V, device=dev)
-            b.output_counts.index_put_((self.to_device(out_rows), self.to_device(out_tokens)),
-                                       torch.ones(len(out_rows), device=dev), accumulate=True)
-            b.prompt_mask = torch.zeros(len(states), V, dtype=torch.bool, device=dev)
-            b.prompt_mask[self.to_device(prompt_rows), self.to_device(prompt_tokens)] = True
+                counts = Counter(st.output_token_ids)
+                out_rows += [i] * len(counts)
+                out_tokens += counts.keys()
+                out_counts += counts.values()
+                seen = st.prompt_token_set.union(counts)
+                seen_rows += [i] * len(seen)
+                seen_tokens += seen
+            b.seen = (self.to_device(seen_rows), self.to_device(seen_tokens))
+            b.counted = (self.to_device(out_rows), self.to_device(out_tokens),
+                         self.to_device(out_counts, torch.float32))
         needs_bias = [(i, st) for i, st in enumerate(states)
                       if st.needs_bias or (grammar_rows is not None and grammar_rows[i] is not None)]
         if needs_bias:
