@@ -102,12 +102,10 @@ class CachedRequestState:
 
     @property
     def needs_bias(self) -> bool:
-        """Whether its logits get a bias row this step (logit bias, allowed or bad words, min_tokens, a thinking
-        budget)."""
+        """Whether its logits get a bias row this step (logit bias, allowed or bad words, min_tokens)."""
         p = self.sampling_params
         return bool(p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids or (
-            p.min_tokens and len(self.token_ids) - len(self.prompt_token_ids) < p.min_tokens)
-            or p.thinking_token_budget is not None)
+            p.min_tokens and len(self.token_ids) - len(self.prompt_token_ids) < p.min_tokens))
 
 
 class ModelRunner:
@@ -308,8 +306,11 @@ class ModelRunner:
             b.seen = (self.to_device(seen_rows), self.to_device(seen_tokens))
             b.counted = (self.to_device(out_rows), self.to_device(out_tokens),
                          self.to_device(out_counts, torch.float32))
-        needs_bias = [(i, st) for i, st in enumerate(states)
-                      if st.needs_bias or (grammar_rows is not None and grammar_rows[i] is not None)]
+        # thinking whose budget is spent: the end tag is the one token left (a bias row only on those steps)
+        forced_end = {i: end for i, st in enumerate(states) if st.sampling_params.thinking_token_budget is not None
+                      and (end := st.forced_thinking_end()) is not None}
+        needs_bias = [(i, st) for i, st in enumerate(states) if st.needs_bias or i in forced_end
+                      or (grammar_rows is not None and grammar_rows[i] is not None)]
         if needs_bias:
             b.bias = torch.zeros(len(states), V, device=dev)
             for i, st in needs_bias:
@@ -326,9 +327,9 @@ class ModelRunner:
                     b.bias[i] = row
                 if p.bad_words_token_ids:
                     b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, st.output_token_ids)] = float("-inf")
-                if p.thinking_token_budget is not None and (end := st.forced_thinking_end()) is not None:
-                    b.bias[i] = float("-inf")  # the budget is spent: the end of thinking, whatever else is asked
-                    b.bias[i, end] = 0.0
+                if i in forced_end:  # whatever else is asked
+                    b.bias[i] = float("-inf")
+                    b.bias[i, forced_end[i]] = 0.0
             if grammar_rows is not None:  # last: the structure is kept whatever the other rules ban
                 rows = [(i, row) for i, row in enumerate(grammar_rows) if row is not None]
                 batch_rows = self.to_device([i for i, _ in rows])
