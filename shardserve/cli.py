@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_flag(model, "--runner", choices=["auto", "generate", "pooling"])
     _spec_flag(model, "--convert", choices=["auto", "embed", "classify", "reward"])
     _spec_flag(model, "--pooler-config", help="JSON object: pooling_type, normalize, dimensions, ...")
+    _spec_flag(model, "--speculative-config", type=_json_object,
+               help="vLLM's, as JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                    "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} drafts up to 4 tokens a step from the "
+                    "request's own text where its last tokens occurred before; the model checks them in the same step")
     _spec_flag(model, "--stream-interval", type=int,
                help="vLLM's: a streamed request gets a chunk every this many tokens (the first and the last at "
                     "once); larger values send fewer, larger chunks and leave more of the CPU to the model")

@@ -8,6 +8,7 @@ import torch
 
 from shardserve import compilation
 from shardserve.engine.reasoning import REASONING_PARSERS
+from shardserve.engine.speculative import SpeculativeConfig
 from shardserve.pooler_config import PoolerConfig
 from shardserve.profiler import ProfilerConfig
 
@@ -142,9 +143,13 @@ class EngineConfig:
     # vLLM's --stream-interval: a streamed request gets an output every this many new tokens (the first and
     # the last at once); a request's own stream_interval can raise it. 1: every token.
     stream_interval: int = 1
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": ...,
+    # "prompt_lookup_min": ...}: up to k draft tokens a step from n-gram lookup (engine/speculative.py)
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
         self.profiler_config = ProfilerConfig.parse(self.profiler_config)
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):

@@ -114,6 +114,24 @@ def test_reloaded_weights_reach_the_cuda_graphs(gpu_model_dirs, tmp_path):
     assert _generate(llm, prompts) == expected != before
 
 
+def test_speculative_decoding_on_the_gpu(gpu_model_dirs):
+    """A step with drafts is k + 1 query rows per request through the paged decode path, replayed from the same
+    CUDA graphs as plain decodes (and sampled on the device): greedy outputs are those without speculation, and
+    drafts were accepted (the random model falls into loops that n-gram lookup finds)."""
+    path = gpu_model_dirs("qwen3")
+    prompts = _prompts(300, lens=[5, 23, 3, 40])
+    engine = dict(dtype="float32", attention_backend="triton", max_num_seqs=8, gpu_memory_utilization=MEMORY)
+    plain = LLM(path, **engine)
+    expected = _generate(plain, prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+    del plain
+    gc.collect()
+    llm = LLM(path, **engine, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                  "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    assert llm.llm_engine.executor.worker.runner.graphs is not None
+    assert _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)) == expected
+    assert llm.llm_engine.spec_decode_stats.num_accepted_tokens > 0
+
+
 def test_gpu_memory_utilization_sizes_the_cache(gpu_model_dirs):
     """The cache gets what `gpu_memory_utilization` of the whole device leaves after the weights, a profiled
     full step and memory outside torch: another 0.2 of the device is another 0.2 of it in blocks. (The

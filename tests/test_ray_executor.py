@@ -127,6 +127,23 @@ def test_beam_search_forks_kv_on_every_rank(ray_cluster, model_dirs):
         llm.shutdown()
 
 
+def test_speculative_decoding_under_tp_and_pp(ray_cluster, model_dirs):
+    """Drafts are verified on the last stage's tensor ranks, and the tokens they accept reach the earlier stage
+    only as KV it computed for them: TP=2 x PP=2 with n-gram speculation answers as one process without it."""
+    model_dir = model_dirs("llama")
+    prompts = ["the cat sat on the mat and the cat sat on the mat and the", "1 2 3 4 1 2 3 4 1 2 3", *PROMPTS]
+    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=2)
+    ref = LLM(model_dir, **ENGINE).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_worker=0.5, **ENGINE,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                                  "prompt_lookup_min": 1})
+    try:
+        assert_same_outputs(llm.generate(prompts, params, use_tqdm=False), ref)
+        assert llm.llm_engine.spec_decode_stats.num_accepted_tokens > 0
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "gpt2", "gemma3", "mixtral", "qwen2_moe"])
 def test_every_family_under_tp_and_pp(ray_cluster, model_dirs, reference, arch):
     """The other families at TP=2 x PP=2; Qwen2, OPT, GPT-2 and Gemma 3 tie their LM head to the embedding,

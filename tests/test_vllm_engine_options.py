@@ -8,6 +8,7 @@ import pytest
 from shardserve import LLM, SamplingParams, TokensPrompt
 from shardserve.cli import build_parser, main, model_specs
 from shardserve.config import EngineConfig
+from shardserve.engine.speculative import SpeculativeConfig
 
 PROMPTS = [TokensPrompt(prompt_token_ids=[3 + (i + 7 * j) % 300 for j in range(n)])
            for i, n in enumerate((3, 40, 57, 9))]
@@ -69,7 +70,8 @@ def test_vllm_options_that_change_nothing_here_are_taken_at_those_values(model_d
     for options, message in ((dict(data_parallel_size=2), "data_parallel_size=2 is not supported: data "
                                                           "parallelism here is replicas"),
                              (dict(enable_sleep_mode=True), "sleep mode is not built"),
-                             (dict(speculative_config={"method": "ngram"}), "speculative decoding is not built"),
+                             (dict(speculative_config={"method": "eagle", "num_speculative_tokens": 2}),
+                              "method 'eagle' is not built: only 'ngram'"),
                              (dict(logprobs_mode="processed_logprobs"), "logprobs are the model's own")):
         with pytest.raises(ValueError, match=message):
             LLM(model_dirs("llama"), **options)
@@ -94,6 +96,8 @@ def test_serve_flags(monkeypatch):
         (False, "auto", "gguf", "hf")
     assert spec("--enable-chunked-prefill").enable_chunked_prefill is True
     assert spec("--load-format", "dummy").engine_config().load_format == "dummy"
+    assert spec("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+                ).engine_config().speculative_config == SpeculativeConfig(3, 2, 2)
     assert spec("--chat-template-content-format", "openai").chat_template_content_format == "openai"
     assert spec().enable_chunked_prefill is None
     monkeypatch.setattr("shardserve.cluster.ray_cluster.connect", lambda address: pytest.fail("Ray was started"))

@@ -19,6 +19,7 @@ from shardserve.engine.generation_config import load_generation_config, sampling
 from shardserve.engine.processor import ProcessedPrompt, Processor
 from shardserve.engine.request import Request, RequestStatus
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput
+from shardserve.engine.speculative import NgramProposer, SpecDecodeStats, can_draft
 from shardserve.engine.structured_output import accept_token
 from shardserve.executor import create_executor
 from shardserve.inputs import PromptType
@@ -102,7 +103,10 @@ class LLMEngine:
         self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, max_batched, config.scheduling_policy,
                                    config.max_loras if config.enable_lora else 0, self.max_model_len,
-                                   chunked_prefill=config.enable_chunked_prefill is not False)
+                                   chunked_prefill=config.enable_chunked_prefill is not False,
+                                   proposer=None if config.speculative_config is None or pooling is not None
+                                   else NgramProposer(config.speculative_config))
+        self.spec_decode_stats = SpecDecodeStats()   # drafts proposed and accepted (speculative decoding)
         generation_config = load_generation_config(self.source.path, config.revision)
         # What a request leaves out of its sampling parameters, from the model's generation config (vLLM's rule).
         self.default_sampling_params = sampling_defaults(generation_config, config.generation_config,
@@ -220,10 +224,13 @@ class LLMEngine:
             return
         for child in children:
             # Sampling that reads the request's own output tokens needs them on the host before its next step;
-            # beams fork from finished requests; prompt logprobs are read back within the step.
+            # beams fork from finished requests; prompt logprobs are read back within the step; drafts are
+            # proposed from the tokens the step before accepted.
             p = child.sampling_params
+            child.can_draft = self.scheduler.proposer is not None and can_draft(child)
             child.steps_alone = child.hold_kv or child.grammar is not None or p.has_penalties or \
-                bool(p.bad_words_token_ids) or p.prompt_logprobs is not None or p.thinking_token_budget is not None
+                bool(p.bad_words_token_ids) or p.prompt_logprobs is not None or \
+                p.thinking_token_budget is not None or child.can_draft
         # An embeddings prompt has no real token ids to report or to detokenize against.
         prompt_ids = [] if first.prompt_embeds is not None else first.prompt_token_ids
         params = first.sampling_params
@@ -321,7 +328,7 @@ class LLMEngine:
         """The engine's side of a step: append tokens, check stops, and the outputs of what progressed."""
         touched: dict[str, _Parent] = {}
         requests, parents = self.scheduler.requests, self.child_to_parent
-        sampled, prompt_logprobs = result.sampled_token_ids, result.prompt_logprobs
+        sampled, prompt_logprobs, spec = result.sampled_token_ids, result.prompt_logprobs, result.spec_token_ids
         for s in sched.scheduled:
             req = requests.get(s.request_id)
             parent = parents.get(s.request_id)
@@ -338,13 +345,16 @@ class LLMEngine:
                                                              req.prompt_token_ids, start))
             if s.sample and req.num_output_placeholders:
                 req.num_output_placeholders -= 1
-            token_id = sampled.get(s.request_id)
-            if token_id is not None:
+            if s.num_draft_tokens:
+                self._append_verified(req, parent, s.num_draft_tokens, spec[s.request_id],
+                                      result.logprobs.get(s.request_id))
+            elif (token_id := sampled.get(s.request_id)) is not None:
                 self._append_token(req, parent, token_id, result.logprobs.get(s.request_id) if result.logprobs
                                    else None)
-                if (req.is_finished and parent.finished) or (parent.stream_interval and
-                                                             self._stream_due(parent, req)):
-                    touched[parent.request_id] = parent
+            else:
+                continue
+            if (req.is_finished and parent.finished) or (parent.stream_interval and self._stream_due(parent, req)):
+                touched[parent.request_id] = parent
         if not self.scheduler.has_unfinished_requests():
             self._go_idle()
         outputs = []
@@ -408,6 +418,19 @@ class LLMEngine:
             status, req.stop_reason = RequestStatus.FINISHED_REPETITION, "repetition_detected"
         if status is not None:
             self.scheduler.finish(req, status)
+
+    def _append_verified(self, req: Request, parent: _Parent, num_drafts: int, tokens: list[int],
+                         logprobs: LogprobsLists | None) -> None:
+        """A step that verified `num_drafts` drafts: the rejected ones' KV is given back (their slots are
+        computed again with the tokens that replace them), and the accepted ones and the model's next token are
+        appended in order, up to whichever ends the request."""
+        req.num_computed_tokens -= num_drafts - (len(tokens) - 1)
+        self.spec_decode_stats.add(num_drafts, len(tokens) - 1)
+        for j, token_id in enumerate(tokens):
+            self._append_token(req, parent, token_id, None if logprobs is None else LogprobsLists(
+                logprobs.token_ids[j:j + 1], logprobs.logprobs[j:j + 1], logprobs.ranks[j:j + 1]))
+            if req.is_finished:
+                break
 
     def _advance_grammar(self, req: Request, token_id: int) -> bool:
         """Walk a constrained request's grammar by its new token; False if the grammar refuses it. While a

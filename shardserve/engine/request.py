@@ -62,6 +62,10 @@ class Request:
     lora_request: LoRARequest | None = None     # the adapter it runs through (enable_lora)
     # Its steps cannot overlap the engine's reading of the step before (async scheduling): set by the engine.
     steps_alone: bool = False
+    # Speculative decoding (engine/speculative.py): whether it may take draft tokens, and its tokens as the
+    # n-gram lookup scans them
+    can_draft: bool = False
+    token_index: Any = None
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

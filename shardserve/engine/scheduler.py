@@ -22,6 +22,11 @@ decode then computes a placeholder (`PLACEHOLDER`), the token that step samples,
 the device. A request whose last token is being sampled (max_tokens, max_model_len) waits instead, and one
 preempted with a token in flight is not readmitted until the engine has read it.
 
+With speculative decoding (engine/speculative.py), a decoding request that may take drafts gets up to k of
+them after its last token, within the budget and short of its length limit, if its blocks have room for them
+(else it decodes one token, before anything is preempted for it). `num_computed_tokens` then counts the drafts;
+the engine takes back the ones the model rejected once it has read the step.
+
 A finished request marked `hold_kv` keeps its blocks until released: beam search forks each extension
 from it (`prepare_fork`), sharing its full blocks and copying a partial last block, and the copy travels to
 the workers with the next step (`blocks_to_copy`), before any attention reads or writes.
@@ -41,6 +46,7 @@ import torch
 
 from shardserve.engine.block_manager import BlockManager
 from shardserve.engine.request import Request, RequestStatus
+from shardserve.engine.speculative import NgramProposer
 from shardserve.engine.structured_output import GrammarBitmask
 from shardserve.lora.request import LoRARequest
 from shardserve.pooling_params import PoolingParams
@@ -72,6 +78,7 @@ class ScheduledRequest:
     block_ids: list[int]           # the request's whole block table
     sample: bool                   # the step reaches the sequence's end, so a token is sampled
     new_request: NewRequestData | None = None
+    num_draft_tokens: int = 0      # the last ones of token_ids are drafts (speculative decoding) to verify
 
 
 @dataclass
@@ -97,8 +104,9 @@ def _urgency(req: Request) -> tuple[int, float]:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", max_loras: int = 0, max_model_len: int | None = None,
-                 chunked_prefill: bool = True):
+                 chunked_prefill: bool = True, proposer: NgramProposer | None = None):
         self.block_manager = block_manager
+        self.proposer = proposer  # speculative decoding: proposes drafts for requests that can take them
         self.chunked_prefill = chunked_prefill  # False: a prompt is admitted only with room for all of it
         self.max_model_len = max_model_len
         self.max_loras = max_loras   # (enable_lora) the adapters running at once at most; 0: no limit
@@ -154,6 +162,13 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(len(req.all_token_ids) + in_flight - req.num_computed_tokens, budget)
+            if req.can_draft and num_new == 1 and budget > 1 and not in_flight:
+                drafts = self.proposer.propose(req, min(budget - 1, req.max_len - len(req.all_token_ids) - 1))
+                if drafts and allocate(req, 1 + len(drafts)):
+                    scheduled.append(schedule(req, 1, False, drafts))
+                    budget -= 1 + len(drafts)
+                    i += 1
+                    continue
             while not allocate(req, num_new):
                 victim = running.pop()  # the least urgent (the policy's order): not yet scheduled
                 self._preempt(victim)
@@ -230,9 +245,10 @@ class Scheduler:
         victim.num_computed_tokens = 0
         return True
 
-    def _schedule(self, req: Request, num_new: int, new: bool) -> ScheduledRequest:
+    def _schedule(self, req: Request, num_new: int, new: bool, drafts: list[int] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
-        req.num_computed_tokens = end = start + num_new
+        end = start + num_new
+        req.num_computed_tokens = end + len(drafts)
         num_known = len(req.all_token_ids)
         token_ids = req.all_token_ids[start:end] if start < num_known else []
         if len(token_ids) < num_new:
@@ -240,11 +256,13 @@ class Scheduler:
         sample = end == num_known + req.num_output_placeholders
         if sample and req.sampling_params is not None:
             req.num_output_placeholders += 1  # until the engine reads the token
+        if drafts:
+            token_ids += drafts
         return ScheduledRequest(
             req.request_id, token_ids, start, self.block_manager.block_ids(req.request_id), sample,
             NewRequestData(req.request_id, req.prompt_token_ids, list(req.output_token_ids),
                            req.sampling_params, req.prompt_embeds, req.pooling_params,
-                           req.token_type_ids, req.lora_request) if new else None)
+                           req.token_type_ids, req.lora_request) if new else None, len(drafts))
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)

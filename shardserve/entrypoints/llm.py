@@ -40,7 +40,6 @@ _NEUTRAL_OPTIONS = {
     "data_parallel_size": (lambda v: v == 1, "data parallelism here is replicas of the model behind one router "
                                              "(shardserve serve's --num-replicas)"),
     "enable_sleep_mode": (lambda v: not v, "sleep mode is not built (LLM.sleep)"),
-    "speculative_config": (lambda v: v is None, "speculative decoding is not built"),
     "cpu_offload_gb": (lambda v: not v, "weights stay in the device's memory"),
     "logits_processors": (lambda v: not v, "custom logits processors are not supported; SamplingParams has "
                                            "logit_bias, allowed_token_ids, bad_words and structured outputs"),
@@ -100,7 +99,8 @@ class LLM(PoolingMixin):
                  max_cpu_loras: int | None = None, async_scheduling: bool | None = None,
                  enable_chunked_prefill: bool | None = None, kv_cache_dtype: str = "auto",
                  quantization: str | None = None, tokenizer_mode: str = "auto", load_format: str = "auto",
-                 worker_extension_cls: str | None = None, profiler_config: dict | None = None, **kwargs):
+                 worker_extension_cls: str | None = None, profiler_config: dict | None = None,
+                 speculative_config: dict | None = None, **kwargs):
         unknown = set(kwargs) - set(_NEUTRAL_OPTIONS)
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}.")
@@ -134,7 +134,7 @@ class LLM(PoolingMixin):
             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, async_scheduling=async_scheduling,
             enable_chunked_prefill=enable_chunked_prefill, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
             tokenizer_mode=tokenizer_mode, load_format=load_format, worker_extension_cls=worker_extension_cls,
-            profiler_config=profiler_config)
+            profiler_config=profiler_config, speculative_config=speculative_config)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
         self._enqueued: list[str] = []  # ids `enqueue` queued, in order, for `wait_for_completion`

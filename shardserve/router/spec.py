@@ -72,6 +72,7 @@ class ModelSpec:
     compilation_config: int | dict[str, Any] | None = None   # vLLM's (shardserve/compilation.py)
     optimization_level: int | None = None
     async_scheduling: bool | None = None   # None: on a GPU (EngineConfig)
+    speculative_config: dict[str, Any] | None = None   # vLLM's: {"method": "ngram", "num_speculative_tokens": k}
     # Serve
     num_replicas: int = 1
     min_replicas: int | None = None
@@ -144,7 +145,7 @@ class ModelSpec:
             max_cudagraph_capture_size=self.max_cudagraph_capture_size,
             compilation_config=self.compilation_config, optimization_level=self.optimization_level,
             async_scheduling=self.async_scheduling, stream_interval=self.stream_interval,
-            device=self.resolved_device())
+            speculative_config=self.speculative_config, device=self.resolved_device())
 
     def deployment_options(self, index: int) -> dict[str, Any]:
         options: dict[str, Any] = {"name": f"model-{index}", "max_ongoing_requests": self.max_ongoing_requests}

@@ -36,7 +36,10 @@ class LogprobsLists:
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)          # one position each
+    # Requests that verified drafts: the drafts the model agreed with, then its own next token (not in
+    # sampled_token_ids)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)          # a position per new token
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)   # this step's prompt positions
     pooler_output: dict[str, torch.Tensor] = field(default_factory=dict)      # pooling models: CPU tensors
 
@@ -49,7 +52,7 @@ class LaunchedStep:
     result: ModelRunnerOutput
     scheduled: list[ScheduledRequest]
     sample_rows: list[int]              # indexes into `scheduled` of the requests that sample a token
-    states: list[CachedRequestState]    # theirs, in that order
+    states: list[CachedRequestState]    # theirs, a row each (a request with k drafts has k + 1 rows)
     sampled: SamplerOutput | None       # on the host once `done` has happened
     done: torch.cuda.Event | None = None
 
@@ -153,9 +156,16 @@ class ModelRunner:
                 self._add_request(s.new_request)
             state = self.requests[s.request_id]
             # A decode's input token is the one sampled last step: that is how outputs reach the worker.
-            end = s.num_computed_tokens + len(s.token_ids)
-            if end > len(state.token_ids):
-                state.token_ids.extend(s.token_ids[len(state.token_ids) - end:])
+            # (drafts are not the request's tokens unless the model agrees with them)
+            start, end = s.num_computed_tokens, s.num_computed_tokens + len(s.token_ids) - s.num_draft_tokens
+            known = len(state.token_ids)
+            if end > known:
+                if start > known:
+                    # drafts accepted in an earlier step, on a pipeline stage that does not sample and so never
+                    # learnt them (it reads no tokens of its own: only the sampling stage does)
+                    state.token_ids.extend([PLACEHOLDER] * (start - known))
+                    known = start
+                state.token_ids.extend(s.token_ids[known - start:end - start])
 
     def _add_request(self, new: NewRequestData) -> None:
         params = new.sampling_params
@@ -395,11 +405,17 @@ class ModelRunner:
         # (one pass over the step's requests: at a few hundred a step each pass is a visible share of the host's)
         requests = self.requests
         offsets, sample_rows, states, last_tokens, total = [], [], [], [], 0
+        drafts = False
         for i, s in enumerate(scheduled):
             offsets.append(total)
             total += len(s.token_ids)
             if s.sample:
                 sample_rows.append(i)
+                if s.num_draft_tokens:  # every position from the last token on is sampled, to verify the drafts
+                    drafts = True
+                    states += [requests[s.request_id]] * (s.num_draft_tokens + 1)
+                    last_tokens += range(total - s.num_draft_tokens - 1, total)
+                    continue
                 states.append(requests[s.request_id])
                 last_tokens.append(total - 1)
         sampled = None
@@ -411,7 +427,8 @@ class ModelRunner:
                                                          for i in sample_rows]
             sampled = self.sampler(logits, self._sampling_batch(states, grammar_rows,
                                                                 None if grammar is None else grammar.bits))
-            self._last_sampled = (sampled.token_ids, scheduled, sample_rows)
+            # (a request that drafts runs step by step: no step is launched before this one's tokens are read)
+            self._last_sampled = None if drafts else (sampled.token_ids, scheduled, sample_rows)
         for i, s in enumerate(scheduled if self.prompt_logprob_ids else ()):
             if s.request_id in self.prompt_logprob_ids:
                 entry = self._prompt_logprobs(hidden, offsets[i], s, requests[s.request_id])
@@ -437,24 +454,49 @@ class ModelRunner:
         lp = None
         if sampled.logprobs is not None:
             lp = (sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.logprob_ranks.tolist())
-        for row, i in enumerate(step.sample_rows):
+        row = 0
+        for i in step.sample_rows:
             s = step.scheduled[i]
-            token = result.sampled_token_ids[s.request_id] = token_ids[row]
-            # The worker's copy of the sequence learns the token now (a step launched meanwhile holds a
-            # placeholder in its place)
-            state, position = step.states[row], s.num_computed_tokens + len(s.token_ids)
-            if position < len(state.token_ids):
-                state.token_ids[position] = token
+            state = step.states[row]
+            if s.num_draft_tokens:
+                num_new = self._verify_drafts(s, state, token_ids[row:row + s.num_draft_tokens + 1], result)
             else:
-                state.token_ids.append(token)
+                token = result.sampled_token_ids[s.request_id] = token_ids[row]
+                num_new = 1
+                # The worker's copy of the sequence learns the token now (a step launched meanwhile holds a
+                # placeholder in its place)
+                position = s.num_computed_tokens + len(s.token_ids)
+                if position < len(state.token_ids):
+                    state.token_ids[position] = token
+                else:
+                    state.token_ids.append(token)
             k = state.sampling_params.logprobs
             if k is not None:
                 if state.sampling_params.logprob_token_ids is None:  # the sampled token and the top k
                     columns = slice(0, k + 1)
                 else:  # the sampled token and the wanted ones (k of them)
                     columns = [0, *range(sampled.wanted_start, sampled.wanted_start + k)]
-                result.logprobs[s.request_id] = LogprobsLists(*([_pick(lp[x][row], columns)] for x in range(3)))
+                result.logprobs[s.request_id] = LogprobsLists(*([_pick(lp[x][r], columns)
+                                                                 for r in range(row, row + num_new)]
+                                                                for x in range(3)))
+            row += 1 + s.num_draft_tokens
         return result
+
+    @staticmethod
+    def _verify_drafts(s: ScheduledRequest, state: CachedRequestState, targets: list[int],
+                       result: ModelRunnerOutput) -> int:
+        """The tokens a step with drafts yields, from `targets`, the model's token at each of its k + 1 positions
+        (sampled as any step's): the drafts while they equal the model's, then the model's token where the first
+        does not (or after the last draft). Returns how many."""
+        k = s.num_draft_tokens
+        drafts = s.token_ids[-k:]
+        accepted = 0
+        while accepted < k and targets[accepted] == drafts[accepted]:
+            accepted += 1
+        tokens = result.spec_token_ids[s.request_id] = targets[:accepted + 1]
+        del state.token_ids[s.num_computed_tokens + len(s.token_ids) - k:]
+        state.token_ids += tokens
+        return len(tokens)
 
     def _execute_pooling(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """Prefill-only requests (pooling models): each prompt whole in this step, pooled on the last stage;

@@ -101,8 +101,8 @@ class Worker:
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, max_model_len: int) -> None:
         """The largest step the scheduler can send, without a KV cache: `num_tokens` prompt tokens in
-        prompts of at most max_model_len, then logits for up to max_num_seqs of them. What it allocates at
-        its peak is what serving needs besides the weights and the cache."""
+        prompts of at most max_model_len, then logits for up to max_num_seqs of them (and their drafts). What it
+        allocates at its peak is what serving needs besides the weights and the cache."""
         lens = [max_model_len] * (num_tokens // max_model_len) + [num_tokens % max_model_len]
         lens = [n for n in lens if n]
         starts = [sum(lens[:i]) for i in range(len(lens))]
@@ -116,7 +116,9 @@ class Worker:
                                              device=self.device) for key in self.model.intermediate_keys}
         hidden = self.model(input_ids, positions, meta, intermediate=intermediate)
         if get_pp_group().is_last:
-            rows = min(self.config.max_num_seqs, num_tokens)
+            # (with speculative decoding each request's drafts get logits too)
+            spec = self.config.speculative_config
+            rows = min(self.config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec else 0)), num_tokens)
             self.model.compute_logits(hidden[:rows]).float().softmax(-1)
 
     def init_kv_cache(self, num_blocks: int) -> None:

@@ -1,0 +1,158 @@
+"""Speculative decoding by n-gram lookup (vLLM's `speculative_config={"method": "ngram", ...}`).
+
+Text often repeats itself (code under edit, a document being summarised or quoted, a JSON schema's keys): when
+the last few tokens of a sequence appeared earlier in it, the tokens that followed them then are a good guess
+for what follows now. The engine proposes up to `num_speculative_tokens` such draft tokens for a request and
+runs them through the model in the same step as its last token, as a short query over its KV cache. Each
+position's logits give the token the model would have produced there; the drafts are kept while they agree
+with it, and the first disagreement is replaced by the model's own token. A step then yields 1 to k + 1
+tokens for the cost of one decode step with a few more query rows: a decode reads all the weights for any
+number of rows, so on a memory-bound decode the extra rows are nearly free.
+
+Verification samples every position as a plain step would (same temperature, top-k, top-p), so the output is
+distributed as without speculation: a draft is a single token, so accepting it when the sample equals it,
+and otherwise keeping the sample, is exactly rejection sampling against a one-hot draft distribution. Greedy
+requests produce the tokens they would produce without it.
+
+Requests whose sampling reads the tokens before each position (penalties, bias rows, bad words, min_tokens, a
+grammar, a thinking budget), seeded sampling (whose draws must not depend on how many drafts were accepted),
+beams and prompt embeddings (whose prompt ids are placeholders) get no drafts: they decode as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shardserve.engine.request import Request
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's speculative_config, for the method built here: n-gram lookup in the request's own tokens."""
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 5
+    method: str = "ngram"
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        """From vLLM's dict, with vLLM's defaults and checks (either lookup bound gives the other)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}.")
+        options = dict(value)
+        method = options.pop("method", None) or options.pop("model", None) or "ngram"
+        options.pop("model", None)
+        if method not in ("ngram", "[ngram]"):
+            raise ValueError(f"speculative_config method {method!r} is not built: only 'ngram' (prompt lookup) "
+                             f"proposes drafts here, with no draft model.")
+        known = {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"speculative_config takes method, num_speculative_tokens, prompt_lookup_max and "
+                             f"prompt_lookup_min for 'ngram', got {', '.join(sorted(unknown))}.")
+        k = options.get("num_speculative_tokens")
+        if k is None:
+            raise ValueError("speculative_config needs num_speculative_tokens.")
+        low, high = options.get("prompt_lookup_min"), options.get("prompt_lookup_max")
+        if low is None and high is None:
+            low = high = 5   # vLLM's defaults
+        low, high = (high if low is None else low), (low if high is None else high)
+        for name, n in (("num_speculative_tokens", k), ("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {n!r}.")
+        if low > high:
+            raise ValueError(f"prompt_lookup_min={low} must be <= prompt_lookup_max={high}")
+        return cls(num_speculative_tokens=k, prompt_lookup_max=high, prompt_lookup_min=low)
+
+
+def can_draft(req: Request) -> bool:
+    """Whether a request may take draft tokens (see the module's note for those that may not)."""
+    p = req.sampling_params
+    if p is None or req.hold_kv or req.grammar is not None or req.prompt_embeds is not None:
+        return False
+    return not (p.has_penalties or p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids
+                or p.min_tokens or p.thinking_token_budget is not None or (p.seed is not None and not p.greedy))
+
+
+class TokenIndex:
+    """A request's tokens as a growing int32 array, so a lookup scans them without converting the list every
+    step (kept on the request; it reads only the tokens appended since the last lookup)."""
+    __slots__ = ("array", "length")
+
+    def __init__(self):
+        self.array = np.empty(256, np.int32)
+        self.length = 0
+
+    def sync(self, tokens: list[int]) -> np.ndarray:
+        n = len(tokens)
+        if n > len(self.array):
+            grown = np.empty(max(n, 2 * len(self.array)), np.int32)
+            grown[:self.length] = self.array[:self.length]
+            self.array = grown
+        if n > self.length:
+            self.array[self.length:n] = tokens[self.length:n]
+        self.length = n
+        return self.array[:n]
+
+
+class NgramProposer:
+    """The longest n-gram (prompt_lookup_min..max tokens) that ends the sequence and also occurs earlier in it;
+    the tokens after its earliest earlier occurrence are the drafts (vLLM's choice of match)."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.k = config.num_speculative_tokens
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def propose(self, req: Request, max_drafts: int) -> list[int]:
+        max_drafts = min(max_drafts, self.k)
+        if max_drafts <= 0 or len(req.all_token_ids) <= self.min_n:
+            return []
+        if req.token_index is None:
+            req.token_index = TokenIndex()
+        tokens = req.token_index.sync(req.all_token_ids)
+        n_tokens = len(tokens)
+        # Earlier occurrences of the last token are the only places an n-gram ending the sequence can match:
+        # extend each backwards as far as it agrees (at most max_n).
+        ends = np.flatnonzero(tokens[:n_tokens - 1] == tokens[n_tokens - 1])
+        if len(ends) == 0:
+            return []
+        matched = np.ones(len(ends), np.int32)
+        alive = np.ones(len(ends), bool)
+        for back in range(1, self.max_n):
+            at = ends - back
+            ok = alive & (at >= 0)
+            ok[ok] = tokens[at[ok]] == tokens[n_tokens - 1 - back]
+            if not ok.any():
+                break
+            matched += ok
+            alive = ok
+        longest = int(matched.max())
+        if longest < self.min_n:
+            return []
+        start = int(ends[np.argmax(matched == longest)]) + 1   # the earliest occurrence of the longest n-gram
+        return tokens[start:start + max_drafts].tolist()
+
+
+@dataclass
+class SpecDecodeStats:
+    """Drafts proposed and accepted over the engine's life (vLLM reports the same pair as metrics)."""
+    num_drafts: int = 0            # verification steps: requests' steps that carried drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    def add(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verification step yields on average: the accepted drafts and the model's own one."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
