@@ -163,6 +163,8 @@ def main() -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--num-speculative-tokens-per-batch-size", type=json.loads,
+                   help="vLLM's dynamic schedule, JSON: [[first, last, k], ...] batch-size ranges")
     p.add_argument("--peers", default="shardserve,vllm,transformers", help=f"comma list of {','.join(PEERS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
@@ -186,6 +188,8 @@ def main() -> None:
     prompts_file.write_text(json.dumps([prompts[a.num_prompts:], prompts[:a.num_prompts]]))
     spec = {"method": "ngram", "num_speculative_tokens": a.num_speculative_tokens,
             "prompt_lookup_max": a.prompt_lookup_max, "prompt_lookup_min": a.prompt_lookup_min}
+    if a.num_speculative_tokens_per_batch_size is not None:
+        spec["num_speculative_tokens_per_batch_size"] = a.num_speculative_tokens_per_batch_size
     print(f"SmolLM2-135M-Instruct (float32)  work {a.work}  {a.num_prompts} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens  max_tokens {a.output_len}  batch {a.batch}  "
           f"threads {a.threads}  speculative_config {json.dumps(spec)}", flush=True)

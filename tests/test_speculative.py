@@ -52,7 +52,19 @@ def test_config_takes_vllms_dict_with_its_defaults():
     assert parse({"num_speculative_tokens": 2, "prompt_lookup_min": 2}) == SpeculativeConfig(2, 2, 2)
     assert EngineConfig(model="m", speculative_config={"method": "ngram", "num_speculative_tokens": 1}) \
         .speculative_config == SpeculativeConfig(1, 5, 5)
+    # vLLM's dynamic schedule: drafts by batch size (gaps keep the range before; past the last, the last's)
+    dynamic = parse({"method": "ngram", "num_speculative_tokens": 4, "num_speculative_tokens_per_batch_size":
+                     [[9, 16, 1], [1, 4, 6], [5, 8, 2], [32, 64, 0]]})
+    assert [dynamic.max_drafts(n) for n in (1, 4, 5, 8, 9, 16, 17, 31, 32, 100)] == [4, 4, 2, 2, 1, 1, 1, 1, 0, 0]
+    assert parse({"num_speculative_tokens": 3}).max_drafts(1000) == 3
     for bad, message in (({"method": "ngram"}, "needs num_speculative_tokens"),
+                         ({"num_speculative_tokens": 2, "num_speculative_tokens_per_batch_size": [[2, 8, 1]]},
+                          "must start at 1"),
+                         ({"num_speculative_tokens": 2, "num_speculative_tokens_per_batch_size": [[1, 8, 1],
+                                                                                                   [8, 9, 1]]},
+                          "must not overlap"),
+                         ({"num_speculative_tokens": 2, "num_speculative_tokens_per_batch_size": [[1, 8]]},
+                          "must be 3 integers"),
                          ({"method": "eagle", "num_speculative_tokens": 2}, "method 'eagle' is not built"),
                          ({"method": "ngram", "num_speculative_tokens": 0}, "must be a positive integer"),
                          ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
@@ -181,9 +193,10 @@ def test_drafts_fit_the_budget_the_length_and_the_free_blocks():
     from shardserve.engine.block_manager import BlockManager
     from shardserve.engine.scheduler import Scheduler
 
-    def decoding(blocks: int, budget: int, max_tokens: int = 100):
+    def decoding(blocks: int, budget: int, max_tokens: int = 100, schedule=None):
         proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=2,
-                                                   prompt_lookup_min=1))
+                                                   prompt_lookup_min=1,
+                                                   num_speculative_tokens_per_batch_size=schedule))
         scheduler = Scheduler(BlockManager(blocks, 4), max_num_seqs=4, max_num_batched_tokens=64,
                               proposer=proposer)
         req = Request("r", [5, 6, 7, 8, 9, 5, 6, 7], SamplingParams(max_tokens=max_tokens), can_draft=True)
@@ -201,5 +214,32 @@ def test_drafts_fit_the_budget_the_length_and_the_free_blocks():
     assert req.num_computed_tokens == 13
     assert decoding(blocks=8, budget=3)[0].token_ids == [8, 9, 5]              # the budget's room
     assert decoding(blocks=8, budget=64, max_tokens=3)[0].token_ids == [8, 9]  # 2 tokens left: one draft
+    assert decoding(blocks=8, budget=64, schedule=((1, 1, 2),))[0].token_ids == [8, 9, 5]  # at batch size 1: 2
+    assert decoding(blocks=8, budget=64, schedule=((1, 1, 0),))[0].token_ids == [8]
     s, req = decoding(blocks=3, budget=64)   # 9 tokens in 3 blocks of 4: room for 3 more, not 5
     assert (s.token_ids, s.num_draft_tokens, req.num_computed_tokens) == ([8], 0, 9)
+
+
+def test_a_stream_gets_a_steps_accepted_tokens_in_one_output(model_dirs, engines):
+    """The server's engine with speculation: a streamed (DELTA) request gets each step's tokens together, and
+    its outputs add up to the offline answer without speculation."""
+    import asyncio
+
+    from shardserve.engine.async_engine import AsyncLLMEngine
+    from shardserve.sampling_params import RequestOutputKind
+
+    plain, _ = engines
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    (expected,) = plain.generate(PROMPTS[:1], params, use_tqdm=False)
+    engine = AsyncLLMEngine(EngineConfig(model=model_dirs("llama"), dtype="float32", speculative_config=NGRAM))
+
+    async def consume():
+        return [(list(out.outputs[0].token_ids), out.outputs[0].text) async for out in
+                engine.generate(PROMPTS[0], params.clone(output_kind=RequestOutputKind.DELTA))]
+    try:
+        deltas = asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    assert [t for ids, _ in deltas for t in ids] == expected.outputs[0].token_ids
+    assert "".join(text for _, text in deltas) == expected.outputs[0].text
+    assert max(len(ids) for ids, _ in deltas) > 1

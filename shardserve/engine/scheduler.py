@@ -154,6 +154,7 @@ class Scheduler:
         # (names bound once: this loop runs for every running request every step)
         running, allocate, schedule, scheduled = self.running, self.block_manager.allocate_slots, self._schedule, \
             out.scheduled
+        max_drafts = self.proposer.max_drafts(len(running)) if self.proposer is not None else 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -162,8 +163,9 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(len(req.all_token_ids) + in_flight - req.num_computed_tokens, budget)
-            if req.can_draft and num_new == 1 and budget > 1 and not in_flight:
-                drafts = self.proposer.propose(req, min(budget - 1, req.max_len - len(req.all_token_ids) - 1))
+            if req.can_draft and num_new == 1 and budget > 1 and max_drafts and not in_flight:
+                drafts = self.proposer.propose(req, min(budget - 1, max_drafts,
+                                                        req.max_len - len(req.all_token_ids) - 1))
                 if drafts and allocate(req, 1 + len(drafts)):
                     scheduled.append(schedule(req, 1, False, drafts))
                     budget -= 1 + len(drafts)

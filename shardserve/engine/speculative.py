@@ -29,11 +29,27 @@ from shardserve.engine.request import Request
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's speculative_config, for the method built here: n-gram lookup in the request's own tokens."""
+    """vLLM's speculative_config, for the method built here: n-gram lookup in the request's own tokens.
+    `num_speculative_tokens_per_batch_size` (vLLM's dynamic schedule): ((first, last, k), ...) batch-size ranges
+    and the drafts a request may take at those sizes (at most num_speculative_tokens); a size between ranges keeps
+    the k of the range before it, and a size past the last range that range's k."""
     num_speculative_tokens: int
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
     method: str = "ngram"
+    num_speculative_tokens_per_batch_size: tuple[tuple[int, int, int], ...] | None = None
+
+    def max_drafts(self, batch_size: int) -> int:
+        """The drafts a request may take in a step of `batch_size` running requests."""
+        schedule = self.num_speculative_tokens_per_batch_size
+        if schedule is None:
+            return self.num_speculative_tokens
+        k = schedule[0][2]
+        for first, _, range_k in schedule:
+            if first > batch_size:
+                break
+            k = range_k
+        return min(k, self.num_speculative_tokens)
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
@@ -48,11 +64,13 @@ class SpeculativeConfig:
         if method not in ("ngram", "[ngram]"):
             raise ValueError(f"speculative_config method {method!r} is not built: only 'ngram' (prompt lookup) "
                              f"proposes drafts here, with no draft model.")
-        known = {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "num_speculative_tokens_per_batch_size"}
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"speculative_config takes method, num_speculative_tokens, prompt_lookup_max and "
-                             f"prompt_lookup_min for 'ngram', got {', '.join(sorted(unknown))}.")
+            raise ValueError(f"speculative_config takes method, num_speculative_tokens, prompt_lookup_max, "
+                             f"prompt_lookup_min and num_speculative_tokens_per_batch_size for 'ngram', got "
+                             f"{', '.join(sorted(unknown))}.")
         k = options.get("num_speculative_tokens")
         if k is None:
             raise ValueError("speculative_config needs num_speculative_tokens.")
@@ -65,7 +83,35 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config {name} must be a positive integer, got {n!r}.")
         if low > high:
             raise ValueError(f"prompt_lookup_min={low} must be <= prompt_lookup_max={high}")
-        return cls(num_speculative_tokens=k, prompt_lookup_max=high, prompt_lookup_min=low)
+        schedule = options.get("num_speculative_tokens_per_batch_size")
+        return cls(num_speculative_tokens=k, prompt_lookup_max=high, prompt_lookup_min=low,
+                   num_speculative_tokens_per_batch_size=None if schedule is None else _batch_size_schedule(schedule))
+
+
+def _batch_size_schedule(schedule) -> tuple[tuple[int, int, int], ...]:
+    """vLLM's rules for a dynamic schedule: (first, last, k) entries, ranges of positive sizes that do not
+    overlap, the first from 1, k >= 0; sorted by first."""
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError("num_speculative_tokens_per_batch_size must be a non-empty list of (range_start, "
+                         "range_end, num_speculative_tokens) entries.")
+    entries = []
+    for entry in schedule:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3 or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
+            raise ValueError(f"Each num_speculative_tokens_per_batch_size entry must be 3 integers: (range_start, "
+                             f"range_end, num_speculative_tokens); got {entry!r}.")
+        first, last, k = entry
+        if first <= 0 or last < first:
+            raise ValueError(f"Batch-size range ({first}, {last}) must be positive, its start <= its end.")
+        if k < 0:
+            raise ValueError("num_speculative_tokens_per_batch_size values must be >= 0.")
+        entries.append((first, last, k))
+    entries.sort()
+    if any(first <= previous_last for (_, previous_last, _), (first, _, _) in zip(entries, entries[1:])):
+        raise ValueError("Batch-size ranges must not overlap.")
+    if entries[0][0] != 1:
+        raise ValueError("The first batch-size range must start at 1 so every batch size has a number of drafts.")
+    return tuple(entries)
 
 
 def can_draft(req: Request) -> bool:
@@ -105,6 +151,7 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig):
         self.k = config.num_speculative_tokens
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.max_drafts = config.max_drafts   # at a batch size
 
     def propose(self, req: Request, max_drafts: int) -> list[int]:
         max_drafts = min(max_drafts, self.k)
