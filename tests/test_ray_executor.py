@@ -132,7 +132,7 @@ def test_speculative_decoding_under_tp_and_pp(ray_cluster, model_dirs):
     only as KV it computed for them: TP=2 x PP=2 with n-gram speculation answers as one process without it."""
     model_dir = model_dirs("llama")
     prompts = ["the cat sat on the mat and the cat sat on the mat and the", "1 2 3 4 1 2 3 4 1 2 3", *PROMPTS]
-    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=2)
+    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=2, prompt_logprobs=1)
     ref = LLM(model_dir, **ENGINE).generate(prompts, params, use_tqdm=False)
     llm = LLM(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2, num_cpus_per_worker=0.5, **ENGINE,
               speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
