@@ -53,6 +53,39 @@ def test_cpu_paged_decode_matches_torch(num_heads, num_kv_heads, head_dim, block
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group, head_dim, block_size", [(3, 64, 16), (4, 40, 5), (16, 256, 16)])
+def test_cpu_paged_decode_attends_a_sequences_consecutive_rows_together(dtype, group, head_dim, block_size):
+    """Rows that are one sequence's consecutive positions (a speculative step's drafts, a short prompt chunk) are
+    attended in one pass over its keys: each row still sees exactly its own prefix. Runs across block boundaries,
+    longer than the kernel takes at once (20 rows), beside single rows, and rows one key apart whose blocks
+    differ (other sequences: not a run) all match the reference."""
+    num_kv_heads = 2
+    _, cache, _ = _decode_case(group * num_kv_heads, num_kv_heads, head_dim, lens=[1], block_size=block_size,
+                               num_blocks=256)
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(256, generator=g).tolist()
+    sequences = [(perm[0:12], range(27, 33)), (perm[12:20], range(9, 10)), (perm[20:40], range(40, 60)),
+                 (perm[40:50], range(5, 6)), (perm[50:60], range(6, 7)), (perm[60:80], range(70, 73))]
+    tables, lens = [], []
+    for blocks, positions in sequences:
+        for n in positions:
+            tables.append(blocks)
+            lens.append(n)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.long), block_size=block_size,
+                             num_decode_tokens=len(lens),
+                             decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                             decode_seq_lens=torch.tensor(lens))
+    q = 4 * torch.randn(len(lens), group * num_kv_heads, head_dim, generator=g)
+    q, cache = q.to(dtype), cache.to(dtype)
+    out = cpu_backend.CpuPagedAttentionBackend().decode(q, cache, meta, head_dim ** -0.5)
+    ref = TorchAttentionBackend().decode(q.float(), cache.float(), meta, head_dim ** -0.5).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 21])
 def test_cpu_paged_decode_soft_caps_scores_as_torch_does(dtype, window):
     """Gemma 2's capped logits, softcap * tanh(s / softcap), with a cap low enough to bend most scores."""
