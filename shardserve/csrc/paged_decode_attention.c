@@ -1,7 +1,6 @@
 // Decode attention over the paged KV cache on CPU: one query token per sequence, keys and values read
 // in place through the block table (no gathered copy).
-// Parallel over (sequence, kv head); the query heads of a GQA group share each loaded key/value row, and so do
-// consecutive query rows of one sequence (find_runs).
+// Parallel over (sequence, kv head); the query heads of a GQA group share each loaded key/value row.
 // One pass, block by block, sixteen keys at a time, with the softmax kept online: a chunk's keys and then
 // its values are read while both are in cache, and the running sums are rescaled once per chunk, not per
 // token. With a sliding window (window > 0) a sequence attends to its last `window` keys only: the blocks
@@ -17,7 +16,6 @@
 #include "simd_math.h"
 
 #define CHUNK 16  // keys attended at a time: one AVX-512 vector of scores
-#define MAX_RUN 16  // query rows of one sequence attended in one pass (find_runs)
 
 // Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head's rows in a block are one
 // contiguous run (4 KB at 16 x 64 floats). Blocks are scattered, so the hardware's stream prefetchers lose the
@@ -132,25 +130,6 @@ static inline __attribute__((always_inline)) void attend_chunk(const float *qg, 
 }
 #endif
 
-// Query rows s, s+1, ... form a run where each is the next position of the same sequence (a speculative step's
-// drafts, a short chunk of a prompt): one key more than the row before, over the same blocks as far as that row
-// reaches. A run's rows are attended in one pass over the keys (each chunk of keys loaded once for all of them),
-// not one pass each. With a sliding window each row attends its own last keys: rows then run alone. Writes the
-// first row of each run and then num_seqs into run_starts; returns the number of runs.
-static int64_t find_runs(const int64_t *block_tables, const int64_t *seq_lens, int64_t num_seqs, int64_t max_blocks,
-                         int64_t block_size, int64_t max_run, int64_t window, int64_t *run_starts) {
-  int64_t n = 0;
-  for (int64_t s = 0; s < num_seqs; s++) {
-    if (n && window <= 0 && s - run_starts[n - 1] < max_run && seq_lens[s] == seq_lens[s - 1] + 1 &&
-        memcmp(block_tables + (s - 1) * max_blocks, block_tables + s * max_blocks,
-               (seq_lens[s - 1] + block_size - 1) / block_size * sizeof(int64_t)) == 0)
-      continue;
-    run_starts[n++] = s;
-  }
-  run_starts[n] = num_seqs;
-  return n;
-}
-
 // The kernel for one cache dtype (inlined with a constant bf16 into each of the exported function's branches).
 static inline __attribute__((always_inline)) void decode_attention(
     const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables, const int64_t *seq_lens,
@@ -159,27 +138,19 @@ static inline __attribute__((always_inline)) void decode_attention(
     const int bf16) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t width = (head_dim + 15) / 16 * 16;  // a head's accumulator, padded to whole vectors
-  // A run's accumulators live on the thread's stack: at most ~32 KB of them
-  int64_t max_run = 8192 / (group * width);
-  max_run = max_run < 1 ? 1 : (max_run > MAX_RUN ? MAX_RUN : max_run);
-  int64_t *run_starts = (int64_t *)malloc((num_seqs + 1) * sizeof(int64_t));
-  const int64_t num_runs = find_runs(block_tables, seq_lens, num_seqs, max_blocks, block_size, max_run, window,
-                                     run_starts);
-  const int64_t num_items = num_runs * num_kv_heads;  // (run, kv head) pairs, in equal runs per thread
+  const int64_t num_items = num_seqs * num_kv_heads;  // (sequence, kv head) pairs, in equal runs per thread
 #pragma omp parallel num_threads(num_threads)
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t first = num_items * t / threads, end = num_items * (t + 1) / threads;
     for (int64_t item = first; item < end; item++) {
-      const int64_t r = item / num_kv_heads, kvh = item % num_kv_heads;
-      const int64_t s0 = run_starts[r], rows = run_starts[r + 1] - s0, s_last = s0 + rows - 1;
-      const int64_t len = seq_lens[s_last];  // the run's last row reads every key any of its rows reads
+      const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
+      const int64_t len = seq_lens[s];
       const int64_t start = window > 0 && len > window ? len - window : 0;  // the first key attended
       const int64_t num_blocks = (len + block_size - 1) / block_size;
-      const int64_t *table = block_tables + s_last * max_blocks;
+      const int64_t *table = block_tables + s * max_blocks;
       // The blocks prefetched ahead of block b: this item's, then the next item's first ones.
-      const int64_t next_r = (item + 1) / num_kv_heads, next_kvh = (item + 1) % num_kv_heads;
-      const int64_t next_s = item + 1 < end ? run_starts[next_r + 1] - 1 : 0;
+      const int64_t next_s = (item + 1) / num_kv_heads, next_kvh = (item + 1) % num_kv_heads;
       const int64_t next_len = item + 1 < end ? seq_lens[next_s] : 0;
       const int64_t next_first = window > 0 && next_len > window ? (next_len - window) / block_size : 0;
       const int64_t next_blocks = (next_len + block_size - 1) / block_size;
@@ -187,21 +158,17 @@ static inline __attribute__((always_inline)) void decode_attention(
       if (item == first)
         for (int64_t b = start / block_size; b < start / block_size + PREFETCH_BLOCKS && b < num_blocks; b++)
           prefetch_head_block(k_cache, v_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
-      // each row's queries of this kv head, [rows, group, head_dim] (bf16 ones widened to fp32)
-      const float *qh[MAX_RUN];
-      float widened_q[bf16 ? rows * group * head_dim : 1];
-      for (int64_t i = 0; i < rows; i++) {
-        qh[i] = (const float *)q + (s0 + i) * stride_q + kvh * group * head_dim;
-        if (bf16) {
-          const uint16_t *qb = (const uint16_t *)q + (s0 + i) * stride_q + kvh * group * head_dim;
-          for (int64_t x = 0; x < group * head_dim; x++) widened_q[i * group * head_dim + x] = load_f32(qb, x, 1);
-          qh[i] = widened_q + i * group * head_dim;
-        }
+      const float *qh = (const float *)q + s * stride_q + kvh * group * head_dim;
+      float widened_q[bf16 ? group * head_dim : 1];  // a bf16 step's queries of this kv head, as fp32
+      if (bf16) {
+        const uint16_t *qb = (const uint16_t *)q + s * stride_q + kvh * group * head_dim;
+        for (int64_t i = 0; i < group * head_dim; i++) widened_q[i] = load_f32(qb, i, 1);
+        qh = widened_q;
       }
-      float acc[rows * group * width];  // [rows, group, width]
-      float maxv[rows * group], sum[rows * group];
-      for (int64_t i = 0; i < rows * group * width; i++) acc[i] = 0.f;
-      for (int64_t g = 0; g < rows * group; g++) {
+      float acc[group * width];  // [group, width]
+      float maxv[group], sum[group];
+      for (int64_t i = 0; i < group * width; i++) acc[i] = 0.f;
+      for (int64_t g = 0; g < group; g++) {
         maxv[g] = -INFINITY;
         sum[g] = 0.f;
       }
@@ -214,30 +181,23 @@ static inline __attribute__((always_inline)) void decode_attention(
                               block_size, head_dim, bf16);
         const char *kb = head_block(k_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
         const char *vb = head_block(v_cache, table[b], num_kv_heads, kvh, block_size, head_dim, bf16);
+        const int64_t n = (b + 1 < num_blocks) ? block_size : len - b * block_size;
         const int64_t j_first = b * block_size < start ? start - b * block_size : 0;
-        for (int64_t j0 = j_first; j0 < block_size; j0 += CHUNK) {
-          for (int64_t i = rows - 1; i >= 0; i--) {  // longest first: the rows before have a key fewer each
-            const int64_t keys = seq_lens[s0 + i] - b * block_size - j0;  // row i's keys from this chunk on
-            if (keys <= 0) break;
-            const int64_t in_block = keys < block_size - j0 ? keys : block_size - j0;
-            const int64_t m = in_block < CHUNK ? in_block : CHUNK;
-            for (int64_t g = 0; g < group; g++)
-              attend_chunk(qh[i] + g * head_dim, element(kb, j0 * head_dim, bf16), element(vb, j0 * head_dim, bf16),
-                           m, head_dim, scale, softcap, acc + (i * group + g) * width, &maxv[i * group + g],
-                           &sum[i * group + g], bf16);
-          }
+        for (int64_t j0 = j_first; j0 < n; j0 += CHUNK) {
+          const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
+          for (int64_t g = 0; g < group; g++)
+            attend_chunk(qh + g * head_dim, element(kb, j0 * head_dim, bf16), element(vb, j0 * head_dim, bf16), m,
+                         head_dim, scale, softcap, acc + g * width, &maxv[g], &sum[g], bf16);
         }
       }
-      for (int64_t i = 0; i < rows; i++)
-        for (int64_t g = 0; g < group; g++) {
-          const int64_t o = ((s0 + i) * num_heads + kvh * group + g) * head_dim;
-          const float inv = 1.f / sum[i * group + g];
+      for (int64_t g = 0; g < group; g++) {
+        const int64_t o = (s * num_heads + kvh * group + g) * head_dim;
+        const float inv = 1.f / sum[g];
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; d++) store_f32(out, o + d, acc[(i * group + g) * width + d] * inv, bf16);
-        }
+        for (int64_t d = 0; d < head_dim; d++) store_f32(out, o + d, acc[g * width + d] * inv, bf16);
+      }
     }
   }
-  free(run_starts);
 }
 
 void paged_decode_attention(
