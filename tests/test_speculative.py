@@ -129,17 +129,41 @@ def test_a_stop_inside_the_accepted_drafts_ends_the_request_there(engines):
         _assert_same(spec.generate(PROMPTS, params, use_tqdm=False), ref)
 
 
-def test_requests_whose_sampling_reads_their_tokens_take_no_drafts(engines):
-    """Penalties, bad words, min_tokens and seeded sampling decode one token a step with speculation on, and
-    answer exactly as without it (a seeded request's draws do not depend on what drafts were accepted)."""
+def test_rules_that_read_the_output_count_the_drafts_before_each_position(engines):
+    """Penalties, min_tokens, bad words, logit bias and allowed tokens with drafts: each row is sampled under the
+    rules a plain step at its position would apply (the drafts before it counted as output), so greedy answers are
+    those without speculation (a penalty that missed a draft would change them), and drafts were accepted."""
     plain, spec = engines
-    for params in (SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.2),
-                   SamplingParams(max_tokens=24, temperature=0.9, seed=7),
-                   SamplingParams(max_tokens=24, temperature=0, min_tokens=5),
-                   SamplingParams(max_tokens=24, temperature=0, bad_words=["the"])):
-        drafted = spec.llm_engine.spec_decode_stats.num_draft_tokens
+    reference = plain.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0), use_tqdm=False)
+    early = [o.outputs[0].token_ids[3] for o in reference]   # stop tokens that min_tokens holds back
+    common = sorted({t for o in reference for t in o.outputs[0].token_ids})
+    for params in (SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.2),
+                   SamplingParams(max_tokens=40, temperature=0, frequency_penalty=0.1, presence_penalty=0.05),
+                   SamplingParams(max_tokens=40, temperature=0, min_tokens=12, stop_token_ids=early),
+                   SamplingParams(max_tokens=40, temperature=0, bad_words=["the", "1 2"]),
+                   SamplingParams(max_tokens=40, temperature=0, logit_bias={common[0]: 2.0, common[1]: -3.0}),
+                   SamplingParams(max_tokens=40, temperature=0, allowed_token_ids=common[:40])):
+        before = _accepted(spec)
         _assert_same(spec.generate(PROMPTS, params, use_tqdm=False), plain.generate(PROMPTS, params, use_tqdm=False))
-        assert spec.llm_engine.spec_decode_stats.num_draft_tokens == drafted
+        assert _accepted(spec) > before, params
+
+
+def test_seeded_and_constrained_requests_take_no_drafts(engines):
+    """A seeded sampled request decodes one token a step (its draws must not depend on what drafts were
+    accepted) and answers as without speculation; a structured request too, beside requests that draft in the
+    same steps."""
+    from shardserve import StructuredOutputsParams
+    plain, spec = engines
+    seeded = SamplingParams(max_tokens=24, temperature=0.9, seed=7)
+    drafted = spec.llm_engine.spec_decode_stats.num_draft_tokens
+    _assert_same(spec.generate(PROMPTS, seeded, use_tqdm=False), plain.generate(PROMPTS, seeded, use_tqdm=False))
+    assert spec.llm_engine.spec_decode_stats.num_draft_tokens == drafted
+    greedy = SamplingParams(max_tokens=40, temperature=0)
+    mixed = [greedy, greedy.clone(structured_outputs=StructuredOutputsParams(regex="[a-z ]{3,30}[.]")), greedy,
+             seeded]
+    before = _accepted(spec)
+    _assert_same(spec.generate(PROMPTS, mixed, use_tqdm=False), plain.generate(PROMPTS, mixed, use_tqdm=False))
+    assert _accepted(spec) > before
 
 
 def test_unseeded_sampling_accepts_drafts_and_keeps_to_its_top_k(engines):

@@ -14,9 +14,11 @@ distributed as without speculation: a draft is a single token, so accepting it w
 and otherwise keeping the sample, is exactly rejection sampling against a one-hot draft distribution. Greedy
 requests produce the tokens they would produce without it.
 
-Requests whose sampling reads the tokens before each position (penalties, bias rows, bad words, min_tokens, a
-grammar, a thinking budget), seeded sampling (whose draws must not depend on how many drafts were accepted),
-beams and prompt embeddings (whose prompt ids are placeholders) get no drafts: they decode as before.
+Rules that read a request's output (penalties, bad words, min_tokens) count the drafts before each position as
+its tokens, so every row is sampled under the rules a plain step at that position would apply. A grammar or a
+thinking budget (whose state advances token by token on the engine's side), seeded sampling (whose draws must not
+depend on how many drafts were accepted), beams and prompt embeddings (whose prompt ids are placeholders) get no
+drafts: they decode as before.
 """
 from __future__ import annotations
 
@@ -119,8 +121,7 @@ def can_draft(req: Request) -> bool:
     p = req.sampling_params
     if p is None or req.hold_kv or req.grammar is not None or req.prompt_embeds is not None:
         return False
-    return not (p.has_penalties or p.logit_bias or p.allowed_token_ids is not None or p.bad_words_token_ids
-                or p.min_tokens or p.thinking_token_budget is not None or (p.seed is not None and not p.greedy))
+    return p.thinking_token_budget is None and (p.seed is None or p.greedy)
 
 
 class TokenIndex:

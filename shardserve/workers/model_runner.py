@@ -280,9 +280,11 @@ class ModelRunner:
         return step_loras(self._stacked, self.to_device(owners, torch.int32))
 
     def _sampling_batch(self, states: list[CachedRequestState], grammar_rows: list[int | None] | None = None,
-                        grammar_bits: torch.Tensor | None = None) -> SamplingBatch:
+                        grammar_bits: torch.Tensor | None = None,
+                        row_drafts: list[list[int]] | None = None) -> SamplingBatch:
         """The batch's sampling rules on the device. `grammar_rows[i]`: the row of `grammar_bits` (the step's
-        structured-output bitmask) that constrains state i, or None."""
+        structured-output bitmask) that constrains state i, or None. `row_drafts[i]`: the drafts before row i's
+        position (speculative decoding), which the rules that read a request's output count as its tokens."""
         if grammar_rows is None and all(st.plain_greedy for st in states):  # the common case, in one pass
             return SamplingBatch(temperature=None, all_greedy=True)
         dev, V = self.device, self.vocab_size
@@ -307,6 +309,8 @@ class ModelRunner:
             seen_rows, seen_tokens, out_rows, out_tokens, out_counts = [], [], [], [], []
             for i, st in enumerate(states):
                 counts = Counter(st.output_token_ids)
+                if row_drafts is not None:
+                    counts.update(row_drafts[i])
                 out_rows += [i] * len(counts)
                 out_tokens += counts.keys()
                 out_counts += counts.values()
@@ -325,9 +329,10 @@ class ModelRunner:
             b.bias = torch.zeros(len(states), V, device=dev)
             for i, st in needs_bias:
                 p = st.sampling_params
+                output = st.output_token_ids + (row_drafts[i] if row_drafts is not None else [])
                 for token_id, value in (p.logit_bias or {}).items():  # ids checked by the processor
                     b.bias[i, token_id] += value
-                if len(st.output_token_ids) < p.min_tokens:
+                if len(output) < p.min_tokens:
                     banned = [t for t in p.all_stop_token_ids | set(p.stop_token_ids) if 0 <= t < V]
                     b.bias[i, banned] = float("-inf")
                 if p.allowed_token_ids is not None:  # ids checked by the processor
@@ -336,7 +341,7 @@ class ModelRunner:
                     row[allowed] = b.bias[i, allowed]
                     b.bias[i] = row
                 if p.bad_words_token_ids:
-                    b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, st.output_token_ids)] = float("-inf")
+                    b.bias[i, _banned_by_bad_words(p.bad_words_token_ids, output)] = float("-inf")
                 if i in forced_end:  # whatever else is asked
                     b.bias[i] = float("-inf")
                     b.bias[i, forced_end[i]] = 0.0
@@ -405,17 +410,22 @@ class ModelRunner:
         # (one pass over the step's requests: at a few hundred a step each pass is a visible share of the host's)
         requests = self.requests
         offsets, sample_rows, states, last_tokens, total = [], [], [], [], 0
-        drafts = False
+        row_drafts = None   # with drafts in the step: each sampled row's drafts before its position
         for i, s in enumerate(scheduled):
             offsets.append(total)
             total += len(s.token_ids)
             if s.sample:
                 sample_rows.append(i)
                 if s.num_draft_tokens:  # every position from the last token on is sampled, to verify the drafts
-                    drafts = True
+                    if row_drafts is None:
+                        row_drafts = [[] for _ in states]
+                    drafts = s.token_ids[-s.num_draft_tokens:]
+                    row_drafts += (drafts[:j] for j in range(s.num_draft_tokens + 1))
                     states += [requests[s.request_id]] * (s.num_draft_tokens + 1)
                     last_tokens += range(total - s.num_draft_tokens - 1, total)
                     continue
+                if row_drafts is not None:
+                    row_drafts.append([])
                 states.append(requests[s.request_id])
                 last_tokens.append(total - 1)
         sampled = None
@@ -424,11 +434,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[last])
             grammar = out.grammar_bitmask
             grammar_rows = None if grammar is None else [grammar.rows.get(scheduled[i].request_id)
-                                                         for i in sample_rows]
+                                                         for i in sample_rows
+                                                         for _ in range(scheduled[i].num_draft_tokens + 1)]
             sampled = self.sampler(logits, self._sampling_batch(states, grammar_rows,
-                                                                None if grammar is None else grammar.bits))
+                                                                None if grammar is None else grammar.bits, row_drafts))
             # (a request that drafts runs step by step: no step is launched before this one's tokens are read)
-            self._last_sampled = None if drafts else (sampled.token_ids, scheduled, sample_rows)
+            self._last_sampled = None if row_drafts is not None else (sampled.token_ids, scheduled, sample_rows)
         for i, s in enumerate(scheduled if self.prompt_logprob_ids else ()):
             if s.request_id in self.prompt_logprob_ids:
                 entry = self._prompt_logprobs(hidden, offsets[i], s, requests[s.request_id])
