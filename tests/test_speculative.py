@@ -75,6 +75,11 @@ def test_config_takes_vllms_dict_with_its_defaults():
             parse(bad)
 
 
+def test_a_pooling_model_refuses_speculative_config(model_dirs):
+    with pytest.raises(ValueError, match="speculative_config applies to generation"):
+        LLM(model_dirs("llama"), runner="pooling", speculative_config=NGRAM)
+
+
 @pytest.fixture(scope="module")
 def engines(model_dirs):
     """The same model without and with speculative decoding."""

@@ -71,6 +71,9 @@ class LLMEngine:
         self.source.pooling = pooling = resolve_pooling_model(self.source, config.runner, config.convert,
                                                               config.task, config.pooler_config)
         self.runner = "generate" if pooling is None else "pooling"
+        if pooling is not None and config.speculative_config is not None:
+            raise ValueError("speculative_config applies to generation: this model runs as a pooling model, whose "
+                             "requests are one step each.")
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
             self.source, config.tokenizer, config.revision, config.trust_remote_code)
         self.decode = None if self.tokenizer is None else fast_decode(self.tokenizer)
