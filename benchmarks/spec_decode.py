@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (CACHE_DIR, KV_CACHE_BYTES, finish_worker, note_if_busy, run_worker,  # noqa: E402
-                        save_model_dir, worker_error)
+from throughput import (CACHE_DIR, KV_CACHE_BYTES, chosen_peers, finish_worker, gguf_model_dir,  # noqa: E402
+                        note_if_busy, run_worker, worker_error)
 
 PEERS = ("shardserve", "vllm", "transformers")
 QUESTIONS = ["What makes a good cup of tea?", "Why is the sky blue?", "How do plants grow?",
@@ -40,21 +40,8 @@ DOC_MODULES = ["json", "argparse", "textwrap", "heapq", "bisect", "fractions", "
 
 def build_smollm2() -> Path:
     """SmolLM2-135M-Instruct's GGUF weights as a Hugging Face directory (float32), built once."""
-    out = CACHE_DIR / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from shardserve.models import gguf
-
-    path = gguf.default_generation_model()
-    config, tokenizer = gguf.load_gguf_config(path), gguf.load_gguf_tokenizer(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(dict(gguf.iterate_gguf_weights(path, config)), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return save_model_dir(out, model, tokenizer)
+    return gguf_model_dir("smollm2-135m-instruct", gguf.default_generation_model)
 
 
 def paragraphs(count: int) -> list[str]:
@@ -180,9 +167,7 @@ def main() -> None:
     if a.worker:
         return worker(a)
 
-    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    if bad := set(peers) - set(PEERS):
-        p.error(f"unknown peers: {', '.join(sorted(bad))}")
+    peers = chosen_peers(p, a, PEERS)
     if "transformers" in peers and a.batch != 1:
         peers.remove("transformers")
         print("  (transformers' prompt lookup runs one prompt at a time: left out at --batch > 1)")

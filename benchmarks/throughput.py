@@ -94,7 +94,14 @@ def build_model(preset: str) -> Path:
 
 
 def build_gemma3() -> Path:
-    out = CACHE_DIR / GEMMA3
+    from shardserve.models import gguf
+    return gguf_model_dir(GEMMA3, gguf.gemma3_270m_model)
+
+
+def gguf_model_dir(name: str, locate_gguf) -> Path:
+    """The weights of the GGUF file `locate_gguf()` finds, dequantized to float32 and saved once as a Hugging
+    Face directory (with the file's tokenizer) under CACHE_DIR / name, which every peer loads."""
+    out = CACHE_DIR / name
     if (out / "config.json").exists():
         return out
     import torch
@@ -102,7 +109,7 @@ def build_gemma3() -> Path:
 
     from shardserve.models import gguf
 
-    path = gguf.gemma3_270m_model()
+    path = locate_gguf()
     config, tokenizer = gguf.load_gguf_config(path), gguf.load_gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(dict(gguf.iterate_gguf_weights(path, config)), strict=False)

@@ -107,7 +107,7 @@ class LLMEngine:
                                    config.max_num_seqs, max_batched, config.scheduling_policy,
                                    config.max_loras if config.enable_lora else 0, self.max_model_len,
                                    chunked_prefill=config.enable_chunked_prefill is not False,
-                                   proposer=None if config.speculative_config is None or pooling is not None
+                                   proposer=None if config.speculative_config is None
                                    else NgramProposer(config.speculative_config))
         self.spec_decode_stats = SpecDecodeStats()   # drafts proposed and accepted (speculative decoding)
         generation_config = load_generation_config(self.source.path, config.revision)

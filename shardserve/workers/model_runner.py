@@ -307,9 +307,13 @@ class ModelRunner:
             b.repetition = self.to_device([p.repetition_penalty for p in params], torch.float32)
             # The batch's penalised (row, token) pairs, each once, flattened on the host: one copy each.
             seen_rows, seen_tokens, out_rows, out_tokens, out_counts = [], [], [], [], []
+            last_state, last_counts = None, None   # a request's rows are consecutive: its output counted once
             for i, st in enumerate(states):
-                counts = Counter(st.output_token_ids)
-                if row_drafts is not None:
+                if st is not last_state:
+                    last_state, last_counts = st, Counter(st.output_token_ids)
+                counts = last_counts
+                if row_drafts is not None and row_drafts[i]:
+                    counts = counts.copy()
                     counts.update(row_drafts[i])
                 out_rows += [i] * len(counts)
                 out_tokens += counts.keys()
@@ -505,8 +509,7 @@ class ModelRunner:
         while accepted < k and targets[accepted] == drafts[accepted]:
             accepted += 1
         tokens = result.spec_token_ids[s.request_id] = targets[:accepted + 1]
-        del state.token_ids[s.num_computed_tokens + len(s.token_ids) - k:]
-        state.token_ids += tokens
+        state.token_ids += tokens   # (it ends at the step's last token: drafts never join it unverified)
         return len(tokens)
 
     def _execute_pooling(self, out: SchedulerOutput) -> ModelRunnerOutput:
